@@ -1,0 +1,39 @@
+# Set-up, demo and tests for detkit. `make demo` and `make test` create .venv when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.detkit-installed
+export NO_ALBUMENTATIONS_UPDATE := 1
+DEMO_DIR ?= work_dirs/demo
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+# torch/torchvision are pinned to the releases this machine keeps on disk (others
+# download gigabytes). albumentations pulls in opencv-python-headless, which
+# overwrites the contrib build of cv2 (selective search lives in cv2.ximgproc),
+# so the contrib build is reinstalled last.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --force-reinstall --no-deps opencv-contrib-python-headless
+	$(BIN)/python -c "import cv2; cv2.ximgproc" 
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/detkit data synth --out $(DEMO_DIR)/data/train --format coco --num-images 240 --seed 0
+	$(BIN)/detkit data synth --out $(DEMO_DIR)/data/val --format coco --num-images 60 --seed 1
+	$(BIN)/detkit data synth-video --out $(DEMO_DIR)/data/demo.mp4 --frames 48 --seed 2
+	$(BIN)/python tools/train.py configs/faster_rcnn_tiny_synth.yaml --set train.work_dir=$(DEMO_DIR)
+	$(BIN)/python tools/eval.py $(DEMO_DIR)/final.pth --output $(DEMO_DIR)/eval
+	$(BIN)/python tools/infer.py $(DEMO_DIR)/final.pth $(DEMO_DIR)/data/val/images --output $(DEMO_DIR)/infer_images
+	$(BIN)/python tools/infer.py $(DEMO_DIR)/final.pth $(DEMO_DIR)/data/demo.mp4 --output $(DEMO_DIR)/infer_video
+	@echo "demo outputs in $(DEMO_DIR)"
+
+clean:
+	rm -rf $(VENV) work_dirs

@@ -1,0 +1,56 @@
+"""The hooks a detkit plugin may implement.
+
+Every kind of part has one hook. A hook receives a ``register`` callback and
+calls it once per part it provides::
+
+    register(name: str, builder: Callable[..., object], **info)
+
+``builder`` is called with the keyword arguments of the part's config section
+(its signature is what the config is validated against); ``info`` is free-form
+metadata shown by ``detkit list`` (for example ``family="resnet"``). The host
+owns the names: registering a name twice raises and names both plugins.
+
+A third-party plugin is an importable module with ``@hookimpl`` functions and
+one ``[project.entry-points.detkit]`` line in its package metadata.
+"""
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("detkit")
+hookimpl = pluggy.HookimplMarker("detkit")
+
+
+@hookspec
+def detkit_register_backbones(register):
+    """Register backbones: ``builder(num_classes=..., **kwargs) -> detkit.backbones.Backbone``."""
+
+
+@hookspec
+def detkit_register_proposal_generators(register):
+    """Register proposal sources (RPN, selective search, ...):
+    ``builder(cfg, in_channels, stride) -> nn.Module`` whose forward takes
+    ``(images: ImageList, features, targets)`` and returns ``(proposals, losses)``."""
+
+
+@hookspec
+def detkit_register_roi_extractors(register):
+    """Register RoI feature extractors (RoI pooling, RoIAlign, SPP, warp):
+    ``builder(output_size, stride, **kwargs) -> nn.Module`` mapping
+    ``(features (B, C, H, W), proposals list[Tensor[N_i, 4]], image_sizes)`` to ``(sum N_i, C, S, S)``."""
+
+
+@hookspec
+def detkit_register_heads(register):
+    """Register detection heads on RoI-head vectors:
+    ``builder(in_features, num_classes, **kwargs) -> nn.Module`` returning ``(class_logits, box_deltas)``."""
+
+
+@hookspec
+def detkit_register_detectors(register):
+    """Register detector assemblies: ``builder(cfg: ModelConfig, num_classes, registries) -> nn.Module``."""
+
+
+@hookspec
+def detkit_register_datasets(register):
+    """Register dataset formats: ``builder(**kwargs) -> detkit.data.DetectionDataset``."""

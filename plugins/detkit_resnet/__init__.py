@@ -1,0 +1,1 @@
+"""detkit backbone family plugin: resnet (being written)."""
