@@ -225,9 +225,10 @@ def _convert(value: Any, tp: Any, path: str, source: str) -> Any:
     raise ConfigError(f"{source}: {path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _closest(key: str, valid: list[str]) -> str:
+def _closest(key: str, valid: list[str], parent: str = "") -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+    prefix = f"{parent}." if parent else ""
+    return f"; did you mean {prefix + close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
 
 
 def _build_dataclass(cls: type, data: dict, path: str, source: str):
@@ -237,7 +238,7 @@ def _build_dataclass(cls: type, data: dict, path: str, source: str):
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
         if key not in hints:
-            raise ConfigError(f"{source}: unknown key {full!r}{_closest(str(key), names)}")
+            raise ConfigError(f"{source}: unknown key {full!r}{_closest(str(key), names, path)}")
         kwargs[key] = _convert(value, hints[key], full, source)
     return cls(**kwargs)
 
@@ -342,7 +343,7 @@ def to_dict(cfg: Any) -> dict:
 
 
 def dump(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
 
 
 def check_kwargs(builder: Any, kwargs: dict, path: str, source: str = "config") -> None:
@@ -357,7 +358,7 @@ def check_kwargs(builder: Any, kwargs: dict, path: str, source: str = "config") 
     valid = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for key in kwargs:
         if key not in valid:
-            raise ConfigError(f"{source}: unknown key {path + '.' + key!r}{_closest(key, valid)}")
+            raise ConfigError(f"{source}: unknown key {path + '.' + key!r}{_closest(key, valid, path)}")
     for n, p in params.items():
         if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in kwargs:
             raise ConfigError(f"{source}: missing key {path + '.' + n!r}")

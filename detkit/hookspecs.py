@@ -29,26 +29,29 @@ def detkit_register_backbones(register):
 @hookspec
 def detkit_register_proposal_generators(register):
     """Register proposal sources (RPN, selective search, ...):
-    ``builder(cfg, in_channels, stride) -> nn.Module`` whose forward takes
-    ``(images: ImageList, features, targets)`` and returns ``(proposals, losses)``."""
+    ``builder(cfg: ModelConfig, in_channels: int, stride: int) -> nn.Module`` whose forward takes
+    ``(images: ImageList, features (B, C, H, W), targets | None)`` and returns
+    ``(proposals: list[Tensor[N_i, 4]], losses: dict)``."""
 
 
 @hookspec
 def detkit_register_roi_extractors(register):
     """Register RoI feature extractors (RoI pooling, RoIAlign, SPP, warp):
-    ``builder(output_size, stride, **kwargs) -> nn.Module`` mapping
+    ``builder(output_size: int, stride: int, cfg: RoIExtractorConfig) -> nn.Module`` mapping
     ``(features (B, C, H, W), proposals list[Tensor[N_i, 4]], image_sizes)`` to ``(sum N_i, C, S, S)``."""
 
 
 @hookspec
 def detkit_register_heads(register):
     """Register detection heads on RoI-head vectors:
-    ``builder(in_features, num_classes, **kwargs) -> nn.Module`` returning ``(class_logits, box_deltas)``."""
+    ``builder(in_features: int, num_classes: int, cfg: RoIHeadConfig) -> nn.Module`` mapping
+    ``(R, in_features)`` to ``(class_logits (R, K+1), box_deltas (R, 4(K+1)))``."""
 
 
 @hookspec
 def detkit_register_detectors(register):
-    """Register detector assemblies: ``builder(cfg: ModelConfig, num_classes, registries) -> nn.Module``."""
+    """Register detector assemblies: ``builder(cfg: ModelConfig, num_classes: int, registries, class_names) -> nn.Module``
+    whose forward follows ``detkit.models.detector.TwoStageDetector``."""
 
 
 @hookspec

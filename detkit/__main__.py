@@ -1,0 +1,5 @@
+import sys
+
+from detkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,277 @@
+"""The ``detkit`` command line: list, config, train, eval, infer, data, summary.
+
+``tools/train.py``, ``tools/eval.py`` and ``tools/infer.py`` are the same
+commands. User errors (bad config keys, missing files, unreadable inputs, not a
+checkpoint) end with a one-line message naming the file, key or index and exit
+status 2, never a traceback; ``DETKIT_DEBUG=1`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations must not reach the network at import
+
+log = logging.getLogger("detkit")
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
+
+
+def _registries():
+    from detkit.plugins import get_registries
+
+    registries = get_registries()
+    for name, err in registries.load_errors.items():
+        print(f"warning: plugin {name!r} failed to load: {err}", file=sys.stderr)
+    return registries
+
+
+def _device(name: str | None):
+    from detkit.engine import resolve_device
+
+    return resolve_device(name or "auto")
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_list(args) -> int:
+    registries = _registries()
+    kinds = [args.kind] if args.kind else registries.kinds
+    for kind in kinds:
+        registry = registries.kind(kind)
+        print(f"{kind} ({len(registry)}):")
+        for entry in registry.entries():
+            extra = ""
+            if kind == "backbones":
+                extra = _backbone_facts(entry)
+            info = ", ".join(f"{k}={v}" for k, v in entry.info.items())
+            print(f"  {entry.name:<28} plugin={entry.plugin:<12} {extra}{info}")
+    return 0
+
+
+def _backbone_facts(entry) -> str:
+    import torch
+
+    try:
+        # Built on the meta device: parameter counts and shapes without allocating or initialising weights.
+        with torch.device("meta"):
+            model = entry.builder(num_classes=1000)
+        parts = model.detection_parts()
+        params = sum(p.numel() for p in model.parameters())
+        return f"params={params:>12,}  stride={parts.stride:<3} channels={parts.out_channels:<5} "
+    except Exception as exc:  # a broken third-party backbone must not break the listing
+        return f"(cannot build: {type(exc).__name__}: {exc}) "
+
+
+def cmd_config_show(args) -> int:
+    from detkit.config import dump, load_config
+
+    print(dump(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from detkit.config import load_config
+    from detkit.engine import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, _registries(), resume=args.resume if args.resume != "" else True,
+                   progress=not args.no_progress)
+    print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
+def _data_spec(args) -> dict | None:
+    import yaml
+
+    from detkit.config import ConfigError
+
+    if not args.data:
+        return None
+    spec = args.data
+    if spec.endswith(".json"):
+        images = args.images or os.path.join(os.path.dirname(os.path.abspath(spec)), "images")
+        return {"name": "coco", "images": images, "annotations": spec}
+    if os.path.isdir(os.path.join(spec, "Annotations")):
+        return {"name": "voc", "root": spec, "split": args.split}
+    try:
+        data = yaml.safe_load(spec)
+    except yaml.YAMLError:
+        data = None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--data {spec!r}: expected a COCO json file, a VOC directory (with Annotations/) or "
+                          f"a mapping such as '{{name: coco, images: DIR, annotations: FILE}}'")
+    return data
+
+
+def cmd_eval(args) -> int:
+    from detkit.engine import build_dataset, evaluate, model_from_checkpoint
+
+    registries = _registries()
+    device = _device(args.device)
+    model, cfg, _ = model_from_checkpoint(args.checkpoint, registries, device, args.overrides)
+    spec = _data_spec(args)
+    dataset = build_dataset(spec or cfg.data.test, registries, "test" if spec is None else "--data")
+    out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    evaluate(model, cfg, registries, device, out, dataset=dataset, progress=not args.no_progress)
+    print(f"metrics: {os.path.join(out, 'metrics.json')}")
+    return 0
+
+
+def cmd_infer(args) -> int:
+    from detkit.engine import model_from_checkpoint
+    from detkit.inference import run
+
+    registries = _registries()
+    device = _device(args.device)
+    model, cfg, ckpt = model_from_checkpoint(args.checkpoint, registries, device, args.overrides)
+    summary = run(model, list(ckpt["class_names"]), list(ckpt["cat_ids"]), args.input, args.output, device,
+                  score_thr=args.score_thr, max_frames=args.max_frames, progress=not args.no_progress)
+    for path in summary["outputs"][:5]:
+        print(f"wrote {path}")
+    if len(summary["outputs"]) > 5:
+        print(f"... and {len(summary['outputs']) - 5} more in {args.output}")
+    print(f"{summary['detections']} detections on {summary['images']} {'frames' if summary['kind'] in ('video', 'webcam') else 'images'}"
+          f"; results: {os.path.join(args.output, 'results.json')}")
+    if summary["skipped"]:
+        print(f"skipped {len(summary['skipped'])} unreadable images: {', '.join(summary['skipped'][:5])}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from detkit.data.synth import synthesize
+
+    h, w = _size(args.size)
+    synthesize(args.out, args.format, args.num_images, args.seed, image_size=(h, w))
+    print(f"wrote {args.num_images} images ({args.format}) to {args.out}")
+    return 0
+
+
+def cmd_synth_video(args) -> int:
+    from detkit.data.synth import synthesize_video
+
+    h, w = _size(args.size)
+    synthesize_video(args.out, args.frames, args.seed, fps=args.fps, size=(h, w))
+    print(f"wrote {args.frames} frames to {args.out}")
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. 240x320") from None
+    return h, w
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detkit", description="Two-stage object detection toolkit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="registered parts and the plugin each came from")
+    p.add_argument("kind", nargs="?", choices=["backbones", "proposal_generators", "roi_extractors", "heads",
+                                               "detectors", "datasets"])
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("config", help="config utilities")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    ps = csub.add_parser("show", help="print the resolved config (base chain merged, overrides applied)")
+    ps.add_argument("config")
+    _add_set(ps)
+    ps.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("train", help="train a detector from a config")
+    p.add_argument("config")
+    _add_set(p)
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT, or from the newest checkpoint in train.work_dir")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="COCO mAP of a checkpoint on its test split or --data")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="COCO json, VOC directory, or a mapping '{name: coco, images: ..., annotations: ...}'")
+    p.add_argument("--images", help="images directory for a COCO json given with --data")
+    p.add_argument("--split", default="test", help="split file for a VOC directory given with --data")
+    p.add_argument("--output", help="output directory (default: eval/ next to the checkpoint)")
+    p.add_argument("--device")
+    p.add_argument("--no-progress", action="store_true")
+    _add_set(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("infer", help="detect objects in an image, a folder, a video or a webcam")
+    p.add_argument("checkpoint")
+    p.add_argument("input", help="image file, folder of images, video file, or webcam index (0, 1, ...)")
+    p.add_argument("--output", default="outputs/infer")
+    p.add_argument("--score-thr", type=float, default=0.5)
+    p.add_argument("--max-frames", type=int, help="stop after this many frames (videos, webcams)")
+    p.add_argument("--device")
+    p.add_argument("--no-progress", action="store_true")
+    _add_set(p)
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("data", help="dataset utilities")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    ps = dsub.add_parser("synth", help="generate the built-in synthetic dataset")
+    ps.add_argument("--out", required=True)
+    ps.add_argument("--format", choices=["coco", "voc"], default="coco")
+    ps.add_argument("--num-images", type=int, default=200)
+    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--size", default="240x320", help="HEIGHTxWIDTH")
+    ps.set_defaults(func=cmd_synth)
+    ps = dsub.add_parser("synth-video", help="generate a synthetic video of the built-in classes")
+    ps.add_argument("--out", required=True)
+    ps.add_argument("--frames", type=int, default=48)
+    ps.add_argument("--fps", type=int, default=12)
+    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--size", default="240x320", help="HEIGHTxWIDTH")
+    ps.set_defaults(func=cmd_synth_video)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from detkit.checkpoint import CheckpointError
+    from detkit.config import ConfigError
+    from detkit.plugins import PluginError, UnknownNameError
+
+    errors: list[type[BaseException]] = [ConfigError, CheckpointError, PluginError, UnknownNameError,
+                                         FileNotFoundError, NotADirectoryError, argparse.ArgumentTypeError]
+    for module, name in (("detkit.data.images", "ImageReadError"), ("detkit.data.dataset", "DatasetError"),
+                         ("detkit.media", "MediaError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        if os.environ.get("DETKIT_DEBUG"):
+            raise
+        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"detkit {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""Training and evaluation loops.
+
+Training is iteration-based SGD with momentum and weight decay, a linear warmup
+and step decay of the learning rate (Faster R-CNN Sec. 3.3: 0.001 for 60k
+mini-batches, then 0.0001 for 20k on VOC). The loop never assumes one device:
+the model, the batches and the optimizer follow ``train.device``, and nothing
+but logging reads values back to the host, so a DistributedDataParallel wrapper
+can be added around the model without changing the loop.
+
+Resuming is exact: the data order is a function of (seed, sample position), each
+sample's augmentation is seeded by its position, and the torch RNG (used by the
+RPN and RoI samplers) is saved with the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from detkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from detkit.config import Config, ConfigError, check_kwargs, dump, to_dict
+from detkit.models.detector import build_detector
+
+log = logging.getLogger(__name__)
+
+RESERVED_DATASET_KEYS = ("transform", "skip_empty")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def build_dataset(spec: dict | None, registries, key: str, transform=None, skip_empty: bool = False):
+    """Build the dataset described by ``data.<key>`` (``{name: coco, ...builder args}``)."""
+    if not spec:
+        raise ConfigError(f"data.{key}: no dataset configured (expected e.g. {{name: coco, images: DIR, "
+                          f"annotations: FILE}})")
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"data.{key}.name: expected a registered dataset name "
+                          f"({', '.join(registries.datasets)}), got {name!r}")
+    for reserved in RESERVED_DATASET_KEYS:
+        if reserved in spec:
+            raise ConfigError(f"data.{key}.{reserved}: set by detkit, not by the config")
+    entry = registries.datasets.get(name)
+    check_kwargs(entry.builder, spec, f"data.{key}")
+    return entry.builder(**spec, transform=transform, skip_empty=skip_empty)
+
+
+def to_tensor_batch(batch):
+    """Collate dataset samples ``(HxWx3 uint8 array, target)`` into lists of ``(3, H, W)`` uint8 tensors."""
+    images, targets = [], []
+    for image, target in batch:
+        images.append(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        targets.append(target)
+    return images, targets
+
+
+class _PositionSeeded(torch.utils.data.Dataset):
+    """Takes ``(index, seed)`` pairs so a sample's augmentation depends only on its stream position."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        transform = getattr(self.dataset, "transform", None)
+        if transform is not None and hasattr(transform, "set_seed"):
+            transform.set_seed(seed)
+        return self.dataset[index]
+
+
+class StreamBatchSampler(torch.utils.data.Sampler):
+    """Infinite batches of ``(index, seed)`` starting at iteration ``start``.
+
+    Epoch e is a permutation drawn from ``seed + e``; ``indices`` restricts the
+    stream (e.g. to images with objects).
+    """
+
+    def __init__(self, indices: list[int], batch_size: int, seed: int, start_iter: int = 0):
+        if not indices:
+            raise ValueError("the training set has no usable images")
+        self.indices = list(indices)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start = start_iter
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        n = len(self.indices)
+        position = self.start * self.batch_size
+        batch = []
+        while True:
+            epoch, offset = divmod(position, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)).tolist()
+            for k in order[offset:]:
+                batch.append((self.indices[k], self.seed * 1000003 + position))
+                position += 1
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+
+    def __len__(self):  # an infinite stream; DataLoader only needs this for len()
+        return 2**62
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r}: CUDA is not available on this machine")
+    return device
+
+
+def lr_factor(iteration: int, cfg) -> float:
+    """Linear warmup from ``warmup_factor`` then x``gamma`` at each of ``steps``."""
+    factor = cfg.gamma ** sum(1 for s in cfg.steps if iteration >= s)
+    if iteration < cfg.warmup_iters:
+        alpha = iteration / cfg.warmup_iters
+        factor *= cfg.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_last_checkpoint(work_dir: str) -> str | None:
+    if not os.path.isdir(work_dir):
+        return None
+    names = [n for n in os.listdir(work_dir) if n.startswith("iter_") and n.endswith(".pth")]
+    if os.path.isfile(os.path.join(work_dir, "final.pth")):
+        return os.path.join(work_dir, "final.pth")
+    if not names:
+        return None
+    return os.path.join(work_dir, max(names, key=lambda n: int(n[5:-4])))
+
+
+def _truncate_log(path: str, last_iter: int) -> None:
+    """Drop log lines written after the checkpoint we resume from."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("iter", 0) <= last_iter]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train(cfg: Config, registries, resume: str | bool | None = None, progress: bool = True) -> dict:
+    """Train the configured detector; returns ``{"checkpoint": path, "metrics": dict | None}``."""
+    from detkit.data import build_transform  # heavy imports (albumentations) only when training
+
+    tcfg = cfg.train
+    work_dir = tcfg.work_dir
+    os.makedirs(work_dir, exist_ok=True)
+    device = resolve_device(tcfg.device)
+    seed_everything(tcfg.seed)
+
+    transform = build_transform(train=True, hflip=cfg.data.augment.hflip)
+    dataset = build_dataset(cfg.data.train, registries, "train", transform=transform,
+                            skip_empty=cfg.data.skip_empty)
+    if len(dataset) == 0:
+        raise ConfigError("data.train: the dataset has no images")
+    names = list(dataset.class_names)
+    if cfg.model.num_classes is not None and cfg.model.num_classes != len(names):
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data.train has {len(names)} classes "
+                          f"({', '.join(names)})")
+    cfg.model.num_classes = len(names)
+    cfg.model.class_names = names
+    if cfg.model.backbone.frozen_bn is None:
+        # Resolved once here so the checkpoint's config rebuilds the same module types without the weights file.
+        cfg.model.backbone.frozen_bn = bool(cfg.model.backbone.weights)
+    model = build_detector(cfg.model, registries, len(names), names).to(device)
+    optimizer = build_optimizer(model, tcfg)
+
+    start_iter = 0
+    resume_path = find_last_checkpoint(work_dir) if resume is True else (resume or None)
+    if resume and resume_path is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {work_dir}")
+    if resume_path:
+        ckpt = load_checkpoint(resume_path, map_location=device)
+        model.load_state_dict(ckpt["model"])
+        if ckpt.get("optimizer"):
+            optimizer.load_state_dict(ckpt["optimizer"])
+        start_iter = ckpt["iteration"]
+        _set_rng_state(ckpt.get("rng"))
+        log.info("resumed from %s at iteration %d", resume_path, start_iter)
+    with open(os.path.join(work_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(dump(cfg))
+    log_path = os.path.join(work_dir, "log.jsonl")
+    if start_iter:
+        _truncate_log(log_path, start_iter)
+    elif os.path.exists(log_path):
+        os.remove(log_path)
+
+    indices = getattr(dataset, "train_indices", None) or list(range(len(dataset)))
+    loader = torch.utils.data.DataLoader(
+        _PositionSeeded(dataset),
+        batch_sampler=StreamBatchSampler(indices, cfg.data.batch_size, tcfg.seed, start_iter),
+        num_workers=cfg.data.num_workers,
+        collate_fn=to_tensor_batch,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, tcfg))
+    scheduler.last_epoch = start_iter - 1
+    scheduler.step()  # sets the learning rate for `start_iter`
+
+    def checkpoint(path: str, iteration: int) -> None:
+        save_checkpoint(path, model_state=model.state_dict(), config=to_dict(cfg), iteration=iteration,
+                        class_names=names, cat_ids=list(dataset.cat_ids),
+                        optimizer_state=optimizer.state_dict(), rng_state=_rng_state())
+
+    model.train()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tcfg.max_iters, initial=start_iter, desc="train", dynamic_ncols=True, mininterval=1.0)
+    data_iter = iter(loader)
+    t0 = time.time()
+    with open(log_path, "a", encoding="utf-8") as log_file:
+        for iteration in range(start_iter, tcfg.max_iters):
+            images, targets = next(data_iter)
+            images = [img.to(device, non_blocking=True) for img in images]
+            targets = [{"boxes": t["boxes"].to(device, non_blocking=True),
+                        "labels": t["labels"].to(device, non_blocking=True)} for t in targets]
+            losses = model(images, targets)
+            total = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if tcfg.clip_grad_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad_norm)
+            optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            done = iteration + 1
+            if done % tcfg.log_period == 0 or done == tcfg.max_iters or done == start_iter + 1:
+                values = {k: float(v.detach()) for k, v in losses.items()}
+                values["total"] = sum(values.values())
+                if not math.isfinite(values["total"]):
+                    raise FloatingPointError(f"iteration {done}: loss is {values} (lower train.lr or set "
+                                             f"train.clip_grad_norm)")
+                record = {"iter": done, "lr": lr, **values, "time": round(time.time() - t0, 3)}
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                if bar is not None:
+                    bar.set_postfix({k.split("/")[-1] if "/" in k else k: f"{v:.3f}" for k, v in values.items()}
+                                    | {"lr": f"{lr:.2g}"})
+            if bar is not None:
+                bar.update(1)
+            if tcfg.checkpoint_period and done % tcfg.checkpoint_period == 0 and done < tcfg.max_iters:
+                checkpoint(os.path.join(work_dir, f"iter_{done:07d}.pth"), done)
+    if bar is not None:
+        bar.close()
+    final = os.path.join(work_dir, "final.pth")
+    checkpoint(final, tcfg.max_iters)
+    log.info("saved %s", final)
+    metrics = None
+    if tcfg.eval_at_end and cfg.data.test:
+        model.eval()
+        metrics = evaluate(model, cfg, registries, device=device, out_dir=work_dir)
+    return {"checkpoint": final, "metrics": metrics}
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+@torch.no_grad()
+def predict_dataset(model: nn.Module, dataset, device: torch.device, batch_size: int = 1,
+                    num_workers: int = 0, progress: bool = True) -> list[dict]:
+    """Detections for every image of ``dataset``, in original-image coordinates, on the CPU."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         collate_fn=to_tensor_batch)
+    model.eval()
+    outputs: list[dict] = []
+    iterator = loader
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(loader, desc="eval", dynamic_ncols=True, mininterval=1.0)
+    for images, targets in iterator:
+        dets = model([img.to(device) for img in images])
+        for det, target in zip(dets, targets):
+            outputs.append({"image_id": int(target["image_id"]), **{k: v.cpu() for k, v in det.items()}})
+    return outputs
+
+
+def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, out_dir: str,
+             dataset=None, progress: bool = True) -> dict:
+    """COCO-style evaluation on ``data.test`` (or ``dataset``); writes ``metrics.json`` and results JSON."""
+    from detkit.evaluation import detections_to_coco_results, evaluate_coco, format_metrics_table
+    from detkit.media import write_json_atomic
+
+    if dataset is None:
+        dataset = build_dataset(cfg.data.test, registries, "test")
+    if len(dataset) == 0:
+        raise ConfigError("data.test: the dataset has no images")
+    names = cfg.model.class_names or []
+    if list(dataset.class_names) != list(names):
+        raise ConfigError(f"the evaluation dataset's classes {list(dataset.class_names)} differ from the model's "
+                          f"{list(names)}")
+    score_thresh = cfg.eval.score_thresh
+    predictions = predict_dataset(model, dataset, device, batch_size=1, num_workers=cfg.data.num_workers,
+                                  progress=progress)
+    results = []
+    for det in predictions:
+        if score_thresh is not None:
+            keep = det["scores"] >= score_thresh
+            det = {k: (v[keep] if torch.is_tensor(v) else v) for k, v in det.items()}
+        results.extend(detections_to_coco_results(det["image_id"], det, list(dataset.cat_ids)))
+    metrics = evaluate_coco(dataset.to_coco(), results, backend=cfg.eval.backend, class_names=list(names))
+    os.makedirs(out_dir, exist_ok=True)
+    write_json_atomic(os.path.join(out_dir, "results.json"), results)
+    write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+    print(format_metrics_table(metrics))
+    return metrics
+
+
+def model_from_checkpoint(path: str, registries, device: torch.device, overrides: list[str] | None = None):
+    """Rebuild the model a checkpoint was trained with; returns ``(model, cfg, ckpt)``."""
+    from detkit.config import apply_overrides, from_dict
+
+    ckpt = load_checkpoint(path, map_location="cpu")
+    data = apply_overrides(ckpt["config"], overrides or [])
+    cfg = from_dict(data, source=f"{path} (embedded config)")
+    names = list(ckpt["class_names"])
+    # Weights come from the checkpoint; the backbone's own file is not needed (or read) again.
+    cfg.model.backbone.weights = None
+    model = build_detector(cfg.model, registries, len(names), names)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model its config describes: "
+                         f"{str(exc).splitlines()[0]}") from None
+    return model.to(device).eval(), cfg, ckpt

@@ -1,0 +1,1 @@
+"""Detector parts and assemblies."""

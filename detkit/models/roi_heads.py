@@ -1,0 +1,124 @@
+"""Region-of-interest heads of Fast/Faster R-CNN (Girshick 2015, Sec. 2).
+
+Proposals are pooled from the trunk's features (RoI pooling), passed through the
+backbone's RoI head (fc6/fc7 for VGG, res5 for ResNet) and a detection head that
+outputs scores over K+1 classes and class-specific box deltas. Training samples
+128 RoIs per image, 25% foreground (IoU >= 0.5) and background from
+[0.1, 0.5), with the ground truth added to the proposals (Sec. 2.3); the loss
+is cross-entropy plus smooth-L1 on the true class's deltas (Eq. 1). At test
+time boxes are decoded per class, clipped, thresholded at score 0.05 and
+suppressed per class, keeping at most 100 per image.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detkit.config import RoIHeadConfig
+from detkit.ops import BalancedSampler, BoxCoder, Matcher, batched_nms, box_iou, clip_boxes, remove_small_boxes
+
+
+class SoftmaxBoxHead(nn.Module):
+    """``(R, in_features)`` -> ``class_logits (R, K+1)``, ``box_deltas (R, 4(K+1))``."""
+
+    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.cls_score = nn.Linear(in_features, num_classes + 1)
+        self.bbox_pred = nn.Linear(in_features, 4 * (num_classes + 1))
+        # Fast R-CNN Sec. 2.2: N(0, 0.01^2) for classification and N(0, 0.001^2) for regression.
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.dropout(x.flatten(1))
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class RoIHeads(nn.Module):
+    def __init__(self, cfg: RoIHeadConfig, roi_extractor: nn.Module, box_head: nn.Module, predictor: nn.Module,
+                 num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.roi_extractor = roi_extractor
+        self.box_head = box_head
+        self.predictor = predictor
+        self.num_classes = num_classes
+        self.box_coder = BoxCoder(tuple(cfg.box_coder_weights))
+        self.matcher = Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh_hi, low_threshold_floor=cfg.bg_iou_thresh_lo)
+        self.sampler = BalancedSampler(cfg.batch_size_per_image, cfg.positive_fraction)
+
+    def forward(self, features: Tensor, proposals: list[Tensor], image_sizes: list[tuple[int, int]],
+                targets: list[dict] | None = None):
+        """Returns ``(detections, losses)``: detections (inference) in resized-image coordinates."""
+        if self.training:
+            if targets is None:
+                raise ValueError("RoI heads in training mode need targets")
+            proposals, labels, target_deltas = self.select_training_samples(proposals, targets)
+        class_logits, box_deltas = self.predict(features, proposals, image_sizes)
+        if self.training:
+            return [], self.compute_loss(class_logits, box_deltas, labels, target_deltas)
+        return self.postprocess(class_logits, box_deltas, proposals, image_sizes), {}
+
+    def predict(self, features: Tensor, proposals: list[Tensor], image_sizes) -> tuple[Tensor, Tensor]:
+        pooled = self.roi_extractor(features, proposals, image_sizes)
+        return self.predictor(self.box_head(pooled))
+
+    def select_training_samples(self, proposals: list[Tensor], targets: list[dict]):
+        """Add gt to proposals, label by IoU and sample a fixed mini-batch per image.
+
+        Returns sampled proposals, their labels (0 = background) and regression targets.
+        """
+        out_props, out_labels, out_deltas = [], [], []
+        for props, t in zip(proposals, targets):
+            gt, gt_labels = t["boxes"], t["labels"]
+            if self.cfg.add_gt_as_proposals and gt.numel():
+                props = torch.cat([props, gt.to(props.dtype)])
+            if gt.numel():
+                matches = self.matcher(box_iou(gt, props))
+                labels = gt_labels[matches.clamp(min=0)].clone()
+                labels[matches == Matcher.BELOW_LOW_THRESHOLD] = 0
+                labels[matches == Matcher.BETWEEN_THRESHOLDS] = -1
+                matched_boxes = gt[matches.clamp(min=0)]
+            else:
+                labels = torch.zeros(props.shape[0], dtype=torch.int64, device=props.device)
+                matched_boxes = props
+            pos, neg = self.sampler(labels)
+            keep = pos | neg
+            props, labels, matched_boxes = props[keep], labels[keep], matched_boxes[keep]
+            out_props.append(props)
+            out_labels.append(labels)
+            out_deltas.append(self.box_coder.encode(matched_boxes, props))
+        return out_props, torch.cat(out_labels), torch.cat(out_deltas)
+
+    def compute_loss(self, class_logits: Tensor, box_deltas: Tensor, labels: Tensor, target_deltas: Tensor):
+        cls_loss = F.cross_entropy(class_logits, labels)
+        pos = torch.nonzero(labels > 0).squeeze(1)
+        # Only the deltas of each foreground RoI's true class are regressed.
+        deltas = box_deltas.view(box_deltas.shape[0], -1, 4)[pos, labels[pos]]
+        box_loss = F.smooth_l1_loss(deltas, target_deltas[pos], beta=self.cfg.smooth_l1_beta, reduction="sum")
+        return {
+            "roi/cls": cls_loss,
+            "roi/box_reg": self.cfg.box_loss_weight * box_loss / max(1, labels.numel()),
+        }
+
+    def postprocess(self, class_logits: Tensor, box_deltas: Tensor, proposals: list[Tensor],
+                    image_sizes) -> list[dict]:
+        counts = [p.shape[0] for p in proposals]
+        boxes = self.box_coder.decode(box_deltas, torch.cat(proposals)).view(-1, self.num_classes + 1, 4)
+        scores = F.softmax(class_logits.float(), dim=-1)
+        results = []
+        for img_boxes, img_scores, size in zip(boxes.split(counts), scores.split(counts), image_sizes):
+            img_boxes = clip_boxes(img_boxes, size)[:, 1:].reshape(-1, 4)
+            labels = torch.arange(1, self.num_classes + 1, device=img_scores.device).repeat(img_scores.shape[0])
+            img_scores = img_scores[:, 1:].reshape(-1)
+            keep = torch.nonzero(img_scores > self.cfg.score_thresh).squeeze(1)
+            img_boxes, img_scores, labels = img_boxes[keep], img_scores[keep], labels[keep]
+            keep = remove_small_boxes(img_boxes, 1e-2)
+            img_boxes, img_scores, labels = img_boxes[keep], img_scores[keep], labels[keep]
+            keep = batched_nms(img_boxes, img_scores, labels, self.cfg.nms_thresh)[: self.cfg.detections_per_img]
+            results.append({"boxes": img_boxes[keep], "scores": img_scores[keep], "labels": labels[keep]})
+        return results

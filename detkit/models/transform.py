@@ -1,0 +1,94 @@
+"""Detector input/output transform (Fast R-CNN Sec. 2.3, Faster R-CNN Sec. 3.3).
+
+Images are rescaled so the shorter side is ``min_size`` (600 in the papers)
+unless the longer side would exceed ``max_size`` (1000), normalised with the
+backbone's mean/std and zero-padded into one batch tensor whose sides are
+multiples of ``size_divisible``. Detections are mapped back to the original
+image's coordinates by the inverse of the scale.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class ImageList:
+    """A padded batch ``tensors (B, 3, H, W)``; ``image_sizes[i] = (h, w)`` of image i after
+    resizing (its valid region), ``scales[i]`` the factor from the original image."""
+
+    tensors: Tensor
+    image_sizes: list[tuple[int, int]]
+    scales: list[float]
+
+    def to(self, device) -> "ImageList":
+        return ImageList(self.tensors.to(device, non_blocking=True), self.image_sizes, self.scales)
+
+
+class DetectionTransform(nn.Module):
+    def __init__(self, min_size: int | list[int], max_size: int, mean: list[float], std: list[float],
+                 size_divisible: int):
+        super().__init__()
+        self.min_sizes = [min_size] if isinstance(min_size, int) else list(min_size)
+        self.max_size = max_size
+        self.size_divisible = max(1, int(size_divisible))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+
+    def scale_for(self, height: int, width: int, min_size: int) -> float:
+        short, long = min(height, width), max(height, width)
+        scale = min_size / short
+        if long * scale > self.max_size:
+            scale = self.max_size / long
+        return scale
+
+    def forward(self, images: list[Tensor], targets: list[dict] | None = None):
+        """images: ``(3, H_i, W_i)`` uint8 (0-255) or float (0-1), on the model's device.
+        Returns ``(ImageList, targets with boxes rescaled)``."""
+        resized, sizes, scales = [], [], []
+        out_targets = [] if targets is not None else None
+        for i, img in enumerate(images):
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(f"image {i}: expected a (3, H, W) tensor, got shape {tuple(img.shape)}")
+            img = img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
+            h, w = img.shape[-2:]
+            # Multi-scale training draws the shorter side per image (SPP-net / Fast R-CNN Sec. 5.2).
+            # torch's RNG (not Python's) so a resumed run draws the same sizes.
+            min_size = (self.min_sizes[int(torch.randint(len(self.min_sizes), ()))] if self.training
+                        else self.min_sizes[-1])
+            scale = self.scale_for(h, w, min_size)
+            nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+            img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+            img = (img - self.mean) / self.std
+            resized.append(img)
+            sizes.append((nh, nw))
+            scales.append(scale)
+            if targets is not None:
+                t = dict(targets[i])
+                # Separate x and y factors: rounding makes them differ slightly.
+                factor = torch.tensor([nw / w, nh / h, nw / w, nh / h], device=t["boxes"].device)
+                t["boxes"] = t["boxes"] * factor
+                out_targets.append(t)
+        d = self.size_divisible
+        max_h = int(math.ceil(max(s[0] for s in sizes) / d) * d)
+        max_w = int(math.ceil(max(s[1] for s in sizes) / d) * d)
+        batch = resized[0].new_zeros((len(resized), 3, max_h, max_w))
+        for img, pad in zip(resized, batch):
+            pad[:, : img.shape[1], : img.shape[2]].copy_(img)
+        return ImageList(batch, sizes, scales), out_targets
+
+    @staticmethod
+    def postprocess(detections: list[dict], image_sizes: list[tuple[int, int]],
+                    original_sizes: list[tuple[int, int]]) -> list[dict]:
+        """Rescale detection boxes from resized to original image coordinates."""
+        for det, (h, w), (oh, ow) in zip(detections, image_sizes, original_sizes):
+            factor = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=det["boxes"].device,
+                                  dtype=det["boxes"].dtype)
+            det["boxes"] = (det["boxes"] * factor).clamp_(min=0)
+            det["boxes"][:, 0::2].clamp_(max=ow)
+            det["boxes"][:, 1::2].clamp_(max=oh)
+        return detections
