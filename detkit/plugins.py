@@ -117,7 +117,7 @@ class Registries:
             registry = self._by_kind[kind]
             hook = getattr(pm.hook, hook_name)
             # Call implementations one by one so each name is attributed to its plugin.
-            for impl in reversed(hook.get_hookimpls()):
+            for impl in hook.get_hookimpls():
                 plugin = impl.plugin_name
 
                 def register(name, builder, _plugin=plugin, _registry=registry, **info):
