@@ -162,6 +162,20 @@ def cmd_synth_video(args) -> int:
     return 0
 
 
+def cmd_summary(args) -> int:
+    from detkit.summary import summary_command
+
+    size = None
+    if args.input_size:
+        try:
+            size = tuple(int(v) for v in args.input_size.split(","))
+            assert len(size) == 3
+        except (ValueError, AssertionError):
+            raise argparse.ArgumentTypeError(f"--input-size {args.input_size!r}: expected C,H,W, e.g. 3,224,224") from None
+    print(summary_command(_registries(), args.name, size))
+    return 0
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -219,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _add_set(p)
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("summary", help="per-layer table (parameters, operations, output volume) of a backbone")
+    p.add_argument("name", help="registered backbone name (see detkit list backbones)")
+    p.add_argument("--input-size", help="C,H,W (default: the backbone's input size)")
+    p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("data", help="dataset utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)

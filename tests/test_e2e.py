@@ -1,0 +1,165 @@
+"""End to end through the CLI: synth -> train -> eval -> infer, resume, and bad input."""
+import json
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from detkit.cli import main
+
+SIZE = "120x160"
+
+
+def write_config(path, data_dir, work_dir, **train):
+    cfg = {
+        "model": {
+            "backbone": {"name": "tiny", "args": {"widths": [8, 16, 32, 48, 48], "hidden": 64}},
+            "anchors": {"sizes": [16, 32, 64, 128]},
+            "rpn": {"pre_nms_top_n_train": 600, "post_nms_top_n_train": 150, "pre_nms_top_n_test": 300,
+                    "post_nms_top_n_test": 50, "min_size": 2, "batch_size_per_image": 64},
+            "roi_head": {"batch_size_per_image": 32},
+            "transform": {"min_size": 120, "max_size": 160},
+        },
+        "data": {
+            "train": {"name": "coco", "images": f"{data_dir}/train/images",
+                      "annotations": f"{data_dir}/train/annotations.json"},
+            "test": {"name": "coco", "images": f"{data_dir}/val/images",
+                     "annotations": f"{data_dir}/val/annotations.json"},
+            "batch_size": 2,
+            "num_workers": 0,
+        },
+        "train": {"work_dir": str(work_dir), "max_iters": 8, "lr": 0.01, "steps": [6], "warmup_iters": 2,
+                  "checkpoint_period": 4, "log_period": 2, **train},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    assert main(["data", "synth", "--out", str(root / "train"), "--format", "coco", "--num-images", "12",
+                 "--seed", "0", "--size", SIZE]) == 0
+    assert main(["data", "synth", "--out", str(root / "val"), "--format", "coco", "--num-images", "4",
+                 "--seed", "1", "--size", SIZE]) == 0
+    assert main(["data", "synth-video", "--out", str(root / "clip.mp4"), "--frames", "6", "--seed", "2",
+                 "--size", SIZE]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    cfg = write_config(work / "cfg.yaml", data_dir, work / "run")
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    return work / "run"
+
+
+def test_train_writes_checkpoints_logs_and_metrics(trained):
+    assert (trained / "final.pth").is_file() and (trained / "iter_0000004.pth").is_file()
+    lines = [json.loads(x) for x in (trained / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in lines] == [1, 2, 4, 6, 8]
+    assert all({"lr", "rpn/objectness", "rpn/box_reg", "roi/cls", "roi/box_reg", "total"} <= set(r) for r in lines)
+    # warmup then step decay at iteration 6
+    assert lines[0]["lr"] < 0.01 and lines[2]["lr"] == pytest.approx(0.01) and lines[-1]["lr"] == pytest.approx(0.001)
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class"} <= set(metrics)
+    cfg = yaml.safe_load((trained / "config.yaml").read_text())
+    assert cfg["model"]["num_classes"] == len(metrics["per_class"])
+
+
+def test_eval_from_checkpoint_alone(trained, data_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", str(trained / "final.pth"), "--output", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["AP"] == pytest.approx(json.loads((trained / "metrics.json").read_text())["AP"], abs=1e-9)
+    assert "AP50" in capsys.readouterr().out
+    # --data given on the command line
+    out2 = tmp_path / "eval2"
+    assert main(["eval", str(trained / "final.pth"), "--data", str(data_dir / "train" / "annotations.json"),
+                 "--output", str(out2), "--no-progress"]) == 0
+    results = json.loads((out2 / "results.json").read_text())
+    gt = json.loads((data_dir / "train" / "annotations.json").read_text())
+    assert {r["category_id"] for r in results} <= {c["id"] for c in gt["categories"]}
+
+
+def test_infer_image_folder_and_video(trained, data_dir, tmp_path):
+    ckpt = str(trained / "final.pth")
+    images = sorted((data_dir / "val" / "images").iterdir())
+    out = tmp_path / "one"
+    assert main(["infer", ckpt, str(images[0]), "--output", str(out), "--score-thr", "0.0",
+                 "--no-progress"]) == 0
+    written = [p for p in out.iterdir() if p.name.endswith(images[0].suffix) and "_det" in p.name]
+    assert len(written) == 1 and cv2.imread(str(written[0])).shape[:2] == (120, 160)
+    results = json.loads((out / "results.json").read_text())
+    assert all(set(r) >= {"image_id", "category_id", "bbox", "score"} for r in results)
+
+    folder = tmp_path / "folder_in"
+    folder.mkdir()
+    for p in images:
+        shutil.copy(p, folder / p.name)
+    (folder / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "folder_out"
+    assert main(["infer", ckpt, str(folder), "--output", str(out), "--no-progress"]) == 0
+    meta = json.loads((out / "images.json").read_text())
+    assert len(meta) == len(images)  # the corrupt file is reported and skipped
+
+    out = tmp_path / "video_out"
+    assert main(["infer", ckpt, str(data_dir / "clip.mp4"), "--output", str(out), "--no-progress"]) == 0
+    cap_in, cap_out = cv2.VideoCapture(str(data_dir / "clip.mp4")), cv2.VideoCapture(str(out / "clip_det.mp4"))
+    count = lambda cap: sum(1 for _ in iter(lambda: cap.read()[0], False))  # noqa: E731
+    assert cap_out.get(cv2.CAP_PROP_FPS) == pytest.approx(cap_in.get(cv2.CAP_PROP_FPS))
+    assert count(cap_out) == count(cap_in) == 6
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    straight = write_config(tmp_path / "a.yaml", data_dir, tmp_path / "a", eval_at_end=False)
+    assert main(["train", str(straight), "--no-progress"]) == 0
+    resumed_dir = tmp_path / "b"
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / "a" / "iter_0000004.pth", resumed_dir / "iter_0000004.pth")
+    again = write_config(tmp_path / "b.yaml", data_dir, resumed_dir, eval_at_end=False)
+    assert main(["train", str(again), "--resume", "--no-progress"]) == 0
+    a = torch.load(tmp_path / "a" / "final.pth", weights_only=True)
+    b = torch.load(resumed_dir / "final.pth", weights_only=True)
+    assert a["iteration"] == b["iteration"] == 8
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6, msg=k)
+    log_b = [json.loads(x)["iter"] for x in (resumed_dir / "log.jsonl").read_text().splitlines()]
+    assert log_b == [5, 6, 8]
+
+
+def test_bad_inputs_get_clear_messages(trained, data_dir, tmp_path, capsys):
+    not_ckpt = tmp_path / "weights.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, not_ckpt)
+    assert main(["infer", str(not_ckpt), str(data_dir / "val" / "images")]) == 2
+    assert "not a detkit checkpoint" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00" * 100)
+    assert main(["eval", str(garbage)]) == 2
+    assert "garbage.pth" in capsys.readouterr().err
+
+    bad_video = tmp_path / "bad.mp4"
+    bad_video.write_text("not a video")
+    assert main(["infer", str(trained / "final.pth"), str(bad_video), "--output", str(tmp_path / "o")]) == 2
+    assert "bad.mp4" in capsys.readouterr().err
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    assert main(["infer", str(trained / "final.pth"), str(empty), "--output", str(tmp_path / "o")]) == 2
+    assert "empty_dir" in capsys.readouterr().err
+    assert main(["infer", str(trained / "final.pth"), str(tmp_path / "missing.jpg")]) == 2
+    assert "missing.jpg" in capsys.readouterr().err
+
+    cfg = write_config(tmp_path / "c.yaml", data_dir, tmp_path / "c")
+    assert main(["train", str(cfg), "--set", "model.rpn.nms_thres=0.5"]) == 2
+    assert "model.rpn.nms_thresh" in capsys.readouterr().err
+    bad_data = write_config(tmp_path / "d.yaml", data_dir, tmp_path / "d")
+    raw = yaml.safe_load(bad_data.read_text())
+    raw["data"]["train"]["annotation"] = raw["data"]["train"].pop("annotations")
+    bad_data.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(bad_data)]) == 2
+    assert "data.train.annotation" in capsys.readouterr().err
