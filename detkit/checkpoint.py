@@ -39,7 +39,8 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 
 def save_checkpoint(path: str, *, model_state: dict, config: dict, iteration: int, class_names: list[str],
-                    cat_ids: list[int], optimizer_state: dict | None = None, rng_state: dict | None = None) -> None:
+                    cat_ids: list[int], optimizer_state: dict | None = None, rng_state: dict | None = None,
+                    samples_seen: int | None = None, world_size: int = 1) -> None:
     atomic_torch_save(
         {
             "format": FORMAT,
@@ -51,6 +52,8 @@ def save_checkpoint(path: str, *, model_state: dict, config: dict, iteration: in
             "model": model_state,
             "optimizer": optimizer_state,
             "rng": rng_state,
+            "samples_seen": samples_seen,
+            "world_size": int(world_size),
         },
         path,
     )

@@ -149,6 +149,13 @@ class TrainConfig:
     eval_at_end: bool = True
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "none"  # none | bf16 | fp16 (fp16 with a gradient scaler)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the trunk
+    sync_bn: bool = False  # SyncBatchNorm across processes (CUDA) when trainable BN is used
+    # Linear scaling rule (Goyal et al. 2017): lr and warmup are given for one process;
+    # with N processes the global batch is N times larger and lr is multiplied by N.
+    scale_lr: bool = True
 
 
 @dataclass

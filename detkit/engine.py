@@ -13,6 +13,7 @@ RPN and RoI samplers) is saved with the checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from torch import nn
 
 from detkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from detkit.config import Config, ConfigError, check_kwargs, dump, to_dict
+from detkit.distributed import DistInfo, barrier, gather_objects, init_from_env, shutdown
 from detkit.models.detector import build_detector
 
 log = logging.getLogger(__name__)
@@ -82,33 +84,41 @@ class _PositionSeeded(torch.utils.data.Dataset):
 
 
 class StreamBatchSampler(torch.utils.data.Sampler):
-    """Infinite batches of ``(index, seed)`` starting at iteration ``start``.
+    """Infinite batches of ``(index, seed)`` from one global sample stream.
 
-    Epoch e is a permutation drawn from ``seed + e``; ``indices`` restricts the
-    stream (e.g. to images with objects).
+    Epoch e of the stream is a permutation drawn from ``seed`` and e; sample at
+    stream position p gets augmentation seed derived from p. Each iteration
+    consumes ``batch_size * world_size`` positions and rank r takes its slice,
+    so N processes see exactly the samples one process with an N-times larger
+    batch would see, and resuming at ``start_position`` (samples consumed so
+    far) works with any number of processes.
     """
 
-    def __init__(self, indices: list[int], batch_size: int, seed: int, start_iter: int = 0):
+    def __init__(self, indices: list[int], batch_size: int, seed: int, start_position: int = 0,
+                 rank: int = 0, world_size: int = 1):
         if not indices:
             raise ValueError("the training set has no usable images")
         self.indices = list(indices)
         self.batch_size = batch_size
         self.seed = seed
-        self.start = start_iter
+        self.start = start_position
+        self.rank = rank
+        self.world_size = world_size
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         n = len(self.indices)
-        position = self.start * self.batch_size
-        batch = []
+        position = self.start
+        order, order_epoch = None, -1
         while True:
-            epoch, offset = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)).tolist()
-            for k in order[offset:]:
-                batch.append((self.indices[k], self.seed * 1000003 + position))
-                position += 1
-                if len(batch) == self.batch_size:
-                    yield batch
-                    batch = []
+            batch = []
+            for p in range(position + self.rank * self.batch_size, position + (self.rank + 1) * self.batch_size):
+                epoch, offset = divmod(p, n)
+                if epoch != order_epoch:
+                    generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+                    order, order_epoch = torch.randperm(n, generator=generator).tolist(), epoch
+                batch.append((self.indices[order[offset]], self.seed * 1000003 + p))
+            position += self.batch_size * self.world_size
+            yield batch
 
     def __len__(self):  # an infinite stream; DataLoader only needs this for len()
         return 2**62
@@ -133,11 +143,6 @@ def lr_factor(iteration: int, cfg) -> float:
         alpha = iteration / cfg.warmup_iters
         factor *= cfg.warmup_factor * (1 - alpha) + alpha
     return factor
-
-
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def seed_everything(seed: int) -> None:
@@ -185,15 +190,32 @@ def _truncate_log(path: str, last_iter: int) -> None:
 # ----------------------------------------------------------------------------- train
 
 
+def _autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in dtypes:
+        raise ConfigError(f"train.amp={amp!r}: expected none, bf16 or fp16")
+    return torch.autocast(device_type=device.type, dtype=dtypes[amp])
+
+
 def train(cfg: Config, registries, resume: str | bool | None = None, progress: bool = True) -> dict:
-    """Train the configured detector; returns ``{"checkpoint": path, "metrics": dict | None}``."""
+    """Train the configured detector; returns ``{"checkpoint": path, "metrics": dict | None}``.
+
+    Runs as one process, or as one of N under ``torchrun`` (DistributedDataParallel;
+    logging, checkpoints and the metric on rank 0).
+    """
     from detkit.data import build_transform  # heavy imports (albumentations) only when training
 
     tcfg = cfg.train
-    work_dir = tcfg.work_dir
-    os.makedirs(work_dir, exist_ok=True)
     device = resolve_device(tcfg.device)
-    seed_everything(tcfg.seed)
+    info = init_from_env(device)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    work_dir = tcfg.work_dir
+    if info.is_main:
+        os.makedirs(work_dir, exist_ok=True)
+    seed_everything(tcfg.seed + info.rank)
 
     transform = build_transform(train=True, hflip=cfg.data.augment.hflip)
     dataset = build_dataset(cfg.data.train, registries, "train", transform=transform,
@@ -210,9 +232,17 @@ def train(cfg: Config, registries, resume: str | bool | None = None, progress: b
         # Resolved once here so the checkpoint's config rebuilds the same module types without the weights file.
         cfg.model.backbone.frozen_bn = bool(cfg.model.backbone.weights)
     model = build_detector(cfg.model, registries, len(names), names).to(device)
-    optimizer = build_optimizer(model, tcfg)
+    if tcfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    if tcfg.compile:
+        model.trunk.compile()  # in place: parameter names (and so checkpoints) are unchanged
+    base_lr = tcfg.lr * (info.world_size if tcfg.scale_lr else 1)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=base_lr,
+                                momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=tcfg.amp == "fp16")
 
-    start_iter = 0
+    start_iter, position = 0, 0
     resume_path = find_last_checkpoint(work_dir) if resume is True else (resume or None)
     if resume and resume_path is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {work_dir}")
@@ -222,83 +252,110 @@ def train(cfg: Config, registries, resume: str | bool | None = None, progress: b
         if ckpt.get("optimizer"):
             optimizer.load_state_dict(ckpt["optimizer"])
         start_iter = ckpt["iteration"]
-        _set_rng_state(ckpt.get("rng"))
-        log.info("resumed from %s at iteration %d", resume_path, start_iter)
-    with open(os.path.join(work_dir, "config.yaml"), "w", encoding="utf-8") as f:
-        f.write(dump(cfg))
+        position = ckpt.get("samples_seen", start_iter * cfg.data.batch_size)
+        if ckpt.get("world_size", 1) == info.world_size:
+            _set_rng_state(ckpt.get("rng"))
+        log.info("resumed from %s at iteration %d (%d samples seen)", resume_path, start_iter, position)
+    if info.enabled:
+        if tcfg.sync_bn and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        ddp = model
     log_path = os.path.join(work_dir, "log.jsonl")
-    if start_iter:
-        _truncate_log(log_path, start_iter)
-    elif os.path.exists(log_path):
-        os.remove(log_path)
+    if info.is_main:
+        with open(os.path.join(work_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(dump(cfg))
+        if start_iter:
+            _truncate_log(log_path, start_iter)
+        elif os.path.exists(log_path):
+            os.remove(log_path)
 
     indices = getattr(dataset, "train_indices", None) or list(range(len(dataset)))
     loader = torch.utils.data.DataLoader(
         _PositionSeeded(dataset),
-        batch_sampler=StreamBatchSampler(indices, cfg.data.batch_size, tcfg.seed, start_iter),
+        batch_sampler=StreamBatchSampler(indices, cfg.data.batch_size, tcfg.seed, position, info.rank,
+                                         info.world_size),
         num_workers=cfg.data.num_workers,
         collate_fn=to_tensor_batch,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, tcfg))
-    scheduler.last_epoch = start_iter - 1
-    scheduler.step()  # sets the learning rate for `start_iter`
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * lr_factor(start_iter, tcfg)
+        group["initial_lr"] = base_lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, tcfg), last_epoch=start_iter - 1)
+    global_batch = cfg.data.batch_size * info.world_size
 
     def checkpoint(path: str, iteration: int) -> None:
         save_checkpoint(path, model_state=model.state_dict(), config=to_dict(cfg), iteration=iteration,
                         class_names=names, cat_ids=list(dataset.cat_ids),
-                        optimizer_state=optimizer.state_dict(), rng_state=_rng_state())
+                        optimizer_state=optimizer.state_dict(), rng_state=_rng_state(),
+                        samples_seen=position + (iteration - start_iter) * global_batch,
+                        world_size=info.world_size)
 
-    model.train()
+    ddp.train()
     bar = None
-    if progress:
+    if progress and info.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=tcfg.max_iters, initial=start_iter, desc="train", dynamic_ncols=True, mininterval=1.0)
     data_iter = iter(loader)
     t0 = time.time()
-    with open(log_path, "a", encoding="utf-8") as log_file:
+    log_file = open(log_path, "a", encoding="utf-8") if info.is_main else None
+    try:
         for iteration in range(start_iter, tcfg.max_iters):
             images, targets = next(data_iter)
             images = [img.to(device, non_blocking=True) for img in images]
             targets = [{"boxes": t["boxes"].to(device, non_blocking=True),
                         "labels": t["labels"].to(device, non_blocking=True)} for t in targets]
-            losses = model(images, targets)
+            with _autocast(device, tcfg.amp):
+                losses = ddp(images, targets)
             total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            scaler.scale(total).backward()
             if tcfg.clip_grad_norm:
+                scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             done = iteration + 1
+            # Host reads (which sync the GPU) only on logging iterations.
             if done % tcfg.log_period == 0 or done == tcfg.max_iters or done == start_iter + 1:
                 values = {k: float(v.detach()) for k, v in losses.items()}
                 values["total"] = sum(values.values())
                 if not math.isfinite(values["total"]):
                     raise FloatingPointError(f"iteration {done}: loss is {values} (lower train.lr or set "
                                              f"train.clip_grad_norm)")
-                record = {"iter": done, "lr": lr, **values, "time": round(time.time() - t0, 3)}
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
+                if log_file is not None:
+                    record = {"iter": done, "lr": lr, **values, "time": round(time.time() - t0, 3)}
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
                 if bar is not None:
                     bar.set_postfix({k.split("/")[-1] if "/" in k else k: f"{v:.3f}" for k, v in values.items()}
                                     | {"lr": f"{lr:.2g}"})
             if bar is not None:
                 bar.update(1)
-            if tcfg.checkpoint_period and done % tcfg.checkpoint_period == 0 and done < tcfg.max_iters:
+            if (info.is_main and tcfg.checkpoint_period and done % tcfg.checkpoint_period == 0
+                    and done < tcfg.max_iters):
                 checkpoint(os.path.join(work_dir, f"iter_{done:07d}.pth"), done)
-    if bar is not None:
-        bar.close()
+    finally:
+        if log_file is not None:
+            log_file.close()
+        if bar is not None:
+            bar.close()
     final = os.path.join(work_dir, "final.pth")
-    checkpoint(final, tcfg.max_iters)
-    log.info("saved %s", final)
+    if info.is_main:
+        checkpoint(final, tcfg.max_iters)
+        log.info("saved %s", final)
+    barrier(info)
     metrics = None
     if tcfg.eval_at_end and cfg.data.test:
         model.eval()
-        metrics = evaluate(model, cfg, registries, device=device, out_dir=work_dir)
+        metrics = evaluate(model, cfg, registries, device=device, out_dir=work_dir, dist_info=info,
+                           progress=progress)
+    shutdown(info)
     return {"checkpoint": final, "metrics": metrics}
 
 
@@ -307,9 +364,12 @@ def train(cfg: Config, registries, resume: str | bool | None = None, progress: b
 
 @torch.no_grad()
 def predict_dataset(model: nn.Module, dataset, device: torch.device, batch_size: int = 1,
-                    num_workers: int = 0, progress: bool = True) -> list[dict]:
-    """Detections for every image of ``dataset``, in original-image coordinates, on the CPU."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                    num_workers: int = 0, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Detections for the images of ``dataset`` (those of ``shard = (rank, world_size)``),
+    in original-image coordinates, on the CPU."""
+    rank, world = shard
+    subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          collate_fn=to_tensor_batch)
     model.eval()
     outputs: list[dict] = []
@@ -326,8 +386,13 @@ def predict_dataset(model: nn.Module, dataset, device: torch.device, batch_size:
 
 
 def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, out_dir: str,
-             dataset=None, progress: bool = True) -> dict:
-    """COCO-style evaluation on ``data.test`` (or ``dataset``); writes ``metrics.json`` and results JSON."""
+             dataset=None, progress: bool = True, dist_info: DistInfo | None = None) -> dict | None:
+    """COCO-style evaluation on ``data.test`` (or ``dataset``); writes ``metrics.json`` and results JSON.
+
+    Under torch.distributed each rank predicts a shard; rank 0 gathers, scores and
+    writes (other ranks return None).
+    """
+    info = dist_info or DistInfo()
     from detkit.evaluation import detections_to_coco_results, evaluate_coco, format_metrics_table
     from detkit.media import write_json_atomic
 
@@ -341,7 +406,10 @@ def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, ou
                           f"{list(names)}")
     score_thresh = cfg.eval.score_thresh
     predictions = predict_dataset(model, dataset, device, batch_size=1, num_workers=cfg.data.num_workers,
-                                  progress=progress)
+                                  progress=progress and info.is_main, shard=(info.rank, info.world_size))
+    predictions = [p for part in gather_objects(predictions, info) for p in part]
+    if not info.is_main:
+        return None
     results = []
     for det in predictions:
         if score_thresh is not None:

@@ -32,6 +32,7 @@ class TwoStageDetector(nn.Module):
         self.proposal_generator = proposal_generator
         self.roi_heads = roi_heads
         self.class_names = list(class_names) if class_names else None
+        self.channels_last = False  # set by the trainer (train.channels_last)
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
         """images: ``(3, H_i, W_i)`` uint8 or float in [0, 1]; targets: ``{"boxes" (N, 4) xyxy, "labels" (N,)}``."""
@@ -39,7 +40,10 @@ class TwoStageDetector(nn.Module):
             raise ValueError("a detector in training mode needs targets")
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         image_list, targets = self.transform(images, targets)
-        features = self.trunk(image_list.tensors)
+        batch = image_list.tensors
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        features = self.trunk(batch)
         proposals, rpn_losses = self.proposal_generator(image_list, features, targets)
         detections, roi_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
         if self.training:
