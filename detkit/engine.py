@@ -53,7 +53,7 @@ def build_dataset(spec: dict | None, registries, key: str, transform=None, skip_
         if reserved in spec:
             raise ConfigError(f"data.{key}.{reserved}: set by detkit, not by the config")
     entry = registries.datasets.get(name)
-    check_kwargs(entry.builder, spec, f"data.{key}")
+    check_kwargs(entry.builder, {**spec, "transform": None, "skip_empty": False}, f"data.{key}")
     return entry.builder(**spec, transform=transform, skip_empty=skip_empty)
 
 
@@ -279,6 +279,9 @@ def train(cfg: Config, registries, resume: str | bool | None = None, progress: b
         num_workers=cfg.data.num_workers,
         collate_fn=to_tensor_batch,
         pin_memory=device.type == "cuda",
+        # Its own generator: creating the iterator must not draw from the global RNG that a resumed
+        # run restores for the samplers.
+        generator=torch.Generator().manual_seed(tcfg.seed),
     )
     for group in optimizer.param_groups:
         group["lr"] = base_lr * lr_factor(start_iter, tcfg)

@@ -30,7 +30,8 @@ def detkit_register_backbones(register):
 def detkit_register_proposal_generators(register):
     """Register proposal sources (RPN, selective search, ...):
     ``builder(cfg: ModelConfig, in_channels: int, stride: int) -> nn.Module`` whose forward takes
-    ``(images: ImageList, features (B, C, H, W), targets | None)`` and returns
+    ``(images: ImageList, features (B, C, H, W), targets | None, precomputed | None)`` (``precomputed``:
+    per-image boxes handed to the detector, in resized-image coordinates) and returns
     ``(proposals: list[Tensor[N_i, 4]], losses: dict)``."""
 
 

@@ -34,8 +34,11 @@ class TwoStageDetector(nn.Module):
         self.class_names = list(class_names) if class_names else None
         self.channels_last = False  # set by the trainer (train.channels_last)
 
-    def forward(self, images: list[Tensor], targets: list[dict] | None = None):
-        """images: ``(3, H_i, W_i)`` uint8 or float in [0, 1]; targets: ``{"boxes" (N, 4) xyxy, "labels" (N,)}``."""
+    def forward(self, images: list[Tensor], targets: list[dict] | None = None,
+                proposals: list[Tensor] | None = None):
+        """images: ``(3, H_i, W_i)`` uint8 or float in [0, 1]; targets: ``{"boxes" (N, 4) xyxy, "labels" (N,)}``;
+        proposals: precomputed boxes per image (original-image coordinates) for proposal sources that
+        take them (selective search caches); the RPN ignores them."""
         if self.training and targets is None:
             raise ValueError("a detector in training mode needs targets")
         original_sizes = [tuple(img.shape[-2:]) for img in images]
@@ -44,7 +47,10 @@ class TwoStageDetector(nn.Module):
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         features = self.trunk(batch)
-        proposals, rpn_losses = self.proposal_generator(image_list, features, targets)
+        if proposals is not None:
+            proposals = [p * torch.tensor([w / ow, h / oh, w / ow, h / oh], device=p.device, dtype=p.dtype)
+                         for p, (h, w), (oh, ow) in zip(proposals, image_list.image_sizes, original_sizes)]
+        proposals, rpn_losses = self.proposal_generator(image_list, features, targets, proposals)
         detections, roi_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
         if self.training:
             return {**rpn_losses, **roi_losses}

@@ -47,8 +47,10 @@ class RegionProposalNetwork(nn.Module):
         self.matcher = Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, allow_low_quality_matches=True)
         self.sampler = BalancedSampler(cfg.batch_size_per_image, cfg.positive_fraction)
 
-    def forward(self, images: ImageList, features: Tensor, targets: list[dict] | None = None):
-        """Returns ``(proposals: list[Tensor[N_i, 4]], losses)``; losses are empty at inference."""
+    def forward(self, images: ImageList, features: Tensor, targets: list[dict] | None = None,
+                precomputed: list[Tensor] | None = None):
+        """Returns ``(proposals: list[Tensor[N_i, 4]], losses)``; losses are empty at inference.
+        ``precomputed`` proposals are not used: the RPN makes its own."""
         objectness, deltas = self.head(features)
         b, a, h, w = objectness.shape
         # (B, A, H, W) -> (B, H*W*A), matching the anchor generator's position-major order.

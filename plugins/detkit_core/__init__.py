@@ -43,16 +43,18 @@ def _faster_rcnn(cfg, num_classes: int, registries, class_names=None):
     return build_two_stage(cfg, num_classes, registries, class_names)
 
 
-def _coco(images: str, annotations: str, **kwargs):
+def _coco(images: str, annotations: str, transform=None, skip_empty: bool = False):
     from detkit.data.coco import COCODataset
 
-    return COCODataset(images=images, annotations=annotations, **kwargs)
+    return COCODataset(images=images, annotations=annotations, transform=transform, skip_empty=skip_empty)
 
 
-def _voc(root: str, split: str = "trainval", classes: list | None = None, use_difficult: bool = True, **kwargs):
+def _voc(root: str, split: str = "trainval", classes: list | None = None, use_difficult: bool = True,
+         transform=None, skip_empty: bool = False):
     from detkit.data.voc import VOCDataset
 
-    return VOCDataset(root=root, split=split, classes=classes, use_difficult=use_difficult, **kwargs)
+    return VOCDataset(root=root, split=split, classes=classes, use_difficult=use_difficult, transform=transform,
+                      skip_empty=skip_empty)
 
 
 @hookimpl
