@@ -23,8 +23,8 @@ def test_faster_rcnn_overfits_a_few_images(tmp_path, registries):
         f"data.train={{name: coco, images: {images}, annotations: {ann}}}",
         f"data.test={{name: coco, images: {images}, annotations: {ann}}}",
         "data.augment.hflip=0.0", "data.batch_size=2", "data.num_workers=0",
-        f"train.work_dir={tmp_path / 'work'}", "train.max_iters=250", "train.lr=0.02", "train.warmup_iters=20",
-        "train.steps=[200]", "train.checkpoint_period=0", "train.log_period=50",
+        f"train.work_dir={tmp_path / 'work'}", "train.max_iters=600", "train.lr=0.02", "train.warmup_iters=20",
+        "train.steps=[500]", "train.checkpoint_period=0", "train.log_period=50",
     ]
     cfg = load_config_from_overrides(tmp_path, overrides)
     torch.manual_seed(0)
