@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/detkit data synth --out $(DEMO_DIR)/data/train --format coco --num-images 240 --seed 0
+	$(BIN)/detkit data synth --out $(DEMO_DIR)/data/train --format coco --num-images 400 --seed 0
 	$(BIN)/detkit data synth --out $(DEMO_DIR)/data/val --format coco --num-images 60 --seed 1
 	$(BIN)/detkit data synth-video --out $(DEMO_DIR)/data/demo.mp4 --frames 48 --seed 2
 	$(BIN)/python tools/train.py configs/faster_rcnn_tiny_synth.yaml --set train.work_dir=$(DEMO_DIR)
