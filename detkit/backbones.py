@@ -35,12 +35,14 @@ class BackboneDefaults:
     mean, std: per-channel normalisation of RGB images scaled to [0, 1].
     roi_output_size: side of the RoI-pooled grid the RoI head expects
         (7 for VGG's fc6 on 7x7x512, 14 for ResNet-C4's res5, ...).
+    min_input_size: the smallest square input the classifier accepts (tests use it).
     """
 
     input_size: tuple[int, int, int] = (3, 224, 224)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     roi_output_size: int = 7
+    min_input_size: int = 32
 
 
 @dataclass

@@ -1,0 +1,90 @@
+"""Very deep convolutional networks (Simonyan & Zisserman 2015, Table 1).
+
+Configurations A (VGG-11), A-LRN, B (VGG-13), C (VGG-16 with 1x1 convolutions in
+the last three blocks), D (VGG-16) and E (VGG-19), and batch-normalised forms;
+parameter names follow torchvision (``features.N``, ``classifier.N``), so its
+checkpoints load as they are. Detection (Fast R-CNN Sec. 4): the trunk is
+conv1_1..conv5_3 without pool5 (stride 16, 512 channels) and the RoI head is
+fc6/fc7 on 7x7 RoI-pooled features.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
+
+# Numbers are 3x3 conv widths, "1:N" a 1x1 conv of width N, "M" max pooling, "L" local response normalisation.
+CONFIGS: dict[str, list] = {
+    "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "A-LRN": [64, "L", "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "C": [64, 64, "M", 128, 128, "M", 256, 256, "1:256", "M", 512, 512, "1:512", "M", 512, 512, "1:512", "M"],
+    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+
+
+def make_features(cfg: list, batch_norm: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    cin = 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        elif v == "L":
+            layers.append(nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0))  # AlexNet's LRN settings
+        else:
+            k, width = (1, int(v[2:])) if isinstance(v, str) else (3, v)
+            layers.append(nn.Conv2d(cin, width, k, padding=k // 2))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(width))
+            layers.append(nn.ReLU(inplace=True))
+            cin = width
+    return nn.Sequential(*layers)
+
+
+class VGG(Backbone):
+    def __init__(self, config: str, batch_norm: bool = False, num_classes: int = 1000, dropout: float = 0.5):
+        super().__init__()
+        self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7)
+        self.features = make_features(CONFIGS[config], batch_norm)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(dropout),
+            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(dropout),
+            nn.Linear(4096, num_classes),
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+    def detection_parts(self) -> DetectionParts:
+        layers = list(self.features)
+        pools = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
+        # Five blocks, each ending at a max pool; the trunk stops before pool5.
+        bounds = [0] + [p + 1 for p in pools[:4]] + [pools[4]]
+        stages = [nn.Sequential(*layers[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        fc67 = nn.Sequential(nn.Flatten(1), *list(self.classifier)[:-1])
+        return DetectionParts(trunk=nn.Sequential(*stages), roi_head=fc67, out_channels=512, stride=16,
+                              head_channels=4096, stages=stages)
+
+
+def _variant(config: str, batch_norm: bool):
+    def build(num_classes: int = 1000, dropout: float = 0.5) -> VGG:
+        return VGG(config, batch_norm, num_classes, dropout)
+
+    return build
+
+
+VARIANTS = {
+    "vgg11": _variant("A", False), "vgg11_lrn": _variant("A-LRN", False), "vgg13": _variant("B", False),
+    "vgg16_c": _variant("C", False), "vgg16": _variant("D", False), "vgg19": _variant("E", False),
+    "vgg11_bn": _variant("A", True), "vgg13_bn": _variant("B", True), "vgg16_bn": _variant("D", True),
+    "vgg19_bn": _variant("E", True),
+}
