@@ -1,0 +1,138 @@
+"""The dataset base class: records in, sanitised ``(image, target)`` samples out.
+
+Format loaders (COCO, VOC) only parse their files into records; this class owns
+what every format shares: box sanitisation (clip to the image, drop degenerate
+boxes, count both in the log), the mapping between contiguous labels (1..K, 0 is
+background) and the original category ids, augmentation, and export of the
+ground truth as a COCO dict for the metric.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from detkit.data.images import read_image
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """A dataset file with an invalid entry; the message names the file and the entry."""
+
+
+@dataclass
+class ImageRecord:
+    """One image's annotations. boxes ``(N, 4)`` float32 xyxy pixels; labels ``(N,)`` in 1..K."""
+
+    id: int
+    file_name: str
+    height: int
+    width: int
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    difficult: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
+    iscrowd: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
+
+
+def sanitize_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """Clip ``boxes (N, 4)`` to the image; returns ``(clipped, n_clipped, keep_mask)`` where ``keep_mask``
+    drops non-finite boxes and boxes without area after clipping."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    finite = np.isfinite(boxes).all(axis=1)
+    clipped = boxes.copy()
+    clipped[:, 0::2] = np.clip(clipped[:, 0::2], 0, width)
+    clipped[:, 1::2] = np.clip(clipped[:, 1::2], 0, height)
+    changed = finite & (np.abs(clipped - boxes) > 1e-6).any(axis=1)
+    keep = finite & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    return clipped, int((changed & keep).sum()), keep
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Base of every dataset format.
+
+    ``__getitem__(i)`` returns ``(image (H, W, 3) uint8 RGB, target)`` with target keys
+    ``boxes`` (N, 4) float32, ``labels`` (N,) int64 in 1..K, ``difficult``/``iscrowd`` (N,) bool
+    (crowd regions are not training targets and are left out), ``image_id``, ``orig_size`` (h, w)
+    and ``file_name``.
+    """
+
+    def __init__(self, records: list[ImageRecord], class_names: list[str], cat_ids: list[int], source: str,
+                 transform=None, skip_empty: bool = False):
+        if not records:
+            raise DatasetError(f"{source}: the dataset has no images")
+        self.source = source
+        self.class_names = list(class_names)
+        self.cat_ids = list(cat_ids)
+        self.transform = transform
+        self.records = records
+        clipped = dropped = 0
+        for r in records:
+            boxes, n_clipped, keep = sanitize_boxes(r.boxes, r.height, r.width)
+            clipped += n_clipped
+            dropped += int((~keep).sum())
+            r.boxes, r.labels = boxes[keep], np.asarray(r.labels, np.int64)[keep]
+            r.difficult = np.asarray(r.difficult, bool)[keep] if len(r.difficult) else np.zeros(len(r.boxes), bool)
+            r.iscrowd = np.asarray(r.iscrowd, bool)[keep] if len(r.iscrowd) else np.zeros(len(r.boxes), bool)
+        if clipped or dropped:
+            log.warning("%s: clipped %d boxes to their image, dropped %d degenerate boxes", source, clipped, dropped)
+        self.train_indices = ([i for i, r in enumerate(records) if (~r.iscrowd).any()] if skip_empty else None)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image_info(self, index: int) -> dict:
+        r = self.records[index]
+        return {"id": r.id, "file_name": r.file_name, "height": r.height, "width": r.width}
+
+    def annotations(self, index: int) -> dict:
+        r = self.records[index]
+        return {"boxes": r.boxes, "labels": r.labels, "difficult": r.difficult, "iscrowd": r.iscrowd}
+
+    def __getitem__(self, index: int):
+        r = self.records[index]
+        image = read_image(r.file_name)
+        h, w = image.shape[:2]
+        boxes, labels, difficult = r.boxes, r.labels, r.difficult
+        if (h, w) != (r.height, r.width):
+            log.warning("%s: image is %dx%d but %s says %dx%d; using the real size", r.file_name, w, h,
+                        self.source, r.width, r.height)
+            boxes, _, keep = sanitize_boxes(boxes, h, w)
+            boxes, labels, difficult = boxes[keep], labels[keep], difficult[keep]
+            crowd = r.iscrowd[keep]
+        else:
+            crowd = r.iscrowd
+        boxes, labels, difficult = boxes[~crowd], labels[~crowd], difficult[~crowd]
+        if self.transform is not None:
+            image, boxes, labels, extra = self.transform(image, boxes, labels, {"difficult": difficult})
+            difficult = extra["difficult"]
+        target = {
+            "boxes": torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4)),
+            "labels": torch.as_tensor(np.asarray(labels, np.int64)),
+            "difficult": torch.as_tensor(np.asarray(difficult, bool)),
+            "iscrowd": torch.zeros(len(labels), dtype=torch.bool),
+            "image_id": r.id,
+            "orig_size": (h, w),
+            "file_name": r.file_name,
+        }
+        return image, target
+
+    def to_coco(self) -> dict:
+        """Ground truth as a COCO dict (original category ids; VOC ``difficult`` objects as crowd regions,
+        which the COCO metric neither rewards nor penalises)."""
+        images, annotations = [], []
+        ann_id = 1
+        for r in self.records:
+            images.append({"id": r.id, "file_name": os.path.basename(r.file_name), "height": r.height,
+                           "width": r.width})
+            for box, label, diff, crowd in zip(r.boxes, r.labels, r.difficult, r.iscrowd):
+                x1, y1, x2, y2 = (float(v) for v in box)
+                annotations.append({"id": ann_id, "image_id": r.id, "category_id": self.cat_ids[int(label) - 1],
+                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                                    "iscrowd": int(bool(crowd) or bool(diff))})
+                ann_id += 1
+        categories = [{"id": c, "name": n} for c, n in zip(self.cat_ids, self.class_names)]
+        return {"images": images, "annotations": annotations, "categories": categories}

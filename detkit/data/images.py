@@ -1,0 +1,45 @@
+"""Reading images robustly: any path, any channel layout, clear errors.
+
+Every image enters detkit as ``(H, W, 3)`` uint8 RGB. Grayscale images are
+replicated to three channels, 16-bit images scaled to 8 bits, and an alpha
+channel is dropped (the colour channels are kept as stored).
+"""
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+
+
+class ImageReadError(ValueError):
+    """An image that is missing, unreadable or empty; the message names the file."""
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ImageReadError(f"{path}: image file not found")
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII paths work
+    except OSError as exc:
+        raise ImageReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if data.size == 0:
+        raise ImageReadError(f"{path}: empty file")
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise ImageReadError(f"{path}: not a decodable image (corrupt or unsupported format)")
+    if image.dtype == np.uint16:
+        image = (image / 257.0).round().astype(np.uint8)
+    elif image.dtype != np.uint8:
+        image = cv2.normalize(image.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    channels = image.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if channels == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    if channels == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    raise ImageReadError(f"{path}: unsupported number of channels ({channels})")

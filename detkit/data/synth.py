@@ -1,0 +1,238 @@
+"""The built-in synthetic detection dataset.
+
+Five classes that differ in both shape and colour (red circle, green square,
+blue triangle, yellow star, magenta cross), with colour jitter so that colour
+alone is not a sufficient cue, at scales from 8% to 50% of the shorter image
+side and aspect ratios from 1:2 to 2:1, slightly rotated, occluding each other
+and occluded by clutter, on textured backgrounds (gradients, noise, lines and
+blobs in distractor colours, including outlines of the object shapes in other
+colours). An object is annotated when at least 40% of its pixels stay visible;
+its box is the tight box of its full (amodal) shape. About 5% of the images
+have no objects. Output is deterministic for a seed (byte-identical PNGs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import cv2
+import numpy as np
+
+CLASSES = ("circle", "square", "triangle", "star", "cross")
+COLOURS = ((220, 40, 40), (40, 190, 60), (50, 70, 220), (235, 215, 40), (210, 50, 210))  # RGB
+MIN_VISIBLE = 0.4
+
+
+def _unit_polygon(kind: str) -> np.ndarray:
+    """The outline of a shape in the unit square, (K, 2) in [-0.5, 0.5]."""
+    if kind == "circle":
+        t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        return 0.5 * np.stack([np.cos(t), np.sin(t)], 1)
+    if kind == "square":
+        return np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
+    if kind == "triangle":
+        return np.array([[0.0, -0.5], [0.5, 0.5], [-0.5, 0.5]])
+    if kind == "star":
+        t = np.arange(10) * np.pi / 5 - np.pi / 2
+        r = np.where(np.arange(10) % 2 == 0, 0.5, 0.2)
+        return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+    a = 1 / 6  # cross: arms one third of the width
+    return np.array([[-a, -0.5], [a, -0.5], [a, -a], [0.5, -a], [0.5, a], [a, a], [a, 0.5], [-a, 0.5], [-a, a],
+                     [-0.5, a], [-0.5, -a], [-a, -a]])
+
+
+_POLYGONS = {k: _unit_polygon(k) for k in CLASSES}
+
+
+def _place(kind: str, cx: float, cy: float, w: float, h: float, angle: float) -> np.ndarray:
+    pts = _POLYGONS[kind] * np.array([w, h])
+    c, s = np.cos(angle), np.sin(angle)
+    pts = pts @ np.array([[c, s], [-s, c]])
+    return np.round((pts + np.array([cx, cy])) * 16).astype(np.int32)  # 4 fractional bits for cv2
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    base = rng.uniform(60, 200, 3)
+    direction = rng.uniform(-1, 1, 3)
+    ramp = np.linspace(-40, 40, w)[None, :, None] * direction[None, None, :]
+    img = base[None, None, :] + ramp + rng.normal(0, 12, (h, w, 3))
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    for _ in range(rng.integers(4, 12)):  # lines
+        colour = tuple(int(v) for v in rng.uniform(30, 230, 3))
+        p1 = tuple(int(v) for v in rng.uniform(0, 1, 2) * (w, h))
+        p2 = tuple(int(v) for v in rng.uniform(0, 1, 2) * (w, h))
+        cv2.line(img, p1, p2, colour, int(rng.integers(1, 4)), cv2.LINE_AA)
+    for _ in range(rng.integers(2, 7)):  # blobs in muted colours
+        colour = tuple(int(v) for v in rng.uniform(40, 180, 3))
+        centre = tuple(int(v) for v in rng.uniform(0, 1, 2) * (w, h))
+        axes = tuple(int(v) for v in rng.uniform(0.03, 0.15, 2) * min(h, w))
+        cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1, cv2.LINE_AA)
+    return img
+
+
+def _jitter(rng: np.random.Generator, label: int) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c + rng.integers(-45, 46), 0, 255)) for c in COLOURS[label])
+
+
+def _distractor_outlines(rng: np.random.Generator, img: np.ndarray) -> None:
+    """Object shapes as thin outlines in off colours: shape alone is not a sufficient cue either."""
+    h, w = img.shape[:2]
+    for _ in range(rng.integers(0, 3)):
+        kind = CLASSES[rng.integers(len(CLASSES))]
+        s = rng.uniform(0.08, 0.3) * min(h, w)
+        pts = _place(kind, rng.uniform(0, w), rng.uniform(0, h), s, s, rng.uniform(-0.3, 0.3))
+        colour = tuple(int(v) for v in rng.uniform(20, 120, 3))
+        cv2.polylines(img, [pts], True, colour, 1, cv2.LINE_AA, shift=4)
+
+
+def render(rng: np.random.Generator, h: int, w: int):
+    """One image ``(H, W, 3)`` RGB and its annotations ``(boxes (N, 4) xyxy, labels (N,) in 0..4)``."""
+    img = _background(rng, h, w)
+    _distractor_outlines(rng, img)
+    n = 0 if rng.random() < 0.05 else int(rng.integers(1, 7))
+    owner = np.full((h, w), -1, np.int32)
+    areas, labels, boxes = [], [], []
+    short = min(h, w)
+    for k in range(n):
+        label = int(rng.integers(len(CLASSES)))
+        size = rng.uniform(0.08, 0.5) * short
+        ratio = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
+        ow, oh = size * np.sqrt(ratio), size / np.sqrt(ratio)
+        cx, cy = rng.uniform(0.1 * w, 0.9 * w), rng.uniform(0.1 * h, 0.9 * h)
+        pts = _place(CLASSES[label], cx, cy, ow, oh, rng.uniform(-0.25, 0.25))
+        mask = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(mask, [pts], 1, cv2.LINE_8, shift=4)
+        ys, xs = np.nonzero(mask)
+        if len(xs) < 16:
+            continue
+        colour = np.array(_jitter(rng, label), np.float32)
+        shade = 1.0 + rng.normal(0, 0.06, (len(ys), 1))  # a little texture on the object
+        img[ys, xs] = np.clip(colour[None, :] * shade, 0, 255).astype(np.uint8)
+        owner[ys, xs] = k
+        areas.append(len(xs))
+        labels.append(label)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    # Occluders in front: clutter drawn over the objects.
+    for _ in range(rng.integers(0, 4)):
+        colour = tuple(int(v) for v in rng.uniform(30, 200, 3))
+        centre = (int(rng.uniform(0, w)), int(rng.uniform(0, h)))
+        axes = (int(rng.uniform(0.03, 0.12) * short), int(rng.uniform(0.03, 0.12) * short))
+        mask = np.zeros((h, w), np.uint8)
+        cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        img[mask > 0] = colour
+        owner[mask > 0] = -1
+    visible = np.bincount(owner[owner >= 0].ravel(), minlength=len(areas)) if areas else np.zeros(0)
+    keep = [i for i in range(len(areas)) if visible[i] >= MIN_VISIBLE * areas[i]]
+    return img, np.array([boxes[i] for i in keep], np.float32).reshape(-1, 4), np.array([labels[i] for i in keep],
+                                                                                          np.int64)
+
+
+def _write_png(path: str, image_rgb: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    buf.tofile(path)
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: tuple[int, int] = (240, 320)) -> dict:
+    """Write ``num_images`` images with annotations in COCO (``images/``, ``annotations.json``)
+    or VOC (``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/``) layout."""
+    if fmt not in ("coco", "voc"):
+        raise ValueError(f"format {fmt!r}: expected 'coco' or 'voc'")
+    if num_images < 1:
+        raise ValueError(f"num_images={num_images}: expected at least 1")
+    h, w = image_size
+    if h < 32 or w < 32:
+        raise ValueError(f"image size {h}x{w}: expected at least 32x32")
+    if fmt == "coco":
+        img_dir = os.path.join(out_dir, "images")
+    else:
+        img_dir = os.path.join(out_dir, "JPEGImages")
+        os.makedirs(os.path.join(out_dir, "Annotations"), exist_ok=True)
+        os.makedirs(os.path.join(out_dir, "ImageSets", "Main"), exist_ok=True)
+    os.makedirs(img_dir, exist_ok=True)
+    images, annotations, names = [], [], []
+    n_objects = 0
+    for i in range(num_images):
+        rng = np.random.default_rng([seed, i])
+        img, boxes, labels = render(rng, h, w)
+        name = f"{i:06d}"
+        _write_png(os.path.join(img_dir, name + ".png"), img)
+        n_objects += len(boxes)
+        names.append(name)
+        if fmt == "coco":
+            images.append({"id": i + 1, "file_name": name + ".png", "height": h, "width": w})
+            for box, label in zip(boxes, labels):
+                x1, y1, x2, y2 = (float(v) for v in box)
+                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": int(label) + 1,
+                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                                    "iscrowd": 0})
+        else:
+            objects = "".join(
+                f"<object><name>{CLASSES[int(lab)]}</name><difficult>0</difficult><bndbox>"
+                f"<xmin>{int(b[0]) + 1}</xmin><ymin>{int(b[1]) + 1}</ymin><xmax>{int(b[2])}</xmax>"
+                f"<ymax>{int(b[3])}</ymax></bndbox></object>" for b, lab in zip(boxes, labels))
+            _write_text_atomic(os.path.join(out_dir, "Annotations", name + ".xml"),
+                               f"<annotation><filename>{name}.png</filename><size><width>{w}</width>"
+                               f"<height>{h}</height><depth>3</depth></size>{objects}</annotation>\n")
+    if fmt == "coco":
+        categories = [{"id": k + 1, "name": n} for k, n in enumerate(CLASSES)]
+        _write_text_atomic(os.path.join(out_dir, "annotations.json"),
+                           json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    else:
+        listing = "".join(n + "\n" for n in names)
+        for split in ("train", "val", "trainval", "test"):
+            _write_text_atomic(os.path.join(out_dir, "ImageSets", "Main", f"{split}.txt"), listing)
+    return {"images": num_images, "objects": n_objects, "classes": list(CLASSES), "format": fmt}
+
+
+def synthesize_video(path: str, frames: int, seed: int, fps: int = 12, size: tuple[int, int] = (240, 320)) -> None:
+    """An mp4 of the dataset's objects moving (and bouncing) over a cluttered background."""
+    if frames < 1:
+        raise ValueError(f"frames={frames}: expected at least 1")
+    h, w = size
+    rng = np.random.default_rng([seed, 10**6])
+    background = _background(rng, h, w)
+    objects = []
+    for _ in range(int(rng.integers(3, 6))):
+        label = int(rng.integers(len(CLASSES)))
+        s = rng.uniform(0.15, 0.4) * min(h, w)
+        objects.append({"label": label, "w": s, "h": s * rng.uniform(0.7, 1.4), "pos": rng.uniform(0.2, 0.8, 2) * (w, h),
+                        "vel": rng.uniform(-0.03, 0.03, 2) * (w, h), "colour": _jitter(rng, label),
+                        "spin": rng.uniform(-0.05, 0.05), "angle": 0.0})
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1] or ".mp4", dir=directory)
+    os.close(fd)
+    writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
+    if not writer.isOpened():
+        os.remove(tmp)
+        raise OSError(f"{path}: OpenCV cannot write mp4 video here")
+    try:
+        for _ in range(frames):
+            frame = background.copy()
+            for o in objects:
+                pts = _place(CLASSES[o["label"]], o["pos"][0], o["pos"][1], o["w"], o["h"], o["angle"])
+                cv2.fillPoly(frame, [pts], o["colour"], cv2.LINE_AA, shift=4)
+                o["pos"] = o["pos"] + o["vel"]
+                o["angle"] += o["spin"]
+                for d, limit in ((0, w), (1, h)):
+                    if not 0 < o["pos"][d] < limit:
+                        o["vel"][d] *= -1
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        writer.release()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.release()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
