@@ -13,12 +13,17 @@ def input_side(model) -> int:
     return max(d.min_input_size, min(64, d.input_size[1]))
 
 
+def trunk_side(trunk, channels: int, side: int) -> int:
+    with torch.no_grad():
+        return trunk(torch.zeros(1, channels, side, side)).shape[-1]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_backbone_contract(name):
     torch.manual_seed(0)
     model = REGISTRY.backbones.build(name, num_classes=7)
     s = input_side(model)
-    x = torch.randn(2, 3, s, s)
+    x = torch.randn(2, model.defaults.input_size[0], s, s)
     model.eval()
     with torch.no_grad():
         logits = model(x)
@@ -27,8 +32,10 @@ def test_backbone_contract(name):
     with torch.no_grad():
         feats = parts.trunk(x)
     assert feats.shape[1] == parts.out_channels
-    for side in feats.shape[2:]:
-        assert s // parts.stride <= side <= -(-s // parts.stride), (feats.shape, parts.stride)
+    # The declared stride: growing the input by 2 strides grows the feature map by 2 cells.
+    c = x.shape[1]
+    grown = trunk_side(parts.trunk, c, s + 2 * parts.stride) - trunk_side(parts.trunk, c, s)
+    assert grown == 2, (parts.stride, grown)
     r = model.defaults.roi_output_size
     with torch.no_grad():
         pooled = parts.roi_head(torch.randn(3, parts.out_channels, r, r))

@@ -1,0 +1,78 @@
+"""SqueezeNet 1.0 and 1.1 (Iandola et al. 2016): fire modules (a 1x1 squeeze layer feeding parallel 1x1
+and 3x3 expand layers), no fully connected layers. torchvision's names and parameter counts.
+
+Detection: the trunk is everything before the last fire module (stride 16); the RoI head is that fire
+module and global average pooling (512 channels)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
+
+
+class Fire(nn.Module):
+    def __init__(self, cin: int, squeeze: int, e1: int, e3: int):
+        super().__init__()
+        self.squeeze = nn.Conv2d(cin, squeeze, 1)
+        self.squeeze_activation = nn.ReLU(inplace=True)
+        self.expand1x1 = nn.Conv2d(squeeze, e1, 1)
+        self.expand1x1_activation = nn.ReLU(inplace=True)
+        self.expand3x3 = nn.Conv2d(squeeze, e3, 3, padding=1)
+        self.expand3x3_activation = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.squeeze_activation(self.squeeze(x))
+        return torch.cat([self.expand1x1_activation(self.expand1x1(x)),
+                          self.expand3x3_activation(self.expand3x3(x))], 1)
+
+
+class SqueezeNet(Backbone):
+    def __init__(self, version: str = "1_0", num_classes: int = 1000, dropout: float = 0.5):
+        super().__init__()
+        self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7, min_input_size=64)
+        pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=True)  # noqa: E731
+        if version == "1_0":
+            self.features = nn.Sequential(
+                nn.Conv2d(3, 96, 7, 2), nn.ReLU(inplace=True), pool(),
+                Fire(96, 16, 64, 64), Fire(128, 16, 64, 64), Fire(128, 32, 128, 128), pool(),
+                Fire(256, 32, 128, 128), Fire(256, 48, 192, 192), Fire(384, 48, 192, 192), Fire(384, 64, 256, 256),
+                pool(), Fire(512, 64, 256, 256))
+        elif version == "1_1":
+            self.features = nn.Sequential(
+                nn.Conv2d(3, 64, 3, 2), nn.ReLU(inplace=True), pool(),
+                Fire(64, 16, 64, 64), Fire(128, 16, 64, 64), pool(),
+                Fire(128, 32, 128, 128), Fire(256, 32, 128, 128), pool(),
+                Fire(256, 48, 192, 192), Fire(384, 48, 192, 192), Fire(384, 64, 256, 256), Fire(512, 64, 256, 256))
+        else:
+            raise ValueError(f"SqueezeNet version {version!r}: expected '1_0' or '1_1'")
+        final = nn.Conv2d(512, num_classes, 1)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), final, nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                if m is final:
+                    nn.init.normal_(m.weight, 0.0, 0.01)
+                else:
+                    nn.init.kaiming_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x)).flatten(1)
+
+    def detection_parts(self) -> DetectionParts:
+        layers = list(self.features)
+        trunk = nn.Sequential(*layers[:-1])
+        head = nn.Sequential(layers[-1], nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        return DetectionParts(trunk=trunk, roi_head=head, out_channels=512, stride=16, head_channels=512,
+                              stages=[nn.Sequential(*layers[:3])])
+
+
+def squeezenet1_0(num_classes: int = 1000, dropout: float = 0.5) -> SqueezeNet:
+    return SqueezeNet("1_0", num_classes, dropout)
+
+
+def squeezenet1_1(num_classes: int = 1000, dropout: float = 0.5) -> SqueezeNet:
+    return SqueezeNet("1_1", num_classes, dropout)
+
+
+VARIANTS = {"squeezenet1_0": squeezenet1_0, "squeezenet1_1": squeezenet1_1}
