@@ -61,7 +61,7 @@ def _backbone_facts(entry) -> str:
     try:
         # Built on the meta device: parameter counts and shapes without allocating or initialising weights.
         with torch.device("meta"):
-            model = entry.builder(num_classes=1000)
+            model = entry.builder()  # the variant's own number of classes (1000 for ImageNet, 10 for CIFAR forms)
         parts = model.detection_parts()
         params = sum(p.numel() for p in model.parameters())
         return f"params={params:>12,}  stride={parts.stride:<3} channels={parts.out_channels:<5} "
