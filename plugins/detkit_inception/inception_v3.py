@@ -1,0 +1,199 @@
+"""Inception-v3 (Szegedy et al. 2016, "Rethinking the Inception Architecture", Table 1).
+
+Factorised convolutions (5x5 as two 3x3, 7x7 as 1x7 + 7x1, Sec. 3), the efficient grid-size reduction
+modules (Sec. 5: a stride-2 convolution branch beside a pooling branch), and a batch-normalised auxiliary
+classifier on the 17x17 grid (Sec. 4). torchvision's structure and names (27,161,264 parameters with the
+auxiliary classifier, 23,834,568 without), so its checkpoints load. ``label_smoothing`` (Sec. 7, 0.1 in
+the paper) is used by ``classification_loss``; the auxiliary loss weight is 0.4 as in the reference
+training code (the paper gives none; the notes' 0.3 is GoogLeNet's).
+
+Detection: the trunk runs to Mixed_6e (the 17x17 grid, 768 channels, stride 16 up to valid-padding
+borders), the RoI head is Mixed_7a-7c and global average pooling (2048) on 14x14 pooled features.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
+from detkit_inception.googlenet import BasicConv2d
+
+BC = BasicConv2d
+
+
+class InceptionA(nn.Module):  # 35x35: 5x5 and double-3x3 branches (Fig. 5)
+    def __init__(self, cin: int, pool_features: int):
+        super().__init__()
+        self.branch1x1 = BC(cin, 64, kernel_size=1)
+        self.branch5x5_1 = BC(cin, 48, kernel_size=1)
+        self.branch5x5_2 = BC(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BC(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BC(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BC(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BC(cin, pool_features, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = self.branch_pool(F.avg_pool2d(x, 3, 1, 1))
+        return torch.cat([self.branch1x1(x), b5, b3, bp], 1)
+
+
+class InceptionB(nn.Module):  # 35 -> 17 grid reduction (Fig. 10)
+    def __init__(self, cin: int):
+        super().__init__()
+        self.branch3x3 = BC(cin, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BC(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BC(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BC(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, 2)], 1)
+
+
+class InceptionC(nn.Module):  # 17x17: asymmetric 1x7 / 7x1 factorisation (Fig. 6)
+    def __init__(self, cin: int, c7: int):
+        super().__init__()
+        self.branch1x1 = BC(cin, 192, kernel_size=1)
+        self.branch7x7_1 = BC(cin, c7, kernel_size=1)
+        self.branch7x7_2 = BC(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BC(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BC(cin, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BC(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BC(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BC(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BC(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BC(cin, 192, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = self.branch7x7dbl_1(x)
+        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            d = layer(d)
+        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(F.avg_pool2d(x, 3, 1, 1))], 1)
+
+
+class InceptionD(nn.Module):  # 17 -> 8 grid reduction
+    def __init__(self, cin: int):
+        super().__init__()
+        self.branch3x3_1 = BC(cin, 192, kernel_size=1)
+        self.branch3x3_2 = BC(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BC(cin, 192, kernel_size=1)
+        self.branch7x7x3_2 = BC(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BC(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BC(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([b3, b7, F.max_pool2d(x, 3, 2)], 1)
+
+
+class InceptionE(nn.Module):  # 8x8: expanded filter banks (Fig. 7)
+    def __init__(self, cin: int):
+        super().__init__()
+        self.branch1x1 = BC(cin, 320, kernel_size=1)
+        self.branch3x3_1 = BC(cin, 384, kernel_size=1)
+        self.branch3x3_2a = BC(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BC(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BC(cin, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BC(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BC(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BC(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BC(cin, 192, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
+        return torch.cat([self.branch1x1(x), b3, d, self.branch_pool(F.avg_pool2d(x, 3, 1, 1))], 1)
+
+
+class InceptionAux(nn.Module):
+    def __init__(self, cin: int, num_classes: int):
+        super().__init__()
+        self.conv0 = BC(cin, 128, kernel_size=1)
+        self.conv1 = BC(128, 768, kernel_size=5)
+        self.fc = nn.Linear(768, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The paper's 5x5/3 pooling (17x17 -> 5x5); grids smaller than 17 (small inputs) are pooled to 5x5
+        # adaptively so the 5x5 convolution still applies.
+        x = F.avg_pool2d(x, 5, 3) if min(x.shape[-2:]) >= 17 else F.adaptive_avg_pool2d(x, 5)
+        x = self.conv1(self.conv0(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class InceptionV3(Backbone):
+    def __init__(self, num_classes: int = 1000, aux_logits: bool = True, dropout: float = 0.5,
+                 label_smoothing: float = 0.0, aux_weight: float = 0.4):
+        super().__init__()
+        self.defaults = BackboneDefaults(input_size=(3, 299, 299), mean=(0.5,) * 3, std=(0.5,) * 3,
+                                         roi_output_size=14, min_input_size=96)
+        self.label_smoothing, self.aux_weight = label_smoothing, aux_weight
+        self.Conv2d_1a_3x3 = BC(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BC(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BC(32, 64, kernel_size=3, padding=1)
+        self.maxpool1 = nn.MaxPool2d(3, 2)
+        self.Conv2d_3b_1x1 = BC(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BC(80, 192, kernel_size=3)
+        self.maxpool2 = nn.MaxPool2d(3, 2)
+        self.Mixed_5b = InceptionA(192, 32)
+        self.Mixed_5c = InceptionA(256, 64)
+        self.Mixed_5d = InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, 128)
+        self.Mixed_6c = InceptionC(768, 160)
+        self.Mixed_6d = InceptionC(768, 160)
+        self.Mixed_6e = InceptionC(768, 192)
+        self.AuxLogits = InceptionAux(768, num_classes) if aux_logits else None
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280)
+        self.Mixed_7c = InceptionE(2048)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(2048, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.trunc_normal_(m.weight, mean=0.0, std=0.1, a=-2, b=2)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _stem(self) -> nn.Sequential:
+        return nn.Sequential(self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, self.maxpool1,
+                             self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, self.maxpool2)
+
+    def _grid35(self) -> nn.Sequential:
+        return nn.Sequential(self.Mixed_5b, self.Mixed_5c, self.Mixed_5d)
+
+    def _grid17(self) -> nn.Sequential:
+        return nn.Sequential(self.Mixed_6a, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e)
+
+    def _head(self) -> nn.Sequential:
+        return nn.Sequential(self.Mixed_7a, self.Mixed_7b, self.Mixed_7c, self.avgpool, nn.Flatten(1))
+
+    def forward(self, x: Tensor):
+        x = self._grid17()(self._grid35()(self._stem()(x)))
+        aux = self.AuxLogits(x) if self.AuxLogits is not None and self.training else None
+        logits = self.fc(self.dropout(self._head()(x)))
+        return (logits, aux) if aux is not None else logits
+
+    def classification_loss(self, outputs, targets: Tensor) -> Tensor:
+        ce = lambda z: F.cross_entropy(z, targets, label_smoothing=self.label_smoothing)  # noqa: E731
+        if isinstance(outputs, tuple):
+            return ce(outputs[0]) + self.aux_weight * ce(outputs[1])
+        return ce(outputs)
+
+    def detection_parts(self) -> DetectionParts:
+        stages = [self._stem(), self._grid35(), self._grid17()]
+        return DetectionParts(trunk=nn.Sequential(*stages), roi_head=self._head(), out_channels=768, stride=16,
+                              head_channels=2048, stages=stages)
+
+
+def inception_v3(num_classes: int = 1000, aux_logits: bool = True, label_smoothing: float = 0.0,
+                 dropout: float = 0.5) -> InceptionV3:
+    return InceptionV3(num_classes, aux_logits, dropout, label_smoothing)
