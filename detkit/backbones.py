@@ -84,6 +84,10 @@ class Backbone(nn.Module):
         """Loss of ``forward``'s outputs against class indices ``targets (B,)``."""
         return nn.functional.cross_entropy(outputs, targets)
 
+    def remap_state_dict(self, state: dict) -> dict:
+        """Rename keys of an older checkpoint layout to this model's (identity by default)."""
+        return state
+
     def load_pretrained(self, path: str | os.PathLike, strict: bool = False) -> list[str]:
         """Load a torchvision-format state dict from a local file.
 
@@ -102,6 +106,7 @@ class Backbone(nn.Module):
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
+        state = self.remap_state_dict(dict(state))
         own = self.state_dict()
         skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         for k in skipped:

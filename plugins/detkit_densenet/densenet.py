@@ -1,0 +1,158 @@
+"""Densely connected networks (Huang et al. 2017).
+
+Every layer of a dense block receives the concatenation of all earlier feature maps of the block and adds
+``growth_rate`` (k) maps; DenseNet-BC layers are bottlenecks (BN-ReLU-1x1 conv to 4k, BN-ReLU-3x3 conv to
+k) and transitions compress by 0.5 (1x1 conv, 2x2 average pooling). DenseNet-121/169/201 (k = 32) and
+-161 (k = 48) have torchvision's structure and names (old checkpoints with ``norm.1``-style keys are
+remapped on loading); ``densenet_bc_100_12`` is the CIFAR DenseNet-BC (L = 100, k = 12).
+
+Detection: the trunk runs through the third dense block (stride 16); the RoI head is the third
+transition (with its pooling), the fourth block, the final BN-ReLU and global average pooling, on 14x14
+pooled features. CIFAR forms cut after the second block (stride 2).
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from torch import Tensor, nn
+
+from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, cin: int, growth_rate: int, bn_size: int, drop_rate: float, memory_efficient: bool):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(cin)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(cin, bn_size * growth_rate, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False)
+        self.drop_rate = drop_rate
+        self.memory_efficient = memory_efficient
+
+    def bottleneck(self, *inputs: Tensor) -> Tensor:
+        return self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
+
+    def forward(self, inputs: list[Tensor]) -> Tensor:
+        if self.memory_efficient and self.training and any(t.requires_grad for t in inputs):
+            # Recompute the concatenation in backward instead of storing it (Pleiss et al. 2017).
+            out = cp.checkpoint(self.bottleneck, *inputs, use_reentrant=False)
+        else:
+            out = self.bottleneck(*inputs)
+        out = self.conv2(self.relu2(self.norm2(out)))
+        return F.dropout(out, self.drop_rate, self.training) if self.drop_rate > 0 else out
+
+
+class DenseBlock(nn.ModuleDict):
+    def __init__(self, num_layers: int, cin: int, bn_size: int, growth_rate: int, drop_rate: float,
+                 memory_efficient: bool):
+        super().__init__()
+        for i in range(num_layers):
+            self.add_module(f"denselayer{i + 1}",
+                            DenseLayer(cin + i * growth_rate, growth_rate, bn_size, drop_rate, memory_efficient))
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class Transition(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(cin)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+        self.pool = nn.AvgPool2d(2, 2)
+
+
+class DenseNet(Backbone):
+    def __init__(self, growth_rate: int = 32, block_config: tuple[int, ...] = (6, 12, 24, 16),
+                 num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0.0, num_classes: int = 1000,
+                 memory_efficient: bool = False, compression: float = 0.5, cifar: bool = False):
+        super().__init__()
+        self.cifar = cifar
+        if cifar:
+            self.defaults = BackboneDefaults(input_size=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD,
+                                             roi_output_size=8, min_input_size=32)
+            stem = [("conv0", nn.Conv2d(3, num_init_features, 3, padding=1, bias=False))]
+        else:
+            self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=14, min_input_size=32)
+            stem = [("conv0", nn.Conv2d(3, num_init_features, 7, 2, 3, bias=False)),
+                    ("norm0", nn.BatchNorm2d(num_init_features)), ("relu0", nn.ReLU(inplace=True)),
+                    ("pool0", nn.MaxPool2d(3, 2, 1))]
+        self.features = nn.Sequential(OrderedDict(stem))
+        channels = num_init_features
+        self.block_channels = []
+        for i, n in enumerate(block_config):
+            self.features.add_module(f"denseblock{i + 1}",
+                                     DenseBlock(n, channels, bn_size, growth_rate, drop_rate, memory_efficient))
+            channels += n * growth_rate
+            self.block_channels.append(channels)
+            if i != len(block_config) - 1:
+                out = int(channels * compression)
+                self.features.add_module(f"transition{i + 1}", Transition(channels, out))
+                channels = out
+        self.features.add_module(f"norm{len(block_config) + 1}", nn.BatchNorm2d(channels))
+        self.classifier = nn.Linear(channels, num_classes)
+        self.final_channels = channels
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.features(x))
+        return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    def detection_parts(self) -> DetectionParts:
+        layers = list(self.features.named_children())
+        # Cut after the second-to-last dense block: stride 16 (ImageNet), stride 2 (CIFAR, 3 blocks).
+        cut_block = len(self.block_channels) - 1
+        cut = next(i for i, (n, _) in enumerate(layers) if n == f"denseblock{cut_block}") + 1
+        head = nn.Sequential(*[m for _, m in layers[cut:]], nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        n_stem = 1 if self.cifar else 4
+        stages = [nn.Sequential(*[m for _, m in layers[:n_stem]])]
+        stages += [m for _, m in layers[n_stem:cut]]
+        return DetectionParts(trunk=nn.Sequential(*[m for _, m in layers[:cut]]), roi_head=head,
+                              out_channels=self.block_channels[cut_block - 1], stride=2 if self.cifar else 16,
+                              head_channels=self.final_channels, stages=stages)
+
+    def remap_state_dict(self, state: dict) -> dict:
+        """torchvision's densenet checkpoints use the old key style ``denselayer1.norm.1.weight``."""
+        return {_OLD_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+
+
+_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var"
+                      r"|num_batches_tracked))$")
+
+
+def _densenet(k: int, blocks: tuple[int, ...], init: int):
+    def build(num_classes: int = 1000, drop_rate: float = 0.0, memory_efficient: bool = False) -> DenseNet:
+        return DenseNet(k, blocks, init, 4, drop_rate, num_classes, memory_efficient)
+
+    return build
+
+
+def densenet_bc_100_12(num_classes: int = 10, drop_rate: float = 0.0, memory_efficient: bool = False) -> DenseNet:
+    """CIFAR DenseNet-BC, L = 100, k = 12: three blocks of 16 bottleneck layers, 2k initial features."""
+    return DenseNet(12, (16, 16, 16), 24, 4, drop_rate, num_classes, memory_efficient, cifar=True)
+
+
+VARIANTS = {
+    "densenet121": _densenet(32, (6, 12, 24, 16), 64), "densenet169": _densenet(32, (6, 12, 32, 32), 64),
+    "densenet201": _densenet(32, (6, 12, 48, 32), 64), "densenet161": _densenet(48, (6, 12, 36, 24), 96),
+    "densenet_bc_100_12": densenet_bc_100_12,
+}
