@@ -108,7 +108,7 @@ def build_two_stage(cfg: ModelConfig, num_classes: int, registries, class_names=
     t = cfg.transform
     transform = DetectionTransform(
         t.min_size, t.max_size, t.mean or list(defaults.mean), t.std or list(defaults.std),
-        t.size_divisible or parts.stride,
+        t.size_divisible or parts.stride, in_channels=defaults.input_size[0],
     )
     rpn_entry = registries.proposal_generators.get(cfg.rpn.name)
     proposal_generator = rpn_entry.builder(cfg=cfg, in_channels=parts.out_channels, stride=parts.stride)

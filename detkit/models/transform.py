@@ -31,8 +31,10 @@ class ImageList:
 
 class DetectionTransform(nn.Module):
     def __init__(self, min_size: int | list[int], max_size: int, mean: list[float], std: list[float],
-                 size_divisible: int):
+                 size_divisible: int, in_channels: int = 3):
         super().__init__()
+        # Backbones for grayscale input (LeNet-5, the MNIST network) get the images' luma.
+        self.in_channels = in_channels
         self.min_sizes = [min_size] if isinstance(min_size, int) else list(min_size)
         self.max_size = max_size
         self.size_divisible = max(1, int(size_divisible))
@@ -55,6 +57,8 @@ class DetectionTransform(nn.Module):
             if img.dim() != 3 or img.shape[0] != 3:
                 raise ValueError(f"image {i}: expected a (3, H, W) tensor, got shape {tuple(img.shape)}")
             img = img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
+            if self.in_channels == 1:
+                img = (img * img.new_tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
             h, w = img.shape[-2:]
             # Multi-scale training draws the shorter side per image (SPP-net / Fast R-CNN Sec. 5.2).
             # torch's RNG (not Python's) so a resumed run draws the same sizes.
@@ -76,7 +80,7 @@ class DetectionTransform(nn.Module):
         d = self.size_divisible
         max_h = int(math.ceil(max(s[0] for s in sizes) / d) * d)
         max_w = int(math.ceil(max(s[1] for s in sizes) / d) * d)
-        batch = resized[0].new_zeros((len(resized), 3, max_h, max_w))
+        batch = resized[0].new_zeros((len(resized), self.in_channels, max_h, max_w))
         for img, pad in zip(resized, batch):
             pad[:, : img.shape[1], : img.shape[2]].copy_(img)
         return ImageList(batch, sizes, scales), out_targets
