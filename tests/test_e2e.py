@@ -5,6 +5,7 @@ import shutil
 
 import cv2
 import numpy as np
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -163,3 +164,13 @@ def test_bad_inputs_get_clear_messages(trained, data_dir, tmp_path, capsys):
     bad_data.write_text(yaml.safe_dump(raw))
     assert main(["train", str(bad_data)]) == 2
     assert "data.train.annotation" in capsys.readouterr().err
+
+
+def test_mixed_precision_and_channels_last_train(data_dir, tmp_path):
+    cfg = write_config(tmp_path / "amp.yaml", data_dir, tmp_path / "amp", max_iters=2, eval_at_end=False,
+                       checkpoint_period=0)
+    assert main(["train", str(cfg), "--no-progress", "--set", "train.amp=bf16", "--set",
+                 "train.channels_last=true"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "amp" / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["total"]) for r in lines)
+    assert main(["train", str(cfg), "--set", "train.amp=fp8"]) == 2

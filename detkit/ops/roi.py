@@ -10,6 +10,14 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align, roi_pool
 
 
+def _kernel_dtype(features: Tensor) -> Tensor:
+    """torchvision's CPU RoI kernels have no half/bfloat16 versions (and no CPU autocast rule): pool in
+    float32 there; on CUDA the kernels' autocast rules handle it."""
+    if features.device.type == "cpu" and features.dtype in (torch.float16, torch.bfloat16):
+        return features.float()
+    return features
+
+
 class RoIPoolExtractor(nn.Module):
     def __init__(self, output_size: int = 7, stride: int = 16):
         super().__init__()
@@ -17,6 +25,7 @@ class RoIPoolExtractor(nn.Module):
         self.spatial_scale = 1.0 / stride
 
     def forward(self, features: Tensor, proposals: list[Tensor], image_sizes=None) -> Tensor:
+        features = _kernel_dtype(features)
         return roi_pool(features, [p.to(features.dtype) for p in proposals], self.output_size, self.spatial_scale)
 
 
@@ -29,11 +38,7 @@ class RoIAlignExtractor(nn.Module):
         self.aligned = aligned
 
     def forward(self, features: Tensor, proposals: list[Tensor], image_sizes=None) -> Tensor:
+        features = _kernel_dtype(features)
         return roi_align(features, [p.to(features.dtype) for p in proposals], self.output_size,
                          self.spatial_scale, self.sampling_ratio, self.aligned)
 
-
-def rois_with_batch_index(proposals: list[Tensor]) -> Tensor:
-    """``(sum N_i, 5)`` rows ``(batch_index, x1, y1, x2, y2)``."""
-    idx = torch.cat([torch.full((p.shape[0], 1), i, dtype=p.dtype, device=p.device) for i, p in enumerate(proposals)])
-    return torch.cat([idx, torch.cat(proposals)], dim=1)
