@@ -87,19 +87,56 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _data_spec(args) -> dict | None:
+def _eval_results_file(args, registries) -> int:
+    """Score a COCO-format results file produced elsewhere against a dataset."""
+    import json
+
+    from detkit.config import ConfigError
+    from detkit.engine import build_dataset, format_metrics, score_results
+    from detkit.media import write_json_atomic
+
+    spec = _data_spec(args.dataset or args.data, args)
+    if spec is None:
+        raise ConfigError("--results needs --dataset (a COCO json, a VOC directory or a dataset mapping)")
+    dataset = build_dataset(spec, registries, "--dataset")
+    try:
+        with open(args.results, encoding="utf-8") as f:
+            results = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"results file not found: {args.results}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{args.results}: invalid JSON ({exc})") from None
+    if not isinstance(results, list) or not all(isinstance(r, dict) and {"image_id", "category_id", "bbox", "score"}
+                                                <= set(r) for r in results):
+        raise ConfigError(f"{args.results}: expected a COCO results list of {{image_id, category_id, bbox, score}}")
+    try:
+        metrics = score_results(dataset.to_coco(), results, args.metric or "coco", "faster_coco_eval",
+                                list(dataset.class_names))
+    except ValueError as exc:
+        raise ConfigError(f"{args.results}: {exc}") from None
+    out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.results)), "eval")
+    os.makedirs(out, exist_ok=True)
+    write_json_atomic(os.path.join(out, "metrics.json"), metrics)
+    print(format_metrics(metrics))
+    print(f"metrics: {os.path.join(out, 'metrics.json')}")
+    return 0
+
+
+def _data_spec(spec: str | None, args) -> dict | None:
     import yaml
 
     from detkit.config import ConfigError
 
-    if not args.data:
+    if not spec:
         return None
-    spec = args.data
     if spec.endswith(".json"):
         images = args.images or os.path.join(os.path.dirname(os.path.abspath(spec)), "images")
         return {"name": "coco", "images": images, "annotations": spec}
     if os.path.isdir(os.path.join(spec, "Annotations")):
-        return {"name": "voc", "root": spec, "split": args.split}
+        voc = {"name": "voc", "root": spec, "split": args.split}
+        if args.classes:
+            voc["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+        return voc
     try:
         data = yaml.safe_load(spec)
     except yaml.YAMLError:
@@ -114,9 +151,15 @@ def cmd_eval(args) -> int:
     from detkit.engine import build_dataset, evaluate, model_from_checkpoint
 
     registries = _registries()
+    if args.results:
+        return _eval_results_file(args, registries)
+    if not args.checkpoint:
+        raise argparse.ArgumentTypeError("eval: give a CHECKPOINT, or --results DETS.json with --dataset")
+    if args.metric:
+        args.overrides.append(f"eval.metric={args.metric}")
     device = _device(args.device)
     model, cfg, _ = model_from_checkpoint(args.checkpoint, registries, device, args.overrides)
-    spec = _data_spec(args)
+    spec = _data_spec(args.data, args)
     dataset = build_dataset(spec or cfg.data.test, registries, "test" if spec is None else "--data")
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     evaluate(model, cfg, registries, device, out, dataset=dataset, progress=not args.no_progress)
@@ -212,11 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="COCO mAP of a checkpoint on its test split or --data")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("eval", help="COCO or VOC mAP of a checkpoint on its test split or --data, "
+                                    "or of a results file (--results) on --dataset")
+    p.add_argument("checkpoint", nargs="?")
+    p.add_argument("--results", help="score this COCO-format results file instead of running a model")
+    p.add_argument("--dataset", help="the dataset --results refers to (same forms as --data)")
+    p.add_argument("--metric", choices=["coco", "voc07", "voc"], help="default: the config's eval.metric (coco)")
     p.add_argument("--data", help="COCO json, VOC directory, or a mapping '{name: coco, images: ..., annotations: ...}'")
     p.add_argument("--images", help="images directory for a COCO json given with --data")
-    p.add_argument("--split", default="test", help="split file for a VOC directory given with --data")
+    p.add_argument("--split", default="test", help="split file for a VOC directory given with --data/--dataset")
+    p.add_argument("--classes", help="comma-separated class list for a VOC directory (default: the 20 VOC classes)")
     p.add_argument("--output", help="output directory (default: eval/ next to the checkpoint)")
     p.add_argument("--device")
     p.add_argument("--no-progress", action="store_true")

@@ -160,7 +160,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    backend: str = "faster_coco_eval"  # or pycocotools
+    metric: str = "coco"  # coco | voc07 (11-point) | voc (VOC2010+ area under the curve)
+    backend: str = "faster_coco_eval"  # or pycocotools (COCO metric)
     score_thresh: float | None = None  # None: model.roi_head.score_thresh
 
 

@@ -396,7 +396,7 @@ def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, ou
     writes (other ranks return None).
     """
     info = dist_info or DistInfo()
-    from detkit.evaluation import detections_to_coco_results, evaluate_coco, format_metrics_table
+    from detkit.evaluation import detections_to_coco_results
     from detkit.media import write_json_atomic
 
     if dataset is None:
@@ -419,12 +419,32 @@ def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, ou
             keep = det["scores"] >= score_thresh
             det = {k: (v[keep] if torch.is_tensor(v) else v) for k, v in det.items()}
         results.extend(detections_to_coco_results(det["image_id"], det, list(dataset.cat_ids)))
-    metrics = evaluate_coco(dataset.to_coco(), results, backend=cfg.eval.backend, class_names=list(names))
+    metrics = score_results(dataset.to_coco(), results, cfg.eval.metric, cfg.eval.backend, list(names))
     os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(os.path.join(out_dir, "results.json"), results)
     write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
-    print(format_metrics_table(metrics))
+    print(format_metrics(metrics))
     return metrics
+
+
+def score_results(gt: dict, results: list[dict], metric: str, backend: str = "faster_coco_eval",
+                  class_names: list[str] | None = None) -> dict:
+    """COCO or VOC metrics of COCO-format ``results`` against a COCO-format ground truth."""
+    from detkit.evaluation import evaluate_coco
+    from detkit.evaluation.voc_eval import evaluate_voc
+
+    if metric == "coco":
+        return {"metric": "coco", **evaluate_coco(gt, results, backend=backend, class_names=class_names)}
+    if metric in ("voc07", "voc"):
+        return evaluate_voc(gt, results, metric=metric, class_names=class_names)
+    raise ConfigError(f"eval.metric={metric!r}: expected coco, voc07 or voc")
+
+
+def format_metrics(metrics: dict) -> str:
+    from detkit.evaluation import format_metrics_table
+    from detkit.evaluation.voc_eval import format_voc_table
+
+    return format_voc_table(metrics) if metrics.get("metric") in ("voc07", "voc") else format_metrics_table(metrics)
 
 
 def model_from_checkpoint(path: str, registries, device: torch.device, overrides: list[str] | None = None):

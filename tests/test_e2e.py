@@ -174,3 +174,22 @@ def test_mixed_precision_and_channels_last_train(data_dir, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "amp" / "log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["total"]) for r in lines)
     assert main(["train", str(cfg), "--set", "train.amp=fp8"]) == 2
+
+
+def test_eval_results_file_without_a_model(trained, data_dir, tmp_path, capsys):
+    results = trained / "results.json"
+    gt = str(data_dir / "val" / "annotations.json")
+    out = tmp_path / "r"
+    assert main(["eval", "--results", str(results), "--dataset", gt, "--output", str(out)]) == 0
+    coco = json.loads((out / "metrics.json").read_text())
+    assert coco["AP"] == pytest.approx(json.loads((trained / "metrics.json").read_text())["AP"], abs=1e-12)
+    assert main(["eval", "--results", str(results), "--dataset", gt, "--metric", "voc07", "--output", str(out)]) == 0
+    voc = json.loads((out / "metrics.json").read_text())
+    assert voc["metric"] == "voc07" and 0 <= voc["mAP"] <= 1 and "mAP" in capsys.readouterr().out
+    # Detections for another dataset: named, not a crash.
+    assert main(["eval", "--results", str(results), "--dataset", str(data_dir / "train" / "annotations.json"),
+                 "--output", str(out)]) in (0, 2)
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps([{"image_id": 999, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}]))
+    assert main(["eval", "--results", str(foreign), "--dataset", gt]) == 2
+    assert "image_id 999" in capsys.readouterr().err
