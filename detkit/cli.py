@@ -116,6 +116,9 @@ def _eval_results_file(args, registries) -> int:
         raise ConfigError(f"{args.results}: {exc}") from None
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.results)), "eval")
     os.makedirs(out, exist_ok=True)
+    from detkit.reports import evaluation_report
+
+    metrics["errors"] = evaluation_report(dataset, dataset.to_coco(), results, out, list(dataset.class_names))
     write_json_atomic(os.path.join(out, "metrics.json"), metrics)
     print(format_metrics(metrics))
     print(f"metrics: {os.path.join(out, 'metrics.json')}")

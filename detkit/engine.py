@@ -352,6 +352,9 @@ def train(cfg: Config, registries, resume: str | bool | None = None, progress: b
     if info.is_main:
         checkpoint(final, tcfg.max_iters)
         log.info("saved %s", final)
+        from detkit.reports import plot_training_curves
+
+        plot_training_curves(log_path, os.path.join(work_dir, "training_curves.png"))
     barrier(info)
     metrics = None
     if tcfg.eval_at_end and cfg.data.test:
@@ -419,7 +422,11 @@ def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, ou
             keep = det["scores"] >= score_thresh
             det = {k: (v[keep] if torch.is_tensor(v) else v) for k, v in det.items()}
         results.extend(detections_to_coco_results(det["image_id"], det, list(dataset.cat_ids)))
-    metrics = score_results(dataset.to_coco(), results, cfg.eval.metric, cfg.eval.backend, list(names))
+    gt = dataset.to_coco()
+    metrics = score_results(gt, results, cfg.eval.metric, cfg.eval.backend, list(names))
+    from detkit.reports import evaluation_report
+
+    metrics["errors"] = evaluation_report(dataset, gt, results, out_dir, list(names))
     os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(os.path.join(out_dir, "results.json"), results)
     write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)

@@ -52,6 +52,11 @@ def data_dir(tmp_path_factory):
     return root
 
 
+def data_dir_of(work_dir):
+    cfg = yaml.safe_load((work_dir / "config.yaml").read_text())
+    return __import__("pathlib").Path(cfg["data"]["test"]["annotations"]).parent.parent
+
+
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
@@ -69,6 +74,12 @@ def test_train_writes_checkpoints_logs_and_metrics(trained):
     assert lines[0]["lr"] < 0.01 and lines[2]["lr"] == pytest.approx(0.01) and lines[-1]["lr"] == pytest.approx(0.001)
     metrics = json.loads((trained / "metrics.json").read_text())
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class"} <= set(metrics)
+    # pictures: training curves, PR curves, error breakdown, galleries
+    for name in ("training_curves.png", "pr_curves.png", "errors.png", "gallery_worst.png", "gallery_best.png"):
+        assert cv2.imread(str(trained / name)) is not None, name
+    counts = metrics["errors"]["counts"]
+    gt = json.loads((data_dir_of(trained) / "val" / "annotations.json").read_text())
+    assert counts["correct"] + counts["missed"] == sum(1 for a in gt["annotations"] if not a["iscrowd"])
     cfg = yaml.safe_load((trained / "config.yaml").read_text())
     assert cfg["model"]["num_classes"] == len(metrics["per_class"])
 
