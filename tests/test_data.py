@@ -170,3 +170,19 @@ def test_synth_video_frame_count(tmp_path):
         n += 1
     assert n == 7 and cap.get(cv2.CAP_PROP_FPS) == pytest.approx(10)
     assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]  # no temp file left behind
+
+
+def test_concat_07_plus_12(tmp_path, registries):
+    from detkit.engine import build_dataset
+
+    synthesize(str(tmp_path / "VOC2007"), "voc", 3, seed=0, image_size=(64, 96))
+    synthesize(str(tmp_path / "VOC2012"), "voc", 2, seed=1, image_size=(64, 96))
+    classes = list(CLASSES)
+    spec = {"name": "concat", "datasets": [{"name": "voc", "root": str(tmp_path / "VOC2007"), "classes": classes},
+                                           {"name": "voc", "root": str(tmp_path / "VOC2012"), "classes": classes}]}
+    ds = build_dataset(spec, registries, "train")
+    assert len(ds) == 5 and [ds.image_info(i)["id"] for i in range(5)] == [1, 2, 3, 4, 5]
+    assert ds[4][1]["image_id"] == 5
+    spec["datasets"][1]["classes"] = classes + ["unicorn"]
+    with pytest.raises(DatasetError, match="dataset 1"):
+        build_dataset(spec, registries, "train")

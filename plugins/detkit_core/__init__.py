@@ -57,6 +57,19 @@ def _voc(root: str, split: str = "trainval", classes: list | None = None, use_di
                       skip_empty=skip_empty)
 
 
+def _concat(datasets: list, transform=None, skip_empty: bool = False):
+    from detkit.config import ConfigError
+    from detkit.data.concat import ConcatDataset
+    from detkit.engine import build_dataset
+    from detkit.plugins import get_registries
+
+    if not isinstance(datasets, list) or not all(isinstance(d, dict) for d in datasets):
+        raise ConfigError("concat: 'datasets' must be a list of dataset mappings ({name: voc, root: ...})")
+    registries = get_registries()
+    parts = [build_dataset(d, registries, f"datasets[{k}]") for k, d in enumerate(datasets)]
+    return ConcatDataset(parts, transform=transform, skip_empty=skip_empty)
+
+
 @hookimpl
 def detkit_register_proposal_generators(register):
     register("rpn", _rpn, paper="Faster R-CNN, Sec. 3.1")
@@ -82,3 +95,4 @@ def detkit_register_detectors(register):
 def detkit_register_datasets(register):
     register("coco", _coco, format="COCO json (pycocotools)")
     register("voc", _voc, format="Pascal VOC devkit layout")
+    register("concat", _concat, format="several datasets with one class list (VOC 07+12)")
