@@ -119,6 +119,9 @@ class ModelConfig:
 @dataclass
 class AugmentConfig:
     hflip: float = 0.5  # probability of a horizontal flip (Faster R-CNN paper: flipped images)
+    scale: list[float] | None = None  # [lo, hi]: zoom the content by a factor drawn from it (image size kept)
+    crop: float = 0.0  # probability of a random crop that keeps every box whole
+    color_jitter: float = 0.0  # probability of brightness/contrast/saturation/hue jitter
 
 
 @dataclass
@@ -130,6 +133,7 @@ class DataConfig:
     batch_size: int = 1  # images per iteration (Faster R-CNN end-to-end: 1)
     num_workers: int = 2
     skip_empty: bool = True  # training skips images with no objects
+    group_by_aspect_ratio: bool = False  # batches of only landscape or only portrait images
 
 
 @dataclass

@@ -95,7 +95,7 @@ class StreamBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, indices: list[int], batch_size: int, seed: int, start_position: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, groups: list[int] | None = None):
         if not indices:
             raise ValueError("the training set has no usable images")
         self.indices = list(indices)
@@ -104,9 +104,32 @@ class StreamBatchSampler(torch.utils.data.Sampler):
         self.start = start_position
         self.rank = rank
         self.world_size = world_size
+        # Aspect-ratio grouping: groups[k] is the group of indices[k]; every global batch is drawn from one
+        # group (each epoch: shuffle, split by group, cut into global batches, shuffle the batches).
+        self.groups = groups
+        self.epoch_length = len(self.indices)
+        if groups is not None:
+            step = batch_size * world_size
+            sizes = [sum(1 for g in groups if g == v) for v in sorted(set(groups))]
+            self.epoch_length = sum(n // step * step for n in sizes)
+            if self.epoch_length == 0:
+                raise ValueError(f"no aspect-ratio group has a full batch of {step} images")
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        perm = torch.randperm(len(self.indices), generator=generator).tolist()
+        if self.groups is None:
+            return perm
+        step = self.batch_size * self.world_size
+        batches = []
+        for value in sorted(set(self.groups)):
+            members = [k for k in perm if self.groups[k] == value]
+            batches += [members[i:i + step] for i in range(0, len(members) - step + 1, step)]
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        return [k for b in order for k in batches[b]]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        n = len(self.indices)
+        n = self.epoch_length
         position = self.start
         order, order_epoch = None, -1
         while True:
@@ -114,8 +137,7 @@ class StreamBatchSampler(torch.utils.data.Sampler):
             for p in range(position + self.rank * self.batch_size, position + (self.rank + 1) * self.batch_size):
                 epoch, offset = divmod(p, n)
                 if epoch != order_epoch:
-                    generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-                    order, order_epoch = torch.randperm(n, generator=generator).tolist(), epoch
+                    order, order_epoch = self.epoch_order(epoch), epoch
                 batch.append((self.indices[order[offset]], self.seed * 1000003 + p))
             position += self.batch_size * self.world_size
             yield batch
@@ -217,7 +239,12 @@ def train(cfg: Config, registries, resume: str | bool | None = None, progress: b
         os.makedirs(work_dir, exist_ok=True)
     seed_everything(tcfg.seed + info.rank)
 
-    transform = build_transform(train=True, hflip=cfg.data.augment.hflip)
+    aug = cfg.data.augment
+    try:
+        transform = build_transform(train=True, hflip=aug.hflip, scale=aug.scale, crop=aug.crop,
+                                    color_jitter=aug.color_jitter)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     dataset = build_dataset(cfg.data.train, registries, "train", transform=transform,
                             skip_empty=cfg.data.skip_empty)
     if len(dataset) == 0:
@@ -272,10 +299,13 @@ def train(cfg: Config, registries, resume: str | bool | None = None, progress: b
             os.remove(log_path)
 
     indices = getattr(dataset, "train_indices", None) or list(range(len(dataset)))
+    groups = None
+    if cfg.data.group_by_aspect_ratio:
+        groups = [int(dataset.image_info(i)["width"] >= dataset.image_info(i)["height"]) for i in indices]
     loader = torch.utils.data.DataLoader(
         _PositionSeeded(dataset),
         batch_sampler=StreamBatchSampler(indices, cfg.data.batch_size, tcfg.seed, position, info.rank,
-                                         info.world_size),
+                                         info.world_size, groups),
         num_workers=cfg.data.num_workers,
         collate_fn=to_tensor_batch,
         pin_memory=device.type == "cuda",

@@ -186,3 +186,38 @@ def test_concat_07_plus_12(tmp_path, registries):
     spec["datasets"][1]["classes"] = classes + ["unicorn"]
     with pytest.raises(DatasetError, match="dataset 1"):
         build_dataset(spec, registries, "train")
+
+
+def test_augmentations_keep_boxes_consistent():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (80, 120, 3), dtype=np.uint8)
+    boxes = np.array([[10.0, 10.0, 40.0, 50.0], [60.0, 20.0, 118.0, 78.0]])
+    t = build_transform(train=True, hflip=0.5, scale=[0.7, 1.3], crop=1.0, color_jitter=1.0)
+    for seed in range(20):
+        t.set_seed(seed)
+        out, b, labels, extra = t(image, boxes, np.array([1, 2]), {"difficult": np.array([False, True])})
+        h, w = out.shape[:2]
+        assert len(b) == len(labels) == len(extra["difficult"])
+        assert (b[:, 0] >= 0).all() and (b[:, 2] <= w + 1e-3).all() and (b[:, 3] <= h + 1e-3).all()
+        assert ((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])).all()
+        for lab, diff in zip(labels, extra["difficult"]):
+            assert diff == (lab == 2)  # extras follow their boxes
+    with pytest.raises(ValueError, match="data.augment.crop"):
+        build_transform(train=True, crop=2.0)
+
+
+def test_aspect_ratio_grouping_sampler():
+    from detkit.engine import StreamBatchSampler
+
+    groups = [0, 1, 0, 1, 0, 1, 0, 1, 0, 0]
+    sampler = StreamBatchSampler(list(range(10)), 2, seed=0, groups=groups)
+    it = iter(sampler)
+    for _ in range(12):
+        batch = [i for i, _ in next(it)]
+        assert len({groups[i] for i in batch}) == 1
+    # Two processes take the two halves of the same grouped global batch.
+    a = iter(StreamBatchSampler(list(range(10)), 1, 0, rank=0, world_size=2, groups=groups))
+    b = iter(StreamBatchSampler(list(range(10)), 1, 0, rank=1, world_size=2, groups=groups))
+    one = iter(StreamBatchSampler(list(range(10)), 2, 0, groups=groups))
+    for _ in range(6):
+        assert [x for x, _ in next(one)] == [next(a)[0][0], next(b)[0][0]]

@@ -181,7 +181,9 @@ def test_mixed_precision_and_channels_last_train(data_dir, tmp_path):
     cfg = write_config(tmp_path / "amp.yaml", data_dir, tmp_path / "amp", max_iters=2, eval_at_end=False,
                        checkpoint_period=0)
     assert main(["train", str(cfg), "--no-progress", "--set", "train.amp=bf16", "--set",
-                 "train.channels_last=true"]) == 0
+                 "train.channels_last=true", "--set", "data.augment={hflip: 0.5, scale: [0.8, 1.2], crop: 0.5, "
+                 "color_jitter: 0.5}", "--set", "data.group_by_aspect_ratio=true", "--set",
+                 "model.transform.min_size=[100, 120]", "--set", "data.num_workers=1"]) == 0
     lines = [json.loads(x) for x in (tmp_path / "amp" / "log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["total"]) for r in lines)
     assert main(["train", str(cfg), "--set", "train.amp=fp8"]) == 2

@@ -1,10 +1,12 @@
 """Training-time augmentation through albumentations (bounding-box aware).
 
-The papers' augmentation is the horizontal flip (Faster R-CNN Sec. 4:
-"flipped images"). Boxes that an augmentation pushes outside the image are
-clipped by albumentations, and boxes left without area are dropped together with
-their labels and per-box extras. ``set_seed`` makes a sample's augmentation a
-function of its seed, which exact resuming relies on.
+The papers' augmentation is the horizontal flip (Faster R-CNN Sec. 4: "flipped
+images"); scale jitter (a zoom with the image size kept), crops that keep every
+box whole, and photometric jitter are available from the config. Boxes that an
+augmentation pushes outside the image are clipped by albumentations, and boxes
+left without area are dropped together with their labels and per-box extras.
+``set_seed`` makes a sample's augmentation a function of its seed, which exact
+resuming relies on.
 """
 from __future__ import annotations
 
@@ -18,14 +20,23 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 class DetectionAugment:
     """``(image, boxes (N, 4), labels (N,), extra: dict of (N,) arrays) -> same, augmented``."""
 
-    def __init__(self, hflip: float = 0.5):
+    def __init__(self, hflip: float = 0.5, scale: tuple[float, float] | None = None, crop: float = 0.0,
+                 color_jitter: float = 0.0):
         import albumentations as A
 
-        self.hflip = float(hflip)
+        steps = []
+        if crop > 0:
+            steps.append(A.BBoxSafeRandomCrop(erosion_rate=0.0, p=crop))
+        if scale is not None:
+            steps.append(A.Affine(scale=tuple(scale), keep_ratio=True, p=1.0))
+        if hflip > 0:
+            steps.append(A.HorizontalFlip(p=hflip))
+        if color_jitter > 0:
+            steps.append(A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, p=color_jitter))
         self.pipeline = None
-        if self.hflip > 0:
+        if steps:
             self.pipeline = A.Compose(
-                [A.HorizontalFlip(p=self.hflip)],
+                steps,
                 bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels", "index"], clip=True,
                                          min_area=0.0, min_visibility=0.0),
             )
@@ -49,13 +60,17 @@ class DetectionAugment:
         return out["image"], new_boxes, np.asarray(labels, np.int64)[kept], extra
 
 
-def build_transform(train: bool, hflip: float = 0.5):
+def build_transform(train: bool, hflip: float = 0.5, scale: list[float] | None = None, crop: float = 0.0,
+                    color_jitter: float = 0.0):
     """The augmentation of ``data.augment`` for training; None (no augmentation) for evaluation."""
-    if not train or hflip <= 0:
+    for key, p in (("hflip", hflip), ("crop", crop), ("color_jitter", color_jitter)):
+        if not 0 <= p <= 1:
+            raise ValueError(f"data.augment.{key}={p}: expected a probability in [0, 1]")
+    if scale is not None and (len(scale) != 2 or not 0 < scale[0] <= scale[1]):
+        raise ValueError(f"data.augment.scale={scale}: expected [lo, hi] with 0 < lo <= hi")
+    if not train or (hflip <= 0 and scale is None and crop <= 0 and color_jitter <= 0):
         return None
-    if not 0 <= hflip <= 1:
-        raise ValueError(f"data.augment.hflip={hflip}: expected a probability in [0, 1]")
-    return DetectionAugment(hflip)
+    return DetectionAugment(hflip, scale, crop, color_jitter)
 
 
 def collate(batch):
