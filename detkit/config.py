@@ -2,7 +2,7 @@
 
 A config file is plain data. It may name a ``base:`` file (a path relative to
 itself) whose contents it is merged over: mappings merge key by key, anything
-else replaces. The merged data is validated against :class:`Config`: an unknown
+else replaces (and so does a mapping whose ``name`` names another component). The merged data is validated against :class:`Config`: an unknown
 key fails with its full path and the closest valid key, a wrong type names the
 expected type. ``--set a.b=value`` overrides are parsed as YAML scalars and typed
 by the schema. Defaults are the settings of the Faster R-CNN paper (Ren et al.,
@@ -258,7 +258,11 @@ def _build_dataclass(cls: type, data: dict, path: str, source: str):
 def _deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        old = out.get(key)
+        # A part that names another registered component replaces the base's part instead of merging
+        # into it (its keys belong to another builder).
+        swapped = isinstance(value, dict) and isinstance(old, dict) and "name" in value and value.get("name") != old.get("name")
+        if isinstance(value, dict) and isinstance(old, dict) and not swapped:
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

@@ -101,3 +101,11 @@ def test_shipped_configs_validate(registries):
         cfg = load_config(path)
         assert cfg.model.backbone.name in registries.backbones or cfg.model.backbone.name in (
             "vgg16", "resnet50"), path
+
+
+def test_component_with_another_name_replaces_instead_of_merging(tmp_path):
+    write(tmp_path, "base.yaml", {"data": {"train": {"name": "voc", "root": "VOC2007", "split": "trainval"}}})
+    child = write(tmp_path, "c.yaml", {"base": "base.yaml", "data": {"train": {"name": "concat", "datasets": []}}})
+    assert load_config(child).data.train == {"name": "concat", "datasets": []}
+    same = write(tmp_path, "s.yaml", {"base": "base.yaml", "data": {"train": {"name": "voc", "split": "test"}}})
+    assert load_config(same).data.train == {"name": "voc", "root": "VOC2007", "split": "test"}

@@ -1,20 +1,32 @@
-"""GoogLeNet / Inception v1 (Szegedy et al. 2015) and BN-Inception (Ioffe & Szegedy 2015).
+"""GoogLeNet / Inception v1 (Szegedy et al. 2015, "Going deeper with convolutions") and BN-Inception
+(Ioffe & Szegedy 2015, "Batch Normalization", Sec. 4.2 and the table of its Fig. 5).
 
 An Inception module runs 1x1, 3x3 and 5x5 convolutions and 3x3 max pooling in parallel and concatenates
-them; 1x1 "reduce" convolutions in front of the 3x3 and 5x5 (and after the pooling) keep the cost down
-(Sec. 4). ``naive=True`` builds the module without them (Fig. 2a). Two auxiliary classifiers on
-inception4a and inception4d add 0.3 x their loss in training and are discarded at inference (Sec. 5).
+them along channels; 1x1 "reduce" convolutions in front of the 3x3 and 5x5 (and after the pooling) keep
+the cost down (Sec. 4, Fig. 2b). ``naive=True`` builds the module without them (Fig. 2a): the pooling
+branch then passes all its input channels through, so the width grows with every module (the notes'
+"dimension keeps increasing"). Two auxiliary classifiers (average pool -> 1x1 conv 128 -> FC 1024 ->
+dropout 0.7 -> FC) on inception4a and inception4d add 0.3 x their loss in training and are discarded at
+inference (Sec. 5; the notes: total loss = loss + 0.3 aux1 + 0.3 aux2).
 
-``googlenet`` has torchvision's structure and names (batch-normalised convolutions, and the "5x5" branch
-built from a 3x3 kernel, as torchvision's checkpoints have it) so those checkpoints load;
-``googlenet_v1`` is the paper's network (5x5 kernels, no batch norm, LRN after the stem);
-``googlenet_naive`` uses naive modules; ``bn_inception`` is the batch-normalised Inception of Ioffe &
-Szegedy (Table in their appendix: 5x5 replaced by two 3x3, average pooling in some modules, stride-2
-modules that drop the 1x1 branch).
+Variants:
+    ``googlenet``: torchvision's structure and names (batch-normalised convolutions, and the "5x5" branch
+        built from a 3x3 kernel, as torchvision's checkpoints have it), so those checkpoints load;
+        13,004,888 parameters with the auxiliary classifiers, 6,624,904 without, as torchvision.
+        torchvision's pretrained GoogLeNet was trained on inputs scaled to [-1, 1] and, when loading
+        those weights, torchvision sets ``transform_input=True`` to turn ImageNet-normalised input into
+        that. Here the variant's ``defaults.mean/std`` are 0.5 / 0.5 instead, so the detector's own
+        normalisation produces exactly the input the weights expect (no ``transform_input``).
+    ``googlenet_v1``: the paper's network (true 5x5 kernels, no batch norm, LRN after conv1 and conv3).
+    ``googlenet_naive``: ``googlenet(naive=True)``, every module naive (Fig. 2a, true 5x5 kernels).
+    ``bn_inception``: 5x5 replaced by two 3x3, batch norm after every convolution, average pooling in
+        some modules, stride-2 modules (3c, 4e) that drop the 1x1 branch and pass the pooled input through.
 
-Detection: the trunk runs to inception4e (stride 16, 832 channels); the RoI head is inception5a/5b and
-global average pooling (1024) on 7x7 pooled features. BN-Inception reaches stride 16 in inception3c; its
-trunk runs to inception4d (608 channels) and the RoI head starts with the stride-2 module 4e.
+Detection cuts (stride 16; RoI head ends in global average pooling):
+    GoogLeNet: trunk = stem, inception3a-3b + pool, inception4a-4e (832 channels); RoI head = the 2x2
+        max pool, inception5a-5b, global average pool (1024) on 7x7 RoIs (the pool makes them 4x4).
+    BN-Inception: stride 16 is reached in the stride-2 module 3c; trunk = stem, 3a-3c, 4a-4d (608
+        channels); RoI head = the stride-2 module 4e (7x7 -> 4x4), 5a-5b, global average pool (1024).
 """
 from __future__ import annotations
 
@@ -26,7 +38,7 @@ from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
 
 
 class BasicConv2d(nn.Module):
-    """conv -> (batch norm) -> ReLU."""
+    """conv -> (batch norm, eps 1e-3 as torchvision) -> ReLU: (B, cin, H, W) -> (B, cout, H', W')."""
 
     def __init__(self, cin: int, cout: int, bn: bool = True, **kwargs):
         super().__init__()
@@ -41,6 +53,13 @@ class BasicConv2d(nn.Module):
 
 
 class Inception(nn.Module):
+    """The Inception module (Fig. 2b), or the naive module (Fig. 2a) when ``naive``.
+
+    (B, cin, H, W) -> (B, out_channels, H, W), out_channels = ch1x1 + ch3x3 + ch5x5 + pool_proj
+    (+ cin instead of pool_proj for the naive module). ``k5`` is the "5x5" branch's kernel (3 in
+    torchvision's checkpoints); the naive module's reduce widths are unused.
+    """
+
     def __init__(self, cin: int, ch1x1: int, ch3x3red: int, ch3x3: int, ch5x5red: int, ch5x5: int, pool_proj: int,
                  bn: bool = True, k5: int = 3, naive: bool = False):
         super().__init__()
@@ -64,6 +83,9 @@ class Inception(nn.Module):
 
 
 class InceptionAux(nn.Module):
+    """Auxiliary classifier (Sec. 5): (B, cin, H, W) -> logits (B, num_classes); 4x4 average pooling is
+    adaptive (torchvision's choice) so any grid works."""
+
     def __init__(self, cin: int, num_classes: int, bn: bool = True, dropout: float = 0.7):
         super().__init__()
         self.conv = BasicConv2d(cin, 128, bn, kernel_size=1)
@@ -87,10 +109,17 @@ MODULES = {
 
 
 class GoogLeNet(Backbone):
+    """GoogLeNet: images (B, 3, H, W), H, W >= 15 -> logits (B, num_classes); in training with
+    ``aux_logits`` a tuple (logits, aux1 logits, aux2 logits), each (B, num_classes)."""
+
     def __init__(self, num_classes: int = 1000, aux_logits: bool = True, bn: bool = True, k5: int = 3,
-                 naive: bool = False, lrn: bool = False, dropout: float = 0.4, aux_weight: float = 0.3):
+                 naive: bool = False, lrn: bool = False, dropout: float = 0.4, aux_weight: float = 0.3,
+                 defaults: BackboneDefaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7,
+                                                               min_input_size=15)):
         super().__init__()
-        self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7, min_input_size=64)
+        if num_classes < 1:
+            raise ValueError(f"GoogLeNet: num_classes must be >= 1, got {num_classes}")
+        self.defaults = defaults
         self.aux_weight = aux_weight
         self.conv1 = BasicConv2d(3, 64, bn, kernel_size=7, stride=2, padding=3)
         self.maxpool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
@@ -140,8 +169,14 @@ class GoogLeNet(Backbone):
         return logits
 
     def classification_loss(self, outputs, targets: Tensor) -> Tensor:
-        """main + 0.3 (aux1 + aux2) in training (Sec. 5); the main loss alone otherwise."""
-        if isinstance(outputs, tuple):
+        """main + 0.3 (aux1 + aux2) for training outputs (Sec. 5); the main loss alone for logits.
+
+        outputs: logits (B, K) or the training tuple (logits, aux1, aux2); targets: class indices (B,).
+        """
+        if isinstance(outputs, (tuple, list)):
+            if len(outputs) != 3:
+                raise ValueError(f"GoogLeNet.classification_loss: expected (logits, aux1, aux2), "
+                                 f"got a sequence of {len(outputs)}")
             main, aux1, aux2 = outputs
             return (F.cross_entropy(main, targets)
                     + self.aux_weight * (F.cross_entropy(aux1, targets) + F.cross_entropy(aux2, targets)))
@@ -158,21 +193,29 @@ class GoogLeNet(Backbone):
                               head_channels=self.final_channels, stages=stages)
 
 
-def googlenet(num_classes: int = 1000, aux_logits: bool = True, dropout: float = 0.2) -> GoogLeNet:
-    """torchvision's GoogLeNet (same names and parameter count, 13,004,888 with the auxiliary classifiers,
-    6,624,904 without). torchvision's pretrained model re-normalises inputs (``transform_input``); detkit
-    normalises with ``defaults.mean/std`` instead, so feed images normalised the ImageNet way."""
-    return GoogLeNet(num_classes, aux_logits, bn=True, k5=3, dropout=dropout)
+#: torchvision's pretrained GoogLeNet expects inputs in [-1, 1] (see the module docstring).
+TORCHVISION_DEFAULTS = BackboneDefaults(input_size=(3, 224, 224), mean=(0.5,) * 3, std=(0.5,) * 3,
+                                        roi_output_size=7, min_input_size=15)
 
 
-def googlenet_v1(num_classes: int = 1000, aux_logits: bool = True) -> GoogLeNet:
-    """The paper's GoogLeNet: 5x5 convolutions, no batch norm, LRN after conv1 and conv3, dropout 0.4."""
-    return GoogLeNet(num_classes, aux_logits, bn=False, k5=5, lrn=True, dropout=0.4)
+def googlenet(num_classes: int = 1000, aux_logits: bool = True, naive: bool = False,
+              dropout: float = 0.2) -> GoogLeNet:
+    """torchvision's GoogLeNet (same names; 13,004,888 parameters with the auxiliary classifiers,
+    6,624,904 without). ``naive=True`` swaps every module for the naive one of Fig. 2a (with true 5x5
+    kernels; torchvision checkpoints then no longer fit)."""
+    return GoogLeNet(num_classes, aux_logits, bn=True, k5=5 if naive else 3, naive=naive, dropout=dropout,
+                     defaults=TORCHVISION_DEFAULTS)
+
+
+def googlenet_v1(num_classes: int = 1000, aux_logits: bool = True, naive: bool = False) -> GoogLeNet:
+    """The paper's GoogLeNet (Table 1): 5x5 kernels, no batch norm, LRN after conv1 and conv3, dropout
+    0.4; 13,378,280 parameters with the auxiliary classifiers."""
+    return GoogLeNet(num_classes, aux_logits, bn=False, k5=5, naive=naive, lrn=True, dropout=0.4)
 
 
 def googlenet_naive(num_classes: int = 1000, aux_logits: bool = True) -> GoogLeNet:
-    """GoogLeNet built from naive Inception modules (Fig. 2a: no 1x1 reductions)."""
-    return GoogLeNet(num_classes, aux_logits, bn=False, k5=5, naive=True, lrn=True, dropout=0.4)
+    """``googlenet(naive=True)``: GoogLeNet built from naive Inception modules (Fig. 2a)."""
+    return googlenet(num_classes, aux_logits, naive=True)
 
 
 # ----------------------------------------------------------------------------- BN-Inception
@@ -213,9 +256,13 @@ BN_INCEPTION = {
 
 
 class BNInception(Backbone):
+    """BN-Inception: images (B, 3, H, W), H, W >= 7 -> logits (B, num_classes)."""
+
     def __init__(self, num_classes: int = 1000, dropout: float = 0.0):
         super().__init__()
-        self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7, min_input_size=64)
+        if num_classes < 1:
+            raise ValueError(f"BNInception: num_classes must be >= 1, got {num_classes}")
+        self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7, min_input_size=7)
         self.conv1 = BasicConv2d(3, 64, kernel_size=7, stride=2, padding=3)
         self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
         self.conv2_reduce = BasicConv2d(64, 64, kernel_size=1)
@@ -253,5 +300,8 @@ class BNInception(Backbone):
                               stride=16, head_channels=self.channels["5b"], stages=stages)
 
 
-def bn_inception(num_classes: int = 1000) -> BNInception:
-    return BNInception(num_classes)
+def bn_inception(num_classes: int = 1000, dropout: float = 0.0) -> BNInception:
+    """BN-Inception as the table of Ioffe & Szegedy's Fig. 5 (11,285,224 parameters; the table's
+    widths give 608 channels after 4c/4d where its output column says 576, as in the released Caffe
+    model)."""
+    return BNInception(num_classes, dropout)

@@ -1,14 +1,28 @@
-"""Inception-v3 (Szegedy et al. 2016, "Rethinking the Inception Architecture", Table 1).
+"""Inception-v3 (Szegedy et al. 2016, "Rethinking the Inception Architecture for Computer Vision", Table 1).
 
 Factorised convolutions (5x5 as two 3x3, 7x7 as 1x7 + 7x1, Sec. 3), the efficient grid-size reduction
-modules (Sec. 5: a stride-2 convolution branch beside a pooling branch), and a batch-normalised auxiliary
-classifier on the 17x17 grid (Sec. 4). torchvision's structure and names (27,161,264 parameters with the
-auxiliary classifier, 23,834,568 without), so its checkpoints load. ``label_smoothing`` (Sec. 7, 0.1 in
-the paper) is used by ``classification_loss``; the auxiliary loss weight is 0.4 as in the reference
-training code (the paper gives none; the notes' 0.3 is GoogLeNet's).
+modules (Sec. 5, Fig. 10: a stride-2 convolution branch beside a pooling branch), and a batch-normalised
+auxiliary classifier on the 17x17 grid (Sec. 4, the "BN-auxiliary" row of Table 3). torchvision's
+structure and names (27,161,264 parameters with the auxiliary classifier, 23,834,568 without), so its
+checkpoints load. Default input 299x299; the smallest input the network accepts is 75x75.
 
-Detection: the trunk runs to Mixed_6e (the 17x17 grid, 768 channels, stride 16 up to valid-padding
-borders), the RoI head is Mixed_7a-7c and global average pooling (2048) on 14x14 pooled features.
+Training loss (``classification_loss``): label smoothing (Sec. 7, q'(k) = (1 - eps) q(k) + eps / K) with
+eps = ``label_smoothing``, 0.1 by default because Inception-v3 is, by the paper's definition (Table 3, last
+row), the network trained with all of its changes including label smoothing at 0.1; and the auxiliary
+loss weighted by ``aux_weight`` = 0.4. The paper gives no weight; 0.4 (with the same smoothing on the
+auxiliary head) is what the authors' released training code used (tensorflow/models, inception and slim
+``train_image_classifier``). The notes' 0.3 is GoogLeNet's weight (and GoogLeNet here uses it).
+
+torchvision's pretrained Inception-v3 expects inputs in [-1, 1] (torchvision sets ``transform_input=True``
+when loading those weights); ``defaults.mean/std`` are 0.5 / 0.5, so the detector's normalisation already
+produces that input.
+
+Detection: the trunk is the stem, the 35x35 modules Mixed_5b-5d, and the 17x17 grid (Mixed_6a-6e, 768
+channels, stride 16). The stem's unpadded convolutions and the unpadded grid reduction shave the borders:
+an H x H input gives an (H/16 - 2)-sided map when H is a multiple of 32 (299 -> 17). The RoI head is the
+8x8 part (Mixed_7a-7c) and global average pooling (2048) on 14x14 pooled features; Mixed_7a halves them
+to 6x6 (7x7 RoIs would also work, 3x3 after Mixed_7a, but 14 keeps the head's grid near the
+classification network's 8x8, as ResNet-C4 detectors do).
 """
 from __future__ import annotations
 
@@ -113,6 +127,8 @@ class InceptionE(nn.Module):  # 8x8: expanded filter banks (Fig. 7)
 
 
 class InceptionAux(nn.Module):
+    """Batch-normalised auxiliary classifier on the 17x17 grid: (B, 768, H, W) -> (B, num_classes)."""
+
     def __init__(self, cin: int, num_classes: int):
         super().__init__()
         self.conv0 = BC(cin, 128, kernel_size=1)
@@ -128,11 +144,18 @@ class InceptionAux(nn.Module):
 
 
 class InceptionV3(Backbone):
+    """Inception-v3: images (B, 3, H, W), H, W >= 75 -> logits (B, num_classes); in training with
+    ``aux_logits`` a tuple (logits, aux logits), each (B, num_classes)."""
+
     def __init__(self, num_classes: int = 1000, aux_logits: bool = True, dropout: float = 0.5,
-                 label_smoothing: float = 0.0, aux_weight: float = 0.4):
+                 label_smoothing: float = 0.1, aux_weight: float = 0.4):
         super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"InceptionV3: num_classes must be >= 1, got {num_classes}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"InceptionV3: label_smoothing must be in [0, 1), got {label_smoothing}")
         self.defaults = BackboneDefaults(input_size=(3, 299, 299), mean=(0.5,) * 3, std=(0.5,) * 3,
-                                         roi_output_size=14, min_input_size=96)
+                                         roi_output_size=14, min_input_size=75)
         self.label_smoothing, self.aux_weight = label_smoothing, aux_weight
         self.Conv2d_1a_3x3 = BC(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BC(32, 32, kernel_size=3)
@@ -183,10 +206,19 @@ class InceptionV3(Backbone):
         return (logits, aux) if aux is not None else logits
 
     def classification_loss(self, outputs, targets: Tensor) -> Tensor:
-        ce = lambda z: F.cross_entropy(z, targets, label_smoothing=self.label_smoothing)  # noqa: E731
-        if isinstance(outputs, tuple):
-            return ce(outputs[0]) + self.aux_weight * ce(outputs[1])
-        return ce(outputs)
+        """Label-smoothed cross entropy of the logits, plus ``aux_weight`` x that of the auxiliary logits.
+
+        outputs: logits (B, K) or the training tuple (logits, aux); targets: class indices (B,).
+        """
+        def smoothed(logits: Tensor) -> Tensor:
+            return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+
+        if isinstance(outputs, (tuple, list)):
+            if len(outputs) != 2:
+                raise ValueError(f"InceptionV3.classification_loss: expected (logits, aux), "
+                                 f"got a sequence of {len(outputs)}")
+            return smoothed(outputs[0]) + self.aux_weight * smoothed(outputs[1])
+        return smoothed(outputs)
 
     def detection_parts(self) -> DetectionParts:
         stages = [self._stem(), self._grid35(), self._grid17()]
@@ -194,6 +226,7 @@ class InceptionV3(Backbone):
                               head_channels=2048, stages=stages)
 
 
-def inception_v3(num_classes: int = 1000, aux_logits: bool = True, label_smoothing: float = 0.0,
-                 dropout: float = 0.5) -> InceptionV3:
-    return InceptionV3(num_classes, aux_logits, dropout, label_smoothing)
+def inception_v3(num_classes: int = 1000, aux_logits: bool = True, label_smoothing: float = 0.1,
+                 aux_weight: float = 0.4, dropout: float = 0.5) -> InceptionV3:
+    """torchvision's Inception-v3 (27,161,264 parameters with ``aux_logits``, 23,834,568 without)."""
+    return InceptionV3(num_classes, aux_logits, dropout, label_smoothing, aux_weight)

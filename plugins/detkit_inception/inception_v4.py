@@ -1,18 +1,31 @@
 """Inception-v4, Inception-ResNet-v1 and Inception-ResNet-v2 (Szegedy et al. 2017, "Inception-v4,
 Inception-ResNet and the Impact of Residual Connections on Learning").
 
-Built from the paper's figures: the stems (Fig. 3 for v4 and Inception-ResNet-v2, Fig. 14 for
+Built from the paper's figures: the stems (Fig. 3 for Inception-v4 and Inception-ResNet-v2, Fig. 14 for
 Inception-ResNet-v1), Inception-A/B/C blocks (Figs. 4-6), the Inception-ResNet-A/B/C blocks (Figs. 10-13,
 16-19) whose branch concatenation goes through a linear 1x1 convolution and is scaled by 0.1-0.3 before
-the addition (Sec. 3.3: 0.17, 0.10, 0.20 here, as the reference implementation), and the grid reductions
-(Reduction-A with the (k, l, m, n) of Table 1; Reduction-B, Figs. 8, 12, 18). "V" marks valid padding.
-Block counts follow Fig. 9 and Fig. 15 (4/7/3 for v4; 5/10/5 for both Inception-ResNets). Parameter
-counts (1000 classes): Inception-v4 42,679,816 (the common implementations' 42.7M); Inception-ResNet-v1
-22,756,328; Inception-ResNet-v2 32,433,928 -- the widely used 55.8M model is the TF-slim variant, with a
-different stem and 10/20/10 blocks, not the network of the paper's figures.
+the addition (Sec. 3.3, Fig. 20: 0.17, 0.10, 0.20 here, the authors' released values), and the grid
+reductions (Reduction-A with the (k, l, m, n) of Table 1; Reduction-B, Figs. 8, 12, 18). "V" in the
+figures (``valid=True`` here) marks unpadded convolutions. Block counts follow Fig. 9 and Fig. 15 (4/7/3
+for Inception-v4; 5/10/5 for the Inception-ResNets).
 
-Detection: the trunk ends after the 17x17 blocks (stride 16); the RoI head is Reduction-B, the 8x8 blocks
-and global average pooling, on 14x14 pooled features.
+Parameter counts (1000 classes), all asserted in the tests:
+    inception_v4: 42,679,816, the "42.7M" of the common implementations (timm ``inception_v4``, ported
+        from TF-slim), which use the same figures.
+    inception_resnet_v2: 55,843,464 with the default ``layout="slim"``: the network Google released as
+        Inception-ResNet-v2 (TF-slim ``inception_resnet_v2``; timm, Keras and pretrainedmodels copy it,
+        timm lists 55.8M). It differs from the paper's figures: Inception-v3's stem plus a 35x35
+        Inception-A-like module (320 channels), 10/20/10 residual blocks, a last block with scale 1 and
+        no ReLU, and a 1x1 convolution to 1536 channels before pooling. ``layout="paper"`` builds the
+        figures' network instead (Fig. 3 stem, 5/10/5 blocks; 32,433,928 parameters; Fig. 17/19 print
+        1154 and 2048 for the projections, which cannot add to 1152/2144-channel inputs, so the input
+        widths are used).
+    inception_resnet_v1: 22,756,328, the figures' network (nothing common to compare with).
+
+Detection: the trunk is the stem, the 35x35 blocks, Reduction-A and the 17x17 blocks (stride 16; an
+unpadded stem, so an H x H input gives an (H/16 - 2)-sided map when H is a multiple of 32, 299 -> 17).
+The RoI head is Reduction-B, the 8x8 blocks (and, for the slim layout, its 1x1 convolution) and global
+average pooling, on 14x14 pooled features (Reduction-B makes them 6x6).
 """
 from __future__ import annotations
 
@@ -113,14 +126,20 @@ class ResidualInception(nn.Module):
 
 
 class InceptionNet(Backbone):
-    """Stem -> 35x35 blocks -> Reduction-A -> 17x17 blocks -> Reduction-B -> 8x8 blocks -> pool -> fc."""
+    """Stem -> 35x35 blocks -> Reduction-A -> 17x17 blocks -> Reduction-B -> 8x8 blocks -> pool -> fc.
+
+    images (B, 3, H, W), H, W >= 75 -> logits (B, num_classes). ``channels17`` / ``channels8``: widths of
+    the 17x17 and the final 8x8 grid (the trunk's out_channels and the RoI head's head_channels).
+    """
 
     def __init__(self, stem: nn.Module, grid35: list[nn.Module], reduce_a: nn.Module, grid17: list[nn.Module],
                  reduce_b: nn.Module, grid8: list[nn.Module], channels17: int, channels8: int, num_classes: int,
                  dropout: float):
         super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"{type(self).__name__}: num_classes must be >= 1, got {num_classes}")
         self.defaults = BackboneDefaults(input_size=(3, 299, 299), mean=(0.5,) * 3, std=(0.5,) * 3,
-                                         roi_output_size=14, min_input_size=96)
+                                         roi_output_size=14, min_input_size=75)
         self.stem = stem
         self.grid35 = nn.Sequential(*grid35)
         self.reduction_a = reduce_a
@@ -146,6 +165,7 @@ class InceptionNet(Backbone):
 
 
 def inception_v4(num_classes: int = 1000, dropout: float = 0.2) -> InceptionNet:
+    """Inception-v4 (Fig. 9; 42,679,816 parameters): no residual connections, dropout keeps 0.8."""
     reduce_b = Branches(nn.MaxPool2d(3, 2), chain(1024, (192, 1), (192, 3, 2, True)),
                         chain(1024, (256, 1), (256, (1, 7)), (320, (7, 1)), (320, 3, 2, True)))
     return InceptionNet(stem_v4(), [inception_a() for _ in range(4)], reduction_a(384, 192, 224, 256, 384),
@@ -154,6 +174,7 @@ def inception_v4(num_classes: int = 1000, dropout: float = 0.2) -> InceptionNet:
 
 
 def inception_resnet_v1(num_classes: int = 1000, dropout: float = 0.2) -> InceptionNet:
+    """Inception-ResNet-v1 (Fig. 15 with the Fig. 14 stem; 22,756,328 parameters)."""
     block_a = lambda: ResidualInception(256, Branches(conv(256, 32, 1), chain(256, (32, 1), (32, 3)),  # noqa: E731
                                                       chain(256, (32, 1), (32, 3), (32, 3))), 96, 0.17)
     block_b = lambda: ResidualInception(896, Branches(conv(896, 128, 1),  # noqa: E731
@@ -167,7 +188,7 @@ def inception_resnet_v1(num_classes: int = 1000, dropout: float = 0.2) -> Incept
                         896, 1792, num_classes, dropout)
 
 
-def inception_resnet_v2(num_classes: int = 1000, dropout: float = 0.2) -> InceptionNet:
+def _inception_resnet_v2_paper(num_classes: int, dropout: float) -> InceptionNet:
     block_a = lambda: ResidualInception(384, Branches(conv(384, 32, 1), chain(384, (32, 1), (32, 3)),  # noqa: E731
                                                       chain(384, (32, 1), (48, 3), (64, 3))), 128, 0.17)
     block_b = lambda: ResidualInception(1152, Branches(conv(1152, 192, 1),  # noqa: E731
@@ -179,3 +200,38 @@ def inception_resnet_v2(num_classes: int = 1000, dropout: float = 0.2) -> Incept
     return InceptionNet(stem_v4(), [block_a() for _ in range(5)], reduction_a(384, 256, 256, 384, 384),
                         [block_b() for _ in range(10)], reduce_b, [block_c(i == 4) for i in range(5)],
                         1152, 2144, num_classes, dropout)
+
+
+def stem_slim() -> nn.Sequential:
+    """The released Inception-ResNet-v2's stem: Inception-v3's stem (299 -> 35x35x192) and a 35x35
+    Inception module (1x1 96 | 1x1 48 -> 5x5 64 | 1x1 64 -> 3x3 96 -> 3x3 96 | avg pool -> 1x1 64) to 320."""
+    return nn.Sequential(
+        chain(3, (32, 3, 2, True), (32, 3, 1, True), (64, 3)), nn.MaxPool2d(3, 2),
+        chain(64, (80, 1), (192, 3, 1, True)), nn.MaxPool2d(3, 2),
+        Branches(conv(192, 96, 1), chain(192, (48, 1), (64, 5)), chain(192, (64, 1), (96, 3), (96, 3)),
+                 avg_proj(192, 64)))
+
+
+def _inception_resnet_v2_slim(num_classes: int, dropout: float) -> InceptionNet:
+    block_a = lambda: ResidualInception(320, Branches(conv(320, 32, 1), chain(320, (32, 1), (32, 3)),  # noqa: E731
+                                                      chain(320, (32, 1), (48, 3), (64, 3))), 128, 0.17)
+    block_b = lambda: ResidualInception(1088, Branches(conv(1088, 192, 1),  # noqa: E731
+                                                       chain(1088, (128, 1), (160, (1, 7)), (192, (7, 1)))), 384, 0.10)
+    block_c = lambda scale=0.20, last=False: ResidualInception(2080, Branches(  # noqa: E731
+        conv(2080, 192, 1), chain(2080, (192, 1), (224, (1, 3)), (256, (3, 1)))), 448, scale, activate=not last)
+    # Reduction-A with (k, l, m, n) = (256, 256, 384, 384): 320 + 384 + 384 = 1088 channels.
+    reduce_a = reduction_a(320, 256, 256, 384, 384)
+    reduce_b = Branches(chain(1088, (256, 1), (384, 3, 2, True)), chain(1088, (256, 1), (288, 3, 2, True)),
+                        chain(1088, (256, 1), (288, 3), (320, 3, 2, True)), nn.MaxPool2d(3, 2))
+    grid8 = [block_c() for _ in range(9)] + [block_c(scale=1.0, last=True), conv(2080, 1536, 1)]
+    return InceptionNet(stem_slim(), [block_a() for _ in range(10)], reduce_a, [block_b() for _ in range(20)],
+                        reduce_b, grid8, 1088, 1536, num_classes, dropout)
+
+
+def inception_resnet_v2(num_classes: int = 1000, dropout: float = 0.2, layout: str = "slim") -> InceptionNet:
+    """Inception-ResNet-v2: ``layout="slim"`` the released network (55,843,464 parameters), ``"paper"``
+    the network of the paper's figures (32,433,928); see the module docstring."""
+    layouts = {"slim": _inception_resnet_v2_slim, "paper": _inception_resnet_v2_paper}
+    if layout not in layouts:
+        raise ValueError(f"inception_resnet_v2: layout must be one of {sorted(layouts)}, got {layout!r}")
+    return layouts[layout](num_classes, dropout)
