@@ -160,3 +160,8 @@ def test_balanced_sampler_fractions():
     few = torch.cat([torch.ones(10), torch.zeros(1000)])
     pos, neg = BalancedSampler(256, 0.5)(few)
     assert pos.sum() == 10 and neg.sum() == 246  # missing positives are filled with negatives
+
+
+def test_box_coder_decodes_zero_boxes():
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    assert coder.decode(torch.zeros(0, 12), torch.zeros(0, 4)).shape == (0, 12)

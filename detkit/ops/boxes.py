@@ -88,4 +88,4 @@ class BoxCoder:
         pw = torch.exp(dw) * widths
         ph = torch.exp(dh) * heights
         out = torch.stack((pcx - 0.5 * pw, pcy - 0.5 * ph, pcx + 0.5 * pw, pcy + 0.5 * ph), dim=2)
-        return out.reshape(deltas.shape[0], -1)
+        return out.reshape(deltas.shape[0], deltas.shape[1])  # explicit: N may be 0 (no proposals)

@@ -1,27 +1,40 @@
-"""Residual networks and their descendants, one class per block kind.
+"""Residual networks and their descendants: one network class, one block class per block kind.
 
-- ResNet (He et al. 2016a, Table 1): basic blocks (18, 34) and bottlenecks (50, 101, 152), in four
-  stages conv2_x..conv5_x. Shortcut options (Sec. 4.1): "A" identity with zero-padded extra channels
-  (parameter-free), "B" projections only where dimensions change (default, = torchvision), "C" every
-  shortcut a projection. The paper's bottleneck puts the stride on the first 1x1 convolution
-  (``stride_in_1x1=True``, the default, giving the paper's FLOPs); torchvision's checkpoints were trained
-  with it on the 3x3 ("v1.5", ``stride_in_1x1=False``): same parameters, another function.
-- Pre-activation ResNet (He et al. 2016b): BN-ReLU-conv ordering, ImageNet depths and the CIFAR forms
-  ResNet-110 (basic), -164 and -1001 (bottleneck).
-- Wide ResNet (Zagoruyko & Komodakis 2016): torchvision's wide_resnet50_2/101_2 and the CIFAR WRN-d-k
-  (pre-activation basic blocks, widths 16k-32k-64k, dropout between the convolutions).
-- ResNeXt (Xie et al. 2017): grouped 3x3 convolutions of cardinality C and width d per group.
-- SE-ResNet / SE-ResNeXt (Hu et al. 2018): squeeze-and-excitation (reduction 16) on each residual branch.
-- Stochastic depth (Huang et al. 2016), an option of every variant: ``stochastic_depth=p_L`` gives block l
-  of L the survival probability p_l = 1 - l/L (1 - p_L); in training a block's residual branch is dropped
-  for the whole mini-batch with probability 1 - p_l, at test time it is scaled by p_l.
+- ResNet (He et al. 2016a, Sec. 3-4, Table 1): basic blocks (18, 34 layers) and bottlenecks (50, 101,
+  152) in four stages conv2_x..conv5_x. Shortcut options (Sec. 3.3 and 4.1): "A" identity, with the new
+  channels zero-padded and the map subsampled where dimensions change (parameter-free); "B" projections
+  only where dimensions change (the default, and torchvision's); "C" every shortcut a projection. The
+  paper's bottleneck has its stride on the first 1x1 convolution (``stride_in_1x1=True``, the default,
+  which gives the paper's multiply-add counts); torchvision's checkpoints were trained with the stride on
+  the 3x3 ("ResNet v1.5", ``stride_in_1x1=False``): the same parameters, another function, so load
+  torchvision weights into a model built with ``stride_in_1x1=False``.
+- Pre-activation ResNet (He et al. 2016b, "Identity Mappings", Fig. 4e): BN-ReLU-conv units with
+  nothing after the addition. ImageNet depths follow fb.resnet.torch's preresnet (conv-BN-ReLU-maxpool
+  stem, so the first unit skips its own pre-activation; stride on the 3x3). The CIFAR forms ResNet-110
+  (basic), -164 and -1001 (bottleneck) have a bare 3x3 conv stem, 16-32-64 widths (x4 at bottleneck
+  outputs), the stride on the first 1x1, and 1x1 projection shortcuts without BN.
+- Wide ResNet (Zagoruyko & Komodakis 2016): torchvision's wide_resnet50_2/101_2 (bottleneck width
+  doubled) and the CIFAR WRN-d-k: (d - 4) / 6 pre-activation basic blocks per stage, widths 16k-32k-64k,
+  optional dropout between the two convolutions.
+- ResNeXt (Xie et al. 2017): bottlenecks whose 3x3 is a grouped convolution of cardinality C with d
+  channels per group ("32x4d"); stride on the 3x3 as in the authors' code.
+- SE-ResNet / SE-ResNeXt (Hu et al. 2018, Fig. 3): squeeze-and-excitation (reduction r = 16) on each
+  residual branch before the addition. SE-ResNet keeps the stride on the 1x1 (the authors' Caffe
+  models), SE-ResNeXt on the 3x3.
+- Stochastic depth (Huang et al. 2016, Sec. 3), an option of every variant: ``stochastic_depth=p_L``
+  gives block l of L the survival probability p_l = 1 - l/L (1 - p_L) (the linear decay rule; p_0 = 1
+  is the input). In training a block's residual branch is kept for the whole mini-batch with probability
+  p_l and otherwise skipped (only the shortcut remains); at test time the branch is scaled by p_l.
 
 Parameter names follow torchvision (``conv1``, ``bn1``, ``layer1``.., ``fc``), so its checkpoints load.
-Detection (ResNet paper, Appendix A; Detectron C4): the trunk is conv1..conv4_x (stride 16), the RoI
-head conv5_x and global average pooling on 14x14 pooled features. CIFAR forms cut before their last
-stage (stride 2).
+Detection (ResNet paper, Appendix A; Detectron's C4): the trunk is conv1..conv4_x (stride 16) and the RoI
+head conv5_x plus global average pooling on 14x14 pooled regions. The CIFAR forms have only three
+stages; their trunk is the whole convolutional part (stride 4, the deepest map) and the RoI head the
+final BN-ReLU and global average pooling.
 """
 from __future__ import annotations
+
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +43,8 @@ from torch import Tensor, nn
 from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+SHORTCUTS = ("A", "B", "C")
+PAPER_SURVIVAL = 0.5  # Huang et al. 2016, Sec. 4: p_L = 0.5 throughout
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -41,10 +56,12 @@ def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 class ZeroPadShortcut(nn.Module):
-    """Option A: subsample by ``stride`` and pad the new channels with zeros (no parameters)."""
+    """Option A: (B, C_in, H, W) -> (B, C_out, ceil(H/s), ceil(W/s)); subsample, zero-pad new channels."""
 
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
+        if cout < cin:
+            raise ValueError(f"zero-padding shortcut cannot reduce channels ({cin} -> {cout}); use shortcut 'B'")
         self.extra, self.stride = cout - cin, stride
 
     def forward(self, x: Tensor) -> Tensor:
@@ -53,7 +70,7 @@ class ZeroPadShortcut(nn.Module):
 
 
 class SqueezeExcitation(nn.Module):
-    """Channel gating: global pool -> fc(C/r) -> ReLU -> fc(C) -> sigmoid -> scale (Hu et al. 2018)."""
+    """(B, C, H, W) -> (B, C, H, W): global pool -> fc(C/r) -> ReLU -> fc(C) -> sigmoid -> per-channel scale."""
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
@@ -61,22 +78,32 @@ class SqueezeExcitation(nn.Module):
         self.fc2 = nn.Linear(channels // reduction, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        s = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))
-        return x * s[:, :, None, None]
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))
+        return x * gate[:, :, None, None]
 
 
 class ResidualBlock(nn.Module):
-    """Shared shortcut/SE/stochastic-depth handling; subclasses define ``branch(x)``."""
+    """y = shortcut(x) + F(x), then ReLU (original unit) or nothing (pre-activation unit).
+
+    Subclasses build the branch F in ``branch``; this class owns the shortcut (``downsample``, torchvision's
+    name), the optional squeeze-and-excitation on F and stochastic depth. Pre-activation units apply
+    ``bn0``-ReLU first; where the shortcut is a projection it sees that activated input too (He et al.
+    2016b, Sec. 4.1 and their code).
+    """
 
     expansion = 1
     preact = False
 
-    def __init__(self, downsample: nn.Module | None, out_channels: int, se_reduction: int | None,
-                 survival: float):
+    def __init__(self, inplanes: int, out_channels: int, downsample: nn.Module | None, se_reduction: int | None,
+                 survival: float, preactivate: bool):
         super().__init__()
+        self.bn0 = nn.BatchNorm2d(inplanes) if self.preact and preactivate else None
         self.downsample = downsample
         self.se = SqueezeExcitation(out_channels, se_reduction) if se_reduction else None
         self.survival = survival
+
+    def branch(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def residual(self, x: Tensor) -> Tensor:
         out = self.branch(x)
@@ -84,28 +111,37 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut_in = x
-        if self.preact:
+        if self.bn0 is not None:
             x = F.relu(self.bn0(x))
-            if self.downsample is not None:  # projections see the pre-activated input (He et al. 2016b)
+            if self.downsample is not None:
                 shortcut_in = x
         identity = shortcut_in if self.downsample is None else self.downsample(shortcut_in)
-        if self.survival < 1.0:
-            if self.training:
-                if float(torch.rand(())) >= self.survival:  # dropped for the whole mini-batch
-                    return identity if self.preact else F.relu(identity)
-                out = identity + self.residual(x)
-            else:
-                out = identity + self.survival * self.residual(x)
-        else:
+        if self.survival >= 1.0:
             out = identity + self.residual(x)
+        elif self.training:
+            # One Bernoulli draw per mini-batch: the whole block is kept or skipped (Huang et al., Sec. 3).
+            if float(torch.rand(())) >= self.survival:
+                out = identity
+            else:
+                out = identity + self.residual(x)
+        else:
+            out = identity + self.survival * self.residual(x)
         return out if self.preact else F.relu(out)
 
 
+def _no_grouping(kind: str, groups: int, base_width: int) -> None:
+    if groups != 1 or base_width != 64:
+        raise ValueError(f"{kind} supports only groups=1 and width_per_group=64, got {groups} and {base_width}")
+
+
 class BasicBlock(ResidualBlock):
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None, stride_in_1x1: bool = True,
-                 groups: int = 1, base_width: int = 64, se_reduction: int | None = None, survival: float = 1.0,
-                 dropout: float = 0.0):
-        super().__init__(downsample, planes, se_reduction, survival)
+    """conv3x3(stride)-BN-ReLU-conv3x3-BN (He et al. 2016a, Fig. 5 left)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, *,
+                 stride_in_1x1: bool = True, groups: int = 1, base_width: int = 64, se_reduction: int | None = None,
+                 survival: float = 1.0, dropout: float = 0.0, preactivate: bool = True):
+        _no_grouping("BasicBlock", groups, base_width)
+        super().__init__(inplanes, planes, downsample, se_reduction, survival, preactivate)
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
@@ -117,12 +153,14 @@ class BasicBlock(ResidualBlock):
 
 
 class Bottleneck(ResidualBlock):
+    """conv1x1-BN-ReLU-conv3x3(groups)-BN-ReLU-conv1x1(x4)-BN (He et al. 2016a, Fig. 5 right; Xie et al.)."""
+
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None, stride_in_1x1: bool = True,
-                 groups: int = 1, base_width: int = 64, se_reduction: int | None = None, survival: float = 1.0,
-                 dropout: float = 0.0):
-        super().__init__(downsample, planes * self.expansion, se_reduction, survival)
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, *,
+                 stride_in_1x1: bool = True, groups: int = 1, base_width: int = 64, se_reduction: int | None = None,
+                 survival: float = 1.0, dropout: float = 0.0, preactivate: bool = True):
+        super().__init__(inplanes, planes * self.expansion, downsample, se_reduction, survival, preactivate)
         width = int(planes * (base_width / 64.0)) * groups
         s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.conv1 = conv1x1(inplanes, width, s1)
@@ -140,35 +178,37 @@ class Bottleneck(ResidualBlock):
 
 
 class PreActBasicBlock(ResidualBlock):
-    """BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3 (He et al. 2016b; WRN's block with dropout)."""
+    """[BN-ReLU]-conv3x3(stride)-BN-ReLU-(dropout)-conv3x3 (He et al. 2016b Fig. 4e; WRN's block with dropout)."""
 
     preact = True
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None, stride_in_1x1: bool = True,
-                 groups: int = 1, base_width: int = 64, se_reduction: int | None = None, survival: float = 1.0,
-                 dropout: float = 0.0):
-        super().__init__(downsample, planes, se_reduction, survival)
-        self.bn0 = nn.BatchNorm2d(inplanes)
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, *,
+                 stride_in_1x1: bool = True, groups: int = 1, base_width: int = 64, se_reduction: int | None = None,
+                 survival: float = 1.0, dropout: float = 0.0, preactivate: bool = True):
+        _no_grouping("PreActBasicBlock", groups, base_width)
+        super().__init__(inplanes, planes, downsample, se_reduction, survival, preactivate)
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.conv2 = conv3x3(planes, planes)
 
     def branch(self, x: Tensor) -> Tensor:
-        return self.conv2(self.dropout(F.relu(self.bn1(self.conv1(x)))))
+        out = F.relu(self.bn1(self.conv1(x)))
+        return self.conv2(self.dropout(out) if self.dropout is not None else out)
 
 
 class PreActBottleneck(ResidualBlock):
+    """[BN-ReLU]-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1(x4) (He et al. 2016b, Fig. 4e)."""
+
     preact = True
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None, stride_in_1x1: bool = True,
-                 groups: int = 1, base_width: int = 64, se_reduction: int | None = None, survival: float = 1.0,
-                 dropout: float = 0.0):
-        super().__init__(downsample, planes * self.expansion, se_reduction, survival)
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, *,
+                 stride_in_1x1: bool = True, groups: int = 1, base_width: int = 64, se_reduction: int | None = None,
+                 survival: float = 1.0, dropout: float = 0.0, preactivate: bool = True):
+        super().__init__(inplanes, planes * self.expansion, downsample, se_reduction, survival, preactivate)
         width = int(planes * (base_width / 64.0)) * groups
         s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.bn0 = nn.BatchNorm2d(inplanes)
         self.conv1 = conv1x1(inplanes, width, s1)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = conv3x3(width, width, s3, groups)
@@ -180,47 +220,78 @@ class PreActBottleneck(ResidualBlock):
         return self.conv3(F.relu(self.bn2(self.conv2(out))))
 
 
-class ResNet(Backbone):
-    """ImageNet-style residual network (7x7 stem, four stages) or, with ``cifar=True``, the CIFAR form
-    (3x3 stem of ``stem_width`` channels, three stages)."""
+def linear_survival(num_blocks: int, p_last: float) -> list[float]:
+    """Huang et al. 2016, Eq. 4: p_l = 1 - l/L (1 - p_L) for blocks l = 1..L."""
+    return [1.0 - (i + 1) / num_blocks * (1.0 - p_last) for i in range(num_blocks)]
 
-    def __init__(self, block: type[ResidualBlock], layers: list[int], num_classes: int = 1000,
+
+def _survival_argument(stochastic_depth: float | bool) -> float:
+    """``True`` means the paper's p_L = 0.5, ``False`` or 1.0 means off."""
+    if stochastic_depth is True:
+        return PAPER_SURVIVAL
+    if stochastic_depth is False:
+        return 1.0
+    if not isinstance(stochastic_depth, (int, float)) or not 0.0 < stochastic_depth <= 1.0:
+        raise ValueError(f"stochastic_depth={stochastic_depth!r}: expected the last block's survival probability "
+                         "p_L in (0, 1] (1.0 = off, the paper uses 0.5) or True/False")
+    return float(stochastic_depth)
+
+
+class ResNet(Backbone):
+    """Residual network: ImageNet form (7x7/2 stem, 3x3/2 max pool, four stages, stride 32) or, with
+    ``cifar=True``, the CIFAR form (3x3 stem of ``stem_width`` channels, three stages, stride 4).
+
+    forward: images (B, 3, H, W) -> logits (B, num_classes).
+    """
+
+    def __init__(self, block: type[ResidualBlock], layers: list[int], num_classes: int = 1000, *,
                  stride_in_1x1: bool = True, shortcut: str = "B", groups: int = 1, width_per_group: int = 64,
-                 se_reduction: int | None = None, stochastic_depth: float = 1.0, cifar: bool = False,
+                 se_reduction: int | None = None, stochastic_depth: float | bool = 1.0, cifar: bool = False,
                  widths: tuple[int, ...] = (64, 128, 256, 512), stem_width: int = 64, dropout: float = 0.0):
         super().__init__()
-        if shortcut not in ("A", "B", "C"):
-            raise ValueError(f"shortcut={shortcut!r}: expected 'A', 'B' or 'C'")
-        if not 0 < stochastic_depth <= 1:
-            raise ValueError(f"stochastic_depth={stochastic_depth}: expected a survival probability in (0, 1]")
-        self.preact = block.preact
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"shortcut={shortcut!r}: expected one of {SHORTCUTS}")
+        if len(layers) != len(widths) or len(layers) < 3 or any(n < 1 for n in layers):
+            raise ValueError(f"layers={layers}: expected {len(widths)} positive block counts (one per stage)")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes={num_classes!r}: expected a positive integer")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout!r}: expected a probability in [0, 1)")
+        p_last = _survival_argument(stochastic_depth)
         self.cifar = cifar
+        self.preact = block.preact
         self.inplanes = stem_width
         if cifar:
             self.defaults = BackboneDefaults(input_size=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD,
+                                             # the 8x8 map the classifier pools at 32x32 input
                                              roi_output_size=8, min_input_size=32)
             self.conv1 = nn.Conv2d(3, stem_width, 3, 1, 1, bias=False)
         else:
             self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=14, min_input_size=32)
             self.conv1 = nn.Conv2d(3, stem_width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem_width)  # pre-activation nets: the BN-ReLU after the stem (fb.resnet.torch)
+        # A pre-activation CIFAR net's first unit activates the bare stem output itself (He et al. 2016b's
+        # and WRN's code); every other form normalises and activates the stem.
+        stem_activated = not (cifar and self.preact)
+        self.bn1 = nn.BatchNorm2d(stem_width) if stem_activated else None
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity() if cifar else nn.MaxPool2d(3, 2, 1)
-        total = sum(layers)
-        survival = iter([1.0 - (i + 1) / total * (1.0 - stochastic_depth) for i in range(total)])
+        self.maxpool = None if cifar else nn.MaxPool2d(3, 2, 1)
+        survival = iter(linear_survival(sum(layers), p_last))
         opts = dict(stride_in_1x1=stride_in_1x1, groups=groups, base_width=width_per_group,
                     se_reduction=se_reduction, dropout=dropout)
         self.stage_names, self.stage_channels = [], []
         for i, (width, n) in enumerate(zip(widths, layers)):
-            stride = 1 if i == 0 else 2
-            setattr(self, f"layer{i + 1}", self._make_layer(block, width, n, stride, shortcut, survival, opts))
-            self.stage_names.append(f"layer{i + 1}")
+            name = f"layer{i + 1}"
+            # The first unit after an activated stem must not pre-activate again (fb.resnet.torch preresnet).
+            first_preactivates = not (i == 0 and stem_activated)
+            stage = self._make_layer(block, width, n, 1 if i == 0 else 2, shortcut, survival, first_preactivates,
+                                     opts)
+            setattr(self, name, stage)
+            self.stage_names.append(name)
             self.stage_channels.append(width * block.expansion)
-        final = widths[-1] * block.expansion
-        self.bn_final = nn.BatchNorm2d(final) if self.preact else None
+        final = self.stage_channels[-1]
+        self.bn_final = nn.BatchNorm2d(final) if self.preact else None  # the last unit ends without BN-ReLU
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(final, num_classes)
-        self.final_channels = final
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # He et al. 2015
@@ -228,33 +299,44 @@ class ResNet(Backbone):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def _make_layer(self, block, planes: int, blocks: int, stride: int, shortcut: str, survival, opts):
+    def _make_layer(self, block: type[ResidualBlock], planes: int, blocks: int, stride: int, shortcut: str,
+                    survival: Iterator[float], first_preactivates: bool, opts: dict) -> nn.Sequential:
         out = planes * block.expansion
-        layers = []
+        units = []
         for i in range(blocks):
             s = stride if i == 0 else 1
             downsample = None
             if shortcut == "C" or s != 1 or self.inplanes != out:
-                if shortcut == "A" and self.inplanes <= out:
+                if shortcut == "A":
                     downsample = ZeroPadShortcut(self.inplanes, out, s)
-                elif block.preact:
+                elif block.preact:  # He et al. 2016b: a bare 1x1 projection, the sum is never normalised
                     downsample = conv1x1(self.inplanes, out, s)
                 else:
                     downsample = nn.Sequential(conv1x1(self.inplanes, out, s), nn.BatchNorm2d(out))
-            layers.append(block(self.inplanes, planes, s, downsample, survival=next(survival), **opts))
+            units.append(block(self.inplanes, planes, s, downsample, survival=next(survival),
+                               preactivate=first_preactivates or i > 0, **opts))
             self.inplanes = out
-        return nn.Sequential(*layers)
+        return nn.Sequential(*units)
+
+    def blocks(self) -> list[ResidualBlock]:
+        """All residual units, input to output (their ``survival`` is the stochastic-depth p_l)."""
+        return [m for m in self.modules() if isinstance(m, ResidualBlock)]
 
     def _stages(self) -> list[nn.Module]:
         return [getattr(self, n) for n in self.stage_names]
 
+    def _stem(self) -> nn.Sequential:
+        layers = [self.conv1]
+        if self.bn1 is not None:
+            layers += [self.bn1, self.relu]
+        if self.maxpool is not None:
+            layers.append(self.maxpool)
+        return nn.Sequential(*layers)
+
     def _post(self) -> list[nn.Module]:
-        """Layers after the last stage, before the classifier."""
+        """Layers after the last stage, up to the classifier: (B, C, h, w) -> (B, C)."""
         post = [self.bn_final, nn.ReLU()] if self.bn_final is not None else []
         return post + [self.avgpool, nn.Flatten(1)]
-
-    def _stem(self) -> nn.Module:
-        return nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._stem()(x)
@@ -265,62 +347,81 @@ class ResNet(Backbone):
         return self.fc(x)
 
     def detection_parts(self) -> DetectionParts:
-        stages = [self._stem(), *self._stages()[:-1]]
-        last = self._stages()[-1]
-        return DetectionParts(trunk=nn.Sequential(*stages), roi_head=nn.Sequential(last, *self._post()),
-                              out_channels=self.stage_channels[-2], stride=2 if self.cifar else 16,
-                              head_channels=self.final_channels, stages=stages)
+        """C4 cut: trunk = stem + three stages (stride 16; the CIFAR forms' whole body, stride 4)."""
+        stages = [self._stem(), *self._stages()[:3]]
+        rest = self._stages()[3:]
+        return DetectionParts(trunk=nn.Sequential(*stages), roi_head=nn.Sequential(*rest, *self._post()),
+                              out_channels=self.stage_channels[2], stride=4 if self.cifar else 16,
+                              head_channels=self.stage_channels[-1], stages=stages)
 
 
-def _imagenet(block, layers, **fixed):
-    def build(num_classes: int = 1000, stride_in_1x1: bool = True, shortcut: str = "B",
-              stochastic_depth: float = 1.0) -> ResNet:
-        return ResNet(block, layers, num_classes, stride_in_1x1, shortcut, stochastic_depth=stochastic_depth,
-                      **fixed)
+def _variant(doc: str, block: type[ResidualBlock], layers: list[int], stride_in_1x1: bool = True,
+             **fixed) -> Callable[..., ResNet]:
+    def build(num_classes: int = 1000, stride_in_1x1: bool = stride_in_1x1, shortcut: str = "B",
+              stochastic_depth: float | bool = 1.0) -> ResNet:
+        return ResNet(block, layers, num_classes, stride_in_1x1=stride_in_1x1, shortcut=shortcut,
+                      stochastic_depth=stochastic_depth, **fixed)
 
+    build.__doc__ = doc
     return build
 
 
-def _cifar(block, n: int, widths: tuple[int, int, int], stem: int = 16):
-    def build(num_classes: int = 10, shortcut: str = "B", stochastic_depth: float = 1.0,
+def _cifar_variant(doc: str, block: type[ResidualBlock], n: int, widths: tuple[int, int, int]) -> Callable[..., ResNet]:
+    def build(num_classes: int = 10, shortcut: str = "B", stochastic_depth: float | bool = 1.0,
               dropout: float = 0.0) -> ResNet:
-        return ResNet(block, [n, n, n], num_classes, True, shortcut, stochastic_depth=stochastic_depth,
-                      cifar=True, widths=widths, stem_width=stem, dropout=dropout)
+        return ResNet(block, [n, n, n], num_classes, stride_in_1x1=True, shortcut=shortcut,
+                      stochastic_depth=stochastic_depth, cifar=True, widths=widths, stem_width=16, dropout=dropout)
 
+    build.__doc__ = doc
     return build
 
 
-def wide_resnet_cifar(depth: int, k: int):
-    """WRN-d-k (Zagoruyko & Komodakis 2016): n = (d - 4) / 6 pre-activation basic blocks per stage."""
-    if (depth - 4) % 6:
-        raise ValueError(f"WRN depth {depth}: expected 6n + 4")
-    return _cifar(PreActBasicBlock, (depth - 4) // 6, (16 * k, 32 * k, 64 * k))
+def wide_resnet_cifar(depth: int, k: int) -> Callable[..., ResNet]:
+    """Builder of WRN-d-k (Zagoruyko & Komodakis 2016, Table 1): (d - 4) / 6 pre-activation basic blocks
+    per stage, widths 16k, 32k, 64k; its ``dropout`` sits between the two 3x3 convolutions."""
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"WRN depth {depth}: expected 6n + 4 with n >= 1 (e.g. 16, 28, 40)")
+    if k < 1:
+        raise ValueError(f"WRN widening factor {k}: expected a positive integer")
+    return _cifar_variant(f"WRN-{depth}-{k} for 32x32 inputs.", PreActBasicBlock, (depth - 4) // 6,
+                          (16 * k, 32 * k, 64 * k))
 
 
-B, BN = BasicBlock, Bottleneck
-VARIANTS = {
-    "resnet18": _imagenet(B, [2, 2, 2, 2]), "resnet34": _imagenet(B, [3, 4, 6, 3]),
-    "resnet50": _imagenet(BN, [3, 4, 6, 3]), "resnet101": _imagenet(BN, [3, 4, 23, 3]),
-    "resnet152": _imagenet(BN, [3, 8, 36, 3]),
-    "preact_resnet18": _imagenet(PreActBasicBlock, [2, 2, 2, 2]),
-    "preact_resnet34": _imagenet(PreActBasicBlock, [3, 4, 6, 3]),
-    "preact_resnet50": _imagenet(PreActBottleneck, [3, 4, 6, 3]),
-    "preact_resnet101": _imagenet(PreActBottleneck, [3, 4, 23, 3]),
-    "preact_resnet152": _imagenet(PreActBottleneck, [3, 8, 36, 3]),
-    "preact_resnet110": _cifar(PreActBasicBlock, 18, (16, 32, 64)),
-    "preact_resnet164": _cifar(PreActBottleneck, 18, (16, 32, 64)),
-    "preact_resnet1001": _cifar(PreActBottleneck, 111, (16, 32, 64)),
-    "wide_resnet50_2": _imagenet(BN, [3, 4, 6, 3], width_per_group=128),
-    "wide_resnet101_2": _imagenet(BN, [3, 4, 23, 3], width_per_group=128),
-    "wrn28_10": wide_resnet_cifar(28, 10), "wrn40_4": wide_resnet_cifar(40, 4),
-    "resnext50_32x4d": _imagenet(BN, [3, 4, 6, 3], groups=32, width_per_group=4),
-    "resnext101_32x8d": _imagenet(BN, [3, 4, 23, 3], groups=32, width_per_group=8),
-    "resnext101_64x4d": _imagenet(BN, [3, 4, 23, 3], groups=64, width_per_group=4),
-    "se_resnet18": _imagenet(B, [2, 2, 2, 2], se_reduction=16),
-    "se_resnet34": _imagenet(B, [3, 4, 6, 3], se_reduction=16),
-    "se_resnet50": _imagenet(BN, [3, 4, 6, 3], se_reduction=16),
-    "se_resnet101": _imagenet(BN, [3, 4, 23, 3], se_reduction=16),
-    "se_resnet152": _imagenet(BN, [3, 8, 36, 3], se_reduction=16),
-    "se_resnext50_32x4d": _imagenet(BN, [3, 4, 6, 3], groups=32, width_per_group=4, se_reduction=16),
-    "se_resnext101_32x4d": _imagenet(BN, [3, 4, 23, 3], groups=32, width_per_group=4, se_reduction=16),
+B, BN, PB, PBN = BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck
+SE = dict(se_reduction=16)
+VARIANTS: dict[str, Callable[..., ResNet]] = {
+    "resnet18": _variant("ResNet-18 (basic blocks 2-2-2-2).", B, [2, 2, 2, 2]),
+    "resnet34": _variant("ResNet-34 (basic blocks 3-4-6-3).", B, [3, 4, 6, 3]),
+    "resnet50": _variant("ResNet-50 (bottlenecks 3-4-6-3).", BN, [3, 4, 6, 3]),
+    "resnet101": _variant("ResNet-101 (bottlenecks 3-4-23-3).", BN, [3, 4, 23, 3]),
+    "resnet152": _variant("ResNet-152 (bottlenecks 3-8-36-3).", BN, [3, 8, 36, 3]),
+    "preact_resnet18": _variant("Pre-activation ResNet-18.", PB, [2, 2, 2, 2], False),
+    "preact_resnet34": _variant("Pre-activation ResNet-34.", PB, [3, 4, 6, 3], False),
+    "preact_resnet50": _variant("Pre-activation ResNet-50.", PBN, [3, 4, 6, 3], False),
+    "preact_resnet101": _variant("Pre-activation ResNet-101.", PBN, [3, 4, 23, 3], False),
+    "preact_resnet152": _variant("Pre-activation ResNet-152.", PBN, [3, 8, 36, 3], False),
+    "preact_resnet110": _cifar_variant("Pre-activation ResNet-110 for CIFAR (18 basic units per stage).",
+                                       PB, 18, (16, 32, 64)),
+    "preact_resnet164": _cifar_variant("Pre-activation ResNet-164 for CIFAR (18 bottlenecks per stage).",
+                                       PBN, 18, (16, 32, 64)),
+    "preact_resnet1001": _cifar_variant("Pre-activation ResNet-1001 for CIFAR (111 bottlenecks per stage).",
+                                        PBN, 111, (16, 32, 64)),
+    "wide_resnet50_2": _variant("Wide ResNet-50-2 (bottleneck width x2).", BN, [3, 4, 6, 3], False,
+                                width_per_group=128),
+    "wide_resnet101_2": _variant("Wide ResNet-101-2 (bottleneck width x2).", BN, [3, 4, 23, 3], False,
+                                 width_per_group=128),
+    "wrn28_10": wide_resnet_cifar(28, 10),
+    "wrn40_4": wide_resnet_cifar(40, 4),
+    "resnext50_32x4d": _variant("ResNeXt-50 (32x4d).", BN, [3, 4, 6, 3], False, groups=32, width_per_group=4),
+    "resnext101_32x8d": _variant("ResNeXt-101 (32x8d).", BN, [3, 4, 23, 3], False, groups=32, width_per_group=8),
+    "resnext101_64x4d": _variant("ResNeXt-101 (64x4d).", BN, [3, 4, 23, 3], False, groups=64, width_per_group=4),
+    "se_resnet18": _variant("SE-ResNet-18.", B, [2, 2, 2, 2], **SE),
+    "se_resnet34": _variant("SE-ResNet-34.", B, [3, 4, 6, 3], **SE),
+    "se_resnet50": _variant("SE-ResNet-50.", BN, [3, 4, 6, 3], **SE),
+    "se_resnet101": _variant("SE-ResNet-101.", BN, [3, 4, 23, 3], **SE),
+    "se_resnet152": _variant("SE-ResNet-152.", BN, [3, 8, 36, 3], **SE),
+    "se_resnext50_32x4d": _variant("SE-ResNeXt-50 (32x4d).", BN, [3, 4, 6, 3], False, groups=32,
+                                   width_per_group=4, **SE),
+    "se_resnext101_32x4d": _variant("SE-ResNeXt-101 (32x4d).", BN, [3, 4, 23, 3], False, groups=32,
+                                    width_per_group=4, **SE),
 }
