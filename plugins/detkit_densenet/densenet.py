@@ -1,14 +1,20 @@
-"""Densely connected networks (Huang et al. 2017).
+"""Densely connected networks (Huang et al. 2017, Sec. 3 and Table 1).
 
 Every layer of a dense block receives the concatenation of all earlier feature maps of the block and adds
 ``growth_rate`` (k) maps; DenseNet-BC layers are bottlenecks (BN-ReLU-1x1 conv to 4k, BN-ReLU-3x3 conv to
-k) and transitions compress by 0.5 (1x1 conv, 2x2 average pooling). DenseNet-121/169/201 (k = 32) and
--161 (k = 48) have torchvision's structure and names (old checkpoints with ``norm.1``-style keys are
-remapped on loading); ``densenet_bc_100_12`` is the CIFAR DenseNet-BC (L = 100, k = 12).
+k) and transitions compress by 0.5 (BN-ReLU-1x1 conv, 2x2 average pooling). DenseNet-121/169/201 (k = 32)
+and -161 (k = 48) have torchvision's structure and parameter names (old checkpoints with ``norm.1``-style
+keys are remapped on loading); ``densenet_bc_100_12`` is the CIFAR DenseNet-BC (L = 100, k = 12, 0.8M
+parameters, Table 2). ``memory_efficient=True`` recomputes each layer's concatenation and bottleneck in the
+backward pass instead of storing them (Pleiss et al. 2017, as torchvision's option).
 
-Detection: the trunk runs through the third dense block (stride 16); the RoI head is the third
-transition (with its pooling), the fourth block, the final BN-ReLU and global average pooling, on 14x14
-pooled features. CIFAR forms cut after the second block (stride 2).
+Detection cut (the analogue of ResNet's C4): the trunk is the stem, dense blocks 1-3 with transitions 1-2,
+and the BN-ReLU-1x1 convolution of transition 3 without its pooling: stride 16, channels 512 / 640 / 896 /
+1056 for DenseNet-121 / 169 / 201 / 161. The RoI head is the rest up to the classifier: transition 3's
+2x2 average pooling, dense block 4, the final BN, ReLU and global average pooling, giving 1024 / 1664 /
+1920 / 2208 channels. RoIs are pooled to 14x14 so that, after the transition's pooling, dense block 4
+works on 7x7 maps as in the 224x224 classifier (as ResNet-C4's 14x14 RoIs become 7x7 in res5). The CIFAR
+form is cut the same way before its last block: stride 2 (150 channels), RoI head -> 342 channels, 8x8 RoIs.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 class DenseLayer(nn.Module):
+    """One bottleneck layer H_l: concat(x_0..x_{l-1}) (B, C_in, H, W) -> BN-ReLU-1x1(4k)-BN-ReLU-3x3(k) (B, k, H, W)."""
+
     def __init__(self, cin: int, growth_rate: int, bn_size: int, drop_rate: float, memory_efficient: bool):
         super().__init__()
         self.norm1 = nn.BatchNorm2d(cin)
@@ -41,8 +49,8 @@ class DenseLayer(nn.Module):
         return self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
 
     def forward(self, inputs: list[Tensor]) -> Tensor:
-        if self.memory_efficient and self.training and any(t.requires_grad for t in inputs):
-            # Recompute the concatenation in backward instead of storing it (Pleiss et al. 2017).
+        if self.memory_efficient and any(t.requires_grad for t in inputs):
+            # The concatenation grows quadratically with depth; recompute it in backward instead of storing it.
             out = cp.checkpoint(self.bottleneck, *inputs, use_reentrant=False)
         else:
             out = self.bottleneck(*inputs)
@@ -51,6 +59,8 @@ class DenseLayer(nn.Module):
 
 
 class DenseBlock(nn.ModuleDict):
+    """``num_layers`` dense layers: (B, C, H, W) -> (B, C + num_layers * k, H, W)."""
+
     def __init__(self, num_layers: int, cin: int, bn_size: int, growth_rate: int, drop_rate: float,
                  memory_efficient: bool):
         super().__init__()
@@ -66,6 +76,8 @@ class DenseBlock(nn.ModuleDict):
 
 
 class Transition(nn.Sequential):
+    """Compression between blocks: BN-ReLU-1x1 conv (C_in -> C_out), 2x2 average pooling (H, W halve)."""
+
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.norm = nn.BatchNorm2d(cin)
@@ -75,10 +87,23 @@ class Transition(nn.Sequential):
 
 
 class DenseNet(Backbone):
+    """DenseNet(-BC) classifier: images (B, 3, H, W) -> logits (B, num_classes).
+
+    growth_rate: k, maps added per layer; block_config: layers per dense block; num_init_features: the
+    stem's channels (2k for DenseNet-BC); bn_size: bottleneck width as a multiple of k; compression:
+    theta, the fraction of channels a transition keeps; cifar: 3x3 stem without pooling (32x32 inputs).
+    """
+
     def __init__(self, growth_rate: int = 32, block_config: tuple[int, ...] = (6, 12, 24, 16),
                  num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0.0, num_classes: int = 1000,
                  memory_efficient: bool = False, compression: float = 0.5, cifar: bool = False):
         super().__init__()
+        if len(block_config) < 2 or min(block_config) < 1:
+            raise ValueError(f"block_config must list at least two dense blocks of >= 1 layer, got {block_config}")
+        if not 0.0 < compression <= 1.0:
+            raise ValueError(f"compression must be in (0, 1], got {compression}")
+        if growth_rate < 1 or num_classes < 1:
+            raise ValueError(f"growth_rate and num_classes must be positive, got {growth_rate} and {num_classes}")
         self.cifar = cifar
         if cifar:
             self.defaults = BackboneDefaults(input_size=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD,
@@ -89,17 +114,19 @@ class DenseNet(Backbone):
             stem = [("conv0", nn.Conv2d(3, num_init_features, 7, 2, 3, bias=False)),
                     ("norm0", nn.BatchNorm2d(num_init_features)), ("relu0", nn.ReLU(inplace=True)),
                     ("pool0", nn.MaxPool2d(3, 2, 1))]
+        self.stem_names = [name for name, _ in stem]
         self.features = nn.Sequential(OrderedDict(stem))
         channels = num_init_features
-        self.block_channels = []
+        self.num_blocks = len(block_config)
+        self.transition_channels: list[int] = []
         for i, n in enumerate(block_config):
             self.features.add_module(f"denseblock{i + 1}",
                                      DenseBlock(n, channels, bn_size, growth_rate, drop_rate, memory_efficient))
             channels += n * growth_rate
-            self.block_channels.append(channels)
             if i != len(block_config) - 1:
                 out = int(channels * compression)
                 self.features.add_module(f"transition{i + 1}", Transition(channels, out))
+                self.transition_channels.append(out)
                 channels = out
         self.features.add_module(f"norm{len(block_config) + 1}", nn.BatchNorm2d(channels))
         self.classifier = nn.Linear(channels, num_classes)
@@ -118,20 +145,23 @@ class DenseNet(Backbone):
         return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
     def detection_parts(self) -> DetectionParts:
-        layers = list(self.features.named_children())
-        # Cut after the second-to-last dense block: stride 16 (ImageNet), stride 2 (CIFAR, 3 blocks).
-        cut_block = len(self.block_channels) - 1
-        cut = next(i for i, (n, _) in enumerate(layers) if n == f"denseblock{cut_block}") + 1
-        head = nn.Sequential(*[m for _, m in layers[cut:]], nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        n_stem = 1 if self.cifar else 4
-        stages = [nn.Sequential(*[m for _, m in layers[:n_stem]])]
-        stages += [m for _, m in layers[n_stem:cut]]
-        return DetectionParts(trunk=nn.Sequential(*[m for _, m in layers[:cut]]), roi_head=head,
-                              out_channels=self.block_channels[cut_block - 1], stride=2 if self.cifar else 16,
-                              head_channels=self.final_channels, stages=stages)
+        """Trunk: stem .. last-but-one block + that transition's BN-ReLU-conv (stride 16; CIFAR: 2).
+        RoI head: the transition's pooling, the last block, final BN-ReLU, global average pooling."""
+        f, n = self.features, self.num_blocks
+        cut = getattr(f, f"transition{n - 1}")
+        stages = [nn.Sequential(*(getattr(f, name) for name in self.stem_names))]
+        stages += [nn.Sequential(getattr(f, f"denseblock{i}"), getattr(f, f"transition{i}")) for i in range(1, n - 1)]
+        stages.append(nn.Sequential(getattr(f, f"denseblock{n - 1}"), cut.norm, cut.relu, cut.conv))
+        head = nn.Sequential(cut.pool, getattr(f, f"denseblock{n}"), getattr(f, f"norm{n + 1}"), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        # stem /4 (ImageNet) or /1 (CIFAR), then one /2 per transition pooling inside the trunk
+        stride = (1 if self.cifar else 4) * 2 ** (n - 2)
+        return DetectionParts(trunk=nn.Sequential(*stages), roi_head=head, out_channels=self.transition_channels[-1],
+                              stride=stride, head_channels=self.final_channels, stages=stages)
 
     def remap_state_dict(self, state: dict) -> dict:
-        """torchvision's densenet checkpoints use the old key style ``denselayer1.norm.1.weight``."""
+        """torchvision's early densenet checkpoints name ``denselayer1.norm1`` as ``denselayer1.norm.1``
+        (torchvision remaps them in its own ``_load_state_dict``); do the same."""
         return {_OLD_KEY.sub(r"\1\2", k): v for k, v in state.items()}
 
 
@@ -143,6 +173,7 @@ def _densenet(k: int, blocks: tuple[int, ...], init: int):
     def build(num_classes: int = 1000, drop_rate: float = 0.0, memory_efficient: bool = False) -> DenseNet:
         return DenseNet(k, blocks, init, 4, drop_rate, num_classes, memory_efficient)
 
+    build.__doc__ = f"DenseNet-BC for 224x224 inputs: k = {k}, {init} stem channels, dense blocks of {blocks} layers."
     return build
 
 

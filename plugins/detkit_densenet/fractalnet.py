@@ -1,22 +1,40 @@
-"""FractalNet (Larsson et al. 2017): ultra-deep networks without residuals.
+"""FractalNet (Larsson et al. 2017): ultra-deep networks without residuals (Sec. 2, 3 and 4).
 
-A fractal block follows the expansion rule f_1(z) = conv(z), f_{C+1}(z) = join(f_C(f_C(z)), conv(z)),
-giving C columns and 2^C - 1 convolutions (3x3 conv, BN, ReLU); a join is the element-wise mean of its
-active inputs. Regularisation by drop-path (Sec. 3.1): *local* drop-path drops each input of a join with
-probability 0.15 (keeping at least one); *global* drop-path picks one column for the whole network, so
-every join keeps only that column's input. In training each mini-batch uses one or the other with
-probability 0.5. At test time all columns are averaged.
+A fractal block with C columns follows the expansion rule (Sec. 2)
 
-``fractalnet_cifar``: B = 5 blocks of C = 3 columns (the paper's 20-layer CIFAR network; ``columns=4``
-gives 40 layers), 64-128-256-512-512 channels, 2x2 max pooling after each block, optional dropout
-0.0-0.4 by block (Sec. 4.1). With 10 classes it has 33.7M parameters (the paper reports 38.6M without
-giving the layer details that account for the difference). ``fractalnet34``: the ImageNet form compared with ResNet-34 in Sec. 4.3: a 7x7/2
-convolution and max pooling, then B = 4 blocks of C = 4 columns (64-128-256-512), 34 layers deep.
+    f_1(z) = conv(z),    f_{C+1}(z) = join(f_C(f_C(z)), conv(z)),
 
-Detection: the trunk ends before the last pooling that would pass stride 16 (ImageNet form) or 4 (CIFAR);
-the RoI head is the remaining pooling/blocks and global average pooling.
+where conv is a 3x3 convolution, batch normalisation and ReLU, and join is the element-wise mean of its
+active inputs. A block has 2^C - 1 convolutions; column c (0-based, 0 the shallowest) is a chain of 2^c of
+them. As in the paper's Figure 1, a join that takes another join's output absorbs that join's inputs, so a
+block's last join has C inputs (one per column) and the join between the two halves f_C(f_C(.)) has C - 1.
+The network is B blocks, each followed by 2x2 max pooling, then global average pooling and the classifier.
+
+Drop-path (Sec. 3.1), drawn once per mini-batch: with probability 0.5 *local* (each input of every join is
+dropped with probability 0.15; at least one input of each join survives), otherwise *global* (one column,
+chosen uniformly, is the only path through every block of the network). At test time every join averages
+all of its inputs, deterministically. Optional dropout after each block uses the paper's rates
+0, 0.1, 0.2, 0.3, 0.4 (Sec. 4).
+
+Variants:
+- ``fractalnet_cifar``: B = 5 blocks of C = 4 columns (the 40-layer network of Figure 1) with 64, 128, 256,
+  512, 512 channels for 32x32 inputs (``columns=3`` gives the 20-layer network of Table 1). With these widths
+  and 10 classes it has 76.1M parameters (C = 4) and 33.7M (C = 3); the paper lists 22.9M and 38.6M without
+  the per-layer details that would account for the difference, so the counts are not compared.
+- ``fractalnet34``: the ImageNet network of Sec. 4.3, compared there with ResNet-34: ResNet-34's first and
+  last layers (7x7/2 convolution, 3x3/2 max pooling; global average pooling, classifier) around B = 4 blocks
+  of C = 4 columns (1 + 4 * 8 + 1 = 34 layers) with 64, 128, 256, 512 channels; the last block is not
+  followed by pooling, so the strides are 4, 8, 16, 32 as in ResNet-34's stages.
+
+Detection cut (the analogue of ResNet's C4): the trunk is everything up to the output of the last-but-one
+block (without the pooling that follows it), the RoI head is that pooling, the last block (and its pooling
+in the CIFAR form) and global average pooling. fractalnet34: stride 16, 256 -> 512 channels, 14x14 RoIs
+(pooled to 7x7 for the last block, as in the 224x224 classifier); fractalnet_cifar: stride 8, 512 -> 512
+channels, 8x8 RoIs. Drop-path is drawn independently for the trunk and for the RoI head.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -24,73 +42,135 @@ from torch import Tensor, nn
 from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+PAPER_DROPOUT = (0.0, 0.1, 0.2, 0.3, 0.4)
+
+
+@dataclass(frozen=True)
+class DropPath:
+    """The drop-path of one mini-batch: ``kind`` "local" (each join input dropped with probability ``p``)
+    or "global" (only column ``column`` is used)."""
+
+    kind: str
+    p: float = 0.15
+    column: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ("local", "global"):
+            raise ValueError(f"drop-path kind must be 'local' or 'global', got {self.kind!r}")
+        if self.kind == "local" and not 0.0 <= self.p < 1.0:
+            raise ValueError(f"local drop-path probability must be in [0, 1), got {self.p}")
+
+
+def sample_drop_path(columns: int, local_p: float, global_ratio: float) -> DropPath:
+    """One mini-batch's drop-path: global with probability ``global_ratio`` (a uniformly chosen column), else local."""
+    if float(torch.rand(())) < global_ratio:
+        return DropPath("global", column=int(torch.randint(columns, ())))
+    return DropPath("local", p=local_p)
+
+
+def join(inputs: list[Tensor], drop_path: DropPath | None = None) -> Tensor:
+    """Element-wise mean of the inputs (each (B, C, H, W)) that survive local drop-path.
+
+    Each input is dropped with probability ``drop_path.p``; if all are, one chosen at random is kept.
+    With ``drop_path`` None (evaluation) all inputs are averaged.
+    """
+    if drop_path is not None and drop_path.kind == "local" and len(inputs) > 1:
+        keep = torch.rand(len(inputs)) >= drop_path.p
+        if not keep.any():
+            keep[int(torch.randint(len(inputs), ()))] = True
+        inputs = [x for x, k in zip(inputs, keep.tolist()) if k]
+    return inputs[0] if len(inputs) == 1 else torch.stack(inputs).mean(0)
 
 
 def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-class DropPath:
-    """The drop-path mode of one forward pass: None (test: average all), ("local", p) or ("global", column)."""
-
-    def __init__(self, mode: tuple | None = None):
-        self.mode = mode
-
-
-def join(inputs: list[Tensor], columns: list[int], drop: DropPath, training: bool) -> Tensor:
-    """Mean of the active inputs; ``columns[i]`` is the column index (within the whole block) of input i."""
-    if training and drop.mode is not None:
-        kind, value = drop.mode
-        if kind == "global":
-            kept = [x for x, c in zip(inputs, columns) if c == value]
-            if kept:
-                return kept[0]
-            # this join lies on no path of the chosen column; its value is never used
-            return torch.stack(inputs).mean(0)
-        keep = torch.rand(len(inputs)) >= value
-        if not keep.any():
-            keep[int(torch.randint(len(inputs), ()))] = True  # at least one input survives
-        inputs = [x for x, k in zip(inputs, keep.tolist()) if k]
-    return torch.stack(inputs).mean(0)
-
-
 class FractalBlock(nn.Module):
+    """f_C: (B, C_in, H, W) -> (B, C_out, H, W) with C columns and 2^C - 1 convolutions.
+
+    ``shallow`` is the conv(z) column; ``deep_in`` and ``deep_out`` are the two copies of f_{C-1}, whose
+    columns are this block's columns 1..C-1.
+    """
+
     def __init__(self, columns: int, cin: int, cout: int, dropout: float = 0.0):
         super().__init__()
+        if columns < 1:
+            raise ValueError(f"a fractal block needs at least one column, got {columns}")
         self.columns = columns
-        self.shallow = conv_bn_relu(cin, cout)  # column 0: one convolution
+        self.shallow = conv_bn_relu(cin, cout)
         if columns > 1:
             self.deep_in = FractalBlock(columns - 1, cin, cout)
             self.deep_out = FractalBlock(columns - 1, cout, cout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.drop = DropPath()
 
-    def column_outputs(self, x: Tensor, drop: DropPath) -> list[Tensor]:
-        """Outputs of columns 0..C-1 before this block's final join."""
+    def column(self, x: Tensor, c: int) -> Tensor:
+        """Column ``c`` alone: a chain of 2^c convolutions (what global drop-path runs)."""
+        if not 0 <= c < self.columns:
+            raise ValueError(f"column {c} out of range for a block of {self.columns} columns")
+        if c == 0:
+            return self.shallow(x)
+        return self.deep_out.column(self.deep_in.column(x, c - 1), c - 1)
+
+    def column_outputs(self, x: Tensor, drop_path: DropPath | None) -> list[Tensor]:
+        """The C inputs of this block's last join: column 0's output, then those of columns 1..C-1."""
         outs = [self.shallow(x)]
         if self.columns > 1:
-            sub = drop
-            if drop.mode is not None and drop.mode[0] == "global":
-                sub = DropPath(("global", drop.mode[1] - 1))  # this block's column c is the sub-block's c - 1
-            mid_cols = self.deep_in.column_outputs(x, sub)
-            mid = join(mid_cols, list(range(1, self.columns)), drop, self.training)
-            outs += self.deep_out.column_outputs(mid, sub)
+            middle = join(self.deep_in.column_outputs(x, drop_path), drop_path)
+            outs += self.deep_out.column_outputs(middle, drop_path)
         return outs
 
-    def forward(self, x: Tensor) -> Tensor:
-        outs = self.column_outputs(x, self.drop)
-        return self.dropout(join(outs, list(range(self.columns)), self.drop, self.training))
+    def forward(self, x: Tensor, drop_path: DropPath | None = None) -> Tensor:
+        if drop_path is not None and drop_path.kind == "global":
+            out = self.column(x, drop_path.column)
+        else:
+            out = join(self.column_outputs(x, drop_path), drop_path)
+        return self.dropout(out)
 
     def num_convs(self) -> int:
         return sum(1 for m in self.modules() if isinstance(m, nn.Conv2d))
 
 
-class FractalNet(Backbone):
-    def __init__(self, widths: tuple[int, ...], columns: int = 4, num_classes: int = 10, cifar: bool = True,
-                 dropout: tuple[float, ...] | None = None, local_drop: float = 0.15, global_ratio: float = 0.5,
-                 detection_cut: int = 3):
+class FractalSequence(nn.Module):
+    """Runs a list of layers in order, drawing one drop-path per training forward for its fractal blocks.
+
+    layers: stems, fractal blocks and poolings of a :class:`FractalNet` (shared, not copied).
+    """
+
+    def __init__(self, layers: list[nn.Module], columns: int, local_p: float, global_ratio: float):
         super().__init__()
-        self.local_drop, self.global_ratio, self.columns = local_drop, global_ratio, columns
+        self.layers = nn.ModuleList(layers)
+        self.columns, self.local_p, self.global_ratio = columns, local_p, global_ratio
+
+    def forward(self, x: Tensor) -> Tensor:
+        drop_path = sample_drop_path(self.columns, self.local_p, self.global_ratio) if self.training else None
+        for layer in self.layers:
+            x = layer(x, drop_path) if isinstance(layer, FractalBlock) else layer(x)
+        return x
+
+
+class FractalNet(Backbone):
+    """FractalNet classifier: images (B, 3, H, W) -> logits (B, num_classes).
+
+    widths: channels of the B blocks; columns: C; cifar: no stem and pooling after every block (32x32
+    inputs), else ResNet-34's stem and no pooling after the last block; dropout: per-block dropout rates;
+    local_p: local drop-path probability per join input; global_ratio: share of mini-batches using global
+    drop-path.
+    """
+
+    def __init__(self, widths: tuple[int, ...], columns: int = 4, num_classes: int = 10, cifar: bool = True,
+                 dropout: tuple[float, ...] | None = None, local_p: float = 0.15, global_ratio: float = 0.5):
+        super().__init__()
+        if len(widths) < 2:
+            raise ValueError(f"FractalNet needs at least two blocks, got widths {widths}")
+        dropout = tuple(dropout) if dropout is not None else (0.0,) * len(widths)
+        if len(dropout) != len(widths):
+            raise ValueError(f"dropout has {len(dropout)} rates for {len(widths)} blocks: {dropout}")
+        DropPath("local", p=local_p)  # validates local_p
+        if not 0.0 <= global_ratio <= 1.0:
+            raise ValueError(f"global_ratio must be in [0, 1], got {global_ratio}")
+        self.columns, self.local_p, self.global_ratio = columns, local_p, global_ratio
+        self.widths, self.cifar = tuple(widths), cifar
         if cifar:
             self.defaults = BackboneDefaults(input_size=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD,
                                              roi_output_size=8, min_input_size=32)
@@ -98,21 +178,19 @@ class FractalNet(Backbone):
             cin = 3
         else:
             self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=14, min_input_size=64)
-            self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                                      nn.MaxPool2d(3, 2, 1))
+            self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
+                                      nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
             cin = 64
-        dropout = dropout or (0.0,) * len(widths)
         self.blocks = nn.ModuleList()
         for w, p in zip(widths, dropout):
             self.blocks.append(FractalBlock(columns, cin, w, p))
             cin = w
-        # CIFAR: pooling after every block; ImageNet: after every block but the last.
         self.pools = nn.ModuleList(nn.MaxPool2d(2) for _ in range(len(widths) if cifar else len(widths) - 1))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
-        self.widths, self.cifar, self.cut = widths, cifar, detection_cut
 
     def _layers(self) -> list[nn.Module]:
+        """Stem, then each block followed by its pooling (if any), in forward order."""
         layers: list[nn.Module] = [self.stem]
         for i, block in enumerate(self.blocks):
             layers.append(block)
@@ -120,60 +198,41 @@ class FractalNet(Backbone):
                 layers.append(self.pools[i])
         return layers
 
-    def _set_drop(self) -> None:
-        if self.training:
-            if float(torch.rand(())) < self.global_ratio:
-                mode = ("global", int(torch.randint(self.columns, ())))
-            else:
-                mode = ("local", self.local_drop)
-        else:
-            mode = None
-        for block in self.blocks:
-            _propagate(block, mode)
+    def _sequence(self, layers: list[nn.Module]) -> FractalSequence:
+        return FractalSequence(layers, self.columns, self.local_p, self.global_ratio).train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._set_drop()
+        drop_path = sample_drop_path(self.columns, self.local_p, self.global_ratio) if self.training else None
         for layer in self._layers():
-            x = layer(x)
+            x = layer(x, drop_path) if isinstance(layer, FractalBlock) else layer(x)
         return self.fc(self.avgpool(x).flatten(1))
 
     def detection_parts(self) -> DetectionParts:
+        """Trunk: up to the last-but-one block's output; RoI head: its pooling, the last block, avg pooling."""
         layers = self._layers()
-        # The trunk keeps `cut` blocks and the pools between them (not the pool after the last of them).
-        end = layers.index(self.blocks[self.cut - 1]) + 1
-        trunk = _DropPathScope(self, nn.Sequential(*layers[:end]))
-        head = _DropPathScope(self, nn.Sequential(*layers[end:], self.avgpool, nn.Flatten(1)))
-        stride = 2 ** (self.cut - 1) * (1 if self.cifar else 4)
-        return DetectionParts(trunk=trunk, roi_head=head, out_channels=self.widths[self.cut - 1], stride=stride,
-                              head_channels=self.widths[-1], stages=layers[: end])
+        end = layers.index(self.blocks[-2]) + 1
+        trunk = self._sequence(layers[:end])
+        head = nn.Sequential(self._sequence(layers[end:]), self.avgpool, nn.Flatten(1))
+        # every block before the cut but the last one is followed by a 2x2 pooling; the stem divides by 4
+        stride = 2 ** (len(self.blocks) - 2) * (1 if self.cifar else 4)
+        stages: list[nn.Module] = [] if self.cifar else [self.stem]
+        stages += [nn.Sequential(b, p) for b, p in zip(self.blocks[:-2], self.pools)] + [self.blocks[-2]]
+        return DetectionParts(trunk=trunk, roi_head=head, out_channels=self.widths[-2], stride=stride,
+                              head_channels=self.widths[-1], stages=stages)
 
 
-class _DropPathScope(nn.Module):
-    """Runs part of a FractalNet with a drop-path mode drawn for this forward pass."""
-
-    def __init__(self, net: FractalNet, body: nn.Module):
-        super().__init__()
-        self.body = body
-        self._net = [net]  # a list keeps the parent out of this module's children
-
-    def forward(self, x: Tensor) -> Tensor:
-        self._net[0]._set_drop()
-        return self.body(x)
-
-
-def _propagate(block: FractalBlock, mode) -> None:
-    for m in block.modules():
-        if isinstance(m, FractalBlock):
-            m.drop = DropPath(mode)
-
-
-def fractalnet_cifar(num_classes: int = 10, columns: int = 3, dropout: bool = False) -> FractalNet:
+def fractalnet_cifar(num_classes: int = 10, columns: int = 4, dropout: bool = False, local_p: float = 0.15,
+                     global_ratio: float = 0.5) -> FractalNet:
+    """CIFAR FractalNet: B = 5, C = 4 (40 layers; columns=3: 20 layers), 64-128-256-512-512 channels."""
     return FractalNet((64, 128, 256, 512, 512), columns, num_classes, cifar=True,
-                      dropout=(0.0, 0.1, 0.2, 0.3, 0.4) if dropout else None, detection_cut=3)
+                      dropout=PAPER_DROPOUT if dropout else None, local_p=local_p, global_ratio=global_ratio)
 
 
-def fractalnet34(num_classes: int = 1000, columns: int = 4) -> FractalNet:
-    return FractalNet((64, 128, 256, 512), columns, num_classes, cifar=False, detection_cut=3)
+def fractalnet34(num_classes: int = 1000, columns: int = 4, local_p: float = 0.15,
+                 global_ratio: float = 0.5) -> FractalNet:
+    """ImageNet FractalNet-34: ResNet-34's stem and head around 4 blocks of 4 columns, 64-128-256-512 channels."""
+    return FractalNet((64, 128, 256, 512), columns, num_classes, cifar=False, local_p=local_p,
+                      global_ratio=global_ratio)
 
 
 VARIANTS = {"fractalnet_cifar": fractalnet_cifar, "fractalnet34": fractalnet34}
