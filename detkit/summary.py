@@ -4,9 +4,18 @@ The counting convention is the reference notes': a convolution or fully connecte
 layer costs one multiply-add per weight per output position plus one add per
 bias (AlexNet conv1: 55*55*96*(11*11*3+1) = 105,705,600); a pooling layer one
 operation per input element, a normalisation layer (LRN, batch norm) one per
-element. Activations, dropout and reshapes cost nothing and get no row. The
-multiply-adds of convolutions and fully connected layers without the bias term
-(``total_macs``) are what the ResNet paper calls FLOPs (ResNet-50: 3.8 x 10^9).
+element. Activations, dropout and reshapes cost nothing and get no row (the
+notes fold the ReLUs into the layer they follow); a layer with parameters but no
+arithmetic of its own (a PReLU) gets a row with 0 operations. The notes' last row,
+the softmax, has no row here: the models return logits and the softmax belongs
+to the loss (the notes also count it inconsistently, 0 operations for the small
+CNN and one per class for LeNet-5, AlexNet and VGG-16). The multiply-adds of
+convolutions and fully connected layers without the bias term (``total_macs``)
+are what the ResNet paper calls FLOPs (ResNet-50: 3.8 x 10^9) and the PReLU paper
+"complexity (ops.)" (model A: 1.90 x 10^10).
+
+A model built on the meta device (``with torch.device("meta")``) is summarised
+without allocating weights or computing anything: only shapes flow.
 """
 from __future__ import annotations
 
@@ -24,6 +33,9 @@ _NORMS = (nn.LocalResponseNorm, nn.BatchNorm2d, nn.BatchNorm1d, nn.GroupNorm, nn
 
 @dataclass
 class LayerRow:
+    """One table row: a leaf layer's qualified name, its type in the notes' notation, the per-sample
+    output shape, its parameters, operations (multiply-adds + bias adds) and bias-free multiply-adds."""
+
     name: str
     type: str
     output: tuple[int, ...]  # per-sample output shape (C, H, W) or (F,)
@@ -92,7 +104,16 @@ def _cost(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> tuple[int,
 
 @torch.no_grad()
 def summarize(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerRow]:
-    """Run one ``(1, *input_size)`` image through ``model`` (eval mode) and tabulate its leaf layers."""
+    """Run one zero image ``(1, C, H, W)`` through ``model`` (eval mode, on the device of its parameters)
+    and tabulate its leaf layers in the order they run.
+
+    A module run twice counts its parameters once; parameters of modules that eval mode never runs
+    (auxiliary classifiers) are gathered in a last row so the parameter total is the model's.
+    """
+    if len(input_size) != 3 or not all(isinstance(v, int) and v > 0 for v in input_size):
+        raise ValueError(f"input size {tuple(input_size)}: expected three positive integers C, H, W")
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
     rows: list[LayerRow] = []
     seen: set[int] = set()
     hooks = []
@@ -115,7 +136,7 @@ def summarize(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerR
     was_training = model.training
     model.eval()
     try:
-        model(torch.zeros(1, *input_size))
+        model(torch.zeros(1, *input_size, device=device))
     finally:
         model.train(was_training)
         for h in hooks:
@@ -131,10 +152,25 @@ def _fmt(n: int) -> str:
     return f"{n:,}"
 
 
-def format_summary(rows: list[LayerRow], title: str, input_size: tuple[int, int, int]) -> str:
+def total_macs(rows: list[LayerRow]) -> int:
+    """Multiply-adds of the convolution and fully connected weights (no bias): the ResNet paper's FLOPs."""
+    return sum(r.macs for r in rows)
+
+
+def totals(rows: list[LayerRow]) -> dict[str, int]:
+    """Sums over the rows: ``params``, ``ops``, ``macs`` and ``volume`` (output values of all layers)."""
+    return {"params": sum(r.params for r in rows), "ops": sum(r.ops for r in rows), "macs": total_macs(rows),
+            "volume": sum(r.volume for r in rows)}
+
+
+def format_summary(rows: list[LayerRow], title: str, input_size: tuple[int, int, int] | None = None) -> str:
+    """The notes' table (layer, type, parameters, operations, volume as H x W x C) with totals; with
+    ``input_size`` the first row is the input, as in the notes."""
     header = ("layer", "type", "parameters", "operations", "volume")
-    table = [("input", f"input({input_size[1]}, {input_size[0]})", "0", "0",
-              f"{input_size[1]} x {input_size[2]} x {input_size[0]}")]
+    table = []
+    if input_size is not None:
+        c, h, w = input_size
+        table.append(("input", f"input({h}, {c})", "0", "0", f"{h} x {w} x {c}"))
     for r in rows:
         shape = r.output
         volume = (f"{shape[1]} x {shape[2]} x {shape[0]}" if len(shape) == 3 else _fmt(r.volume)) if r.volume else "-"
@@ -142,20 +178,19 @@ def format_summary(rows: list[LayerRow], title: str, input_size: tuple[int, int,
     widths = [max(len(str(row[i])) for row in table + [header]) for i in range(5)]
     align = ["<", "<", ">", ">", ">"]
     line = lambda row: "  ".join(f"{str(c):{a}{w}}" for c, a, w in zip(row, align, widths))  # noqa: E731
-    total_params = sum(r.params for r in rows)
-    total_ops = sum(r.ops for r in rows)
-    total_macs = sum(r.macs for r in rows)
-    total_volume = sum(r.volume for r in rows)
+    t = totals(rows)
     out = [title, line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in table]
-    out += ["", f"total parameters: {total_params:,}", f"total operations: {total_ops:,}",
-            f"multiply-adds (conv/fc weights, the ResNet paper's FLOPs): {total_macs:,} ({total_macs / 1e9:.2f} x 10^9)",
-            f"total output volume: {total_volume:,} values"]
+    out += ["", f"total parameters: {t['params']:,}", f"total operations: {t['ops']:,}",
+            f"multiply-adds (conv/fc weights, the ResNet paper's FLOPs): {t['macs']:,} ({t['macs'] / 1e9:.2f} x 10^9)",
+            f"total output volume: {t['volume']:,} values"]
     return "\n".join(out)
 
 
 def summary_command(registries, name: str, input_size: tuple[int, int, int] | None = None) -> str:
     """The table ``detkit summary NAME`` prints, at ``input_size`` or the backbone's default size."""
-    model = registries.backbones.build(name)
+    # Shapes are all the table needs: build on the meta device, so a 300M-parameter model costs nothing.
+    with torch.device("meta"):
+        model = registries.backbones.build(name)
     size = tuple(input_size) if input_size else tuple(model.defaults.input_size)
     if len(size) != 3 or min(size) < 1:
         raise ValueError(f"input size {size}: expected C,H,W")

@@ -1,17 +1,17 @@
 """The early CNNs of the reference notes: the small MNIST/CIFAR network, LeNet-5,
-AlexNet (CaffeNet, and torchvision's variant), ZFNet, Network in Network, a
-Maxout network and the PReLU-nets (MSRA models A, B, C).
+AlexNet (CaffeNet, and torchvision's variant), ZFNet, Network in Network (ImageNet
+and CIFAR-10), a Maxout network and the PReLU-nets (MSRA models A, B, C).
 
 Layer sizes follow the notes' tables (survey notes, "convolutional network",
 "LeNet-5", "AlexNet (CaffeNet)"), which the summary tests check line by line.
-For detection every network exposes the trunk the literature uses (the
-convolutional layers up to, not including, the last pooling layer) and a RoI
-head made of its fully connected layers (or, for the all-convolutional NIN, its
-last mlpconv block and global pooling).
+For detection every network exposes the cut Fast R-CNN (Sec. 2.1) makes in
+CaffeNet and VGG: RoI pooling takes the place of the last pooling layer, so the
+trunk is the convolutional layers before it and the RoI head is what follows it
+up to, not including, the classifier layer (the fully connected layers; for the
+all-convolutional NIN, its class-map block without the class-specific 1x1
+convolution, then global pooling; for the PReLU-nets, SPP and fc1-fc2).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -20,52 +20,79 @@ from torch import Tensor, nn
 from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
 
 
-def _fc_head(in_features: int, widths: list[int], dropout: float, act=nn.ReLU) -> nn.Sequential:
+def _fc_head(in_features: int, widths: list[int], dropout: float) -> nn.Sequential:
+    """Flatten, then fully connected layers each followed by ReLU (and dropout when ``dropout > 0``)."""
     layers: list[nn.Module] = [nn.Flatten(1)]
     for w in widths:
-        layers += [nn.Linear(in_features, w), act(inplace=True) if act is nn.ReLU else act()]
+        layers += [nn.Linear(in_features, w), nn.ReLU(inplace=True)]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         in_features = w
     return nn.Sequential(*layers)
 
 
-class SequentialBackbone(Backbone):
-    """A network that is ``features`` (conv stack ending in a pool) -> ``pool`` -> ``head`` -> ``fc``.
+def _last_pool(layers: list[nn.Module]) -> int:
+    return max(i for i, m in enumerate(layers) if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)))
 
-    Detection: trunk = ``features`` without its last pooling layer; RoI head = ``head``
-    on ``roi_output_size`` x ``roi_output_size`` pooled features.
+
+def stages_at_convolutions(layers: list[nn.Module]) -> list[nn.Module]:
+    """Split a layer list into stages that each start at a convolution (conv1 block, conv2 block, ...),
+    so ``freeze_at = k`` freezes conv1..convk as in Fast R-CNN's fine-tuning of CaffeNet and ZF."""
+    stages: list[list[nn.Module]] = [[]]
+    for m in layers:
+        if isinstance(m, nn.Conv2d) and any(isinstance(q, nn.Conv2d) for q in stages[-1]):
+            stages.append([])
+        stages[-1].append(m)
+    return [nn.Sequential(*s) for s in stages]
+
+
+class SequentialBackbone(Backbone):
+    """A network that is ``features`` (a conv stack that contains the last pooling layer) -> ``pool`` ->
+    ``head`` -> ``fc``.
+
+    ``pool`` is an adaptive pooling to the grid ``head`` expects (an identity at the design input
+    size), so the classifier also runs on other input sizes. Detection follows Fast R-CNN (Sec. 2.1):
+    RoI pooling takes the place of the last pooling layer, so the trunk is ``features`` up to it
+    (stride ``stride``), and the RoI head is whatever follows it in ``features`` plus ``head``, on
+    ``roi_output_size`` x ``roi_output_size`` pooled features.
     """
 
     def __init__(self, features: nn.Sequential, head: nn.Sequential, head_channels: int, fc: nn.Module,
-                 defaults: BackboneDefaults, out_channels: int, stride: int, pool: nn.Module | None = None):
+                 defaults: BackboneDefaults, out_channels: int, stride: int, pool: nn.Module):
         super().__init__()
         self.defaults = defaults
         self.features = features
-        self.avgpool = pool if pool is not None else nn.Identity()
+        self.avgpool = pool
         self.head = head
         self.fc = fc
         self._out_channels, self._stride, self._head_channels = out_channels, stride, head_channels
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> logits (B, num_classes)."""
         return self.fc(self.head(self.avgpool(self.features(x))))
 
     def detection_parts(self) -> DetectionParts:
         layers = list(self.features)
-        last_pool = max(i for i, m in enumerate(layers) if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)))
-        trunk_layers = layers[:last_pool]
-        return DetectionParts(trunk=nn.Sequential(*trunk_layers), roi_head=self.head,
+        cut = _last_pool(layers)
+        trunk_layers = layers[:cut]
+        return DetectionParts(trunk=nn.Sequential(*trunk_layers),
+                              roi_head=nn.Sequential(*layers[cut + 1:], *self.head),
                               out_channels=self._out_channels, stride=self._stride,
-                              head_channels=self._head_channels, stages=[nn.Sequential(*trunk_layers)])
+                              head_channels=self._head_channels, stages=stages_at_convolutions(trunk_layers))
 
 
 # ----------------------------------------------------------------------------- small CNN and LeNet-5
+# For these small-input networks the detection trunk stops before the last subsampling layer, which
+# RoI pooling replaces (as pool5 in Fast R-CNN): stride 2, the deepest stride that leaves a feature map
+# larger than the RoI grid the first fully connected layer expects (4x4 or 5x5). Their convolutions are
+# unpadded, so the trunk's map is (H - border) / 2, not H / 2.
 
 
 def mnist_cnn(num_classes: int = 10, in_channels: int = 1, input_side: int = 28) -> SequentialBackbone:
-    """The notes' small network: conv(5, 32), pool(2), conv(5, 64), pool(2), fc(100), fc(10).
+    """The notes' small network: conv(5, 32), pool(2), conv(5, 64), pool(2), fc(100), fc(10), ReLU after
+    each convolution and the hidden fully connected layer; 28x28x1 MNIST inputs (155,606 parameters).
 
-    ``in_channels=3, input_side=32`` is its CIFAR-10 form.
+    ``in_channels=3, input_side=32`` is its CIFAR-10 form (214,806 parameters).
     """
     side = ((input_side - 4) // 2 - 4) // 2
     features = nn.Sequential(nn.Conv2d(in_channels, 32, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
@@ -73,11 +100,17 @@ def mnist_cnn(num_classes: int = 10, in_channels: int = 1, input_side: int = 28)
     head = _fc_head(64 * side * side, [100], 0.0)
     defaults = BackboneDefaults(input_size=(in_channels, input_side, input_side), mean=(0.5,) * in_channels,
                                 std=(0.5,) * in_channels, roi_output_size=side, min_input_size=input_side)
-    return SequentialBackbone(features, head, 100, nn.Linear(100, num_classes), defaults, 64, 2,
-                              pool=nn.AdaptiveMaxPool2d(side))
+    model = SequentialBackbone(features, head, 100, nn.Linear(100, num_classes), defaults, 64, 2,
+                               pool=nn.AdaptiveMaxPool2d(side))
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.1)  # the notes: "Gaussian initialization sigma = 0.1"
+            nn.init.zeros_(m.bias)
+    return model
 
 
 def cifar_cnn(num_classes: int = 10) -> SequentialBackbone:
+    """The notes' small network in its CIFAR-10 column: 32x32x3 inputs."""
     return mnist_cnn(num_classes, in_channels=3, input_side=32)
 
 
@@ -90,14 +123,17 @@ class ScaledTanh(nn.Module):
 
 def lenet5(num_classes: int = 10) -> SequentialBackbone:
     """LeNet-5 as the notes' table counts it: conv(5, 6), avg(2), conv(5, 16), avg(2), conv(5, 120),
-    fc(84), output(10) on 32x32 inputs.
+    fc(84), output(10) on 32x32x1 inputs, 61,706 parameters.
 
-    The notes count the subsampling layers with 0 parameters and the RBF output layer with
-    850 = 10 x (84 + 1); here the output is a linear layer of that size, the standard
-    modern substitute for the Euclidean RBF units, and C3 is fully connected to S2.
+    The notes put the scaled tanh after the subsampling layers and the fully connected layer; C5 gets one
+    too, since in the paper every layer up to F6 squashes its weighted sum. Where the paper differs, the
+    notes' counts win: the subsampling layers have no trainable coefficient and bias (the table gives them
+    0 parameters), C3 sees all six S2 maps (2,416 parameters, not the paper's 1,516 of its sparse
+    connection table), and the output is a linear layer of 850 = 10 x (84 + 1) parameters in place of the
+    fixed-code Euclidean RBF units.
     """
-    features = nn.Sequential(nn.Conv2d(1, 6, 5), ScaledTanh(), nn.AvgPool2d(2), nn.Conv2d(6, 16, 5), ScaledTanh(),
-                             nn.AvgPool2d(2))
+    features = nn.Sequential(nn.Conv2d(1, 6, 5), nn.AvgPool2d(2), ScaledTanh(),
+                             nn.Conv2d(6, 16, 5), nn.AvgPool2d(2), ScaledTanh())
     head = nn.Sequential(nn.Conv2d(16, 120, 5), ScaledTanh(), nn.Flatten(1), nn.Linear(120, 84), ScaledTanh())
     defaults = BackboneDefaults(input_size=(1, 32, 32), mean=(0.5,), std=(0.5,), roi_output_size=5,
                                 min_input_size=32)
@@ -126,8 +162,17 @@ def _alexnet_like(conv1: tuple[int, int, int], widths: tuple[int, int, int, int,
     features = nn.Sequential(*[m for m in features if not isinstance(m, nn.Identity)])
     head = _fc_head(w5 * 6 * 6, [4096, 4096], dropout)
     defaults = BackboneDefaults(input_size=(3, input_side, input_side), roi_output_size=roi, min_input_size=96)
-    return SequentialBackbone(features, head, 4096, nn.Linear(4096, num_classes), defaults, w5, 16,
-                              pool=nn.AdaptiveMaxPool2d(6))
+    model = SequentialBackbone(features, head, 4096, nn.Linear(4096, num_classes), defaults, w5, 16,
+                               pool=nn.AdaptiveMaxPool2d(6))
+    # Krizhevsky et al. 2012, Sec. 5: weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden
+    # fully connected layers (positive inputs for the ReLUs early in training), 0 elsewhere.
+    convs = [m for m in features if isinstance(m, nn.Conv2d)]
+    ones = {id(convs[1]), id(convs[3]), id(convs[4])} | {id(m) for m in head if isinstance(m, nn.Linear)}
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.constant_(m.bias, 1.0 if id(m) in ones else 0.0)
+    return model
 
 
 def alexnet(num_classes: int = 1000, dropout: float = 0.5) -> SequentialBackbone:
@@ -168,51 +213,96 @@ class AlexNetTV(Backbone):
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
 
     def detection_parts(self) -> DetectionParts:
-        trunk = nn.Sequential(*list(self.features)[:-1])
-        return DetectionParts(trunk=trunk, roi_head=nn.Sequential(nn.Flatten(1), *list(self.classifier)[:-1]),
-                              out_channels=256, stride=16, head_channels=4096, stages=[trunk])
+        layers = list(self.features)[:-1]
+        return DetectionParts(trunk=nn.Sequential(*layers),
+                              roi_head=nn.Sequential(nn.Flatten(1), *list(self.classifier)[:-1]),
+                              out_channels=256, stride=16, head_channels=4096, stages=stages_at_convolutions(layers))
 
 
 # ----------------------------------------------------------------------------- Network in Network, Maxout
 
 
 def _mlpconv(cin: int, widths: tuple[int, int, int], k: int, stride: int = 1, padding: int = 0) -> list[nn.Module]:
-    """One mlpconv layer (Lin et al. 2014): a kxk convolution followed by two 1x1 convolutions, ReLU each."""
+    """One mlpconv layer (Lin et al. 2014, Sec. 3.1): a kxk convolution followed by two 1x1 convolutions
+    (the "micro network" shared over positions), ReLU after each."""
     a, b, c = widths
     return [nn.Conv2d(cin, a, k, stride, padding), nn.ReLU(inplace=True), nn.Conv2d(a, b, 1), nn.ReLU(inplace=True),
             nn.Conv2d(b, c, 1), nn.ReLU(inplace=True)]
 
 
 class NIN(Backbone):
-    """Network in Network, ImageNet form (Lin et al. 2014; the Caffe model zoo's nin_imagenet): four mlpconv
-    layers, the last producing one map per class, then global average pooling instead of fully connected
-    layers."""
+    """Network in Network (Lin et al. 2014): stacked mlpconv layers; the last one produces one feature map
+    per class and global average pooling turns the maps into logits (Sec. 3.2), no fully connected layers.
 
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.5):
+    ``features`` holds the mlpconv layers before the class-map layer with their pooling and dropout;
+    ``classifier`` is the class-map mlpconv layer. Detection: RoI pooling replaces the last pooling layer
+    of ``features``; the RoI head is the class-map mlpconv layer without its class-specific last 1x1
+    convolution, then global average pooling.
+    """
+
+    def __init__(self, features: nn.Sequential, classifier: nn.Sequential, defaults: BackboneDefaults,
+                 out_channels: int, stride: int):
         super().__init__()
-        self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7, min_input_size=64)
-        self.features = nn.Sequential(
-            *_mlpconv(3, (96, 96, 96), 11, 4), nn.MaxPool2d(3, 2, ceil_mode=True),
-            *_mlpconv(96, (256, 256, 256), 5, 1, 2), nn.MaxPool2d(3, 2, ceil_mode=True),
-            *_mlpconv(256, (384, 384, 384), 3, 1, 1))
-        self.pool3 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Sequential(*_mlpconv(384, (1024, 1024, num_classes), 3, 1, 1))
+        self.defaults = defaults
+        self.features = features
+        self.classifier = classifier
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
+        self._out_channels, self._stride = out_channels, stride
+        self._head_channels = [m for m in classifier if isinstance(m, nn.Conv2d)][-2].out_channels
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.flatten(self.gap(self.classifier(self.dropout(self.pool3(self.features(x))))))
+        """(B, C, H, W) -> logits (B, num_classes): the average of each class map."""
+        return self.flatten(self.gap(self.classifier(self.features(x))))
 
     def detection_parts(self) -> DetectionParts:
-        # The class maps of the last mlpconv are class-specific; the RoI head stops at its first 1x1 layer.
-        head = nn.Sequential(*list(self.classifier)[:4], nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        return DetectionParts(trunk=self.features, roi_head=head, out_channels=384, stride=16, head_channels=1024,
-                              stages=[nn.Sequential(*list(self.features)[:7]), nn.Sequential(*list(self.features)[7:14])])
+        layers = list(self.features)
+        cut = _last_pool(layers)
+        trunk_layers = layers[:cut]
+        pools = [i for i, m in enumerate(trunk_layers) if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d))]
+        bounds = [0] + [i + 1 for i in pools] + [len(trunk_layers)]
+        stages = [nn.Sequential(*trunk_layers[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        head = nn.Sequential(*layers[cut + 1:], *list(self.classifier)[:-2], self.gap, self.flatten)
+        return DetectionParts(trunk=nn.Sequential(*trunk_layers), roi_head=head, out_channels=self._out_channels,
+                              stride=self._stride, head_channels=self._head_channels, stages=stages)
+
+
+def nin(num_classes: int = 1000, dropout: float = 0.5) -> NIN:
+    """The ImageNet NIN (the Caffe model zoo's nin_imagenet, 224x224): mlpconv 96-96-96 (11x11/4),
+    256-256-256 (5x5), 384-384-384 (3x3), 1024-1024-classes (3x3), 3x3/2 max pooling between them,
+    dropout before the class-map layer. Detection: the trunk ends with the third mlpconv (384 channels,
+    stride 16); the RoI head is 1024-1024 and global pooling (1024) on 6x6 RoIs, the grid the class-map
+    layer sees on a 224x224 image."""
+    pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=True)  # noqa: E731
+    features = nn.Sequential(*_mlpconv(3, (96, 96, 96), 11, 4), pool(), *_mlpconv(96, (256, 256, 256), 5, 1, 2),
+                             pool(), *_mlpconv(256, (384, 384, 384), 3, 1, 1), pool(), nn.Dropout(dropout))
+    classifier = nn.Sequential(*_mlpconv(384, (1024, 1024, num_classes), 3, 1, 1))
+    defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=6, min_input_size=64)
+    return NIN(features, classifier, defaults, out_channels=384, stride=16)
+
+
+def nin_cifar(num_classes: int = 10, dropout: float = 0.5) -> NIN:
+    """The CIFAR-10 NIN of the paper (Sec. 4.2; the authors' cuda-convnet/Caffe definition): mlpconv
+    192-160-96 (5x5), 3x3/2 max pooling, dropout, 192-192-192 (5x5), 3x3/2 average pooling, dropout,
+    192-192-classes (3x3), global average pooling; 32x32 inputs. Detection: the trunk ends with the second
+    mlpconv (192 channels, stride 2, the deepest before the RoI-pooled layer); RoI head 192-192 and global
+    pooling (192) on 8x8 RoIs, the grid the third mlpconv sees on a 32x32 image."""
+    features = nn.Sequential(*_mlpconv(3, (192, 160, 96), 5, 1, 2), nn.MaxPool2d(3, 2, ceil_mode=True),
+                             nn.Dropout(dropout), *_mlpconv(96, (192, 192, 192), 5, 1, 2),
+                             nn.AvgPool2d(3, 2, ceil_mode=True), nn.Dropout(dropout))
+    classifier = nn.Sequential(*_mlpconv(192, (192, 192, num_classes), 3, 1, 1))
+    defaults = BackboneDefaults(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, roi_output_size=8,
+                                min_input_size=32)
+    return NIN(features, classifier, defaults, out_channels=192, stride=2)
 
 
 class Maxout(nn.Module):
-    """Max over ``pieces`` groups of channels (Goodfellow et al. 2013): (B, C*k, H, W) -> (B, C, H, W)."""
+    """Max over ``pieces`` consecutive channels (Goodfellow et al. 2013, Eq. 1):
+    (B, C*k, ...) -> (B, C, ...); a fully connected layer's (B, F*k) works the same way."""
 
     def __init__(self, pieces: int):
         super().__init__()
@@ -224,42 +314,35 @@ class Maxout(nn.Module):
 
 
 class MaxoutCNN(Backbone):
-    """The CIFAR-10 maxout network of Goodfellow et al. 2013: three convolutional maxout layers
-    (96, 192, 192 units; 2, 2, 2 pieces; 8x8, 8x8, 5x5 kernels with max pooling) and a fully connected
-    maxout layer of 500 units with 5 pieces, dropout on every layer."""
+    """The CIFAR-10 maxout network of Goodfellow et al. 2013 (Sec. 5.3; the pylearn2 definition): three
+    convolutional maxout layers (96, 192, 192 units of 2 pieces; 8x8 pad 4, 8x8 pad 3, 5x5 pad 3 kernels)
+    each with max pooling (4x4/2, 4x4/2, 2x2/2), a fully connected maxout layer of 500 units of 5 pieces,
+    and the softmax layer; dropout on the input of every layer (0.2 on the image, ``dropout`` elsewhere).
 
-    def __init__(self, num_classes: int = 10, dropout: float = 0.5):
+    Detection: RoI pooling replaces the last pooling layer (trunk stride 4, 192 channels, 9x9 on a 32x32
+    image); the RoI head is the fully connected maxout layer on 4x4 RoIs.
+    """
+
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5, input_dropout: float = 0.2):
         super().__init__()
         self.defaults = BackboneDefaults(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3,
                                          roi_output_size=4, min_input_size=32)
         self.features = nn.Sequential(
-            nn.Conv2d(3, 96 * 2, 8, padding=4), Maxout(2), nn.MaxPool2d(4, 2, padding=1), nn.Dropout(dropout),
-            nn.Conv2d(96, 192 * 2, 8, padding=3), Maxout(2), nn.MaxPool2d(4, 2, padding=1), nn.Dropout(dropout),
-            nn.Conv2d(192, 192 * 2, 5, padding=3), Maxout(2), nn.MaxPool2d(2, 2))
+            nn.Dropout(input_dropout), nn.Conv2d(3, 96 * 2, 8, padding=4), Maxout(2), nn.MaxPool2d(4, 2, padding=1),
+            nn.Dropout(dropout), nn.Conv2d(96, 192 * 2, 8, padding=3), Maxout(2), nn.MaxPool2d(4, 2, padding=1),
+            nn.Dropout(dropout), nn.Conv2d(192, 192 * 2, 5, padding=3), Maxout(2), nn.MaxPool2d(2, 2))
         self.pool = nn.AdaptiveMaxPool2d(4)
-        self.head = nn.Sequential(nn.Flatten(1), nn.Dropout(dropout), nn.Linear(192 * 16, 500 * 5), _Maxout1d(5))
-        self.fc = nn.Linear(500, num_classes)
+        self.head = nn.Sequential(nn.Flatten(1), nn.Dropout(dropout), nn.Linear(192 * 16, 500 * 5), Maxout(5))
+        self.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(500, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> logits (B, num_classes)."""
         return self.fc(self.head(self.pool(self.features(x))))
 
     def detection_parts(self) -> DetectionParts:
-        trunk = nn.Sequential(*list(self.features)[:-1])
-        return DetectionParts(trunk=trunk, roi_head=self.head, out_channels=192, stride=4, head_channels=500,
-                              stages=[trunk])
-
-
-class _Maxout1d(nn.Module):
-    def __init__(self, pieces: int):
-        super().__init__()
-        self.pieces = pieces
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.view(x.shape[0], -1, self.pieces).amax(dim=2)
-
-
-def nin(num_classes: int = 1000, dropout: float = 0.5) -> NIN:
-    return NIN(num_classes, dropout)
+        layers = list(self.features)[:-1]
+        return DetectionParts(trunk=nn.Sequential(*layers), roi_head=self.head, out_channels=192, stride=4,
+                              head_channels=500, stages=stages_at_convolutions(layers))
 
 
 def maxout_cnn(num_classes: int = 10, dropout: float = 0.5) -> MaxoutCNN:
@@ -270,7 +353,7 @@ def maxout_cnn(num_classes: int = 10, dropout: float = 0.5) -> MaxoutCNN:
 
 
 class SpatialPyramidPool(nn.Module):
-    """Max pooling into fixed grids of several sizes, concatenated (He et al. 2014):
+    """Max pooling into fixed grids of several sizes, concatenated (He et al. 2014, SPP-net):
     (B, C, H, W) -> (B, C * sum(l^2))."""
 
     def __init__(self, levels: tuple[int, ...] = (7, 3, 2, 1)):
@@ -282,61 +365,73 @@ class SpatialPyramidPool(nn.Module):
 
 
 class PReLUNet(Backbone):
-    """The MSRA PReLU-nets (He et al. 2015, Table 3): a 7x7/2 conv, then three stages of 3x3 convs at
-    56, 28 and 14 pixels (5 layers each for model A; 6 for B; 6 and wider, 384/768/896, for C), an SPP layer
-    {7, 3, 2, 1} and fc 4096-4096-1000, with parametric ReLUs (one slope per channel) and the paper's
-    initialisation, std = sqrt(2 / (k^2 c)) with the PReLU slopes' gain."""
+    """The MSRA PReLU-nets (He et al. 2015, Table 3; the notes' table): 7x7/2 conv of 96, 2x2/2 max pooling,
+    then three stages of 3x3 convolutions at 56, 28 and 14 pixels with 2x2/2 max pooling between them
+    (``depth`` layers per stage: 5 for model A, 6 for B and C; widths 256/512/512, or 384/768/896 for C),
+    a spatial pyramid pooling layer {7, 3, 2, 1} (63 bins) after the last convolution, and fc
+    4096-4096-classes with dropout. Every layer but the last is followed by a channel-wise PReLU
+    (slopes initialised to 0.25). Weights are drawn with std sqrt(2 / n_l), n_l = k^2 c (the notes' and the
+    paper's Eq. 10), biases 0.
+
+    Detection: the trunk is the convolutions up to the 14x14 stage (stride 16); the RoI head is SPP and
+    fc1-fc2 on 7x7 RoIs, as SPP-net uses it for detection.
+    """
 
     def __init__(self, depth: int, widths: tuple[int, int, int], num_classes: int = 1000, dropout: float = 0.5):
         super().__init__()
         self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7, min_input_size=64)
-        layers: list[nn.Module] = [nn.Conv2d(3, 96, 7, 2, 3), nn.PReLU(96, 0.25), nn.MaxPool2d(3, 2, 1)]
+        layers: list[nn.Module] = [nn.Conv2d(3, 96, 7, 2, 3), nn.PReLU(96, 0.25), nn.MaxPool2d(2, 2)]
         cin = 96
-        self.stage_ends = []
         for i, w in enumerate(widths):
+            if i > 0:
+                layers.append(nn.MaxPool2d(2, 2))
             for _ in range(depth):
                 layers += [nn.Conv2d(cin, w, 3, padding=1), nn.PReLU(w, 0.25)]
                 cin = w
-            layers.append(nn.MaxPool2d(2, 2))
         self.features = nn.Sequential(*layers)
         self.spp = SpatialPyramidPool((7, 3, 2, 1))
-        bins = 49 + 9 + 4 + 1
+        bins = 7 * 7 + 3 * 3 + 2 * 2 + 1
         self.classifier = nn.Sequential(nn.Linear(cin * bins, 4096), nn.PReLU(4096, 0.25), nn.Dropout(dropout),
                                         nn.Linear(4096, 4096), nn.PReLU(4096, 0.25), nn.Dropout(dropout),
                                         nn.Linear(4096, num_classes))
-        self._out = cin
+        self._out_channels = cin
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                # He et al. 2015, Eq. 10 with a = 0.25: std = sqrt(2 / ((1 + a^2) n)).
-                fan_in = m.weight[0].numel()
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / ((1 + 0.25**2) * fan_in)))
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")  # std sqrt(2 / n_l)
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        # The last stage's pooling is replaced by SPP in the paper; features end with a pool we skip.
-        return self.classifier(self.spp(self.features[:-1](x)))
+        """(B, 3, H, W) -> logits (B, num_classes)."""
+        return self.classifier(self.spp(self.features(x)))
 
     def detection_parts(self) -> DetectionParts:
-        trunk = nn.Sequential(*list(self.features)[:-1])
+        layers = list(self.features)
+        pools = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
+        # stem (conv1 + pool), then the 56, 28 and 14 pixel stages.
+        bounds = [0, pools[0] + 1, pools[1] + 1, pools[2] + 1, len(layers)]
+        stages = [nn.Sequential(*layers[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         head = nn.Sequential(self.spp, *list(self.classifier)[:-1])
-        return DetectionParts(trunk=trunk, roi_head=head, out_channels=self._out, stride=16, head_channels=4096,
-                              stages=[nn.Sequential(*list(self.features)[:3])])
+        return DetectionParts(trunk=self.features, roi_head=head, out_channels=self._out_channels, stride=16,
+                              head_channels=4096, stages=stages)
 
 
 def prelu_net_a(num_classes: int = 1000) -> PReLUNet:
+    """Model A: 19 weight layers (1 + 3 x 5 convolutions + 3 fc), 1.90 x 10^10 multiply-adds at 224."""
     return PReLUNet(5, (256, 512, 512), num_classes)
 
 
 def prelu_net_b(num_classes: int = 1000) -> PReLUNet:
+    """Model B: 22 weight layers (1 + 3 x 6 + 3), 2.32 x 10^10 multiply-adds."""
     return PReLUNet(6, (256, 512, 512), num_classes)
 
 
 def prelu_net_c(num_classes: int = 1000) -> PReLUNet:
+    """Model C: model B with 384/768/896 filters, 5.30 x 10^10 multiply-adds."""
     return PReLUNet(6, (384, 768, 896), num_classes)
 
 
 VARIANTS = {
     "mnist_cnn": mnist_cnn, "cifar_cnn": cifar_cnn, "lenet5": lenet5, "alexnet": alexnet, "alexnet_tv": AlexNetTV,
-    "zfnet": zfnet, "zfnet_512_1024_512": zfnet_512_1024_512, "nin": nin, "maxout_cnn": maxout_cnn,
-    "prelu_net_a": prelu_net_a, "prelu_net_b": prelu_net_b, "prelu_net_c": prelu_net_c,
+    "zfnet": zfnet, "zfnet_512_1024_512": zfnet_512_1024_512, "nin": nin, "nin_cifar": nin_cifar,
+    "maxout_cnn": maxout_cnn, "prelu_net_a": prelu_net_a, "prelu_net_b": prelu_net_b, "prelu_net_c": prelu_net_c,
 }

@@ -12,6 +12,9 @@ from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
 
 
 class Fire(nn.Module):
+    """A fire module (Sec. 3.2): squeeze to ``squeeze`` channels with 1x1 convolutions, then expand with
+    ``e1`` 1x1 and ``e3`` 3x3 convolutions side by side: (B, cin, H, W) -> (B, e1 + e3, H, W)."""
+
     def __init__(self, cin: int, squeeze: int, e1: int, e3: int):
         super().__init__()
         self.squeeze = nn.Conv2d(cin, squeeze, 1)
@@ -28,6 +31,9 @@ class Fire(nn.Module):
 
 
 class SqueezeNet(Backbone):
+    """SqueezeNet ``version`` "1_0" (Table 1 of the paper) or "1_1" (the SqueezeNet repository's v1.1:
+    3x3 conv1 of 64 filters and earlier pooling, 2.4x less computation, same accuracy)."""
+
     def __init__(self, version: str = "1_0", num_classes: int = 1000, dropout: float = 0.5):
         super().__init__()
         self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7, min_input_size=64)
@@ -57,14 +63,19 @@ class SqueezeNet(Backbone):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> logits (B, num_classes): a 1x1 conv to class maps, averaged."""
         return self.classifier(self.features(x)).flatten(1)
 
     def detection_parts(self) -> DetectionParts:
         layers = list(self.features)
-        trunk = nn.Sequential(*layers[:-1])
+        trunk_layers = layers[:-1]
+        # A stage ends at each max pooling: conv1, then the fire modules of each resolution.
+        ends = [i + 1 for i, m in enumerate(trunk_layers) if isinstance(m, nn.MaxPool2d)]
+        bounds = [0] + ends + ([len(trunk_layers)] if ends[-1] < len(trunk_layers) else [])
+        stages = [nn.Sequential(*trunk_layers[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         head = nn.Sequential(layers[-1], nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        return DetectionParts(trunk=trunk, roi_head=head, out_channels=512, stride=16, head_channels=512,
-                              stages=[nn.Sequential(*layers[:3])])
+        return DetectionParts(trunk=nn.Sequential(*trunk_layers), roi_head=head, out_channels=512, stride=16,
+                              head_channels=512, stages=stages)
 
 
 def squeezenet1_0(num_classes: int = 1000, dropout: float = 0.5) -> SqueezeNet:

@@ -31,7 +31,8 @@ def make_features(cfg: list, batch_norm: bool) -> nn.Sequential:
         if v == "M":
             layers.append(nn.MaxPool2d(2, 2))
         elif v == "L":
-            layers.append(nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0))  # AlexNet's LRN settings
+            # AlexNet's LRN (n=5, alpha=1e-4, beta=0.75, k=2); torch divides alpha by n, the paper does not.
+            layers.append(nn.LocalResponseNorm(5, alpha=5 * 1e-4, beta=0.75, k=2.0))
         else:
             k, width = (1, int(v[2:])) if isinstance(v, str) else (3, v)
             layers.append(nn.Conv2d(cin, width, k, padding=k // 2))
@@ -43,6 +44,8 @@ def make_features(cfg: list, batch_norm: bool) -> nn.Sequential:
 
 
 class VGG(Backbone):
+    """A VGG configuration: ``features`` (conv blocks), adaptive 7x7 average pooling, fc6-fc7-fc8."""
+
     def __init__(self, config: str, batch_norm: bool = False, num_classes: int = 1000, dropout: float = 0.5):
         super().__init__()
         self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7)
@@ -62,6 +65,7 @@ class VGG(Backbone):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> logits (B, num_classes)."""
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
 
     def detection_parts(self) -> DetectionParts:
