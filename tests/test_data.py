@@ -1,13 +1,14 @@
-"""Data layer: COCO/VOC loaders, sanitisation, bad-input errors, images, augmentation, synthetic data."""
+"""Data layer: COCO/VOC loaders, sanitisation, bad-input errors, images, augmentation (synthetic data: test_synth)."""
 import json
 import logging
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
-from detkit.data import COCODataset, DatasetError, ImageReadError, VOCDataset, build_transform, read_image
-from detkit.data.synth import CLASSES, synthesize, synthesize_video
+from detkit.data import COCODataset, DatasetError, ImageReadError, VOCDataset, build_transform, collate, read_image
+from detkit.data.synth import CLASSES, synthesize
 
 
 def write_png(path, h=40, w=60, channels=3, value=128):
@@ -41,15 +42,51 @@ def test_coco_contiguous_labels_and_sanitisation(coco_dir, caplog):
     with caplog.at_level(logging.WARNING):
         ds = COCODataset(str(root / "images"), str(root / "ann.json"), skip_empty=True)
     assert ds.class_names == ["ant", "bee", "cat"] and ds.cat_ids == [3, 7, 12]
-    assert "clipped 1 boxes" in caplog.text and "dropped 2 degenerate" in caplog.text and "ann.json" in caplog.text
+    assert "ann.json: clipped 1 box, dropped 2 degenerate boxes" in caplog.text
     image, target = ds[0]
     assert image.shape == (40, 60, 3) and image.dtype == np.uint8
     assert target["labels"].tolist() == [2, 3]  # bee, cat; the crowd region is not a training target
     assert target["boxes"].tolist() == [[5, 5, 15, 15], [50, 30, 60, 40]]
     assert ds.train_indices == [0]  # image b has no objects
     gt = ds.to_coco()
-    assert {a["category_id"] for a in gt["annotations"]} == {3, 7, 12}
-    assert sum(a["iscrowd"] for a in gt["annotations"]) == 1
+    assert [(a["category_id"], a["bbox"], a["iscrowd"]) for a in gt["annotations"]] == [
+        (7, [5, 5, 10, 10], 0), (12, [50, 30, 10, 10], 0), (3, [0, 0, 30, 30], 1)]  # labels map back via cat_ids
+    assert [c["id"] for c in gt["categories"]] == [3, 7, 12] and [i["id"] for i in gt["images"]] == [10, 11]
+    assert [a["area"] for a in gt["annotations"]] == [100, 100, 900]  # box areas where the file states none
+    assert ds.image_info(1) == {"id": 11, "file_name": str(root / "images" / "b.png"), "height": 40, "width": 60}
+
+
+def test_coco_area_and_float_sizes_are_kept(coco_dir):
+    root, data = coco_dir
+    data["annotations"][0]["area"] = 61.5  # a segment's area, smaller than its box's: it decides APs/APm/APl
+    data["images"][0].update(height=40.0, width=60.0)
+    (root / "area.json").write_text(json.dumps(data))
+    ds = COCODataset(str(root / "images"), str(root / "area.json"))
+    assert ds.image_info(0)["height"] == 40 and [a["area"] for a in ds.to_coco()["annotations"]][:2] == [61.5, 100]
+
+
+def test_non_finite_boxes_are_dropped_and_counted(coco_dir, caplog):
+    root, data = coco_dir
+    data["annotations"] = [{"id": 1, "image_id": 10, "category_id": 3, "bbox": [float("nan"), 1, 5, 5]},
+                           {"id": 2, "image_id": 10, "category_id": 3, "bbox": [1, 1, float("inf"), 5]},
+                           {"id": 3, "image_id": 11, "category_id": 3, "bbox": [1, 1, 5, 5]}]
+    (root / "nan.json").write_text(json.dumps(data))  # Python's json writes and reads NaN/Infinity
+    with caplog.at_level(logging.WARNING):
+        ds = COCODataset(str(root / "images"), str(root / "nan.json"), skip_empty=True)
+    assert "nan.json: clipped 0 boxes, dropped 2 degenerate boxes" in caplog.text
+    assert len(ds.annotations(0)["boxes"]) == 0 and ds.train_indices == [1]
+
+
+def test_image_size_differing_from_the_annotation_warns_once(coco_dir, caplog):
+    root, data = coco_dir
+    write_png(root / "images" / "a.png", h=30, w=50)  # the file says 40x60
+    ds = COCODataset(str(root / "images"), str(root / "ann.json"))
+    with caplog.at_level(logging.WARNING):
+        image, target = ds[0]
+        ds[0]
+    assert image.shape == (30, 50, 3) and target["orig_size"] == (30, 50)
+    assert target["boxes"].tolist() == [[5, 5, 15, 15]]  # (50, 30, 60, 40) has no area inside 50x30
+    assert caplog.text.count("a.png: image is 50x30") == 1
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -73,16 +110,34 @@ def test_coco_empty_and_invalid_files(coco_dir):
     (root / "broken.json").write_text("{not json")
     with pytest.raises(DatasetError, match="broken.json: invalid JSON"):
         COCODataset(str(root / "images"), str(root / "broken.json"))
-    with pytest.raises(DatasetError, match="not found"):
+    with pytest.raises(DatasetError, match="annotation file not found: .*missing.json"):
         COCODataset(str(root / "images"), str(root / "missing.json"))
+    with pytest.raises(DatasetError, match="images directory not found: .*nowhere"):
+        COCODataset(str(root / "nowhere"), str(root / "ann.json"))
 
 
-def make_voc(root, objects_xml, classes_line="a"):
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["annotations"][1].update(bbox=[1, 2, 3]), r"annotation 2: 'bbox' must be \[x, y, width, height\]"),
+    (lambda d: d["images"].append(dict(d["images"][0])), "image id 10 appears twice"),
+    (lambda d: d["images"][1].pop("height"), "image 11 .images.1.. has no 'height'"),
+    (lambda d: d["categories"].append({"id": 3, "name": "again"}), "category id 3 appears twice"),
+    (lambda d: d["images"][0].update(width=60.5), "image 10 has width=60.5, expected a positive integer"),
+    (lambda d: d["images"][0].update(height=0), "image 10 has height=0, expected a positive integer"),
+])
+def test_coco_bad_entries_are_named(coco_dir, edit, message):
+    root, data = coco_dir
+    edit(data)
+    (root / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match="bad.json: .*" + message):
+        COCODataset(str(root / "images"), str(root / "bad.json"))
+
+
+def make_voc(root, objects_xml, width=60):
     for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (root / d).mkdir(parents=True, exist_ok=True)
     write_png(root / "JPEGImages" / "0001.png")
     (root / "Annotations" / "0001.xml").write_text(
-        f"<annotation><filename>0001.png</filename><size><width>60</width><height>40</height></size>"
+        f"<annotation><filename>0001.png</filename><size><width>{width}</width><height>40</height></size>"
         f"{objects_xml}</annotation>")
     (root / "ImageSets" / "Main" / "trainval.txt").write_text("0001\n")
 
@@ -100,6 +155,7 @@ def test_voc_difficult_and_one_based_coordinates(tmp_path):
     assert target["boxes"].tolist() == [[0, 0, 10, 20], [4, 4, 30, 30]]
     assert target["labels"].tolist() == [2, 1] and target["difficult"].tolist() == [False, True]
     assert [a["iscrowd"] for a in ds.to_coco()["annotations"]] == [0, 1]  # difficult ignored by the metric
+    assert ds.cat_ids == [1, 2] and ds.image_info(0)["id"] == 1
     assert len(VOCDataset(str(tmp_path), classes=["cat", "dog"], use_difficult=False)[0][1]["labels"]) == 1
 
 
@@ -110,15 +166,38 @@ def test_voc_errors_name_the_file(tmp_path):
     make_voc(tmp_path, "<object><name>cat</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax></bndbox></object>")
     with pytest.raises(DatasetError, match=r"0001.xml: object 0 \(cat\) <bndbox> has no <ymax>"):
         VOCDataset(str(tmp_path), classes=["cat"])
-    with pytest.raises(DatasetError, match="test.txt"):
+    make_voc(tmp_path, voc_object("cat", (1, "one", 10, 10)))
+    with pytest.raises(DatasetError, match=r"0001.xml: object 0 \(cat\) <bndbox> <ymin> is 'one'"):
+        VOCDataset(str(tmp_path), classes=["cat"])
+    make_voc(tmp_path, voc_object("cat", (1, 1, 10, 10)), width=0)
+    with pytest.raises(DatasetError, match=r"0001.xml: <size> is 0x40 \(WxH\), expected a positive"):
+        VOCDataset(str(tmp_path), classes=["cat"])
+    with pytest.raises(DatasetError, match="split file not found: .*test.txt"):
         VOCDataset(str(tmp_path), split="test", classes=["cat"])
+    (tmp_path / "ImageSets" / "Main" / "empty.txt").write_text("\n")
+    with pytest.raises(DatasetError, match="empty.txt: the split lists no images"):
+        VOCDataset(str(tmp_path), split="empty", classes=["cat"])
+    (tmp_path / "ImageSets" / "Main" / "gone.txt").write_text("0002\n")
+    with pytest.raises(DatasetError, match="gone.txt: image '0002': annotation .*0002.xml not found"):
+        VOCDataset(str(tmp_path), split="gone", classes=["cat"])
 
 
 def test_read_image_conversions_and_errors(tmp_path):
-    write_png(tmp_path / "gray.png", channels=1)
-    write_png(tmp_path / "rgba.png", channels=4)
-    assert read_image(tmp_path / "gray.png").shape == (40, 60, 3)
-    assert read_image(tmp_path / "rgba.png").shape == (40, 60, 3)
+    write_png(tmp_path / "gray.png", channels=1, value=77)
+    bgra = np.zeros((40, 60, 4), np.uint8)
+    bgra[..., 2], bgra[..., 3] = 200, 10  # red, nearly transparent
+    cv2.imwrite(str(tmp_path / "rgba.png"), bgra)
+    cv2.imwrite(str(tmp_path / "deep.png"), np.full((40, 60, 3), 65535, np.uint16))
+    gray, rgba, deep = (read_image(tmp_path / n) for n in ("gray.png", "rgba.png", "deep.png"))
+    assert gray.shape == rgba.shape == deep.shape == (40, 60, 3)
+    assert gray.dtype == rgba.dtype == deep.dtype == np.uint8
+    assert (gray == 77).all() and rgba[0, 0].tolist() == [200, 0, 0] and (deep == 255).all()  # alpha dropped
+    (tmp_path / "bilder").mkdir()
+    write_png(tmp_path / "bilder" / "größe 画像.png")  # non-ASCII path
+    assert read_image(tmp_path / "bilder" / "größe 画像.png").shape == (40, 60, 3)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageReadError, match="empty.png: empty file"):
+        read_image(tmp_path / "empty.png")
     (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
     with pytest.raises(ImageReadError, match="corrupt.jpg"):
         read_image(tmp_path / "corrupt.jpg")
@@ -135,41 +214,40 @@ def test_hflip_maps_boxes_and_is_seeded():
     np.testing.assert_allclose(boxes, [[45.0, 2.0, 55.0, 12.0]], atol=1e-4)  # x1' = W - x2
     assert labels.tolist() == [3] and extra["difficult"].tolist() == [True] and out[:, -1].min() == 255
     half = build_transform(train=True, hflip=0.5)
-    draws = []
-    for seed in (1, 2, 3, 1, 2, 3):
-        half.set_seed(seed)
-        draws.append(half(image, np.array([[5.0, 2.0, 15.0, 12.0]]), np.array([1]))[1][0, 0])
-    assert draws[:3] == draws[3:]
-    assert build_transform(train=False) is None
+
+    def draws():
+        out = []
+        for seed in range(24):
+            half.set_seed(seed)
+            out.append(float(half(image, np.array([[5.0, 2.0, 15.0, 12.0]]), np.array([1]))[1][0, 0]))
+        return out
+
+    first = draws()
+    assert first == draws() and set(first) == {5.0, 45.0}  # reproducible per seed, and both outcomes occur
+
+    def sequence(seed):  # a pipeline built with a seed repeats its whole sequence of draws
+        t = build_transform(train=True, hflip=0.5, seed=seed)
+        return [float(t(image, np.array([[5.0, 2.0, 15.0, 12.0]]), np.array([1]))[1][0, 0]) for _ in range(24)]
+
+    assert sequence(3) == sequence(3) and set(sequence(3)) == {5.0, 45.0} and sequence(3) != sequence(4)
+    for identity in (build_transform(train=False), build_transform(train=True, hflip=0.0)):
+        out, boxes, labels, extra = identity(image, [[5, 2, 15, 12]], [3], {"difficult": [True]})
+        assert out is image and boxes.tolist() == [[5, 2, 15, 12]] and boxes.dtype == np.float32
+        assert labels.tolist() == [3] and extra["difficult"].tolist() == [True]
+    empty = t(image, np.zeros((0, 4)), np.zeros(0, np.int64), {"difficult": np.zeros(0, bool)})
+    assert empty[1].shape == (0, 4) and len(empty[2]) == len(empty[3]["difficult"]) == 0
 
 
-def test_synth_is_deterministic_and_loadable(tmp_path):
-    a, b, c = (synthesize(str(tmp_path / n), "coco", 50, seed=s, image_size=(96, 128))
-               for n, s in (("a", 0), ("b", 0), ("c", 1)))
-    assert a == b and a["objects"] > 50
-    for name in ("000000.png", "000037.png"):
-        assert (tmp_path / "a" / "images" / name).read_bytes() == (tmp_path / "b" / "images" / name).read_bytes()
-    assert (tmp_path / "a" / "annotations.json").read_text() == (tmp_path / "b" / "annotations.json").read_text()
-    assert (tmp_path / "a" / "images" / "000000.png").read_bytes() != (tmp_path / "c" / "images" / "000000.png").read_bytes()
-    ds = COCODataset(str(tmp_path / "a" / "images"), str(tmp_path / "a" / "annotations.json"))
-    labels = np.concatenate([ds.annotations(i)["labels"] for i in range(len(ds))])
-    assert set(labels.tolist()) == set(range(1, len(CLASSES) + 1))  # every class present
-    boxes = np.concatenate([ds.annotations(i)["boxes"] for i in range(len(ds))])
-    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 128).all() and (boxes[:, 3] <= 96).all()
-    synthesize(str(tmp_path / "v"), "voc", 5, seed=0, image_size=(96, 128))
-    voc = VOCDataset(str(tmp_path / "v"), split="test", classes=list(CLASSES))
-    assert len(voc) == 5
-
-
-def test_synth_video_frame_count(tmp_path):
-    path = tmp_path / "clip.mp4"
-    synthesize_video(str(path), 7, seed=0, fps=10, size=(64, 96))
-    cap = cv2.VideoCapture(str(path))
-    n = 0
-    while cap.read()[0]:
-        n += 1
-    assert n == 7 and cap.get(cv2.CAP_PROP_FPS) == pytest.approx(10)
-    assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]  # no temp file left behind
+def test_dataset_applies_the_transform_and_collate_keeps_lists(tmp_path):
+    make_voc(tmp_path, voc_object("dog", (1, 1, 10, 20)) + voc_object("cat", (41, 5, 60, 30), difficult=1))
+    ds = VOCDataset(str(tmp_path), classes=["cat", "dog"], transform=build_transform(train=True, hflip=1.0))
+    ds.transform.set_seed(0)
+    image, target = ds[0]
+    np.testing.assert_allclose(target["boxes"], [[50, 0, 60, 20], [0, 4, 20, 30]], atol=1e-4)  # x1' = W - x2
+    assert target["labels"].tolist() == [2, 1] and target["difficult"].tolist() == [False, True]
+    assert target["boxes"].dtype == torch.float32 and target["labels"].dtype == torch.int64
+    images, targets = collate([ds[0], ds[0]])
+    assert len(images) == len(targets) == 2 and images[0].shape == (40, 60, 3)
 
 
 def test_concat_07_plus_12(tmp_path, registries):

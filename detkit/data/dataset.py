@@ -26,7 +26,8 @@ class DatasetError(ValueError):
 
 @dataclass
 class ImageRecord:
-    """One image's annotations. boxes ``(N, 4)`` float32 xyxy pixels; labels ``(N,)`` in 1..K."""
+    """One image's annotations. boxes ``(N, 4)`` float32 xyxy pixels; labels ``(N,)`` in 1..K; area ``(N,)``
+    the object areas the source file states (COCO's segment areas, NaN where unknown: the box area is used)."""
 
     id: int
     file_name: str
@@ -36,11 +37,20 @@ class ImageRecord:
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     difficult: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
     iscrowd: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
+    area: np.ndarray | None = None
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}es"
 
 
 def sanitize_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, int, np.ndarray]:
-    """Clip ``boxes (N, 4)`` to the image; returns ``(clipped, n_clipped, keep_mask)`` where ``keep_mask``
-    drops non-finite boxes and boxes without area after clipping."""
+    """Clip ``boxes (N, 4)`` xyxy to ``[0, width] x [0, height]``.
+
+    Returns ``(clipped (N, 4) float32, n_clipped, keep (N,) bool)``: ``keep`` is False for boxes with a
+    non-finite coordinate and for boxes left with zero or negative width or height after clipping;
+    ``n_clipped`` counts the kept boxes that clipping changed.
+    """
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     finite = np.isfinite(boxes).all(axis=1)
     clipped = boxes.copy()
@@ -58,6 +68,13 @@ class DetectionDataset(torch.utils.data.Dataset):
     ``boxes`` (N, 4) float32, ``labels`` (N,) int64 in 1..K, ``difficult``/``iscrowd`` (N,) bool
     (crowd regions are not training targets and are left out), ``image_id``, ``orig_size`` (h, w)
     and ``file_name``.
+
+    ``class_names[i]`` is the name of label ``i + 1`` and ``cat_ids[i]`` its category id in the source
+    files (for results files). ``train_indices`` is, with ``skip_empty=True``, the indices of the images
+    with at least one non-crowd box (the trainer samples only those), else None. Boxes are sanitised
+    once, here: clipped to the image, and dropped when non-finite or without area after clipping; the
+    counts are logged once per dataset. A transform, when given, is called as
+    ``transform(image, boxes, labels, {"difficult": difficult}) -> (image, boxes, labels, extra)``.
     """
 
     def __init__(self, records: list[ImageRecord], class_names: list[str], cat_ids: list[int], source: str,
@@ -77,18 +94,25 @@ class DetectionDataset(torch.utils.data.Dataset):
             r.boxes, r.labels = boxes[keep], np.asarray(r.labels, np.int64)[keep]
             r.difficult = np.asarray(r.difficult, bool)[keep] if len(r.difficult) else np.zeros(len(r.boxes), bool)
             r.iscrowd = np.asarray(r.iscrowd, bool)[keep] if len(r.iscrowd) else np.zeros(len(r.boxes), bool)
+            if r.area is not None:
+                r.area = np.asarray(r.area, np.float64)[keep]
         if clipped or dropped:
-            log.warning("%s: clipped %d boxes to their image, dropped %d degenerate boxes", source, clipped, dropped)
+            log.warning("%s: clipped %s, dropped %s", source, _count(clipped, "box"),
+                        _count(dropped, "degenerate box"))
+        self._size_warned: set[str] = set()  # a mismatched image is reported once, not once per epoch
         self.train_indices = ([i for i, r in enumerate(records) if (~r.iscrowd).any()] if skip_empty else None)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def image_info(self, index: int) -> dict:
+        """``{"id", "file_name" (the image's path), "height", "width"}`` as the annotation file states them."""
         r = self.records[index]
         return {"id": r.id, "file_name": r.file_name, "height": r.height, "width": r.width}
 
     def annotations(self, index: int) -> dict:
+        """The sanitised annotations of image ``index`` without reading the image: ``boxes (N, 4)`` float32
+        xyxy, ``labels (N,)`` int64 in 1..K, ``difficult``/``iscrowd (N,)`` bool (crowd regions included)."""
         r = self.records[index]
         return {"boxes": r.boxes, "labels": r.labels, "difficult": r.difficult, "iscrowd": r.iscrowd}
 
@@ -98,8 +122,10 @@ class DetectionDataset(torch.utils.data.Dataset):
         h, w = image.shape[:2]
         boxes, labels, difficult = r.boxes, r.labels, r.difficult
         if (h, w) != (r.height, r.width):
-            log.warning("%s: image is %dx%d but %s says %dx%d; using the real size", r.file_name, w, h,
-                        self.source, r.width, r.height)
+            if r.file_name not in self._size_warned:
+                self._size_warned.add(r.file_name)
+                log.warning("%s: image is %dx%d (WxH) but %s says %dx%d; boxes are clipped to the real size, "
+                            "not rescaled", r.file_name, w, h, self.source, r.width, r.height)
             boxes, _, keep = sanitize_boxes(boxes, h, w)
             boxes, labels, difficult = boxes[keep], labels[keep], difficult[keep]
             crowd = r.iscrowd[keep]
@@ -122,16 +148,19 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def to_coco(self) -> dict:
         """Ground truth as a COCO dict (original category ids; VOC ``difficult`` objects as crowd regions,
-        which the COCO metric neither rewards nor penalises)."""
+        which the COCO metric neither rewards nor penalises). ``area`` is the source's own where it has one
+        (COCO's segment area, which decides small/medium/large), else the box area."""
         images, annotations = [], []
         ann_id = 1
         for r in self.records:
             images.append({"id": r.id, "file_name": os.path.basename(r.file_name), "height": r.height,
                            "width": r.width})
-            for box, label, diff, crowd in zip(r.boxes, r.labels, r.difficult, r.iscrowd):
+            areas = r.area if r.area is not None else np.full(len(r.boxes), np.nan)
+            for box, label, diff, crowd, area in zip(r.boxes, r.labels, r.difficult, r.iscrowd, areas):
                 x1, y1, x2, y2 = (float(v) for v in box)
+                area = float(area) if np.isfinite(area) and area > 0 else (x2 - x1) * (y2 - y1)
                 annotations.append({"id": ann_id, "image_id": r.id, "category_id": self.cat_ids[int(label) - 1],
-                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": area,
                                     "iscrowd": int(bool(crowd) or bool(diff))})
                 ann_id += 1
         categories = [{"id": c, "name": n} for c, n in zip(self.cat_ids, self.class_names)]

@@ -2,7 +2,11 @@
 
 Every image enters detkit as ``(H, W, 3)`` uint8 RGB. Grayscale images are
 replicated to three channels, 16-bit images scaled to 8 bits, and an alpha
-channel is dropped (the colour channels are kept as stored).
+channel is dropped (the colour channels are kept as stored, not composited on
+a background: detection datasets have no transparent objects, and compositing
+would invent a background colour). The file is read with ``np.fromfile`` and
+decoded with ``cv2.imdecode``, so paths with non-ASCII characters work on every
+platform.
 """
 from __future__ import annotations
 
@@ -17,6 +21,12 @@ class ImageReadError(ValueError):
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
+    """The image at ``path`` as ``(H, W, 3)`` uint8 RGB.
+
+    Grayscale is replicated to three channels, 16-bit is scaled to 8 bits (``/ 257``), other depths are
+    min-max stretched, and an alpha channel is dropped without compositing. Raises ImageReadError (naming
+    the path and the reason) for a missing, empty, undecodable or zero-size image.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ImageReadError(f"{path}: image file not found")
@@ -26,7 +36,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if data.size == 0:
         raise ImageReadError(f"{path}: empty file")
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # a few decoders raise on truncated data instead of returning None
+        raise ImageReadError(f"{path}: not a decodable image ({str(exc).strip().splitlines()[-1]})") from None
     if image is None or image.size == 0:
         raise ImageReadError(f"{path}: not a decodable image (corrupt or unsupported format)")
     if image.dtype == np.uint16:

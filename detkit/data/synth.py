@@ -1,14 +1,17 @@
 """The built-in synthetic detection dataset.
 
 Five classes that differ in both shape and colour (red circle, green square,
-blue triangle, yellow star, magenta cross), with colour jitter so that colour
-alone is not a sufficient cue, at scales from 8% to 50% of the shorter image
+blue triangle, yellow star, magenta cross), with colour jitter, and 15% of the
+objects painted in another class's colour so that colour alone is not a
+sufficient cue, at scales from 8% to 50% of the shorter image
 side and aspect ratios from 1:2 to 2:1, slightly rotated, occluding each other
 and occluded by clutter, on textured backgrounds (gradients, noise, lines and
 blobs in distractor colours, including outlines of the object shapes in other
-colours). An object is annotated when at least 40% of its pixels stay visible;
-its box is the tight box of its full (amodal) shape. About 5% of the images
-have no objects. Output is deterministic for a seed (byte-identical PNGs).
+colours). An object is annotated when at least 40% of its pixels stay visible
+(one more than 60% hidden by later objects or clutter is not); its box is the
+tight box of its whole (amodal) shape, cut at the image border. About 5% of
+the images have no objects. Output is deterministic for a seed (byte-identical
+PNGs): 300 images of 240x320 take about 3 s on one core.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import numpy as np
 CLASSES = ("circle", "square", "triangle", "star", "cross")
 COLOURS = ((220, 40, 40), (40, 190, 60), (50, 70, 220), (235, 215, 40), (210, 50, 210))  # RGB
 MIN_VISIBLE = 0.4
+SWAPPED_COLOUR = 0.15  # fraction of objects in another class's colour
 
 
 def _unit_polygon(kind: str) -> np.ndarray:
@@ -86,8 +90,13 @@ def _distractor_outlines(rng: np.random.Generator, img: np.ndarray) -> None:
         cv2.polylines(img, [pts], True, colour, 1, cv2.LINE_AA, shift=4)
 
 
-def render(rng: np.random.Generator, h: int, w: int):
-    """One image ``(H, W, 3)`` RGB and its annotations ``(boxes (N, 4) xyxy, labels (N,) in 0..4)``."""
+def render(rng: np.random.Generator, swap_rng: np.random.Generator, h: int,
+           w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image ``(H, W, 3)`` uint8 RGB and its annotations ``(boxes (N, 4) float32 xyxy, labels (N,) in 0..4)``.
+
+    ``rng`` draws the layout; ``swap_rng`` only which objects wear another class's colour (a stream of its own,
+    so that the layout of an image does not depend on the swaps).
+    """
     img = _background(rng, h, w)
     _distractor_outlines(rng, img)
     n = 0 if rng.random() < 0.05 else int(rng.integers(1, 7))
@@ -106,7 +115,10 @@ def render(rng: np.random.Generator, h: int, w: int):
         ys, xs = np.nonzero(mask)
         if len(xs) < 16:
             continue
-        colour = np.array(_jitter(rng, label), np.float32)
+        colour_of = label
+        if swap_rng.random() < SWAPPED_COLOUR:
+            colour_of = (label + int(swap_rng.integers(1, len(CLASSES)))) % len(CLASSES)
+        colour = np.array(_jitter(rng, colour_of), np.float32)
         shade = 1.0 + rng.normal(0, 0.06, (len(ys), 1))  # a little texture on the object
         img[ys, xs] = np.clip(colour[None, :] * shade, 0, 255).astype(np.uint8)
         owner[ys, xs] = k
@@ -144,8 +156,17 @@ def _write_text_atomic(path: str, text: str) -> None:
 
 
 def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: tuple[int, int] = (240, 320)) -> dict:
-    """Write ``num_images`` images with annotations in COCO (``images/``, ``annotations.json``)
-    or VOC (``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/``) layout."""
+    """Write ``num_images`` PNG images of ``image_size`` (h, w) with their annotations.
+
+    ``fmt="coco"``: ``images/`` and ``annotations.json`` (category ids 1..5 in the order of CLASSES).
+    ``fmt="voc"``: ``JPEGImages/``, ``Annotations/*.xml`` (1-based VOC coordinates) and
+    ``ImageSets/Main/{train,val,trainval,test}.txt``, where trainval and test list every image and
+    train/val partition them (every fifth image is val). Image i is drawn from ``default_rng([seed, i])``
+    (its colour swaps from ``default_rng([seed, i, 1])``), so the output is byte-identical for a seed.
+    Returns ``{"images", "objects", "per_class", "classes", "format"}``.
+    """
+    if seed < 0:
+        raise ValueError(f"seed={seed}: expected a non-negative integer")
     if fmt not in ("coco", "voc"):
         raise ValueError(f"format {fmt!r}: expected 'coco' or 'voc'")
     if num_images < 1:
@@ -162,12 +183,13 @@ def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: t
     os.makedirs(img_dir, exist_ok=True)
     images, annotations, names = [], [], []
     n_objects = 0
+    per_class = np.zeros(len(CLASSES), np.int64)
     for i in range(num_images):
-        rng = np.random.default_rng([seed, i])
-        img, boxes, labels = render(rng, h, w)
+        img, boxes, labels = render(np.random.default_rng([seed, i]), np.random.default_rng([seed, i, 1]), h, w)
         name = f"{i:06d}"
         _write_png(os.path.join(img_dir, name + ".png"), img)
         n_objects += len(boxes)
+        per_class += np.bincount(labels, minlength=len(CLASSES))
         names.append(name)
         if fmt == "coco":
             images.append({"id": i + 1, "file_name": name + ".png", "height": h, "width": w})
@@ -189,26 +211,41 @@ def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: t
         _write_text_atomic(os.path.join(out_dir, "annotations.json"),
                            json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     else:
-        listing = "".join(n + "\n" for n in names)
-        for split in ("train", "val", "trainval", "test"):
-            _write_text_atomic(os.path.join(out_dir, "ImageSets", "Main", f"{split}.txt"), listing)
-    return {"images": num_images, "objects": n_objects, "classes": list(CLASSES), "format": fmt}
+        # trainval and test list every image; train and val partition them (every fifth image is val),
+        # so that neither is empty as long as there are two images.
+        val = [n for i, n in enumerate(names) if i % 5 == 4] or names[-1:]
+        in_val = set(val)
+        train = [n for n in names if n not in in_val] or names
+        for split, listed in (("train", train), ("val", val), ("trainval", names), ("test", names)):
+            _write_text_atomic(os.path.join(out_dir, "ImageSets", "Main", f"{split}.txt"),
+                               "".join(n + "\n" for n in listed))
+    return {"images": num_images, "objects": n_objects, "per_class": dict(zip(CLASSES, per_class.tolist())),
+            "classes": list(CLASSES), "format": fmt}
 
 
 def synthesize_video(path: str, frames: int, seed: int, fps: int = 12, size: tuple[int, int] = (240, 320)) -> None:
-    """An mp4 of the dataset's objects moving (and bouncing) over a cluttered background."""
+    """Write ``frames`` frames of ``size`` (h, w) at ``fps`` to the mp4 ``path``: 3-5 of the dataset's
+    objects moving, turning and bouncing off the borders over a cluttered background. The video is
+    written to a temporary file in the same directory and renamed, so ``path`` is never left half-written.
+    """
     if frames < 1:
         raise ValueError(f"frames={frames}: expected at least 1")
+    if fps < 1:
+        raise ValueError(f"fps={fps}: expected at least 1")
+    if seed < 0:
+        raise ValueError(f"seed={seed}: expected a non-negative integer")
     h, w = size
+    if h < 32 or w < 32:
+        raise ValueError(f"video size {h}x{w}: expected at least 32x32")
     rng = np.random.default_rng([seed, 10**6])
     background = _background(rng, h, w)
     objects = []
     for _ in range(int(rng.integers(3, 6))):
         label = int(rng.integers(len(CLASSES)))
         s = rng.uniform(0.15, 0.4) * min(h, w)
-        objects.append({"label": label, "w": s, "h": s * rng.uniform(0.7, 1.4), "pos": rng.uniform(0.2, 0.8, 2) * (w, h),
-                        "vel": rng.uniform(-0.03, 0.03, 2) * (w, h), "colour": _jitter(rng, label),
-                        "spin": rng.uniform(-0.05, 0.05), "angle": 0.0})
+        objects.append({"label": label, "w": s, "h": s * rng.uniform(0.7, 1.4),
+                        "pos": rng.uniform(0.2, 0.8, 2) * (w, h), "vel": rng.uniform(-0.03, 0.03, 2) * (w, h),
+                        "colour": _jitter(rng, label), "spin": rng.uniform(-0.05, 0.05), "angle": 0.0})
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1] or ".mp4", dir=directory)

@@ -1,10 +1,14 @@
 """Pascal VOC datasets in the devkit layout (Everingham et al. 2010).
 
 ``root`` is a ``VOC2007``-style directory: ``Annotations/<id>.xml``,
-``JPEGImages/<id>.jpg`` and ``ImageSets/Main/<split>.txt``. VOC boxes are 1-based
-inclusive pixel indices; pixel i covers the continuous interval [i-1, i], so a box
-becomes ``(xmin - 1, ymin - 1, xmax, ymax)`` in detkit's continuous xyxy pixels.
-``difficult`` objects are kept and flagged.
+``JPEGImages/<id>.jpg`` (or the XML's ``<filename>``) and
+``ImageSets/Main/<split>.txt``. VOC boxes are 1-based inclusive pixel indices:
+pixel i covers the continuous interval [i-1, i], so a box becomes
+``(xmin - 1, ymin - 1, xmax, ymax)`` in detkit's continuous xyxy pixels, which
+is what Detectron2's ``load_voc_instances`` does. ``difficult`` objects are kept
+and flagged (the VOC metric ignores them; ``to_coco`` marks them as crowd), or
+dropped with ``use_difficult=False``. Labels are 1..K in the order of
+``classes`` and ``cat_ids`` is ``[1, ..., K]``.
 """
 from __future__ import annotations
 
@@ -27,7 +31,59 @@ def _text(node, tag: str, xml_path: str, where: str) -> str:
     return child.text.strip()
 
 
+def _number(node, tag: str, xml_path: str, where: str) -> float:
+    text = _text(node, tag, xml_path, where)
+    try:
+        return float(text)
+    except ValueError:
+        raise DatasetError(f"{xml_path}: {where} <{tag}> is {text!r}, expected a number") from None
+
+
+def _parse_annotation(xml_path: str, image_id: str, label_of: dict[str, int], use_difficult: bool):
+    """One XML file -> ``(filename, height, width, boxes (N, 4) xyxy, labels (N,), difficult (N,))``."""
+    try:
+        tree = ET.parse(xml_path).getroot()
+    except ET.ParseError as exc:
+        raise DatasetError(f"{xml_path}: invalid XML ({exc})") from None
+    size = tree.find("size")
+    if size is None:
+        raise DatasetError(f"{xml_path}: no <size>")
+    width = int(_number(size, "width", xml_path, "<size>"))
+    height = int(_number(size, "height", xml_path, "<size>"))
+    if width <= 0 or height <= 0:
+        raise DatasetError(f"{xml_path}: <size> is {width}x{height} (WxH), expected a positive width and height")
+    filename = (tree.findtext("filename") or "").strip() or f"{image_id}.jpg"
+    boxes, labels, difficult = [], [], []
+    for k, obj in enumerate(tree.findall("object")):
+        name = _text(obj, "name", xml_path, f"object {k}")
+        if name not in label_of:
+            raise DatasetError(f"{xml_path}: object {k} has class {name!r}, not in the class list "
+                               f"({', '.join(label_of)})")
+        where = f"object {k} ({name})"
+        flag = (obj.findtext("difficult") or "0").strip()
+        if flag not in ("0", "1"):
+            raise DatasetError(f"{xml_path}: {where} <difficult> is {flag!r}, expected 0 or 1")
+        if flag == "1" and not use_difficult:
+            continue
+        bnd = obj.find("bndbox")
+        if bnd is None:
+            raise DatasetError(f"{xml_path}: {where} has no <bndbox>")
+        x1, y1, x2, y2 = (_number(bnd, t, xml_path, f"{where} <bndbox>") for t in ("xmin", "ymin", "xmax", "ymax"))
+        boxes.append([x1 - 1, y1 - 1, x2, y2])
+        labels.append(label_of[name])
+        difficult.append(flag == "1")
+    return (filename, height, width, np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64),
+            np.array(difficult, bool))
+
+
 class VOCDataset(DetectionDataset):
+    """The images listed in ``root/ImageSets/Main/<split>.txt`` with their ``Annotations/*.xml``.
+
+    ``classes`` defaults to the 20 VOC classes. Raises DatasetError naming the file (and the object index
+    and class) for a missing split file, an empty split, a missing annotation file, invalid XML, a missing
+    or non-numeric field, or a class not in ``classes``. Image ids are the positions in the split, 1..N.
+    """
+
     def __init__(self, root: str, split: str = "trainval", classes: list[str] | None = None, transform=None,
                  skip_empty: bool = False, use_difficult: bool = True):
         split_file = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
@@ -37,44 +93,21 @@ class VOCDataset(DetectionDataset):
             ids = [line.split()[0] for line in f if line.strip()]
         if not ids:
             raise DatasetError(f"{split_file}: the split lists no images")
-        names = list(classes) if classes else list(VOC_CLASSES)
+        names = list(classes) if classes is not None else list(VOC_CLASSES)
+        if not names:
+            raise DatasetError(f"{root}: the class list is empty")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise DatasetError(f"{root}: classes {duplicates} appear more than once in the class list")
         label_of = {n: i + 1 for i, n in enumerate(names)}
         records = []
-        for index, image_id in enumerate(ids):
+        for number, image_id in enumerate(ids, 1):
             xml_path = os.path.join(root, "Annotations", f"{image_id}.xml")
             if not os.path.isfile(xml_path):
-                raise DatasetError(f"{split_file}: line {index + 1}: annotation {xml_path} not found")
-            try:
-                tree = ET.parse(xml_path).getroot()
-            except ET.ParseError as exc:
-                raise DatasetError(f"{xml_path}: invalid XML ({exc})") from None
-            size = tree.find("size")
-            if size is None:
-                raise DatasetError(f"{xml_path}: no <size>")
-            width = int(float(_text(size, "width", xml_path, "<size>")))
-            height = int(float(_text(size, "height", xml_path, "<size>")))
-            filename = tree.findtext("filename") or f"{image_id}.jpg"
-            boxes, labels, difficult = [], [], []
-            for k, obj in enumerate(tree.findall("object")):
-                where = f"object {k}"
-                name = _text(obj, "name", xml_path, where)
-                if name not in label_of:
-                    raise DatasetError(f"{xml_path}: object {k} has class {name!r}, not in the class list "
-                                       f"({', '.join(names)})")
-                diff = obj.findtext("difficult")
-                is_difficult = bool(int(diff)) if diff and diff.strip() else False
-                if is_difficult and not use_difficult:
-                    continue
-                bnd = obj.find("bndbox")
-                if bnd is None:
-                    raise DatasetError(f"{xml_path}: {where} ({name}) has no <bndbox>")
-                coords = [float(_text(bnd, t, xml_path, f"{where} ({name}) <bndbox>"))
-                          for t in ("xmin", "ymin", "xmax", "ymax")]
-                boxes.append([coords[0] - 1, coords[1] - 1, coords[2], coords[3]])
-                labels.append(label_of[name])
-                difficult.append(is_difficult)
+                raise DatasetError(f"{split_file}: image {image_id!r}: annotation {xml_path} not found")
+            filename, height, width, boxes, labels, difficult = _parse_annotation(xml_path, image_id, label_of,
+                                                                                  use_difficult)
             records.append(ImageRecord(
-                id=index, file_name=os.path.join(root, "JPEGImages", filename), height=height, width=width,
-                boxes=np.array(boxes, np.float32).reshape(-1, 4), labels=np.array(labels, np.int64),
-                difficult=np.array(difficult, bool), iscrowd=np.zeros(len(labels), bool)))
+                id=number, file_name=os.path.join(root, "JPEGImages", filename), height=height, width=width,
+                boxes=boxes, labels=labels, difficult=difficult, iscrowd=np.zeros(len(labels), bool)))
         super().__init__(records, names, list(range(1, len(names) + 1)), split_file, transform, skip_empty)
