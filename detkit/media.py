@@ -1,15 +1,19 @@
-"""Inference inputs and outputs: images, folders, videos, webcams; atomic writes.
+"""Inference inputs and outputs: images, folders, video files and webcams in; images, videos, JSON out.
 
-Every output file is written to a temporary name in its directory and renamed
-into place only when complete, so an interrupted run never leaves a half-written
-file and never clobbers a previous result.
+This is the I/O edge of ``detkit infer``: it decides what kind of input a
+command-line spec names, yields RGB frames from videos and webcams through
+OpenCV, and writes every output atomically. An output is written to a hidden
+temporary file in its own directory and ``os.replace``d onto its name only when
+complete, so an interrupted run never leaves a half-written file and never
+clobbers an earlier result. (No paper section: this is plumbing around the detector.)
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -17,59 +21,111 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+# Codecs OpenCV's bundled FFmpeg can write without extra libraries.
 FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
+DEFAULT_FPS = 25.0
 
 
 class MediaError(ValueError):
-    """An input that cannot be read as what it claims to be; the message names it."""
+    """An input or output that cannot be read or written as what it claims to be; the message names it."""
 
 
-def classify_input(spec: str) -> str:
-    """``"image"``, ``"folder"``, ``"video"`` or ``"webcam"`` (an integer such as ``0``)."""
-    if str(spec).isdigit():
+def _is_webcam(spec: str) -> bool:
+    return str(spec).strip().isdigit()
+
+
+def classify_input(spec: str | os.PathLike) -> str:
+    """What an inference input names: ``"image"``, ``"folder"``, ``"video"`` or ``"webcam"``.
+
+    A non-negative integer string (``"0"``) is a webcam index; an existing directory is a folder; a file
+    with an image extension (jpg, jpeg, png, bmp, tif, tiff, webp) is an image; one with a video extension
+    (mp4, avi, mov, mkv, webm, m4v, mpg, mpeg) is a video. Any other file is a video if OpenCV can open it.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        MediaError: a file of unknown type that OpenCV cannot open as a video.
+    """
+    if _is_webcam(spec):
         return "webcam"
     path = Path(spec)
     if path.is_dir():
         return "folder"
     if not path.exists():
         raise FileNotFoundError(f"input not found: {spec}")
-    if path.suffix.lower() in IMAGE_EXTENSIONS:
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
         return "image"
-    return "video"
+    if suffix in VIDEO_EXTENSIONS:
+        return "video"
+    capture = cv2.VideoCapture(str(path))
+    try:
+        if capture.isOpened():
+            return "video"
+    finally:
+        capture.release()
+    raise MediaError(f"{spec}: not an image ({', '.join(IMAGE_EXTENSIONS)}), a video or a folder, and OpenCV "
+                     f"cannot open it as a video")
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    paths = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The image files directly inside ``folder``, sorted by name (hidden files such as ``._x.jpg`` skipped).
+
+    Raises:
+        FileNotFoundError / NotADirectoryError: ``folder`` is missing or not a directory.
+        MediaError: it holds no image files.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"not a folder: {folder}")
+    paths = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
-        raise MediaError(f"{folder}: no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise MediaError(f"{folder}: no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return paths
 
 
 class VideoSource:
-    """RGB frames of a video file or webcam, with its ``fps``, ``frame_count`` (0 if unknown) and ``size`` (w, h)."""
+    """RGB frames of a video file or webcam.
 
-    def __init__(self, spec: str):
-        self.spec = spec
-        is_cam = str(spec).isdigit()
-        self.capture = cv2.VideoCapture(int(spec) if is_cam else str(spec))
+    Attributes:
+        fps: frames per second (``DEFAULT_FPS`` with a warning when the container does not say).
+        frame_count: frames in the file as the container reports it; 0 when unknown (webcams, streams).
+        size: ``(width, height)`` of every frame.
+
+    Iterating yields ``(H, W, 3) uint8`` RGB arrays until the video ends. Use as a context manager or
+    call ``close()``.
+    """
+
+    def __init__(self, spec: str | os.PathLike):
+        self.spec = str(spec)
+        is_cam = _is_webcam(self.spec)
+        what = f"webcam {self.spec}" if is_cam else self.spec
+        if not is_cam and not Path(self.spec).is_file():
+            raise FileNotFoundError(f"video not found: {self.spec}")
+        self.capture = cv2.VideoCapture(int(self.spec) if is_cam else self.spec)
         if not self.capture.isOpened():
-            raise MediaError(f"{'webcam ' if is_cam else ''}{spec}: cannot be opened as a video")
+            self.capture.release()
+            raise MediaError(f"{what}: cannot be opened as a video")
+        # Decode the first frame now so a corrupt file fails here, with its name, not mid-run.
         ok, frame = self.capture.read()
         if not ok or frame is None:
             self.capture.release()
-            raise MediaError(f"{spec}: no decodable video frame (corrupt or unsupported video)")
-        self._first = frame
+            raise MediaError(f"{what}: no decodable video frame (corrupt or unsupported video)")
+        self._first: np.ndarray | None = frame
         fps = self.capture.get(cv2.CAP_PROP_FPS)
         if not fps or not np.isfinite(fps) or fps <= 0:
-            log.warning("%s: frame rate unknown, assuming 25 fps", spec)
-            fps = 25.0
+            log.warning("%s: frame rate unknown, assuming %g fps", what, DEFAULT_FPS)
+            fps = DEFAULT_FPS
         self.fps = float(fps)
-        self.frame_count = 0 if is_cam else max(0, int(self.capture.get(cv2.CAP_PROP_FRAME_COUNT)))
-        self.size = (frame.shape[1], frame.shape[0])
+        count = self.capture.get(cv2.CAP_PROP_FRAME_COUNT)
+        self.frame_count = 0 if is_cam or not np.isfinite(count) else max(0, int(count))
+        self.size = (int(frame.shape[1]), int(frame.shape[0]))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[np.ndarray]:
         if self._first is not None:
             frame, self._first = self._first, None
             yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
@@ -82,71 +138,131 @@ class VideoSource:
     def close(self) -> None:
         self.capture.release()
 
+    def __enter__(self) -> VideoSource:
+        return self
 
-def open_video(spec: str) -> VideoSource:
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_video(spec: str | os.PathLike) -> VideoSource:
+    """Open a video file or webcam index (``"0"``); see ``VideoSource``. Raises MediaError naming ``spec``."""
     return VideoSource(spec)
 
 
-def _temp_beside(path: str, suffix: str) -> str:
+def _temp_beside(path: str | os.PathLike, suffix: str) -> str:
+    """A fresh hidden name in ``path``'s directory (created if needed) ending in ``suffix``.
+
+    The name is not created here, so whatever writes it creates it with the usual permissions (mkstemp's
+    0600 would survive the rename); the same directory keeps ``os.replace`` an atomic rename.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-    os.close(fd)
-    return tmp
+    return os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.partial{suffix}")
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _check_rgb(image: np.ndarray, what: str) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"{what}: expected an (H, W, 3) uint8 RGB array, got {desc}")
 
 
 class VideoSink:
-    """Writes RGB frames to ``path``; the file appears only when the ``with`` block ends without error."""
+    """Writes RGB frames of one ``size`` to a video at ``path``, atomically.
 
-    def __init__(self, path: str, fps: float, size: tuple[int, int]):
-        self.path = path
+    The codec follows the extension (mp4/m4v/mov -> 'mp4v', avi/mkv -> 'MJPG'). Frames go to a temporary
+    file beside ``path``, which replaces ``path`` only when the ``with`` block (or ``close()``) ends without
+    error; on an exception the temporary file is removed and an existing ``path`` is left untouched.
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float, size: tuple[int, int]):
+        self.path = str(path)
         self.size = (int(size[0]), int(size[1]))
-        ext = os.path.splitext(path)[1].lower() or ".mp4"
-        self.tmp = _temp_beside(path, ext)
-        self.writer = cv2.VideoWriter(self.tmp, cv2.VideoWriter_fourcc(*FOURCC.get(ext, "mp4v")), float(fps),
-                                      self.size)
-        if not self.writer.isOpened():
-            os.remove(self.tmp)
-            raise MediaError(f"{path}: OpenCV cannot write a {ext} video here")
+        if self.size[0] <= 0 or self.size[1] <= 0:
+            raise ValueError(f"{self.path}: video size {size} must be (width, height) > 0")
+        if not fps or not np.isfinite(fps) or fps <= 0:
+            raise ValueError(f"{self.path}: fps {fps!r} must be a positive number")
+        ext = os.path.splitext(self.path)[1].lower()
+        if ext not in FOURCC:
+            raise MediaError(f"{self.path}: cannot write a {ext or 'extensionless'} video; "
+                             f"use one of {', '.join(FOURCC)}")
+        self.frames = 0
+        self._tmp = _temp_beside(self.path, ext)
+        self._writer = cv2.VideoWriter(self._tmp, cv2.VideoWriter_fourcc(*FOURCC[ext]), float(fps), self.size)
+        if not self._writer.isOpened():
+            self._writer.release()
+            _remove_quietly(self._tmp)
+            raise MediaError(f"{self.path}: OpenCV cannot write a {ext} video here")
 
     def write(self, frame_rgb: np.ndarray) -> None:
+        """Append one ``(H, W, 3) uint8`` RGB frame of the sink's ``size``."""
+        _check_rgb(frame_rgb, f"{self.path} frame {self.frames}")
         if (frame_rgb.shape[1], frame_rgb.shape[0]) != self.size:
-            frame_rgb = cv2.resize(frame_rgb, self.size)
-        self.writer.write(cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR))
+            raise ValueError(f"{self.path} frame {self.frames}: size {frame_rgb.shape[1]}x{frame_rgb.shape[0]}, "
+                             f"expected {self.size[0]}x{self.size[1]} (width x height)")
+        self._writer.write(cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR))
+        self.frames += 1
 
-    def __enter__(self) -> "VideoSink":
+    def close(self) -> None:
+        """Finish the file and move it onto ``path``."""
+        self._writer.release()
+        if self.frames == 0:
+            _remove_quietly(self._tmp)
+            raise MediaError(f"{self.path}: no frames were written; the video was not created")
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the partial file; ``path`` keeps whatever it held before."""
+        self._writer.release()
+        _remove_quietly(self._tmp)
+
+    def __enter__(self) -> VideoSink:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.writer.release()
         if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)
+            self.close()
+        else:
+            self.abort()
 
 
-def write_image_atomic(path: str, image_rgb: np.ndarray) -> None:
-    ext = os.path.splitext(path)[1].lower() or ".png"
-    ok, buf = cv2.imencode(ext, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+def _write_atomic(path: str | os.PathLike, data: bytes, suffix: str) -> None:
+    tmp = _temp_beside(path, suffix)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not become visible before the bytes do
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def write_image_atomic(path: str | os.PathLike, image_rgb: np.ndarray) -> None:
+    """Encode an ``(H, W, 3) uint8`` RGB image by ``path``'s extension and write it atomically."""
+    _check_rgb(image_rgb, str(path))
+    ext = os.path.splitext(str(path))[1].lower()
+    if ext not in IMAGE_EXTENSIONS:
+        raise MediaError(f"{path}: cannot write an image as {ext or 'extensionless'}; "
+                         f"use one of {', '.join(IMAGE_EXTENSIONS)}")
+    try:
+        ok, buf = cv2.imencode(ext, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    except cv2.error as exc:
+        raise MediaError(f"{path}: OpenCV cannot encode {ext}: {exc}") from exc
     if not ok:
-        raise MediaError(f"{path}: cannot encode an image as {ext}")
-    tmp = _temp_beside(path, ext)
-    try:
-        buf.tofile(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        raise MediaError(f"{path}: OpenCV cannot encode {ext}")
+    _write_atomic(path, buf.tobytes(), ext)
 
 
-def write_json_atomic(path: str, obj) -> None:
-    tmp = _temp_beside(path, ".json")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = None) -> None:
+    """Write ``obj`` as UTF-8 JSON atomically (a serialisation error leaves ``path`` untouched)."""
+    data = json.dumps(obj, indent=indent).encode("utf-8")
+    _write_atomic(path, data, ".json")

@@ -1,116 +1,231 @@
-"""COCO detection metric (Lin et al. 2014) through faster-coco-eval or pycocotools.
+"""COCO box metric (Lin et al. 2014, "Microsoft COCO", Sec. 5 and the cocodataset.org detection eval).
 
-faster-coco-eval is the default: a C++ reimplementation of pycocotools' COCOeval
-that gives the same numbers several times faster. ``backend="pycocotools"``
-selects the reference implementation.
+AP is averaged over the ten IoU thresholds 0.50:0.05:0.95 and over 101 recall
+points of the interpolated precision-recall curve, then over categories; AR is
+the maximum recall at 1/10/100 detections per image. Crowd regions neither
+reward nor penalise a detection. The numbers come from one of two backends that
+implement the same algorithm: faster-coco-eval (default, C++) or pycocotools
+(the reference). This module only adapts detkit's formats to them, checks that
+a results file belongs to the ground truth, and reads per-class AP out of the
+accumulated precision array.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
+import logging
+import math
+import numbers
+from collections.abc import Mapping
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("faster_coco_eval", "pycocotools")
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# What each summary number averages over, in pycocotools' own words (printed by format_metrics_table).
+STAT_MEANINGS = {
+    "AP": "IoU=0.50:0.95 area=all    maxDets=100",
+    "AP50": "IoU=0.50      area=all    maxDets=100",
+    "AP75": "IoU=0.75      area=all    maxDets=100",
+    "APs": "IoU=0.50:0.95 area=small  maxDets=100",
+    "APm": "IoU=0.50:0.95 area=medium maxDets=100",
+    "APl": "IoU=0.50:0.95 area=large  maxDets=100",
+    "AR1": "IoU=0.50:0.95 area=all    maxDets=1",
+    "AR10": "IoU=0.50:0.95 area=all    maxDets=10",
+    "AR100": "IoU=0.50:0.95 area=all    maxDets=100",
+    "ARs": "IoU=0.50:0.95 area=small  maxDets=100",
+    "ARm": "IoU=0.50:0.95 area=medium maxDets=100",
+    "ARl": "IoU=0.50:0.95 area=large  maxDets=100",
+}
 
 
-def detections_to_coco_results(image_id: int, detections: dict, cat_ids: list[int]) -> list[dict]:
-    """One image's ``{"boxes" (N, 4) xyxy, "scores", "labels" in 1..K}`` as COCO result entries."""
-    boxes = np.asarray(detections["boxes"], dtype=np.float64).reshape(-1, 4)
-    scores = np.asarray(detections["scores"], dtype=np.float64).reshape(-1)
-    labels = np.asarray(detections["labels"], dtype=np.int64).reshape(-1)
+def _numpy(x) -> np.ndarray:
+    """A tensor (any device) or array-like as a numpy array."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def detections_to_coco_results(image_id: int, detections: Mapping, cat_ids: list[int]) -> list[dict]:
+    """One image's detections as COCO result entries.
+
+    Args:
+        image_id: the ground truth's id of the image.
+        detections: ``{"boxes": (N, 4) xyxy absolute pixels, "scores": (N,), "labels": (N,) in 1..K}``
+            as tensors or arrays.
+        cat_ids: ``cat_ids[i - 1]`` is the original category id of label ``i``.
+
+    Returns:
+        N dicts ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` of plain Python
+        numbers at full float precision.
+    """
+    boxes = _numpy(detections["boxes"]).astype(np.float64).reshape(-1, 4)
+    scores = _numpy(detections["scores"]).astype(np.float64).reshape(-1)
+    labels = _numpy(detections["labels"]).astype(np.int64).reshape(-1)
+    if not len(boxes) == len(scores) == len(labels):
+        raise ValueError(f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores and {len(labels)} labels; "
+                         f"expected one of each per detection")
     out = []
     for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
         if not 1 <= label <= len(cat_ids):
-            raise ValueError(f"image {image_id}: detection label {label} outside 1..{len(cat_ids)}")
+            raise ValueError(f"image {image_id}: detection label {label} outside 1..{len(cat_ids)} "
+                             f"(0 is background and is never a detection)")
         out.append({"image_id": int(image_id), "category_id": int(cat_ids[label - 1]),
-                    "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+                    "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
     return out
 
 
-def _check_results(gt: dict, results: list[dict]) -> None:
+def _check_gt(gt: Mapping) -> None:
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(gt.get(key), list):
+            raise ValueError(f"ground truth: missing list {key!r} (expected a COCO dict with images, "
+                             f"annotations and categories)")
+    if not gt["categories"]:
+        raise ValueError("ground truth: 'categories' is empty")
+
+
+def _check_results(gt: Mapping, results: list[dict]) -> None:
+    """Raise ValueError naming the first result that is malformed or refers to an image/category not in ``gt``."""
     image_ids = {img["id"] for img in gt["images"]}
     cat_ids = {c["id"] for c in gt["categories"]}
+    if not isinstance(results, list):
+        raise ValueError(f"results: expected a list of COCO result dicts, got {type(results).__name__}")
     for i, r in enumerate(results):
+        if not isinstance(r, Mapping):
+            raise ValueError(f"result {i}: expected a dict with image_id, category_id, bbox, score; got {r!r}")
         if r.get("image_id") not in image_ids:
             raise ValueError(f"result {i}: image_id {r.get('image_id')!r} is not in the ground truth "
-                             f"(results for another dataset?)")
+                             f"(results are for another dataset?)")
         if r.get("category_id") not in cat_ids:
             raise ValueError(f"result {i}: category_id {r.get('category_id')!r} is not in the ground truth "
-                             f"(results for another dataset?)")
+                             f"(results are for another dataset?)")
+        bbox, score = r.get("bbox"), r.get("score")
+        if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+                or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in bbox)
+                or bbox[2] < 0 or bbox[3] < 0):
+            raise ValueError(f"result {i} (image_id {r['image_id']}): bbox {bbox!r} is not [x, y, w, h] "
+                             f"with finite numbers and w, h >= 0")
+        if not isinstance(score, numbers.Real) or not math.isfinite(score):
+            raise ValueError(f"result {i} (image_id {r['image_id']}): score {score!r} is not a finite number")
 
 
-def _run(gt: dict, results: list[dict], backend: str):
-    if backend == "faster_coco_eval":
-        from faster_coco_eval import COCO, COCOeval_faster as COCOeval
-    elif backend == "pycocotools":
+def _backend(name: str):
+    if name == "faster_coco_eval":
+        from faster_coco_eval import COCO, COCOeval_faster
+
+        return COCO, COCOeval_faster
+    if name == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
-    else:
-        raise ValueError(f"eval backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    gt = copy.deepcopy(gt)
-    gt.setdefault("info", {})
-    gt.setdefault("licenses", [])
+
+        return COCO, COCOeval
+    raise ValueError(f"eval backend {name!r}: expected one of {', '.join(BACKENDS)}")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """pycocotools print()s progress; send it to this module's debug log instead of the user's terminal."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        yield
+    if buffer.getvalue().strip():
+        log.debug("%s", buffer.getvalue().rstrip())
+
+
+def _run(gt: Mapping, results: list[dict], backend: str):
+    """Evaluate, accumulate and summarize; returns the backend's COCOeval object."""
+    COCO, COCOeval = _backend(backend)
+    # Both libraries write into the annotation dicts they are given (``ignore``, result ``id``/``area``):
+    # shallow per-entry copies keep the caller's ground truth and results unchanged.
+    annotations = []
     for ann in gt["annotations"]:
+        ann = dict(ann)
         ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
         ann.setdefault("iscrowd", 0)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = gt
+        annotations.append(ann)
+    dataset = {"info": dict(gt.get("info") or {}), "licenses": list(gt.get("licenses") or []),
+               "images": [dict(img) for img in gt["images"]], "annotations": annotations,
+               "categories": [dict(c) for c in gt["categories"]]}
+    extra = {"print_function": log.debug} if backend == "faster_coco_eval" else {}
+    with _quiet():
+        coco_gt = COCO(**extra)
+        coco_gt.dataset = dataset
         coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(copy.deepcopy(results)) if results else None
-        if coco_dt is None:
-            return None
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        if results:
+            coco_dt = coco_gt.loadRes([dict(r) for r in results])
+        else:
+            # pycocotools' loadRes fails on an empty list; an index with no annotations evaluates correctly.
+            coco_dt = COCO(**extra)
+            coco_dt.dataset = {"images": dataset["images"], "annotations": [],
+                               "categories": dataset["categories"]}
+            coco_dt.createIndex()
+        ev = COCOeval(coco_gt, coco_dt, "bbox", **extra)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
     return ev
 
 
-def evaluate_coco(gt: dict, results: list[dict], backend: str = "faster_coco_eval",
+def evaluate_coco(gt: Mapping, results: list[dict], backend: str = "faster_coco_eval",
                   class_names: list[str] | None = None) -> dict:
-    """COCO box metrics of ``results`` (COCO results format) against ``gt`` (COCO ground-truth dict).
+    """COCO box metrics of ``results`` against ``gt``.
 
-    Returns AP, AP50, AP75, APs/APm/APl, AR1/AR10/AR100, ARs/ARm/ARl and ``per_class`` AP
-    (IoU 0.5:0.95, all areas, 100 detections); -1 where COCO leaves a value undefined.
+    Args:
+        gt: a COCO ground-truth dict (``images``, ``annotations`` with ``bbox`` [x, y, w, h], ``area`` and
+            ``iscrowd``, ``categories``). ``categories`` is in label order (label i -> ``categories[i - 1]``),
+            as ``Dataset.to_coco`` writes it.
+        results: COCO result dicts ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``; may be empty.
+        backend: ``"faster_coco_eval"`` or ``"pycocotools"`` (identical numbers).
+        class_names: names for ``per_class`` in the order of ``gt["categories"]``; defaults to their ``name``.
+
+    Returns:
+        ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+        "per_class": {name: AP}}`` with values in [0, 1], or -1 where COCO leaves a value undefined (no
+        ground truth of that category or size). Per-class AP is the mean of the precision array over IoU
+        thresholds and recall points at area "all" and 100 detections, ignoring -1 entries.
+
+    Raises:
+        ValueError: unknown backend, malformed ground truth or results, or a result whose image_id or
+            category_id is not in ``gt``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"eval backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    _backend(backend)  # an unknown backend fails before any work
+    _check_gt(gt)
     _check_results(gt, results)
-    cats = sorted(gt["categories"], key=lambda c: c["id"])
-    names = list(class_names) if class_names else [c.get("name", str(c["id"])) for c in cats]
+    cats = list(gt["categories"])
+    if class_names is not None and len(class_names) != len(cats):
+        raise ValueError(f"class_names has {len(class_names)} names but the ground truth has {len(cats)} "
+                         f"categories")
+    names = list(class_names) if class_names is not None else [str(c.get("name", c["id"])) for c in cats]
     ev = _run(gt, results, backend)
-    if ev is None:  # no detections at all: nothing is found, every AP/AR is 0 (undefined ones -1)
-        has_gt = {a["category_id"] for a in gt["annotations"] if not a.get("iscrowd")}
-        metrics = {k: (0.0 if has_gt else -1.0) for k in STAT_NAMES}
-        metrics["per_class"] = {n: (0.0 if c["id"] in has_gt else -1.0) for n, c in zip(names, cats)}
-        return metrics
-    stats = [float(v) for v in ev.stats[: len(STAT_NAMES)]]
-    metrics = dict(zip(STAT_NAMES, stats))
-    precision = np.asarray(ev.eval["precision"])  # (T, R, K, A, M)
-    cat_order = list(ev.params.catIds)
+    metrics: dict = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats[: len(STAT_NAMES)])}
+    precision = np.asarray(ev.eval["precision"])  # (T iou thresholds, R recall points, K cats, A areas, M maxDets)
+    column = {cat_id: k for k, cat_id in enumerate(ev.params.catIds)}
+    all_area = list(ev.params.areaRngLbl).index("all")
     per_class = {}
     for name, cat in zip(names, cats):
-        k = cat_order.index(cat["id"])
-        p = precision[:, :, k, 0, -1]
+        p = precision[:, :, column[cat["id"]], all_area, -1]
         p = p[p > -1]
         per_class[name] = float(p.mean()) if p.size else -1.0
     metrics["per_class"] = per_class
     return metrics
 
 
-def format_metrics_table(metrics: dict) -> str:
-    """The metrics as a plain-text table: overall numbers, then AP per class."""
-    lines = ["metric   value", "-------  ------"]
-    for key in STAT_NAMES:
-        if key in metrics:
-            lines.append(f"{key:<7}  {metrics[key]:6.3f}")
+def _fmt(value: float) -> str:
+    return "   n/a" if value < 0 else f"{value:6.3f}"
+
+
+def format_metrics_table(metrics: Mapping) -> str:
+    """The metrics as a plain-text table: the twelve COCO numbers, then AP per class.
+
+    Undefined values (-1: no ground truth of that category or size) print as ``n/a``.
+    """
+    lines = ["COCO box metrics", f"{'metric':<7}  {'value':>6}  averaged over", f"{'-' * 7}  {'-' * 6}  {'-' * 37}"]
+    lines += [f"{key:<7}  {_fmt(metrics[key])}  {STAT_MEANINGS[key]}" for key in STAT_NAMES if key in metrics]
     per_class = metrics.get("per_class") or {}
     if per_class:
-        width = max(8, max(len(n) for n in per_class))
-        lines += ["", f"{'class':<{width}}  AP", f"{'-' * width}  ------"]
-        lines += [f"{name:<{width}}  {ap:6.3f}" for name, ap in per_class.items()]
+        width = max(5, max(len(name) for name in per_class))
+        lines += ["", f"{'class':<{width}}  {'AP':>6}", f"{'-' * width}  {'-' * 6}"]
+        lines += [f"{name:<{width}}  {_fmt(ap)}" for name, ap in per_class.items()]
     return "\n".join(lines)
