@@ -1,108 +1,198 @@
-"""Speed of detkit's Faster R-CNN against torchvision's, on the same work, in the same process.
+"""Speed of detkit's Faster R-CNN (Ren et al. 2015) against torchvision's, on the same work, in one process.
 
 Both detectors are built around the *same modules and weights*: torchvision's ``FasterRCNN`` receives
-detkit's trunk as its backbone and detkit's RoI head as its box head, and copies of detkit's RPN head and
-box predictor; anchors, image sizes, proposal counts, RoI sampling, RoIAlign (output size, sampling
-ratio) and postprocessing thresholds are set alike. detkit's paper-specific defaults that torchvision
-does not have are switched to torchvision's behaviour for the comparison (cross-boundary anchors kept,
-background RoIs from IoU 0, RPN minimum box size 1e-3). Remaining differences: torchvision centres
-anchors on cell corners and rounds them; detkit centres them on cell centres.
+detkit's trunk as its backbone and detkit's RoI head (fc6/fc7, res5, ...) as its box head, and copies of
+detkit's RPN head (Sec. 3.1) and box predictor (Fast R-CNN Sec. 2.2); anchor sizes and ratios, image sizes,
+proposal counts (Sec. 3.3), anchor and RoI sampling, RoIAlign (output size, sampling ratio), box coder
+weights and postprocessing thresholds are set alike. Where detkit's defaults follow the paper and
+torchvision does not, detkit is switched to torchvision's behaviour for the comparison: cross-boundary
+anchors kept in RPN training, background RoIs from IoU 0 (not 0.1), RPN minimum box size 1e-3 pixels.
 
-Timings are medians of repeated runs after warm-up, with detkit and torchvision runs interleaved so that
-background load affects both alike. Ratios are detkit / torchvision throughput (> 1: detkit faster).
+Known remaining differences (``Setup.anchors == "torchvision"``, the default and what is timed):
+torchvision puts anchor centres on cell corners ``(i * stride)`` and rounds the cell anchors to whole
+pixels; detkit centres them in the cell ``((i + 0.5) * stride)`` and keeps fractions. With equal head
+outputs the proposals are therefore shifted by half a stride, and detections differ accordingly.
+``Setup.anchors == "detkit"`` gives torchvision detkit's anchors, after which proposals and detections
+agree to float precision (see :func:`agreement`). torchvision also ranks RPN proposals by sigmoid
+probability rather than logit (same order, except ties where float32 saturates) and regenerates its
+anchors on every call, where detkit caches them per feature-map size.
+
+Timings are medians of repeated runs after warm-up; detkit and torchvision runs are interleaved in
+ABBA order so that background load and cache effects hit both alike. Ratios are detkit / torchvision
+throughput (> 1: detkit faster).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import platform
 import statistics
+import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead as TVRPNHead
+from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from detkit.config import ModelConfig
 from detkit.models.detector import build_detector
+from detkit.models.roi_heads import SoftmaxBoxHead
+
+MODELS = ("detkit", "torchvision")
 
 
 @dataclass
 class Setup:
+    """What both detectors are built for.
+
+    image_size: ``(H, W)`` of the synthetic images; the transform keeps them at that size (min_size = the
+        shorter side, max_size = the longer).
+    anchor_sizes: anchor sides in pixels (smaller than the paper's 128-512 since the images are small).
+    roi_output_size: RoIAlign grid side; None: the backbone's (7 for VGG and tiny, 14 for ResNet C4).
+    anchors: ``"torchvision"`` (its stock corner-centred, rounded anchors: what is timed) or ``"detkit"``
+        (torchvision given detkit's cell-centred anchors, for an exact agreement check).
+    """
+
     backbone: str = "tiny"
     image_size: tuple[int, int] = (240, 320)
     num_classes: int = 5
     anchor_sizes: tuple[float, ...] = (32.0, 64.0, 128.0, 256.0)
-    roi_output_size: int = 7
+    roi_output_size: int | None = None
     sampling_ratio: int = 2
+    anchors: str = "torchvision"
+
+    def __post_init__(self):
+        if self.anchors not in ("torchvision", "detkit"):
+            raise ValueError(f"Setup.anchors: expected 'torchvision' or 'detkit', got {self.anchors!r}")
+        if len(self.image_size) != 2 or min(self.image_size) < 16:
+            raise ValueError(f"Setup.image_size: expected (H, W) with both >= 16, got {self.image_size!r}")
 
 
 def detkit_config(setup: Setup) -> ModelConfig:
+    """detkit's model config for ``setup``, with torchvision's behaviour where the two differ."""
     cfg = ModelConfig()
     cfg.backbone.name = setup.backbone
-    cfg.anchors.sizes = list(setup.anchor_sizes)
+    cfg.anchors.sizes = [float(s) for s in setup.anchor_sizes]
     cfg.roi_extractor.name = "roi_align"
     cfg.roi_extractor.output_size = setup.roi_output_size
     cfg.roi_extractor.sampling_ratio = setup.sampling_ratio
     h, w = setup.image_size
     cfg.transform.min_size, cfg.transform.max_size = min(h, w), max(h, w)
-    cfg.rpn.straddle_thresh = -1.0
-    cfg.rpn.min_size = 1e-3
-    cfg.roi_head.bg_iou_thresh_lo = 0.0
-    cfg.roi_head.nms_thresh = 0.5
+    cfg.rpn.straddle_thresh = -1.0  # torchvision trains on cross-boundary anchors too
+    cfg.rpn.min_size = 1e-3  # torchvision's RPN min_size, in resized-image pixels (scale is 1 here)
+    cfg.roi_head.bg_iou_thresh_lo = 0.0  # torchvision's background is IoU [0, 0.5)
+    cfg.roi_head.nms_thresh = 0.5  # torchvision's default; the same value goes to both
     return cfg
 
 
-class _Trunk(nn.Module):
+class TrunkAsBackbone(nn.Module):
+    """detkit's trunk with the ``out_channels`` attribute torchvision's FasterRCNN requires.
+
+    ``(B, 3, H, W)`` -> ``(B, out_channels, H / stride, W / stride)``. With ``channels_last`` the batch is
+    converted as detkit's detector converts it, so both feed the shared trunk the same memory format.
+    """
+
     def __init__(self, trunk: nn.Module, out_channels: int):
         super().__init__()
         self.body = trunk
         self.out_channels = out_channels
+        self.channels_last = False
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.body(x)
 
 
-def build_pair(setup: Setup, registries) -> tuple[nn.Module, nn.Module]:
-    """detkit's detector and a torchvision FasterRCNN sharing its weights."""
-    from torchvision.models.detection import FasterRCNN
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-    from torchvision.models.detection.rpn import RPNHead
-    from torchvision.ops import MultiScaleRoIAlign
+class CentredAnchorGenerator(TVAnchorGenerator):
+    """torchvision's anchor generator placing anchors as detkit does: centres at ``(i + 0.5) * stride``
+    and unrounded sides. Only for the agreement check; timings use the stock generator."""
 
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")) -> Tensor:
+        # float64 then cast, like detkit's cell anchors, so the two agree bit for bit.
+        scales = torch.as_tensor(scales, dtype=torch.float64)
+        ratios = torch.as_tensor(aspect_ratios, dtype=torch.float64)
+        h_ratios = torch.sqrt(ratios)
+        ws = (1.0 / h_ratios[:, None] * scales[None, :]).reshape(-1)
+        hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
+        return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).to(dtype=dtype, device=device)
+
+    def grid_anchors(self, grid_sizes, strides) -> list[Tensor]:
+        anchors = []
+        for (gh, gw), (sh, sw), base in zip(grid_sizes, strides, self.cell_anchors):
+            xs = (torch.arange(gw, dtype=torch.float32, device=base.device) + 0.5) * sw
+            ys = (torch.arange(gh, dtype=torch.float32, device=base.device) + 0.5) * sh
+            sy, sx = torch.meshgrid(ys, xs, indexing="ij")
+            shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, 1, 4)
+            anchors.append((shifts + base.float()[None]).reshape(-1, 4).to(base.dtype))
+        return anchors
+
+
+def copy_head_weights(ours: nn.Module, theirs: FasterRCNN) -> None:
+    """Copy detkit's RPN head and box predictor weights into torchvision's (the only unshared parts).
+
+    torchvision's RPNHead wraps its 3x3 conv as ``conv[0][0]`` (a Conv2dNormActivation without norm).
+    """
+    src, dst = ours.proposal_generator.head, theirs.rpn.head
+    dst.conv[0][0].load_state_dict(src.conv.state_dict())
+    dst.cls_logits.load_state_dict(src.cls_logits.state_dict())
+    dst.bbox_pred.load_state_dict(src.bbox_pred.state_dict())
+    theirs.roi_heads.box_predictor.load_state_dict(ours.roi_heads.predictor.state_dict())
+
+
+def build_pair(setup: Setup, registries) -> tuple[nn.Module, FasterRCNN]:
+    """detkit's Faster R-CNN for ``setup`` and a torchvision FasterRCNN sharing its trunk and RoI head
+    and holding copies of its RPN head and box predictor."""
     cfg = detkit_config(setup)
     ours = build_detector(cfg, registries, setup.num_classes)
     rpn, heads, tf = ours.proposal_generator, ours.roi_heads, ours.transform
+    if not isinstance(heads.predictor, SoftmaxBoxHead) or not isinstance(heads.predictor.dropout, nn.Identity):
+        raise ValueError(f"benchmark: model.roi_head must be softmax_box without dropout (torchvision's "
+                         f"FastRCNNPredictor), got {type(heads.predictor).__name__}")
     in_channels = rpn.head.conv.in_channels
-    num_anchors = rpn.anchor_generator.num_anchors_per_location
-    rpn_head = RPNHead(in_channels, num_anchors)
-    rpn_head.conv[0][0].load_state_dict(rpn.head.conv.state_dict())
-    rpn_head.cls_logits.load_state_dict(rpn.head.cls_logits.state_dict())
-    rpn_head.bbox_pred.load_state_dict(rpn.head.bbox_pred.state_dict())
-    predictor = FastRCNNPredictor(heads.predictor.cls_score.in_features, setup.num_classes + 1)
-    predictor.load_state_dict({k: v for k, v in heads.predictor.state_dict().items()})
-    # torchvision orders a location's anchors ratio-major, like detkit.
-    anchors = AnchorGenerator(sizes=(tuple(int(s) for s in cfg.anchors.sizes),),
-                              aspect_ratios=(tuple(cfg.anchors.aspect_ratios),))
+    if rpn.head.conv.out_channels != in_channels:
+        raise ValueError(f"benchmark: model.rpn.conv_channels={rpn.head.conv.out_channels} differs from the "
+                         f"trunk's {in_channels} channels; torchvision's RPNHead keeps them equal")
+    gen = rpn.anchor_generator
+    # Both order a location's anchors ratio-major, then size.
+    anchor_cls = TVAnchorGenerator if setup.anchors == "torchvision" else CentredAnchorGenerator
+    anchors = anchor_cls(sizes=(tuple(gen.sizes),), aspect_ratios=(tuple(gen.aspect_ratios),))
+    output_size = heads.roi_extractor.output_size[0]
     r, h = cfg.rpn, cfg.roi_head
     theirs = FasterRCNN(
-        _Trunk(ours.trunk, in_channels), num_classes=None, min_size=tf.min_sizes[-1], max_size=tf.max_size,
+        TrunkAsBackbone(ours.trunk, in_channels), num_classes=None,
+        min_size=tf.min_sizes[-1], max_size=tf.max_size,
         image_mean=tf.mean.flatten().tolist(), image_std=tf.std.flatten().tolist(),
-        rpn_anchor_generator=anchors, rpn_head=rpn_head,
+        rpn_anchor_generator=anchors, rpn_head=TVRPNHead(in_channels, gen.num_anchors_per_location),
         rpn_pre_nms_top_n_train=r.pre_nms_top_n_train, rpn_pre_nms_top_n_test=r.pre_nms_top_n_test,
         rpn_post_nms_top_n_train=r.post_nms_top_n_train, rpn_post_nms_top_n_test=r.post_nms_top_n_test,
         rpn_nms_thresh=r.nms_thresh, rpn_fg_iou_thresh=r.fg_iou_thresh, rpn_bg_iou_thresh=r.bg_iou_thresh,
         rpn_batch_size_per_image=r.batch_size_per_image, rpn_positive_fraction=r.positive_fraction,
-        box_roi_pool=MultiScaleRoIAlign(["0"], setup.roi_output_size, setup.sampling_ratio),
-        box_head=heads.box_head, box_predictor=predictor, box_score_thresh=h.score_thresh,
-        box_nms_thresh=h.nms_thresh, box_detections_per_img=h.detections_per_img, box_fg_iou_thresh=h.fg_iou_thresh,
-        box_bg_iou_thresh=h.bg_iou_thresh_hi, box_batch_size_per_image=h.batch_size_per_image,
-        box_positive_fraction=h.positive_fraction, bbox_reg_weights=tuple(h.box_coder_weights))
-    # torchvision pads to a multiple of 32; detkit to its stride: pad alike so the trunk sees the same sizes.
+        box_roi_pool=MultiScaleRoIAlign(["0"], output_size, setup.sampling_ratio),
+        box_head=heads.box_head,
+        box_predictor=FastRCNNPredictor(heads.predictor.cls_score.in_features, setup.num_classes + 1),
+        box_score_thresh=h.score_thresh, box_nms_thresh=h.nms_thresh, box_detections_per_img=h.detections_per_img,
+        box_fg_iou_thresh=h.fg_iou_thresh, box_bg_iou_thresh=h.bg_iou_thresh_hi,
+        box_batch_size_per_image=h.batch_size_per_image, box_positive_fraction=h.positive_fraction,
+        bbox_reg_weights=tuple(h.box_coder_weights))
+    theirs.rpn.min_size = r.min_size
+    # torchvision pads to a multiple of 32, detkit to the trunk's stride: pad alike so the trunk sees
+    # the same sizes and torchvision infers the same anchor stride and RoIAlign scale.
     theirs.transform.size_divisible = tf.size_divisible
+    copy_head_weights(ours, theirs)
     return ours, theirs
 
 
-def synthetic_batch(setup: Setup, n: int, device, seed: int = 0):
+def synthetic_batch(setup: Setup, n: int, device: torch.device, seed: int = 0) -> tuple[list[Tensor], list[dict]]:
+    """``n`` random images ``(3, H, W)`` float in [0, 1] and targets with 4 boxes ``(4, 4)`` xyxy each."""
     g = torch.Generator().manual_seed(seed)
     h, w = setup.image_size
     images = [torch.rand(3, h, w, generator=g).to(device) for _ in range(n)]
@@ -115,90 +205,218 @@ def synthetic_batch(setup: Setup, n: int, device, seed: int = 0):
     return images, targets
 
 
-def _sync(device) -> None:
+@torch.no_grad()
+def agreement(ours: nn.Module, theirs: FasterRCNN, images: list[Tensor]) -> dict[str, float]:
+    """How closely the two detectors agree on ``images`` (eval mode).
+
+    Returns: ``input_max_abs_diff`` (the normalised, padded batches), ``rpn_objectness_max_abs_diff`` and
+    ``rpn_deltas_max_abs_diff`` (head outputs on the same features: 0 when the copies are faithful),
+    ``top_proposal_iou`` (mean over images of the IoU of the two top-ranked proposals), and for
+    detections ``top_detection_iou``, ``top_score_abs_diff`` and ``top_label_agree`` (means over images
+    with detections from both), and ``matched_fraction``: the share of detkit's top-10 detections that
+    torchvision also has (same label, IoU > 0.9).
+    """
+    ours.eval()
+    theirs.eval()
+    ours_list, _ = ours.transform(images)
+    theirs_list, _ = theirs.transform(images)
+    features = ours.trunk(ours_list.tensors)
+    a_obj, a_box = ours.proposal_generator.head(features)
+    b_obj, b_box = theirs.rpn.head([features])
+    a_props, _ = ours.proposal_generator(ours_list, features)
+    b_props, _ = theirs.rpn(theirs_list, {"0": features})
+    result = {
+        "input_max_abs_diff": float((ours_list.tensors - theirs_list.tensors).abs().max()),
+        "rpn_objectness_max_abs_diff": float((a_obj - b_obj[0]).abs().max()),
+        "rpn_deltas_max_abs_diff": float((a_box - b_box[0]).abs().max()),
+        "top_proposal_iou": statistics.mean(float(box_iou(a[:1], b[:1]).max()) if len(a) and len(b) else 0.0
+                                            for a, b in zip(a_props, b_props)),
+    }
+    ious, score_diffs, label_agree, matched = [], [], [], []
+    for a, b in zip(ours(images), theirs(images)):
+        if len(a["boxes"]) == 0 or len(b["boxes"]) == 0:
+            continue
+        ious.append(float(box_iou(a["boxes"][:1], b["boxes"][:1])[0, 0]))
+        score_diffs.append(float((a["scores"][0] - b["scores"][0]).abs()))
+        label_agree.append(float(a["labels"][0] == b["labels"][0]))
+        iou = box_iou(a["boxes"][:10], b["boxes"])
+        iou[a["labels"][:10, None] != b["labels"][None, :]] = 0.0
+        matched.append(float((iou.max(dim=1).values > 0.9).float().mean()))
+    for key, values in (("top_detection_iou", ious), ("top_score_abs_diff", score_diffs),
+                        ("top_label_agree", label_agree), ("matched_fraction", matched)):
+        result[key] = statistics.mean(values) if values else float("nan")
+    return result
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _autocast(device, amp: str):
-    import contextlib
-
+def _autocast(device: torch.device, amp: str):
     if amp == "none":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in dtypes:
+        raise ValueError(f"amp={amp!r}: expected none, bf16 or fp16")
+    return torch.autocast(device.type, dtype=dtypes[amp])
 
 
-def time_pair(fns: dict, warmup: int, repeats: int, device) -> dict[str, float]:
-    """Median seconds per call of each function; calls interleaved."""
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, iters: int,
+                     device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each function over ``iters`` calls after ``warmup`` calls.
+
+    Calls alternate between the functions, in reversed order every other round (ABBA), so a load
+    spike or a warm cache does not systematically favour the one that runs first.
+    """
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"iters={iters}, warmup={warmup}: expected iters >= 1 and warmup >= 0")
+    names = list(fns)
     for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(iters):
+        for name in names if i % 2 == 0 else names[::-1]:
             _sync(device)
-            t = time.perf_counter()
-            fn()
+            start = time.perf_counter()
+            fns[name]()
             _sync(device)
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def run(setup: Setup, registries, device: torch.device, batch_sizes=(1, 8), train_batch: int = 2,
-        warmup: int = 2, repeats: int = 5, amp: str = "none", channels_last: bool = False) -> dict:
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Peak growth of the process's resident memory while the block runs, in bytes (``.growth``).
+
+    A thread samples ``/proc/self/statm`` every ``interval`` seconds. What it measures: memory the
+    allocator took from the OS during the block beyond what the process held at its start (activations,
+    gradients, optimizer state first touched, allocator slack); memory freed earlier and reused inside
+    the block does not count. ``malloc_trim`` first returns freed heap to the OS so that one model's
+    leftovers do not hide the other's peak. Linux only; ``growth`` is -1 where /proc is missing.
+    """
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.growth = -1
+        self._stop = threading.Event()
+
+    def _poll(self, start: int) -> None:
+        peak = start
+        while not self._stop.is_set():
+            peak = max(peak, _rss_bytes())
+            self._stop.wait(self.interval)
+        self.growth = max(peak, _rss_bytes()) - start
+
+    def __enter__(self) -> "PeakRSS":
+        if not os.path.exists("/proc/self/statm"):
+            return self
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self._thread = threading.Thread(target=self._poll, args=(_rss_bytes(),), daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join()
+
+
+def _peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory of one call of ``fn`` in MiB: CUDA max_memory_allocated, or on CPU peak RSS growth."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with PeakRSS() as peak:
+        fn()
+    return peak.growth / 2**20
+
+
+def run(setup: Setup, registries, device: torch.device, batch_sizes: tuple[int, ...] = (1, 8),
+        train_batch: int = 2, warmup: int = 2, iters: int = 5, amp: str = "none",
+        channels_last: bool = False) -> dict:
+    """Time inference at each of ``batch_sizes`` and training steps at ``train_batch`` for both detectors.
+
+    Returns ``{"setup", "inference": {bs: {"detkit", "torchvision", "ratio"}} (images/s),
+    "train": {"detkit", "torchvision", "ratio"} (iterations/s, forward + backward + SGD step),
+    "memory": {"train" | "inference": {"detkit", "torchvision"}} (MiB; see ``memory_kind``),
+    "memory_kind", "agreement"}``; ratios are detkit / torchvision (> 1: detkit faster).
+    """
+    if any(b < 1 for b in batch_sizes) or train_batch < 1:
+        raise ValueError(f"batch sizes must be >= 1, got batch_sizes={list(batch_sizes)}, train_batch={train_batch}")
     torch.manual_seed(0)
     ours, theirs = build_pair(setup, registries)
     ours.to(device)
     theirs.to(device)
     if channels_last:
         ours.to(memory_format=torch.channels_last)
+        theirs.to(memory_format=torch.channels_last)  # its own RPN head copy; the trunk is shared
         ours.channels_last = True
-    result: dict = {"setup": setup.__dict__ | {"device": str(device), "amp": amp}, "inference": {}, "memory": {}}
-    ours.eval()
-    theirs.eval()
+        theirs.backbone.channels_last = True
+    models = {"detkit": ours, "torchvision": theirs}
+    result: dict = {
+        "setup": asdict(setup) | {"device": str(device), "amp": amp, "channels_last": channels_last,
+                                  "warmup": warmup, "iters": iters, "train_batch": train_batch},
+        "inference": {}, "memory": {"inference": {}, "train": {}},
+        "memory_kind": ("CUDA max_memory_allocated" if device.type == "cuda"
+                        else "peak RSS growth of the process during one call"),
+    }
+    images, _ = synthetic_batch(setup, 1, device, seed=2)
+    result["agreement"] = agreement(ours, theirs, images)
+
+    for model in models.values():
+        model.eval()
     for bs in batch_sizes:
         images, _ = synthetic_batch(setup, bs, device)
 
-        def infer(model, images=images):
+        def infer(model: nn.Module, images: list[Tensor] = images) -> None:
             with torch.no_grad(), _autocast(device, amp):
                 model(images)
 
-        t = time_pair({"detkit": lambda: infer(ours), "torchvision": lambda: infer(theirs)}, warmup, repeats, device)
+        t = time_interleaved({k: (lambda m=m: infer(m)) for k, m in models.items()}, warmup, iters, device)
         result["inference"][bs] = {k: bs / v for k, v in t.items()}
         result["inference"][bs]["ratio"] = result["inference"][bs]["detkit"] / result["inference"][bs]["torchvision"]
+    big = max(batch_sizes)
+    images, _ = synthetic_batch(setup, big, device)
+    for k, m in models.items():
+        result["memory"]["inference"][k] = _peak_memory_mib(lambda m=m: infer(m, images), device)
 
     images, targets = synthetic_batch(setup, train_batch, device, seed=1)
-    opt_ours = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-    opt_theirs = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-    ours.train()
-    theirs.train()
+    optimizers = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+                  for k, m in models.items()}
+    for model in models.values():
+        model.train()
 
-    def step(model, opt):
+    def step(name: str) -> None:
         with _autocast(device, amp):
-            losses = model(images, targets)
-        opt.zero_grad(set_to_none=True)
+            losses = models[name](images, targets)
+        optimizers[name].zero_grad(set_to_none=True)
         sum(losses.values()).backward()
-        opt.step()
+        optimizers[name].step()
 
-    # Both share trunk and RoI head weights, so the steps move the same tensors; speed is what is compared.
-    t = time_pair({"detkit": lambda: step(ours, opt_ours), "torchvision": lambda: step(theirs, opt_theirs)},
-                  warmup, repeats, device)
+    # The trunk and RoI head are shared, so both optimizers move the same tensors; only speed is compared.
+    t = time_interleaved({k: (lambda k=k: step(k)) for k in models}, warmup, iters, device)
     result["train"] = {k: 1.0 / v for k, v in t.items()}
     result["train"]["ratio"] = result["train"]["detkit"] / result["train"]["torchvision"]
-    if device.type == "cuda":
-        for name, model, opt in (("detkit", ours, opt_ours), ("torchvision", theirs, opt_theirs)):
-            torch.cuda.reset_peak_memory_stats(device)
-            step(model, opt)
-            _sync(device)
-            result["memory"][name] = torch.cuda.max_memory_allocated(device) / 2**20
+    for k in models:
+        result["memory"]["train"][k] = _peak_memory_mib(lambda k=k: step(k), device)
     return result
 
 
-def loader_throughput(registries, num_images: int = 64, num_workers: int = 2, batch_size: int = 2,
-                      image_size=(240, 320), batches: int = 30) -> float:
-    """Images per second through detkit's training data pipeline (decode, flip, collate) on synthetic data."""
-    import tempfile
-
+def loader_throughput(registries, image_size: tuple[int, int] = (240, 320), num_images: int = 64,
+                      batch_size: int = 2, num_workers: int = 2, batches: int = 30) -> float:
+    """Images per second through detkit's training data pipeline (PNG decode, flip, collate) on
+    ``detkit.data.synth`` images, with the trainer's sampler and worker setup; worker start-up excluded."""
     from detkit.data import build_transform
     from detkit.data.synth import synthesize
     from detkit.engine import StreamBatchSampler, _PositionSeeded, build_dataset, to_tensor_batch
@@ -207,45 +425,71 @@ def loader_throughput(registries, num_images: int = 64, num_workers: int = 2, ba
         synthesize(tmp, "coco", num_images, seed=0, image_size=image_size)
         ds = build_dataset({"name": "coco", "images": f"{tmp}/images", "annotations": f"{tmp}/annotations.json"},
                            registries, "benchmark", transform=build_transform(True, 0.5))
-        loader = torch.utils.data.DataLoader(_PositionSeeded(ds), batch_sampler=StreamBatchSampler(
-            list(range(len(ds))), batch_size, 0), num_workers=num_workers, collate_fn=to_tensor_batch)
+        sampler = StreamBatchSampler(list(range(len(ds))), batch_size, 0)
+        loader = torch.utils.data.DataLoader(_PositionSeeded(ds), batch_sampler=sampler, num_workers=num_workers,
+                                             collate_fn=to_tensor_batch)
         it = iter(loader)
         next(it)  # workers started
-        t = time.perf_counter()
+        start = time.perf_counter()
         for _ in range(batches):
             next(it)
-        return batches * batch_size / (time.perf_counter() - t)
+        elapsed = time.perf_counter() - start
+        del it  # shut the workers down before the directory goes
+        return batches * batch_size / elapsed
 
 
 def machine() -> str:
+    """One line naming the machine: CPU model, cores, torch version and threads, GPU if any."""
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import os
-
-    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    text = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} intra-op threads")
     if torch.cuda.is_available():
         text += f", GPU {torch.cuda.get_device_name()}"
     return text
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages, to judge how much others used the machine meanwhile."""
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def markdown(results: list[dict], loader_ips: float | None, command: str) -> str:
-    lines = [f"Machine: {machine()}", "", f"Command: `{command}`", "",
-             "| backbone | image | device | amp | infer b1 img/s (detkit / tv / ratio) | "
-             "infer b8 img/s (detkit / tv / ratio) | train it/s (detkit / tv / ratio) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    """A docs/benchmarks.md section: machine, command, throughput table with ratios, memory, agreement."""
+    lines = [f"Machine: {machine()}; load average after the run: {load_average()}.", "",
+             f"Command: `{command}`", "",
+             "| backbone | image | device | amp | batch | detkit | torchvision | ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         s = r["setup"]
-        cells = []
-        for bs in (1, 8):
-            inf = r["inference"].get(bs)
-            cells.append(f"{inf['detkit']:.2f} / {inf['torchvision']:.2f} / **{inf['ratio']:.2f}**" if inf else "-")
-        tr = r["train"]
-        lines.append(f"| {s['backbone']} | {s['image_size'][0]}x{s['image_size'][1]} | {s['device']} | {s['amp']} | "
-                     f"{cells[0]} | {cells[1]} | {tr['detkit']:.2f} / {tr['torchvision']:.2f} / **{tr['ratio']:.2f}** |")
+        prefix = f"| {s['backbone']} | {s['image_size'][0]}x{s['image_size'][1]} | {s['device']} | {s['amp']} |"
+        for bs, v in r["inference"].items():
+            lines.append(f"{prefix} infer b{bs} (img/s) | {v['detkit']:.2f} | {v['torchvision']:.2f} | "
+                         f"**{v['ratio']:.2f}** |")
+        t = r["train"]
+        lines.append(f"{prefix} train b{s['train_batch']} (it/s) | {t['detkit']:.2f} | {t['torchvision']:.2f} | "
+                     f"**{t['ratio']:.2f}** |")
+    lines += ["", f"Peak memory (MiB, {results[0]['memory_kind']}):", "",
+              "| backbone | phase | detkit | torchvision |", "| --- | --- | --- | --- |"]
+    for r in results:
+        batch = {"inference": max(r["inference"]), "train": r["setup"]["train_batch"]}
+        for phase, v in r["memory"].items():
+            lines.append(f"| {r['setup']['backbone']} | {phase} (b{batch[phase]}) | {v['detkit']:.0f} | "
+                         f"{v['torchvision']:.0f} |")
+    lines += ["", "Agreement on one image, same weights, eval mode:", ""]
+    for r in results:
+        a = r["agreement"]
+        lines.append(f"- {r['setup']['backbone']}: RPN objectness max |diff| {a['rpn_objectness_max_abs_diff']:.2g}, "
+                     f"top proposal IoU {a['top_proposal_iou']:.3f}, top detection IoU {a['top_detection_iou']:.3f}, "
+                     f"top score |diff| {a['top_score_abs_diff']:.3g}, top-10 matched {a['matched_fraction']:.2f}")
     if loader_ips is not None:
-        lines += ["", f"Data loader (synthetic COCO, decode + flip + collate, 2 workers): {loader_ips:.1f} images/s."]
+        r = results[0]
+        b = r["setup"]["train_batch"]
+        lines += ["", f"Data loader (synthetic COCO PNGs, decode + flip + collate, 2 workers): {loader_ips:.1f} "
+                      f"images/s; detkit's training step at batch {b} consumes {b * r['train']['detkit']:.1f} images/s."]
     return "\n".join(lines)

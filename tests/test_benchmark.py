@@ -1,27 +1,108 @@
-"""The benchmark compares like with like: torchvision's model built around detkit's modules and weights."""
+"""The benchmark compares like with like: torchvision's FasterRCNN built around detkit's modules and weights.
+
+No timing assertions: only that the two models share or copy weights faithfully, agree where they should,
+and that a benchmark run reports positive throughputs, ratios and memory.
+"""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
 import torch
 
 from detkit import benchmark
 
+CPU = torch.device("cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def test_pair_shares_weights_and_agrees(registries):
-    setup = benchmark.Setup(image_size=(96, 128), anchor_sizes=(32.0, 64.0))
-    ours, theirs = benchmark.build_pair(setup, registries)
-    assert theirs.backbone.body is ours.trunk and theirs.roi_heads.box_head is ours.roi_heads.box_head
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("benchmark_tool", os.path.join(ROOT, "tools", "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pair_shares_trunk_and_box_head_and_copies_heads(registries):
+    torch.manual_seed(0)
+    ours, theirs = benchmark.build_pair(benchmark.Setup(image_size=(64, 96), anchor_sizes=(32.0, 64.0)), registries)
+    assert theirs.backbone.body is ours.trunk
+    assert theirs.roi_heads.box_head is ours.roi_heads.box_head
     ours.eval()
     theirs.eval()
-    feats = ours.trunk(torch.rand(1, 3, 96, 128))
-    a_obj, a_box = ours.proposal_generator.head(feats)
-    b_obj, b_box = theirs.rpn.head([feats])
-    torch.testing.assert_close(a_obj, b_obj[0])
-    torch.testing.assert_close(a_box, b_box[0])
+    features = ours.trunk(torch.rand(2, 3, 64, 96))
+    a_obj, a_box = ours.proposal_generator.head(features)
+    b_obj, b_box = theirs.rpn.head([features])
+    assert torch.equal(a_obj, b_obj[0]) and torch.equal(a_box, b_box[0])
     x = torch.randn(5, ours.roi_heads.predictor.cls_score.in_features)
-    torch.testing.assert_close(ours.roi_heads.predictor(x)[0], theirs.roi_heads.box_predictor(x)[0])
+    for a, b in zip(ours.roi_heads.predictor(x), theirs.roi_heads.box_predictor(x)):
+        assert torch.equal(a, b)
+    # Settings that are not weights reach torchvision too.
+    assert theirs.roi_heads.box_roi_pool.output_size == ours.roi_heads.roi_extractor.output_size
+    assert theirs.roi_heads.box_coder.weights == tuple(ours.roi_heads.box_coder.weights)
+    assert theirs.transform.size_divisible == ours.transform.size_divisible == 16
+    assert theirs.rpn._pre_nms_top_n == {"training": 12000, "testing": 6000}
 
 
-def test_run_reports_throughputs_and_ratios(registries):
+def test_centred_anchors_equal_detkit_anchors_and_stock_ones_are_shifted(registries):
+    image_list_size, grid = (64, 96), (4, 6)
+    ours, theirs = benchmark.build_pair(benchmark.Setup(image_size=image_list_size, anchors="detkit"), registries)
+    stride = [torch.tensor(16), torch.tensor(16)]
+    gen = theirs.rpn.anchor_generator
+    gen.set_cell_anchors(torch.float32, CPU)
+    expected = ours.proposal_generator.anchor_generator.grid_anchors(grid)
+    assert torch.equal(gen.grid_anchors([grid], [stride])[0], expected)
+    _, stock = benchmark.build_pair(benchmark.Setup(image_size=image_list_size), registries)
+    stock.rpn.anchor_generator.set_cell_anchors(torch.float32, CPU)
+    shifted = stock.rpn.anchor_generator.grid_anchors([grid], [stride])[0]
+    # Corner-centred (half a stride up-left) and rounded to whole pixels.
+    assert torch.allclose(shifted, expected - 8.0, atol=0.5) and not torch.equal(shifted, expected - 8.0)
+
+
+def test_same_anchors_give_the_same_detections(registries):
+    torch.manual_seed(0)
+    setup = benchmark.Setup(image_size=(96, 128), anchor_sizes=(32.0, 64.0), anchors="detkit")
+    ours, theirs = benchmark.build_pair(setup, registries)
+    images, _ = benchmark.synthetic_batch(setup, 2, CPU, seed=3)
+    a = benchmark.agreement(ours, theirs, images)
+    assert a["input_max_abs_diff"] == 0.0
+    assert a["rpn_objectness_max_abs_diff"] == 0.0 and a["rpn_deltas_max_abs_diff"] == 0.0
+    assert a["top_proposal_iou"] > 0.999 and a["top_detection_iou"] > 0.999
+    assert a["top_score_abs_diff"] < 1e-5 and a["top_label_agree"] == 1.0 and a["matched_fraction"] == 1.0
+
+
+def test_run_reports_throughputs_ratios_and_memory(registries):
     setup = benchmark.Setup(image_size=(64, 96), anchor_sizes=(32.0,))
-    r = benchmark.run(setup, registries, torch.device("cpu"), batch_sizes=(1,), train_batch=1, warmup=0, repeats=1)
-    assert r["inference"][1]["detkit"] > 0 and r["inference"][1]["torchvision"] > 0
-    assert r["train"]["ratio"] == r["train"]["detkit"] / r["train"]["torchvision"]
-    assert "| tiny | 64x96 | cpu |" in benchmark.markdown([r], None, "cmd")
+    r = benchmark.run(setup, registries, CPU, batch_sizes=(1, 2), train_batch=1, warmup=0, iters=1)
+    assert set(r) == {"setup", "inference", "train", "memory", "memory_kind", "agreement"}
+    for v in [*r["inference"].values(), r["train"]]:
+        assert set(v) == {"detkit", "torchvision", "ratio"}
+        assert v["detkit"] > 0 and v["torchvision"] > 0
+        assert v["ratio"] == pytest.approx(v["detkit"] / v["torchvision"])
+    assert set(r["inference"]) == {1, 2}
+    for phase in ("inference", "train"):
+        assert all(v >= 0 for v in r["memory"][phase].values()) and set(r["memory"][phase]) == {"detkit", "torchvision"}
+    assert r["agreement"]["rpn_objectness_max_abs_diff"] == 0.0
+    text = benchmark.markdown([r], 12.5, "cmd")
+    assert "| tiny | 64x96 | cpu | none | infer b2 (img/s) |" in text and "12.5 images/s" in text
+
+
+def test_cli_writes_json_and_rejects_bad_sizes(tmp_path, capsys):
+    tool = _tool()
+    out = tmp_path / "bench.json"
+    assert tool.main(["faster_rcnn", "--image-size", "48x64", "--batch-sizes", "1", "--train-batch", "1",
+                      "--iters", "1", "--warmup", "0", "--device", "cpu", "--no-loader", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["results"][0]["setup"]["image_size"] == [48, 64] and data["loader_images_per_s"] is None
+    assert math.isfinite(data["results"][0]["train"]["ratio"])
+    with pytest.raises(SystemExit):
+        tool.main(["faster_rcnn", "--image-size", "48by64"])
+    assert "expected HxW" in capsys.readouterr().err
+    assert tool.main(["faster_rcnn", "--backbone", "no_such_net", "--no-loader"]) == 2
+
+
+def test_loader_throughput_is_positive(registries):
+    ips = benchmark.loader_throughput(registries, image_size=(48, 64), num_images=4, batch_size=2, num_workers=0,
+                                      batches=2)
+    assert ips > 0

@@ -1,66 +1,112 @@
 #!/usr/bin/env python
-"""Benchmarks. `python tools/benchmark.py faster_rcnn --help`.
+"""Benchmarks: ``python tools/benchmark.py faster_rcnn --help``.
 
 faster_rcnn: detkit's Faster R-CNN against torchvision's FasterRCNN built around the same modules and
-weights, timed in the same process (see detkit/benchmark.py). Prints ratios detkit / torchvision.
+weights, timed in the same process with interleaved runs (see detkit/benchmark.py). Prints throughputs
+and ratios detkit / torchvision (> 1: detkit faster); ``--markdown`` prints a docs/benchmarks.md section.
+Further benchmarks are further subcommands of this script.
 """
+from __future__ import annotations
+
 import argparse
 import json
 import os
 import sys
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main(argv=None) -> int:
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--image-size {text!r}: expected HxW, e.g. 240x320") from None
+    if min(h, w) < 16:
+        raise argparse.ArgumentTypeError(f"--image-size {text!r}: both sides must be >= 16")
+    return h, w
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,8") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes must be >= 1")
+    return values
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tools/benchmark.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("faster_rcnn", help="detkit vs torchvision Faster R-CNN, same weights and settings")
+    f.add_argument("--backbone", default="tiny", help="registered backbone name(s), comma-separated")
+    f.add_argument("--image-size", type=_image_size, default=(240, 320), help="HxW of the synthetic images")
+    f.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="inference batch sizes")
+    f.add_argument("--train-batch", type=int, default=2, help="images per training iteration")
+    f.add_argument("--iters", type=int, default=7, help="timed runs per measurement (the median is reported)")
+    f.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    f.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    f.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast for both models")
+    f.add_argument("--channels-last", action="store_true")
+    f.add_argument("--anchors", choices=["torchvision", "detkit"], default="torchvision",
+                   help="torchvision's stock anchors (default) or detkit's cell-centred ones in both")
+    f.add_argument("--no-loader", action="store_true", help="skip the data-loader throughput measurement")
+    f.add_argument("--output", help="write the results as JSON to this path")
+    f.add_argument("--markdown", action="store_true", help="print a section for docs/benchmarks.md")
+    return p
+
+
+def faster_rcnn(args: argparse.Namespace) -> int:
     import torch
 
     from detkit import benchmark
     from detkit.engine import resolve_device
     from detkit.plugins import get_registries
 
-    parser = argparse.ArgumentParser(prog="tools/benchmark.py")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("faster_rcnn", help="detkit vs torchvision Faster R-CNN, same weights and settings")
-    p.add_argument("--backbone", action="append", help="registered backbone (repeatable; default tiny)")
-    p.add_argument("--image-size", default="240x320", help="HxW")
-    p.add_argument("--batch-sizes", default="1,8")
-    p.add_argument("--train-batch", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--loader", action="store_true", help="also measure data-loader throughput")
-    p.add_argument("--output", help="write the results as JSON")
-    p.add_argument("--markdown", action="store_true", help="print a table for docs/benchmarks.md")
-    args = parser.parse_args(argv)
-
-    h, w = (int(v) for v in args.image_size.split("x"))
     device = resolve_device(args.device)
     registries = get_registries()
+    names = [n.strip() for n in args.backbone.split(",") if n.strip()]
+    for name in names:
+        if name not in registries.backbones:
+            print(f"--backbone: {name!r} is not a registered backbone", file=sys.stderr)
+            return 2
+    if args.iters < 1 or args.warmup < 0 or args.train_batch < 1:
+        print(f"--iters {args.iters} / --warmup {args.warmup} / --train-batch {args.train_batch}: expected "
+              f"iters >= 1, warmup >= 0, train batch >= 1", file=sys.stderr)
+        return 2
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     results = []
-    for name in args.backbone or ["tiny"]:
-        setup = benchmark.Setup(backbone=name, image_size=(h, w))
-        r = benchmark.run(setup, registries, device, [int(b) for b in args.batch_sizes.split(",")],
-                          args.train_batch, args.warmup, args.repeats, args.amp, args.channels_last)
+    for name in names:
+        setup = benchmark.Setup(backbone=name, image_size=args.image_size, anchors=args.anchors)
+        r = benchmark.run(setup, registries, device, tuple(args.batch_sizes), args.train_batch, args.warmup,
+                          args.iters, args.amp, args.channels_last)
         results.append(r)
-        print(f"{name}: inference " + ", ".join(f"b{bs} {v['detkit']:.2f} vs {v['torchvision']:.2f} img/s "
-                                               f"(ratio {v['ratio']:.2f})" for bs, v in r["inference"].items())
-              + f"; train {r['train']['detkit']:.2f} vs {r['train']['torchvision']:.2f} it/s "
-                f"(ratio {r['train']['ratio']:.2f})" + (f"; peak MiB {r['memory']}" if r["memory"] else ""))
-    loader_ips = benchmark.loader_throughput(registries, image_size=(h, w)) if args.loader else None
-    if loader_ips is not None:
-        step = 1.0 / results[0]["train"]["detkit"]
-        print(f"data loader: {loader_ips:.1f} images/s; model step at batch {args.train_batch}: "
-              f"{args.train_batch / step:.1f} images/s")
+        inference = ", ".join(f"b{bs} {v['detkit']:.2f} vs {v['torchvision']:.2f} img/s (ratio {v['ratio']:.2f})"
+                              for bs, v in r["inference"].items())
+        t = r["train"]
+        print(f"{name}: inference {inference}; train {t['detkit']:.2f} vs {t['torchvision']:.2f} it/s "
+              f"(ratio {t['ratio']:.2f}); peak memory MiB {r['memory']}; agreement {r['agreement']}", flush=True)
+    loader_ips = None
+    if not args.no_loader:
+        loader_ips = benchmark.loader_throughput(registries, image_size=args.image_size)
+        step_ips = args.train_batch * results[0]["train"]["detkit"]
+        print(f"data loader: {loader_ips:.1f} images/s; detkit training step consumes {step_ips:.1f} images/s")
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"machine": benchmark.machine(), "results": results, "loader_images_per_s": loader_ips}, f,
-                      indent=1)
+        with open(args.output, "w", encoding="utf-8") as fh:
+            json.dump({"machine": benchmark.machine(), "load_average": benchmark.load_average(),
+                       "results": results, "loader_images_per_s": loader_ips}, fh, indent=1)
     if args.markdown:
-        print(benchmark.markdown(results, loader_ips, "python tools/benchmark.py " + " ".join(sys.argv[1:])))
+        print(benchmark.markdown(results, loader_ips, "python tools/benchmark.py " + " ".join(args.argv)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    args.argv = argv
+    return {"faster_rcnn": faster_rcnn}[args.command](args)
 
 
 if __name__ == "__main__":
