@@ -38,7 +38,7 @@ class ConfigError(ValueError):
 class BackboneConfig:
     name: str = "tiny"
     weights: str | None = None  # local torchvision-format state dict; nothing is downloaded
-    freeze_at: int = 0  # freeze the first k trunk stages
+    freeze_at: int = 0  # freeze the first k trunk stages; -1: the whole trunk (SPP-net fine-tunes fc only)
     frozen_bn: bool | None = None  # None: frozen when `weights` is given, trainable otherwise
     args: dict = field(default_factory=dict)  # extra keyword arguments of the variant's builder
 
@@ -51,7 +51,6 @@ class AnchorConfig:
 
 @dataclass
 class RPNConfig:
-    name: str = "rpn"
     conv_channels: int | None = None  # None: the trunk's channels (512 for VGG-16, as in the paper)
     fg_iou_thresh: float = 0.7
     bg_iou_thresh: float = 0.3
@@ -69,11 +68,27 @@ class RPNConfig:
 
 
 @dataclass
+class SelectiveSearchConfig:
+    """Selective search proposals (Uijlings et al. 2013), as R-CNN / SPP-net / Fast R-CNN use them."""
+
+    mode: str = "fast"  # fast | quality | rcnn (the R-CNN paper's fast-mode settings)
+    max_side: int | None = 500  # the search runs on the image shrunk to this longer side; None: full size
+    min_size: float = 0.0  # drop proposals narrower or shorter than this (original-image pixels)
+    top_k: int = 2000  # R-CNN: ~2000 proposals per image
+    cache_dir: str = "work_dirs/proposals"  # one sub-directory per dataset and settings
+    num_workers: int | None = None  # processes computing the cache; None: all cores
+
+
+@dataclass
 class RoIExtractorConfig:
     name: str = "roi_pool"
     output_size: int | None = None  # None: the backbone's (7 for VGG-16)
     sampling_ratio: int = 0  # RoIAlign only
     aligned: bool = False  # RoIAlign only
+    levels: list[int] = field(default_factory=lambda: [6, 3, 2, 1])  # SPP pyramid (SPP-net Sec. 3.1)
+    context_padding: int = 16  # warp: pixels of context around the box at the warped size (R-CNN App. A)
+    warp_size: int | None = None  # warp: side of the warped window; None: the backbone's input size
+    warp_batch: int = 128  # warp: windows through the CNN at a time (bounds memory)
 
 
 @dataclass
@@ -95,17 +110,36 @@ class RoIHeadConfig:
 
 
 @dataclass
+class SVMConfig:
+    """The R-CNN post-hoc classifiers (Sec. 2.3, Appendix B) and box regressor (Appendix C)."""
+
+    C: float = 0.001  # liblinear's C, as in R-CNN
+    positive_weight: float = 2.0
+    bias_multiplier: float = 10.0
+    neg_iou: float = 0.3  # negatives: IoU < 0.3 with every ground truth of the class
+    hard_thresh: float = -1.0001  # negatives scoring above this are hard
+    evict_thresh: float = -1.2  # cached negatives scoring below this are dropped after a retrain
+    feature_norm: float = 20.0  # features are scaled so their mean L2 norm is this
+    ridge_lambda: float = 1000.0
+    ridge_min_iou: float = 0.6  # box regression learns from proposals with IoU > 0.6
+
+
+@dataclass
 class TransformConfig:
     min_size: int | list[int] = 600  # a list: drawn per image in training (multi-scale)
     max_size: int = 1000
     mean: list[float] | None = None  # None: the backbone's
     std: list[float] | None = None
     size_divisible: int | None = None  # None: the backbone's stride
+    # Multi-scale testing (SPP-net Sec. 3.2, Fast R-CNN Sec. 5.2): features at each shorter side; every
+    # region is pooled from the scale at which its area is closest to 224 x 224. None: min_size only.
+    test_scales: list[int] | None = None
 
 
 @dataclass
 class ModelConfig:
     detector: str = "faster_rcnn"
+    proposal_generator: str = "rpn"  # rpn | selective_search | any registered proposal source
     num_classes: int | None = None  # object classes without background; None: from the training set
     class_names: list[str] | None = None  # filled from the training set when training
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -113,6 +147,8 @@ class ModelConfig:
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_extractor: RoIExtractorConfig = field(default_factory=RoIExtractorConfig)
     roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
+    selective_search: SelectiveSearchConfig = field(default_factory=SelectiveSearchConfig)
+    svm: SVMConfig = field(default_factory=SVMConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 
@@ -160,6 +196,11 @@ class TrainConfig:
     # Linear scaling rule (Goyal et al. 2017): lr and warmup are given for one process;
     # with N processes the global batch is N times larger and lr is multiplied by N.
     scale_lr: bool = True
+    # end_to_end: approximate joint training (Faster R-CNN Sec. 3.2 (ii)); four_step: alternating training
+    # (Sec. 3.2, 4-step), with four_step_iters iterations per step and the learning rate divided by 10 at
+    # three quarters of each step (py-faster-rcnn's schedule).
+    schedule: str = "end_to_end"
+    four_step_iters: list[int] = field(default_factory=lambda: [80000, 40000, 80000, 40000])
 
 
 @dataclass

@@ -224,8 +224,54 @@ def _autocast(device: torch.device, amp: str):
 def train(cfg: Config, registries, resume: str | bool | None = None, progress: bool = True) -> dict:
     """Train the configured detector; returns ``{"checkpoint": path, "metrics": dict | None}``.
 
+    ``train.schedule: four_step`` runs Faster R-CNN's alternating training; a detector with the ``svm``
+    head (R-CNN, SPP-net) is fine-tuned with a softmax classifier and then gets its SVMs and box regressor
+    (``detkit.pipelines``). Everything else is one stage of SGD.
+    """
+    if cfg.train.schedule == "four_step":
+        from detkit.pipelines import train_four_step
+
+        return train_four_step(cfg, registries, resume=resume, progress=progress)
+    if cfg.train.schedule != "end_to_end":
+        raise ConfigError(f"train.schedule={cfg.train.schedule!r}: expected end_to_end or four_step")
+    if cfg.model.roi_head.name == "svm":
+        from detkit.pipelines import train_with_svms
+
+        return train_with_svms(cfg, registries, resume=resume, progress=progress)
+    return train_stage(cfg, registries, resume, progress)
+
+
+def attach_proposals(dataset, model: nn.Module, cfg: Config, progress: bool = True,
+                     info: DistInfo | None = None) -> None:
+    """Give ``dataset`` the selective-search boxes its detector takes, computing the missing ones into the
+    per-dataset cache (``model.selective_search``; rank 0 computes, the other ranks wait and read)."""
+    generator = getattr(model, "proposal_generator", None)
+    if not getattr(generator, "needs_proposals", False) or getattr(dataset, "proposals", None) is not None:
+        return
+    from detkit.proposals.cache import compute_proposals, selective_search_cache
+
+    info = info or DistInfo()
+    ss = cfg.model.selective_search
+    cache = selective_search_cache(ss.cache_dir, dataset, mode=ss.mode, max_side=ss.max_side, min_size=ss.min_size,
+                                   top_k=ss.top_k)
+    if info.is_main and not cache.complete:
+        log.info("selective search over %s (%d images missing) into %s", dataset.source, len(cache.missing()),
+                 cache.path)
+        compute_proposals(dataset, cache, num_workers=ss.num_workers or os.cpu_count() or 1,
+                          progress=progress)
+    barrier(info)
+    dataset.proposals = cache
+
+
+def train_stage(cfg: Config, registries, resume: str | bool | None = None, progress: bool = True, *,
+                init=None, loss_prefixes: tuple[str, ...] | None = None, proposals=None) -> dict:
+    """One stage of SGD on the configured detector; returns ``{"checkpoint", "metrics", "model"}``.
+
     Runs as one process, or as one of N under ``torchrun`` (DistributedDataParallel;
-    logging, checkpoints and the metric on rank 0).
+    logging, checkpoints and the metric on rank 0). Staged schedules (``detkit.pipelines``) pass
+    ``init(model)`` (load earlier stages' weights, freeze what a step keeps fixed; called before the
+    optimizer is built), ``loss_prefixes`` (train only the losses of some stages, e.g. ``("rpn/",)``) and
+    ``proposals`` (a proposal source ``get(index)`` for the training set, e.g. a cache of RPN proposals).
     """
     from detkit.data import build_transform  # heavy imports (albumentations) only when training
 
@@ -259,6 +305,12 @@ def train(cfg: Config, registries, resume: str | bool | None = None, progress: b
         # Resolved once here so the checkpoint's config rebuilds the same module types without the weights file.
         cfg.model.backbone.frozen_bn = bool(cfg.model.backbone.weights)
     model = build_detector(cfg.model, registries, len(names), names).to(device)
+    if init is not None:
+        init(model)
+    if proposals is not None:
+        dataset.proposals = proposals
+    else:
+        attach_proposals(dataset, model, cfg, progress, info)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
         model.channels_last = True
@@ -339,10 +391,14 @@ def train(cfg: Config, registries, resume: str | bool | None = None, progress: b
         for iteration in range(start_iter, tcfg.max_iters):
             images, targets = next(data_iter)
             images = [img.to(device, non_blocking=True) for img in images]
+            props = ([t["proposals"].to(device, non_blocking=True) for t in targets]
+                     if "proposals" in targets[0] else None)
             targets = [{"boxes": t["boxes"].to(device, non_blocking=True),
                         "labels": t["labels"].to(device, non_blocking=True)} for t in targets]
             with _autocast(device, tcfg.amp):
-                losses = ddp(images, targets)
+                losses = ddp(images, targets, props)
+            if loss_prefixes is not None:
+                losses = {k: v for k, v in losses.items() if k.startswith(loss_prefixes)}
             total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
@@ -392,7 +448,7 @@ def train(cfg: Config, registries, resume: str | bool | None = None, progress: b
         metrics = evaluate(model, cfg, registries, device=device, out_dir=work_dir, dist_info=info,
                            progress=progress)
     shutdown(info)
-    return {"checkpoint": final, "metrics": metrics}
+    return {"checkpoint": final, "metrics": metrics, "model": model}
 
 
 # ----------------------------------------------------------------------------- eval
@@ -415,7 +471,8 @@ def predict_dataset(model: nn.Module, dataset, device: torch.device, batch_size:
 
         iterator = tqdm(loader, desc="eval", dynamic_ncols=True, mininterval=1.0)
     for images, targets in iterator:
-        dets = model([img.to(device) for img in images])
+        props = [t["proposals"].to(device) for t in targets] if "proposals" in targets[0] else None
+        dets = model([img.to(device) for img in images], None, props)
         for det, target in zip(dets, targets):
             outputs.append({"image_id": int(target["image_id"]), **{k: v.cpu() for k, v in det.items()}})
     return outputs
@@ -440,6 +497,7 @@ def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, ou
     if list(dataset.class_names) != list(names):
         raise ConfigError(f"the evaluation dataset's classes {list(dataset.class_names)} differ from the model's "
                           f"{list(names)}")
+    attach_proposals(dataset, model, cfg, progress, info)
     score_thresh = cfg.eval.score_thresh
     predictions = predict_dataset(model, dataset, device, batch_size=1, num_workers=cfg.data.num_workers,
                                   progress=progress and info.is_main, shard=(info.rank, info.world_size))

@@ -99,6 +99,9 @@ class DetectionDataset(torch.utils.data.Dataset):
         if clipped or dropped:
             log.warning("%s: clipped %s, dropped %s", source, _count(clipped, "box"),
                         _count(dropped, "degenerate box"))
+        # A proposal source ``get(index) -> (M, 4)`` boxes in original coordinates (a selective-search cache),
+        # attached by the trainer for detectors that take precomputed proposals.
+        self.proposals = None
         self._size_warned: set[str] = set()  # a mismatched image is reported once, not once per epoch
         self.train_indices = ([i for i, r in enumerate(records) if (~r.iscrowd).any()] if skip_empty else None)
 
@@ -132,8 +135,24 @@ class DetectionDataset(torch.utils.data.Dataset):
         else:
             crowd = r.iscrowd
         boxes, labels, difficult = boxes[~crowd], labels[~crowd], difficult[~crowd]
+        proposals = None
+        if self.proposals is not None:
+            proposals, _, keep = sanitize_boxes(np.asarray(self.proposals.get(index), np.float32).reshape(-1, 4), h, w)
+            proposals = proposals[keep]
         if self.transform is not None:
-            image, boxes, labels, extra = self.transform(image, boxes, labels, {"difficult": difficult})
+            if proposals is None:
+                image, boxes, labels, extra = self.transform(image, boxes, labels, {"difficult": difficult})
+            else:
+                # Proposals travel through the same (box-aware) augmentation as the objects, flagged.
+                n = len(boxes)
+                image, boxes, labels, extra = self.transform(
+                    image, np.concatenate([boxes, proposals]), np.concatenate([labels, np.zeros(len(proposals), np.int64)]),
+                    {"difficult": np.concatenate([difficult, np.zeros(len(proposals), bool)]),
+                     "proposal": np.arange(n + len(proposals)) >= n})
+                is_prop = np.asarray(extra["proposal"], bool)
+                proposals = np.asarray(boxes, np.float32).reshape(-1, 4)[is_prop]
+                boxes, labels = np.asarray(boxes).reshape(-1, 4)[~is_prop], np.asarray(labels)[~is_prop]
+                extra = {"difficult": np.asarray(extra["difficult"])[~is_prop]}
             difficult = extra["difficult"]
         target = {
             "boxes": torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4)),
@@ -144,6 +163,8 @@ class DetectionDataset(torch.utils.data.Dataset):
             "orig_size": (h, w),
             "file_name": r.file_name,
         }
+        if proposals is not None:
+            target["proposals"] = torch.as_tensor(np.asarray(proposals, np.float32).reshape(-1, 4))
         return image, target
 
     def to_coco(self) -> dict:

@@ -64,8 +64,15 @@ class RoIHeads(nn.Module):
         return self.postprocess(class_logits, box_deltas, proposals, image_sizes), {}
 
     def predict(self, features: Tensor, proposals: list[Tensor], image_sizes) -> tuple[Tensor, Tensor]:
-        pooled = self.roi_extractor(features, proposals, image_sizes)
-        return self.predictor(self.box_head(pooled))
+        return self.classify(self.roi_extractor(features, proposals, image_sizes))
+
+    def classify(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
+        """Pooled regions ``(R, ...)`` -> ``class_logits (R, K+1)``, ``box_deltas (R, 4(K+1))``. A predictor
+        with ``needs_pooled`` (R-CNN's ridge regressor works on pool5) also receives the flattened pooled grid."""
+        vectors = self.box_head(pooled)
+        if getattr(self.predictor, "needs_pooled", False):
+            return self.predictor(vectors, pooled=pooled.flatten(1))
+        return self.predictor(vectors)
 
     def select_training_samples(self, proposals: list[Tensor], targets: list[dict]):
         """Add gt to proposals, label by IoU and sample a fixed mini-batch per image.
@@ -109,7 +116,11 @@ class RoIHeads(nn.Module):
                     image_sizes) -> list[dict]:
         counts = [p.shape[0] for p in proposals]
         boxes = self.box_coder.decode(box_deltas, torch.cat(proposals)).view(-1, self.num_classes + 1, 4)
-        scores = F.softmax(class_logits.float(), dim=-1)
+        # SVM scores (R-CNN) are margins, not logits: they are thresholded and ranked as they are.
+        if getattr(self.predictor, "scores_are_probabilities", True):
+            scores = F.softmax(class_logits.float(), dim=-1)
+        else:
+            scores = class_logits.float()
         results = []
         for img_boxes, img_scores, size in zip(boxes.split(counts), scores.split(counts), image_sizes):
             img_boxes = clip_boxes(img_boxes, size)[:, 1:].reshape(-1, 4)

@@ -42,14 +42,18 @@ class DetectionTransform(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
 
     def scale_for(self, height: int, width: int, min_size: int) -> float:
+        """The resize factor; ``min_size <= 0`` keeps the image's own size (R-CNN warps from the original)."""
+        if min_size <= 0:
+            return 1.0
         short, long = min(height, width), max(height, width)
         scale = min_size / short
         if long * scale > self.max_size:
             scale = self.max_size / long
         return scale
 
-    def forward(self, images: list[Tensor], targets: list[dict] | None = None):
-        """images: ``(3, H_i, W_i)`` uint8 (0-255) or float (0-1), on the model's device.
+    def forward(self, images: list[Tensor], targets: list[dict] | None = None, min_size: int | None = None):
+        """images: ``(3, H_i, W_i)`` uint8 (0-255) or float (0-1), on the model's device; ``min_size``
+        overrides the configured shorter side (multi-scale testing).
         Returns ``(ImageList, targets with boxes rescaled)``."""
         resized, sizes, scales = [], [], []
         out_targets = [] if targets is not None else None
@@ -62,9 +66,13 @@ class DetectionTransform(nn.Module):
             h, w = img.shape[-2:]
             # Multi-scale training draws the shorter side per image (SPP-net / Fast R-CNN Sec. 5.2).
             # torch's RNG (not Python's) so a resumed run draws the same sizes.
-            min_size = (self.min_sizes[int(torch.randint(len(self.min_sizes), ()))] if self.training
-                        else self.min_sizes[-1])
-            scale = self.scale_for(h, w, min_size)
+            if min_size is not None:
+                side = min_size
+            elif self.training:
+                side = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))]
+            else:
+                side = self.min_sizes[-1]
+            scale = self.scale_for(h, w, side)
             nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
             img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
             img = (img - self.mean) / self.std

@@ -32,15 +32,57 @@ def _softmax_box(in_features: int, num_classes: int, cfg=None):
     return SoftmaxBoxHead(in_features, num_classes, cfg.dropout if cfg else 0.0)
 
 
-def _faster_rcnn(cfg, num_classes: int, registries, class_names=None):
-    from detkit.models.detector import build_two_stage
+def _selective_search(cfg, in_channels: int, stride: int):
+    from detkit.models.precomputed import SelectiveSearchProposals
 
-    if cfg.rpn.name != "rpn":
-        # Faster R-CNN *is* the RPN variant; other sources make other detectors.
+    return SelectiveSearchProposals(cfg.selective_search)
+
+
+def _precomputed(cfg, in_channels: int, stride: int):
+    from detkit.models.precomputed import PrecomputedProposals
+
+    return PrecomputedProposals(cfg.selective_search.top_k)
+
+
+def _spp(output_size: int, stride: int, cfg=None):
+    from detkit.ops.spp import SpatialPyramidPool
+
+    return SpatialPyramidPool(cfg.levels if cfg else (6, 3, 2, 1), stride)
+
+
+def _warp(output_size: int, stride: int, cfg=None, trunk=None, input_size: int = 224):
+    from detkit.ops.warp import WarpExtractor
+
+    if trunk is None:
+        raise ValueError("warp: the extractor needs the backbone's trunk")
+    return WarpExtractor(trunk, output_size, (cfg.warp_size if cfg and cfg.warp_size else input_size),
+                         cfg.context_padding if cfg else 16, cfg.warp_batch if cfg else 128)
+
+
+def _svm(in_features: int, num_classes: int, cfg=None, pooled_features: int | None = None):
+    from detkit.models.svm import SVMBoxHead
+
+    weights = tuple(cfg.box_coder_weights) if cfg else (10.0, 10.0, 5.0, 5.0)
+    return SVMBoxHead(in_features, num_classes, pooled_features, box_coder_weights=weights)
+
+
+def _detector(name: str, proposal_generators: tuple[str, ...] = (), roi_extractors: tuple[str, ...] = ()):
+    """A named member of the lineage: the generic two-stage assembly, checked for the parts that make it
+    that detector (``two_stage`` takes any combination)."""
+
+    def build(cfg, num_classes: int, registries, class_names=None):
         from detkit.config import ConfigError
+        from detkit.models.detector import build_two_stage
 
-        raise ConfigError(f"model.rpn.name={cfg.rpn.name!r}: faster_rcnn needs the 'rpn' proposal generator")
-    return build_two_stage(cfg, num_classes, registries, class_names)
+        if proposal_generators and cfg.proposal_generator not in proposal_generators:
+            raise ConfigError(f"model.proposal_generator={cfg.proposal_generator!r}: {name} uses "
+                              f"{' or '.join(map(repr, proposal_generators))} (model.detector: two_stage takes any)")
+        if roi_extractors and cfg.roi_extractor.name not in roi_extractors:
+            raise ConfigError(f"model.roi_extractor.name={cfg.roi_extractor.name!r}: {name} uses "
+                              f"{' or '.join(map(repr, roi_extractors))} (model.detector: two_stage takes any)")
+        return build_two_stage(cfg, num_classes, registries, class_names)
+
+    return build
 
 
 def _coco(images: str, annotations: str, transform=None, skip_empty: bool = False):
@@ -73,22 +115,32 @@ def _concat(datasets: list, transform=None, skip_empty: bool = False):
 @hookimpl
 def detkit_register_proposal_generators(register):
     register("rpn", _rpn, paper="Faster R-CNN, Sec. 3.1")
+    register("selective_search", _selective_search, paper="Uijlings et al. 2013 (cached per dataset)")
+    register("precomputed", _precomputed, paper="boxes from a proposal cache (4-step training)")
 
 
 @hookimpl
 def detkit_register_roi_extractors(register):
     register("roi_pool", _roi_pool, paper="Fast R-CNN, Sec. 2.1")
     register("roi_align", _roi_align, paper="Mask R-CNN, Sec. 3")
+    register("spp", _spp, paper="SPP-net, Sec. 2.3")
+    register("warp", _warp, input="image", paper="R-CNN, Sec. 2.1 and Appendix A")
 
 
 @hookimpl
 def detkit_register_heads(register):
     register("softmax_box", _softmax_box, paper="Fast R-CNN, Sec. 2.2")
+    register("svm", _svm, paper="R-CNN, Sec. 2.3 (SVMs) and Appendix C (box regression)")
 
 
 @hookimpl
 def detkit_register_detectors(register):
-    register("faster_rcnn", _faster_rcnn, paper="Ren et al. 2015 (approximate joint training)")
+    register("rcnn", _detector("rcnn", ("selective_search", "precomputed"), ("warp",)), paper="Girshick et al. 2014")
+    register("spp_net", _detector("spp_net", ("selective_search", "precomputed"), ("spp",)), paper="He et al. 2014")
+    register("fast_rcnn", _detector("fast_rcnn", ("selective_search", "precomputed"), ("roi_pool", "roi_align")),
+             paper="Girshick 2015")
+    register("faster_rcnn", _detector("faster_rcnn", ("rpn",)), paper="Ren et al. 2015")
+    register("two_stage", _detector("two_stage"), paper="any proposal source, RoI extractor and head")
 
 
 @hookimpl
