@@ -1,4 +1,4 @@
-"""The ``detkit`` command line: list, config, train, eval, infer, data, summary.
+"""The ``detkit`` command line: list, config, train, eval, infer, data, summary, proposals.
 
 ``tools/train.py``, ``tools/eval.py`` and ``tools/infer.py`` are the same
 commands. User errors (bad config keys, missing files, unreadable inputs, not a
@@ -150,6 +150,27 @@ def _data_spec(spec: str | None, args) -> dict | None:
     return data
 
 
+def _apply_svd(model, spec: str | None) -> None:
+    """``--svd [RANKS]``: truncated SVD of the RoI head's fully connected layers (Fast R-CNN Sec. 3.1)."""
+    if spec is None:
+        return
+    from detkit.config import ConfigError
+    from detkit.models.svd import compress_fully_connected
+
+    try:
+        ranks = [int(r) for r in spec.split(",") if r.strip()]
+    except ValueError:
+        raise ConfigError(f"--svd {spec!r}: expected comma-separated ranks such as 1024,256") from None
+    head = getattr(getattr(model, "roi_heads", None), "box_head", None)
+    if head is None:
+        raise ConfigError("--svd: this model has no RoI head with fully connected layers")
+    try:
+        replaced = compress_fully_connected(head, ranks)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print("truncated SVD: " + "; ".join(replaced))
+
+
 def cmd_eval(args) -> int:
     from detkit.engine import build_dataset, evaluate, model_from_checkpoint
 
@@ -162,6 +183,7 @@ def cmd_eval(args) -> int:
         args.overrides.append(f"eval.metric={args.metric}")
     device = _device(args.device)
     model, cfg, _ = model_from_checkpoint(args.checkpoint, registries, device, args.overrides)
+    _apply_svd(model, args.svd)
     spec = _data_spec(args.data, args)
     dataset = build_dataset(spec or cfg.data.test, registries, "test" if spec is None else "--data")
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
@@ -177,6 +199,7 @@ def cmd_infer(args) -> int:
     registries = _registries()
     device = _device(args.device)
     model, cfg, ckpt = model_from_checkpoint(args.checkpoint, registries, device, args.overrides)
+    _apply_svd(model, args.svd)
     summary = run(model, list(ckpt["class_names"]), list(ckpt["cat_ids"]), args.input, args.output, device,
                   score_thr=args.score_thr, max_frames=args.max_frames, progress=not args.no_progress)
     for path in summary["outputs"][:5]:
@@ -187,6 +210,122 @@ def cmd_infer(args) -> int:
           f"; results: {os.path.join(args.output, 'results.json')}")
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} unreadable images: {', '.join(summary['skipped'][:5])}")
+    return 0
+
+
+def _proposal_settings(cfg) -> dict:
+    """``model.selective_search`` as keyword arguments of ``selective_search_cache`` (checked)."""
+    from detkit.config import ConfigError
+    from detkit.proposals.selective_search import check_settings
+
+    ss = cfg.model.selective_search
+    try:
+        check_settings(ss.mode, ss.max_side, ss.top_k, {})
+    except ValueError as exc:
+        raise ConfigError(f"model.selective_search.{exc}") from None
+    return {"mode": ss.mode, "max_side": ss.max_side, "min_size": ss.min_size, "top_k": ss.top_k}
+
+
+def _proposal_cache(cfg, dataset, key: str, args):
+    """The selective search cache of ``dataset`` (``data.<key>``), computed where incomplete."""
+    from detkit.config import ConfigError
+    from detkit.proposals import ProposalCacheError, selective_search_cache
+
+    ss = cfg.model.selective_search
+    workers = args.workers if args.workers is not None else ss.num_workers  # None: all cores
+    try:
+        return selective_search_cache(ss.cache_dir, dataset, num_workers=workers, progress=not args.no_progress,
+                                      **_proposal_settings(cfg))
+    except ProposalCacheError as exc:
+        raise ConfigError(f"data.{key}: {exc}") from None
+
+
+def cmd_proposals_compute(args) -> int:
+    from detkit.config import load_config
+    from detkit.engine import build_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    registries = _registries()
+    keys = ["train", "test"] if args.split == "both" else [args.split]
+    datasets = [(key, build_dataset(getattr(cfg.data, key), registries, key)) for key in keys]  # all checked first
+    for key, dataset in datasets:
+        cache = _proposal_cache(cfg, dataset, key, args)
+        counts = [len(cache.get(i)) for i in range(len(cache))]
+        print(f"{key}: {cache.directory}")
+        print(f"  {len(counts)} images; boxes per image: mean {sum(counts) / len(counts):.1f}, "
+              f"min {min(counts)}, max {max(counts)}")
+    return 0
+
+
+def _rpn_proposals(checkpoint: str, dataset, registries, device, progress: bool) -> list:
+    """Proposals of a trained proposal network for every image of ``dataset``, in original-image pixels."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from detkit.config import ConfigError
+    from detkit.data.images import ImageReadError
+    from detkit.engine import model_from_checkpoint
+
+    model, ckpt_cfg, _ = model_from_checkpoint(checkpoint, registries, device)
+    if getattr(model.proposal_generator, "needs_proposals", False):
+        raise ConfigError(f"{checkpoint}: its proposal source {ckpt_cfg.model.proposal_generator!r} is not learned; "
+                          f"--checkpoint needs a detector with an RPN")
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in tqdm(range(len(dataset)), desc="rpn proposals", unit="img", disable=not progress,
+                      dynamic_ncols=True, mininterval=1.0):
+            try:
+                image, _ = dataset[i]
+            except ImageReadError as exc:
+                info = dataset.image_info(i)
+                log.warning("%s; its RPN proposal is the whole image", exc)
+                out.append(np.array([[0, 0, info["width"], info["height"]]], np.float32))
+                continue
+            h, w = image.shape[:2]
+            tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
+            image_list, _ = model.transform([tensor])
+            features = model.trunk(image_list.tensors)
+            proposals, _ = model.proposal_generator(image_list, features, None, None)
+            rh, rw = image_list.image_sizes[0]
+            ratio = torch.tensor([w / rw, h / rh, w / rw, h / rh], dtype=proposals[0].dtype, device=device)
+            out.append((proposals[0] * ratio).float().cpu().numpy())
+    return out
+
+
+def cmd_proposals_eval(args) -> int:
+    from detkit.config import ConfigError, load_config
+    from detkit.engine import build_dataset
+    from detkit.media import write_json_atomic
+    from detkit.proposals import format_recall_table, plot_recall, proposal_recall
+    from detkit.proposals.cache import write_atomic
+
+    cfg = load_config(args.config, args.overrides)
+    registries = _registries()
+    dataset = build_dataset(getattr(cfg.data, args.split), registries, args.split)
+    gt = []
+    for i in range(len(dataset)):
+        ann = dataset.annotations(i)
+        gt.append(ann["boxes"][~(ann["iscrowd"] | ann["difficult"])])  # not counted, as in the papers' figures
+    if not sum(len(g) for g in gt):
+        raise ConfigError(f"data.{args.split}: {dataset.source} has no ground-truth boxes (crowd and difficult "
+                          f"ones aside); recall is undefined")
+    cache = _proposal_cache(cfg, dataset, args.split, args)
+    results = {f"selective_search ({cfg.model.selective_search.mode})":
+               proposal_recall(gt, [cache.get(i) for i in range(len(cache))])}
+    if args.checkpoint:
+        proposals = _rpn_proposals(args.checkpoint, dataset, registries, _device(args.device), not args.no_progress)
+        results[f"rpn ({os.path.basename(args.checkpoint)})"] = proposal_recall(gt, proposals)
+    out = args.output or os.path.join(cfg.train.work_dir, "proposals_eval")
+    os.makedirs(out, exist_ok=True)
+    table = format_recall_table(results)
+    write_json_atomic(os.path.join(out, "recall.json"), {"dataset": dataset.source, "cache": cache.directory,
+                                                         "results": results}, indent=2)
+    write_atomic(os.path.join(out, "recall.txt"), table.encode("utf-8"))
+    plot_recall(results, os.path.join(out, "recall.png"))
+    print(table, end="")
+    print(f"recall: {os.path.join(out, 'recall.json')}, {os.path.join(out, 'recall.png')}")
     return 0
 
 
@@ -269,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split file for a VOC directory given with --data/--dataset")
     p.add_argument("--classes", help="comma-separated class list for a VOC directory (default: the 20 VOC classes)")
     p.add_argument("--output", help="output directory (default: eval/ next to the checkpoint)")
+    p.add_argument("--svd", nargs="?", const="1024,256", metavar="RANKS",
+                   help="truncated SVD of the RoI head's fc layers at these ranks (default: fc6 1024, fc7 256)")
     p.add_argument("--device")
     p.add_argument("--no-progress", action="store_true")
     _add_set(p)
@@ -280,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="outputs/infer")
     p.add_argument("--score-thr", type=float, default=0.5)
     p.add_argument("--max-frames", type=int, help="stop after this many frames (videos, webcams)")
+    p.add_argument("--svd", nargs="?", const="1024,256", metavar="RANKS",
+                   help="truncated SVD of the RoI head's fc layers at these ranks (default: fc6 1024, fc7 256)")
     p.add_argument("--device")
     p.add_argument("--no-progress", action="store_true")
     _add_set(p)
@@ -289,6 +432,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="registered backbone name (see detkit list backbones)")
     p.add_argument("--input-size", help="C,H,W (default: the backbone's input size)")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("proposals", help="selective search proposals: compute the cache, evaluate recall")
+    psub = p.add_subparsers(dest="proposals_command", required=True)
+    ps = psub.add_parser("compute", help="compute (or resume) the selective search cache of a config's datasets "
+                                         "(settings: model.selective_search)")
+    ps.add_argument("config")
+    ps.add_argument("--split", choices=["train", "test", "both"], default="both",
+                    help="which of data.train / data.test (default: both)")
+    ps.add_argument("--workers", type=int, help="processes (default: model.selective_search.num_workers, "
+                                                "else all cores)")
+    ps.add_argument("--no-progress", action="store_true")
+    _add_set(ps)
+    ps.set_defaults(func=cmd_proposals_compute)
+    ps = psub.add_parser("eval", help="proposal recall at IoU 0.5/0.7 of selective search and, with --checkpoint, "
+                                      "of a trained RPN")
+    ps.add_argument("config")
+    ps.add_argument("--split", choices=["train", "test"], default="test")
+    ps.add_argument("--checkpoint", help="also evaluate this checkpoint's RPN proposals")
+    ps.add_argument("--output", help="output directory (default: <train.work_dir>/proposals_eval)")
+    ps.add_argument("--workers", type=int, help="processes computing missing selective search boxes")
+    ps.add_argument("--device", help="device for --checkpoint (default: auto)")
+    ps.add_argument("--no-progress", action="store_true")
+    _add_set(ps)
+    ps.set_defaults(func=cmd_proposals_eval)
 
     p = sub.add_parser("data", help="dataset utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -317,7 +484,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConfigError, CheckpointError, PluginError, UnknownNameError,
                                          FileNotFoundError, NotADirectoryError, argparse.ArgumentTypeError]
     for module, name in (("detkit.data.images", "ImageReadError"), ("detkit.data.dataset", "DatasetError"),
-                         ("detkit.media", "MediaError")):
+                         ("detkit.media", "MediaError"), ("detkit.proposals.cache", "ProposalCacheError"),
+                         ("detkit.feature_cache", "FeatureCacheError")):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):

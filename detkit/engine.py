@@ -246,20 +246,19 @@ def attach_proposals(dataset, model: nn.Module, cfg: Config, progress: bool = Tr
     """Give ``dataset`` the selective-search boxes its detector takes, computing the missing ones into the
     per-dataset cache (``model.selective_search``; rank 0 computes, the other ranks wait and read)."""
     generator = getattr(model, "proposal_generator", None)
-    if not getattr(generator, "needs_proposals", False) or getattr(dataset, "proposals", None) is not None:
+    if not hasattr(generator, "settings") or getattr(dataset, "proposals", None) is not None:
         return
-    from detkit.proposals.cache import compute_proposals, selective_search_cache
+    from detkit.proposals.cache import selective_search_cache
 
     info = info or DistInfo()
     ss = cfg.model.selective_search
-    cache = selective_search_cache(ss.cache_dir, dataset, mode=ss.mode, max_side=ss.max_side, min_size=ss.min_size,
-                                   top_k=ss.top_k)
-    if info.is_main and not cache.complete:
-        log.info("selective search over %s (%d images missing) into %s", dataset.source, len(cache.missing()),
-                 cache.path)
-        compute_proposals(dataset, cache, num_workers=ss.num_workers or os.cpu_count() or 1,
-                          progress=progress)
+    settings = dict(mode=ss.mode, max_side=ss.max_side, min_size=ss.min_size, top_k=ss.top_k)
+    if info.is_main:
+        cache = selective_search_cache(ss.cache_dir, dataset, **settings, num_workers=ss.num_workers or os.cpu_count(),
+                                       progress=progress)
     barrier(info)
+    if not info.is_main:
+        cache = selective_search_cache(ss.cache_dir, dataset, **settings, compute=False)
     dataset.proposals = cache
 
 
@@ -379,6 +378,10 @@ def train_stage(cfg: Config, registries, resume: str | bool | None = None, progr
                         world_size=info.world_size)
 
     ddp.train()
+    for module in model.modules():
+        # Parts a staged schedule keeps fixed run as at test time (batch-norm statistics unchanged).
+        if getattr(module, "detkit_frozen", False):
+            module.eval()
     bar = None
     if progress and info.is_main:
         from tqdm import tqdm

@@ -4,7 +4,9 @@
 faster_rcnn: detkit's Faster R-CNN against torchvision's FasterRCNN built around the same modules and
 weights, timed in the same process with interleaved runs (see detkit/benchmark.py). Prints throughputs
 and ratios detkit / torchvision (> 1: detkit faster); ``--markdown`` prints a docs/benchmarks.md section.
-Further benchmarks are further subcommands of this script.
+pipelines: R-CNN, SPP-net, Fast R-CNN and Faster R-CNN checkpoints on the same test images: proposal,
+convolution, region-wise and total time per image and mAP, in the form of the Faster R-CNN paper's
+timing table (see detkit/pipeline_benchmark.py).
 """
 from __future__ import annotations
 
@@ -55,7 +57,70 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--no-loader", action="store_true", help="skip the data-loader throughput measurement")
     f.add_argument("--output", help="write the results as JSON to this path")
     f.add_argument("--markdown", action="store_true", help="print a section for docs/benchmarks.md")
+    q = sub.add_parser("pipelines", help="R-CNN / SPP-net / Fast R-CNN / Faster R-CNN timing and mAP table")
+    q.add_argument("checkpoints", nargs="+", metavar="NAME=CHECKPOINT",
+                   help="e.g. R-CNN=work_dirs/rcnn/final.pth (order of the table's rows)")
+    q.add_argument("--images", type=int, default=20, help="test images timed and scored (the first N)")
+    q.add_argument("--svd", nargs="?", const="1024,256", metavar="RANKS",
+                   help="add a truncated-SVD row for every model with fully connected RoI-head layers")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--output", help="write the results as JSON to this path")
     return p
+
+
+def pipelines(args: argparse.Namespace) -> int:
+    import copy
+
+    from detkit import benchmark
+    from detkit.engine import build_dataset, model_from_checkpoint, resolve_device, score_results
+    from detkit.evaluation import detections_to_coco_results
+    from detkit.models.svd import compress_fully_connected
+    from detkit.pipeline_benchmark import markdown_table, subset, time_detector
+    from detkit.plugins import get_registries
+
+    device = resolve_device(args.device)
+    registries = get_registries()
+    rows, dataset, indices = [], None, None
+    for spec in args.checkpoints:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            print(f"{spec!r}: expected NAME=CHECKPOINT", file=sys.stderr)
+            return 2
+        model, cfg, ckpt = model_from_checkpoint(path, registries, device)
+        if dataset is None:
+            dataset = build_dataset(cfg.data.test, registries, "test")
+            indices = list(range(min(args.images, len(dataset))))
+            scored = subset(dataset, indices)
+        elif list(dataset.class_names) != list(ckpt["class_names"]):
+            print(f"{path}: classes {ckpt['class_names']} differ from the first checkpoint's", file=sys.stderr)
+            return 2
+        variants = [(name, model)]
+        if args.svd:
+            fc_model = copy.deepcopy(model)
+            try:
+                compress_fully_connected(fc_model.roi_heads.box_head, [int(r) for r in args.svd.split(",")])
+                variants.append((f"{name} + SVD", fc_model))
+            except ValueError as exc:
+                print(f"{name}: no SVD row ({exc})", file=sys.stderr)
+        for label, m in variants:
+            timing = time_detector(m, dataset, indices, device)
+            results = []
+            for det in timing["detections"]:
+                results.extend(detections_to_coco_results(det["image_id"], det, list(dataset.cat_ids)))
+            metrics = score_results(scored.to_coco(), results, "coco", class_names=list(dataset.class_names))
+            rows.append({"name": label, "checkpoint": path, "seconds": timing["seconds"],
+                         "map50": metrics["AP50"], "map": metrics["AP"]})
+            s = timing["seconds"]
+            print(f"{label}: proposals {s['proposal'] * 1e3:.0f} ms, conv {s['conv'] * 1e3:.0f} ms, region-wise "
+                  f"{s['region'] * 1e3:.0f} ms, total {s['total'] * 1e3:.0f} ms; AP50 {metrics['AP50']:.3f}, "
+                  f"AP {metrics['AP']:.3f}", flush=True)
+    print(f"\nMachine: {benchmark.machine()}; {len(indices)} images of {dataset.source}; device {device}.\n")
+    print(markdown_table(rows))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            json.dump({"machine": benchmark.machine(), "device": str(device), "images": len(indices),
+                       "rows": rows}, fh, indent=1)
+    return 0
 
 
 def faster_rcnn(args: argparse.Namespace) -> int:
@@ -106,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     args.argv = argv
-    return {"faster_rcnn": faster_rcnn}[args.command](args)
+    return {"faster_rcnn": faster_rcnn, "pipelines": pipelines}[args.command](args)
 
 
 if __name__ == "__main__":

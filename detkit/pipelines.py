@@ -1,0 +1,248 @@
+"""Multi-stage training schedules of the lineage, built from ``engine.train_stage``.
+
+- R-CNN and SPP-net with SVMs (R-CNN Sec. 2.3; SPP-net Sec. 4.1): the network is first fine-tuned
+  with a softmax over N+1 classes (``work_dir/finetune``); then fc7 and pool5 features of every
+  training region go to an on-disk cache, one linear SVM per class is trained with hard-negative mining
+  and a ridge regressor per class learns box corrections; the result is one checkpoint.
+- Faster R-CNN's 4-step alternating training (Ren et al. 2015, Sec. 3.2): (1) train the RPN from the
+  pretrained network; (2) train a separate Fast R-CNN on step-1 proposals; (3) initialise the RPN's
+  trunk from step 2, keep it fixed and train the RPN's own layers; (4) keep the shared trunk fixed and
+  fine-tune the Fast R-CNN layers on step-3 proposals. Each step lives in ``work_dir/stepK_*``; a step
+  whose ``final.pth`` exists is not run again (``--resume`` continues an interrupted step), and the
+  steps' proposals are cached per dataset under ``work_dir/proposals``.
+
+Both run as one process (``torchrun`` runs only end-to-end schedules).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+
+import torch
+from torch import nn
+
+from detkit.checkpoint import load_checkpoint, save_checkpoint
+from detkit.config import Config, ConfigError, to_dict
+from detkit.engine import (attach_proposals, build_dataset, evaluate, find_last_checkpoint, resolve_device,
+                           train_stage)
+from detkit.models.detector import build_detector
+
+log = logging.getLogger(__name__)
+
+
+def _resolved(cfg: Config) -> Config:
+    """A copy whose BN mode is fixed once (later stages load weights from earlier ones, not from a file)."""
+    cfg = copy.deepcopy(cfg)
+    if cfg.model.backbone.frozen_bn is None:
+        cfg.model.backbone.frozen_bn = bool(cfg.model.backbone.weights)
+    return cfg
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stage_config(cfg: Config, name: str, max_iters: int | None = None) -> Config:
+    stage = copy.deepcopy(cfg)
+    stage.train.schedule = "end_to_end"
+    stage.train.work_dir = os.path.join(cfg.train.work_dir, name)
+    stage.train.eval_at_end = False
+    if max_iters is not None:
+        stage.train.max_iters = int(max_iters)
+        stage.train.steps = [int(0.75 * max_iters)]
+        stage.train.warmup_iters = min(stage.train.warmup_iters, int(max_iters))
+    return stage
+
+
+def _run_stage(stage: Config, registries, resume, progress: bool, **kwargs) -> tuple[nn.Module, dict]:
+    """Train one stage, or load its result when its ``final.pth`` exists; returns ``(model, checkpoint)``."""
+    final = os.path.join(stage.train.work_dir, "final.pth")
+    if os.path.isfile(final):
+        log.info("%s: done already (%s)", stage.train.work_dir, final)
+    else:
+        if resume and find_last_checkpoint(stage.train.work_dir) is None:
+            resume = None
+        train_stage(stage, registries, resume=resume, progress=progress, **kwargs)
+    ckpt = load_checkpoint(final)
+    stage.model.num_classes = len(ckpt["class_names"])
+    stage.model.class_names = list(ckpt["class_names"])
+    rebuild = copy.deepcopy(stage.model)
+    rebuild.backbone.weights = None  # the stage's weights are in its checkpoint
+    model = build_detector(rebuild, registries, len(ckpt["class_names"]), list(ckpt["class_names"]))
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
+
+
+def _finish(cfg: Config, registries, model: nn.Module, ckpt: dict, progress: bool) -> dict:
+    """Save the assembled detector as ``work_dir/final.pth`` (with its own config) and evaluate it."""
+    cfg.model.num_classes = len(ckpt["class_names"])
+    cfg.model.class_names = list(ckpt["class_names"])
+    cfg.model.backbone.weights = None  # the weights are in the checkpoint
+    final = os.path.join(cfg.train.work_dir, "final.pth")
+    save_checkpoint(final, model_state=model.state_dict(), config=to_dict(cfg), iteration=ckpt["iteration"],
+                    class_names=ckpt["class_names"], cat_ids=ckpt["cat_ids"])
+    log.info("saved %s", final)
+    metrics = None
+    if cfg.train.eval_at_end and cfg.data.test:
+        device = resolve_device(cfg.train.device)
+        metrics = evaluate(model.to(device).eval(), cfg, registries, device=device, out_dir=cfg.train.work_dir,
+                           progress=progress)
+    return {"checkpoint": final, "metrics": metrics, "model": model}
+
+
+# ----------------------------------------------------------------------------- R-CNN / SPP-net SVMs
+
+
+def train_with_svms(cfg: Config, registries, resume=None, progress: bool = True) -> dict:
+    """Fine-tune with softmax, then fit the SVMs and box regressors of the ``svm`` head (see module doc)."""
+    from detkit.models.svm import fit_svm_head
+
+    cfg = _resolved(cfg)
+    finetune = _stage_config(cfg, "finetune")
+    finetune.model.roi_head.name = "softmax_box"
+    tuned, ckpt = _run_stage(finetune, registries, resume, progress)
+
+    cfg.model.backbone.weights = None  # the fine-tuned weights replace them
+    cfg.model.num_classes, cfg.model.class_names = finetune.model.num_classes, finetune.model.class_names
+    model = build_detector(cfg.model, registries, cfg.model.num_classes, cfg.model.class_names)
+    state = {k: v for k, v in tuned.state_dict().items() if not k.startswith("roi_heads.predictor.")}
+    missing = [k for k in model.load_state_dict(state, strict=False).missing_keys
+               if not k.startswith("roi_heads.predictor.")]
+    if missing:
+        raise RuntimeError(f"fine-tuned weights do not fit the SVM detector: missing {missing[:3]}")
+    device = resolve_device(cfg.train.device)
+    model.to(device).eval()
+    dataset = build_dataset(cfg.data.train, registries, "train")
+    attach_proposals(dataset, model, cfg, progress)
+    fingerprint = _file_digest(os.path.join(finetune.train.work_dir, "final.pth"))
+    stats = fit_svm_head(model, dataset, proposals_fn=dataset.proposals.get, head=model.roi_heads.predictor,
+                         work_dir=cfg.train.work_dir, device=device, cfg=cfg.model.svm,
+                         fingerprint=f"{fingerprint}:{cfg.model.roi_extractor}", progress=progress)
+    log.info("SVM stage: %d regions, features %s, SVMs and regressors fitted in %.1f s", stats["num_rows"],
+             "reused" if stats["reused_cache"] else "extracted", sum(stats["seconds"].values()))
+    return _finish(cfg, registries, model.cpu(), ckpt, progress)
+
+
+# ----------------------------------------------------------------------------- 4-step Faster R-CNN
+
+
+def _freeze(*modules: nn.Module) -> None:
+    """Keep ``modules`` fixed in a step: no gradients, and test-time behaviour (the trainer puts modules
+    marked ``detkit_frozen`` in eval mode, so batch-norm statistics do not drift)."""
+    for m in modules:
+        m.detkit_frozen = True
+        for p in m.parameters():
+            p.requires_grad_(False)
+
+
+@torch.no_grad()
+def rpn_proposal_cache(model: nn.Module, dataset, root: str, name: str, device: torch.device,
+                       progress: bool = True):
+    """Proposals of ``model``'s RPN for every image of ``dataset`` (original coordinates; the training
+    pre/post-NMS top-N, 12000/2000, since the next step trains on them), cached under ``root`` per dataset
+    and RPN weights."""
+    from detkit.proposals.cache import ProposalCache
+
+    digest = hashlib.sha256()
+    for k, v in sorted(model.proposal_generator.state_dict().items()):
+        digest.update(k.encode())
+        digest.update(v.detach().cpu().numpy().tobytes())
+    for k, v in sorted(model.trunk.state_dict().items()):
+        digest.update(k.encode())
+        digest.update(v.detach().cpu().numpy().tobytes())
+    cache = ProposalCache(root, dataset, name, {"weights": digest.hexdigest()})
+    missing = cache.missing()
+    if not missing:
+        return cache
+    model.to(device).eval()
+    rpn = model.proposal_generator
+    # Training-time counts (2000 after NMS): the Fast R-CNN steps train on the RPN's training proposals.
+    saved = rpn.cfg.pre_nms_top_n_test, rpn.cfg.post_nms_top_n_test
+    rpn.cfg.pre_nms_top_n_test, rpn.cfg.post_nms_top_n_test = rpn.cfg.pre_nms_top_n_train, rpn.cfg.post_nms_top_n_train
+    iterator = missing
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(missing, desc=f"proposals ({name})", dynamic_ncols=True, mininterval=1.0)
+    try:
+        for i in iterator:
+            image, _ = dataset[i]
+            img = torch.from_numpy(image).permute(2, 0, 1).to(device)
+            image_list, _ = model.transform([img])
+            features = model.trunk(image_list.tensors)
+            boxes, _ = rpn(image_list, features, None, None)
+            (h, w), (oh, ow) = image_list.image_sizes[0], image.shape[:2]
+            scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=boxes[0].device)
+            cache.put(i, (boxes[0] * scale).cpu().numpy())
+    finally:
+        rpn.cfg.pre_nms_top_n_test, rpn.cfg.post_nms_top_n_test = saved
+    cache.refresh_complete()
+    return cache
+
+
+def train_four_step(cfg: Config, registries, resume=None, progress: bool = True) -> dict:
+    """Faster R-CNN by alternating training (see module doc); ``train.four_step_iters`` iterations per step."""
+    if cfg.model.proposal_generator != "rpn":
+        raise ConfigError(f"train.schedule=four_step trains an RPN: model.proposal_generator must be 'rpn', "
+                          f"not {cfg.model.proposal_generator!r}")
+    cfg = _resolved(cfg)
+    iters = cfg.train.four_step_iters
+    if len(iters) != 4 or any(int(n) < 1 for n in iters):
+        raise ConfigError(f"train.four_step_iters={iters}: expected four positive iteration counts")
+    device = resolve_device(cfg.train.device)
+    proposals_root = os.path.join(cfg.train.work_dir, "proposals")
+    fast = {"detector": "two_stage", "proposal_generator": "precomputed"}
+
+    # Step 1: the RPN, from the pretrained network.
+    step1 = _stage_config(cfg, "step1_rpn", iters[0])
+    rpn1, _ = _run_stage(step1, registries, resume, progress, init=lambda m: _freeze(m.roi_heads),
+                         loss_prefixes=("rpn/",))
+    train_set = build_dataset(cfg.data.train, registries, "train")
+    props1 = rpn_proposal_cache(rpn1, train_set, proposals_root, "rpn-step1", device, progress)
+
+    # Step 2: a separate Fast R-CNN (its own trunk, from the pretrained network) on step-1 proposals.
+    step2 = _stage_config(cfg, "step2_fast_rcnn", iters[1])
+    step2.model.detector, step2.model.proposal_generator = fast["detector"], fast["proposal_generator"]
+    step2.model.selective_search.top_k = cfg.model.rpn.post_nms_top_n_train
+    fast2, _ = _run_stage(step2, registries, resume, progress, init=lambda m: _freeze(m.proposal_generator),
+                          proposals=props1, loss_prefixes=("roi/",))
+
+    # Step 3: the RPN on the step-2 trunk, which stays fixed: only the RPN's own layers learn.
+    def init3(model):
+        model.trunk.load_state_dict(fast2.trunk.state_dict())
+        model.proposal_generator.load_state_dict(rpn1.proposal_generator.state_dict())
+        _freeze(model.trunk, model.roi_heads)
+
+    step3 = _stage_config(cfg, "step3_rpn", iters[2])
+    step3.model.backbone.weights = None  # the trunk comes from step 2
+    rpn3, _ = _run_stage(step3, registries, resume, progress, init=init3, loss_prefixes=("rpn/",))
+    props3 = rpn_proposal_cache(rpn3, train_set, proposals_root, "rpn-step3", device, progress)
+
+    # Step 4: the Fast R-CNN layers on step-3 proposals, the shared trunk fixed.
+    def init4(model):
+        model.trunk.load_state_dict(fast2.trunk.state_dict())
+        model.roi_heads.load_state_dict(fast2.roi_heads.state_dict())
+        _freeze(model.trunk, model.proposal_generator)
+
+    step4 = copy.deepcopy(step2)
+    step4.train = _stage_config(cfg, "step4_fast_rcnn", iters[3]).train
+    step4.model.backbone.weights = None
+    fast4, ckpt4 = _run_stage(step4, registries, resume, progress, init=init4, proposals=props3,
+                              loss_prefixes=("roi/",))
+
+    # One network: the shared trunk, the step-3 RPN layers, the step-4 detection layers.
+    final_cfg = copy.deepcopy(cfg)
+    final_cfg.model.backbone.weights = None
+    names = list(ckpt4["class_names"])
+    model = build_detector(final_cfg.model, registries, len(names), names)
+    model.trunk.load_state_dict(fast4.trunk.state_dict())
+    model.proposal_generator.load_state_dict(rpn3.proposal_generator.state_dict())
+    model.roi_heads.load_state_dict(fast4.roi_heads.state_dict())
+    ckpt4 = {**ckpt4, "iteration": sum(int(n) for n in iters)}
+    return _finish(final_cfg, registries, model, ckpt4, progress)

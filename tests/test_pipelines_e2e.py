@@ -1,0 +1,155 @@
+"""R-CNN, SPP-net, Fast R-CNN and 4-step Faster R-CNN trained and evaluated end to end by config, from the
+CLI, on a tiny synthetic dataset on the CPU; inference on new images (selective search on the fly),
+test-time truncated SVD, and the pipelines benchmark table."""
+import json
+import os
+
+import pytest
+import yaml
+
+from detkit.cli import main
+
+SIZE = "96x128"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    assert main(["data", "synth", "--out", str(root / "train"), "--num-images", "8", "--seed", "0",
+                 "--size", SIZE]) == 0
+    assert main(["data", "synth", "--out", str(root / "val"), "--num-images", "3", "--seed", "1",
+                 "--size", SIZE]) == 0
+    return root
+
+
+def write_config(root, name, model, **train):
+    cfg = {
+        "model": {
+            "backbone": {"name": "tiny", "args": {"widths": [8, 8, 16, 16, 16], "hidden": 32}},
+            "anchors": {"sizes": [16, 32, 64]},
+            "rpn": {"pre_nms_top_n_train": 300, "post_nms_top_n_train": 100, "pre_nms_top_n_test": 200,
+                    "post_nms_top_n_test": 50, "min_size": 2, "batch_size_per_image": 64},
+            "selective_search": {"mode": "fast", "max_side": 128, "top_k": 100, "min_size": 2,
+                                 "cache_dir": str(root / "proposals"), "num_workers": 1},
+            "transform": {"min_size": 96, "max_size": 128},
+            **model,
+        },
+        "data": {"train": {"name": "coco", "images": str(root / "train/images"),
+                           "annotations": str(root / "train/annotations.json")},
+                 "test": {"name": "coco", "images": str(root / "val/images"),
+                          "annotations": str(root / "val/annotations.json")},
+                 "batch_size": 2, "num_workers": 0},
+        "train": {"work_dir": str(root / name), "max_iters": 4, "lr": 0.01, "steps": [3], "log_period": 2,
+                  "checkpoint_period": 100, **train},
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+SVM_HEAD = {"name": "svm", "batch_size_per_image": 16, "score_thresh": -10.0, "nms_thresh": 0.3}
+DETECTORS = {
+    "fast_rcnn": {"detector": "fast_rcnn", "proposal_generator": "selective_search",
+                  "roi_head": {"batch_size_per_image": 16}},
+    "spp_net": {"detector": "spp_net", "proposal_generator": "selective_search",
+                "backbone": {"name": "tiny", "freeze_at": -1, "args": {"widths": [8, 8, 16, 16, 16], "hidden": 32}},
+                "roi_extractor": {"name": "spp", "levels": [3, 2, 1]}, "roi_head": SVM_HEAD},
+    "rcnn": {"detector": "rcnn", "proposal_generator": "selective_search",
+             "roi_extractor": {"name": "warp", "warp_size": 32, "context_padding": 2, "warp_batch": 64},
+             "roi_head": {**SVM_HEAD, "bg_iou_thresh_lo": 0.0, "box_loss_weight": 0.0},
+             "transform": {"min_size": 0}},
+}
+
+
+@pytest.fixture(scope="module")
+def trained(workspace):
+    checkpoints = {}
+    for name, model in DETECTORS.items():
+        config = write_config(workspace, name, model)
+        assert main(["train", str(config), "--no-progress"]) == 0
+        checkpoints[name] = workspace / name / "final.pth"
+    config = write_config(workspace, "four_step", {}, schedule="four_step", four_step_iters=[3, 3, 2, 2])
+    assert main(["train", str(config), "--no-progress"]) == 0
+    checkpoints["four_step"] = workspace / "four_step" / "final.pth"
+    return checkpoints
+
+
+@pytest.mark.parametrize("name", list(DETECTORS) + ["four_step"])
+def test_each_detector_trains_and_evaluates(trained, workspace, name):
+    metrics = json.loads((workspace / name / "metrics.json").read_text())
+    assert 0.0 <= metrics["AP"] <= 1.0 and set(metrics["per_class"]) == {"circle", "square", "triangle", "star",
+                                                                          "cross"}
+    results = json.loads((workspace / name / "results.json").read_text())
+    assert results and {"image_id", "category_id", "bbox", "score"} <= set(results[0])
+
+
+def test_svm_detectors_have_fitted_svms_and_a_feature_cache(trained, workspace):
+    import torch
+
+    from detkit.checkpoint import load_checkpoint
+
+    for name in ("spp_net", "rcnn"):
+        ckpt = load_checkpoint(str(trained[name]))
+        assert ckpt["config"]["model"]["roi_head"]["name"] == "svm"
+        assert bool(ckpt["model"]["roi_heads.predictor.fitted"])
+        assert torch.count_nonzero(ckpt["model"]["roi_heads.predictor.svm_weight"]) > 0
+        assert (workspace / name / "finetune" / "final.pth").is_file()
+        assert (workspace / name / "features" / "meta.json").is_file()
+
+
+def test_four_step_keeps_each_step_and_one_shared_trunk(trained, workspace):
+    import torch
+
+    from detkit.checkpoint import load_checkpoint
+
+    steps = ["step1_rpn", "step2_fast_rcnn", "step3_rpn", "step4_fast_rcnn"]
+    assert all((workspace / "four_step" / s / "final.pth").is_file() for s in steps)
+    final = load_checkpoint(str(trained["four_step"]))["model"]
+    step2 = load_checkpoint(str(workspace / "four_step" / "step2_fast_rcnn" / "final.pth"))["model"]
+    step3 = load_checkpoint(str(workspace / "four_step" / "step3_rpn" / "final.pth"))["model"]
+    trunk = [k for k in final if k.startswith("trunk.")]
+    assert trunk and all(torch.equal(final[k], step2[k]) for k in trunk)  # the shared trunk is step 2's
+    assert all(torch.equal(final[k], step3[k]) for k in final if k.startswith("proposal_generator."))
+    assert all(torch.equal(step3[k], step2[k]) for k in trunk)  # step 3 kept it fixed
+    # Running again finds every step done and only reassembles.
+    config = workspace / "four_step.yaml"
+    before = os.path.getmtime(workspace / "four_step" / "step1_rpn" / "final.pth")
+    assert main(["train", str(config), "--no-progress", "--set", "train.eval_at_end=false"]) == 0
+    assert os.path.getmtime(workspace / "four_step" / "step1_rpn" / "final.pth") == before
+
+
+def test_inference_on_new_images_searches_them(trained, workspace, tmp_path):
+    out = tmp_path / "infer"
+    assert main(["infer", str(trained["fast_rcnn"]), str(workspace / "val" / "images"), "--output", str(out),
+                 "--score-thr", "0", "--no-progress"]) == 0
+    assert len(list(out.glob("*.png")) + list(out.glob("*.jpg"))) == 3
+    assert (out / "results.json").is_file()
+
+
+def test_eval_with_truncated_svd(trained, tmp_path, capsys):
+    assert main(["eval", str(trained["fast_rcnn"]), "--svd", "16,8", "--output", str(tmp_path / "svd"),
+                 "--no-progress"]) == 0
+    assert "rank 16" in capsys.readouterr().out
+    assert (tmp_path / "svd" / "metrics.json").is_file()
+    assert main(["eval", str(trained["fast_rcnn"]), "--svd", "64", "--output", str(tmp_path / "bad"),
+                 "--no-progress"]) != 0
+    assert "rank 64" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_pipelines_benchmark_table(trained, workspace, tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    import benchmark as tool
+
+    out = tmp_path / "pipelines.json"
+    args = [f"R-CNN={trained['rcnn']}", f"SPP-net={trained['spp_net']}", f"Fast R-CNN={trained['fast_rcnn']}",
+            f"Faster R-CNN={trained['four_step']}"]
+    assert tool.main(["pipelines", *args, "--images", "2", "--svd", "16,8", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| method | proposals | conv | region-wise | total |" in text and "| Fast R-CNN + SVD |" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows][:2] == ["R-CNN", "R-CNN + SVD"] and len(rows) == 8
+    for r in rows:
+        s = r["seconds"]
+        assert s["total"] > 0 and abs(s["proposal"] + s["conv"] + s["region"] - s["total"]) < 1e-6
