@@ -119,6 +119,9 @@ class SVMConfig:
     neg_iou: float = 0.3  # negatives: IoU < 0.3 with every ground truth of the class
     hard_thresh: float = -1.0001  # negatives scoring above this are hard
     evict_thresh: float = -1.2  # cached negatives scoring below this are dropped after a retrain
+    retrain_limit: int = 2000  # retrain a class's SVM once this many new hard negatives were mined
+    rounds: int = 1  # passes of hard-negative mining over the training set
+    max_iter: int = 10000  # liblinear iterations per fit
     feature_norm: float = 20.0  # features are scaled so their mean L2 norm is this
     ridge_lambda: float = 1000.0
     ridge_min_iou: float = 0.6  # box regression learns from proposals with IoU > 0.6

@@ -228,6 +228,10 @@ def train(cfg: Config, registries, resume: str | bool | None = None, progress: b
     head (R-CNN, SPP-net) is fine-tuned with a softmax classifier and then gets its SVMs and box regressor
     (``detkit.pipelines``). Everything else is one stage of SGD.
     """
+    staged = cfg.train.schedule == "four_step" or cfg.model.roi_head.name == "svm"
+    if staged and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("train.schedule=four_step and the svm head train in stages in one process; run them "
+                          "without torchrun (each step may still use a GPU)")
     if cfg.train.schedule == "four_step":
         from detkit.pipelines import train_four_step
 

@@ -158,3 +158,12 @@ def test_freeze_at_minus_one_freezes_the_whole_trunk(registries):
     model = build_detector(_model_cfg(backbone={"name": "tiny", "freeze_at": -1}), registries, 2)
     assert not any(p.requires_grad for p in model.trunk.parameters())
     assert all(p.requires_grad for p in model.roi_heads.parameters())
+
+
+def test_windows_smaller_than_a_pixel_still_give_features():
+    image = torch.rand(1, 3, 20, 20)
+    degenerate = [torch.tensor([[5.0, 5.0, 5.0, 5.0], [7.0, 7.0, 7.2, 7.1]])]
+    windows = warp_regions(image, degenerate, warp_size=8, context_padding=1)
+    assert windows.shape == (2, 3, 8, 8) and torch.isfinite(windows).all()
+    pooled = SpatialPyramidPool([2, 1], stride=4)(torch.rand(1, 4, 5, 5), degenerate)
+    assert pooled.shape == (2, 4 * 5) and torch.isfinite(pooled).all()

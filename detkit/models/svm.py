@@ -442,8 +442,7 @@ def _write_cache(model: nn.Module, dataset, proposals_fn: Callable[[int], np.nda
 def fit_svm_head(model: nn.Module, dataset, proposals_fn: Callable[[int], np.ndarray], head: SVMBoxHead,
                  work_dir: str | Path, device: str | torch.device, cfg: SVMConfig | None = None, *,
                  fingerprint: str, class_names: Sequence[str] | None = None, regions_per_call: int = 256,
-                 cache_dtype: str = "float32", retrain_limit: int = 2000, rounds: int = 1,
-                 progress: bool = True) -> dict:
+                 cache_dtype: str = "float32", progress: bool = True) -> dict:
     """The R-CNN stage after fine-tuning: region features, SVMs, box regressor, loaded into ``head``.
 
     model: implements ``extract_region_features(images, proposals) -> (pooled (n, P), vectors (n, D))``;
@@ -505,7 +504,8 @@ def fit_svm_head(model: nn.Module, dataset, proposals_fn: Callable[[int], np.nda
     weight, bias, svm_stats = train_linear_svms(
         cache, names, C=cfg.C, positive_weight=cfg.positive_weight, bias_multiplier=cfg.bias_multiplier,
         neg_iou=cfg.neg_iou, hard_thresh=cfg.hard_thresh, evict_thresh=cfg.evict_thresh,
-        retrain_limit=retrain_limit, rounds=rounds, feature_scale=scales[VECTORS], progress=progress)
+        retrain_limit=cfg.retrain_limit, rounds=cfg.rounds, feature_scale=scales[VECTORS], max_iter=cfg.max_iter,
+        progress=progress)
     head.set_svms(weight, bias, scales[VECTORS])
     stats["svm"] = svm_stats
     stats["seconds"]["svm"] = time.perf_counter() - t0
