@@ -129,3 +129,14 @@ def test_perfect_detections_score_one_and_bad_inputs():
         evaluate_voc(gt, [det(9, 1, 0, 0, 10, 10, 1.0)])
     with pytest.raises(ValueError, match="voc12"):
         evaluate_voc(gt, [], metric="voc12")
+
+
+def test_class_names_follow_the_ground_truths_category_order():
+    from detkit.evaluation.voc_eval import evaluate_voc
+
+    gt = {"images": [{"id": 1, "width": 50, "height": 50}],
+          "categories": [{"id": 7, "name": "zebra"}, {"id": 2, "name": "ant"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [0, 0, 10, 10], "iscrowd": 0, "area": 100}]}
+    results = [{"image_id": 1, "category_id": 7, "bbox": [0, 0, 10, 10], "score": 0.9}]
+    metrics = evaluate_voc(gt, results, "voc", class_names=["zebra", "ant"])
+    assert metrics["per_class"]["zebra"] == 1.0 and np.isnan(metrics["per_class"]["ant"])

@@ -91,8 +91,11 @@ def evaluate_voc(gt: dict, results: list[dict], metric: str = "voc07", iou_thres
     if metric not in ("voc07", "voc"):
         raise ValueError(f"VOC metric {metric!r}: expected 'voc07' or 'voc'")
     _check_results(gt, results)
-    cats = sorted(gt["categories"], key=lambda c: c["id"])
+    # The ground truth's own category order is the label order class_names follows (not id order).
+    cats = list(gt["categories"])
     names = list(class_names) if class_names else [c.get("name", str(c["id"])) for c in cats]
+    if len(names) != len(cats):
+        raise ValueError(f"{len(names)} class names for {len(cats)} ground-truth categories")
     image_ids = [img["id"] for img in gt["images"]]
     boxes = {c["id"]: defaultdict(list) for c in cats}
     difficult = {c["id"]: defaultdict(list) for c in cats}
