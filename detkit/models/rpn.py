@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import nms
 
 from detkit.config import AnchorConfig, RPNConfig
 from detkit.models.transform import ImageList
 from detkit.ops import AnchorGenerator, BalancedSampler, BoxCoder, Matcher, box_iou, clip_boxes, remove_small_boxes
-from detkit.ops.boxes import batched_nms
 
 
 class RPNHead(nn.Module):
@@ -58,8 +58,7 @@ class RegionProposalNetwork(nn.Module):
         deltas = deltas.view(b, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4)
         anchors = self.anchor_generator.grid_anchors((h, w), dtype=deltas.dtype, device=deltas.device)
 
-        boxes = self.box_coder.decode(deltas.detach().reshape(-1, 4), anchors.repeat(b, 1)).view(b, -1, 4)
-        proposals = self.filter_proposals(boxes, objectness.detach(), images)
+        proposals = self.filter_proposals(deltas.detach(), anchors, objectness.detach(), images)
 
         losses = {}
         if self.training:
@@ -69,20 +68,24 @@ class RegionProposalNetwork(nn.Module):
             losses = self.compute_loss(objectness, deltas, anchors, labels, matched_gt)
         return proposals, losses
 
-    def filter_proposals(self, boxes: Tensor, scores: Tensor, images: ImageList) -> list[Tensor]:
-        """Top-N by objectness, clip, drop small boxes, NMS, top-N again; per image."""
+    def filter_proposals(self, deltas: Tensor, anchors: Tensor, scores: Tensor, images: ImageList) -> list[Tensor]:
+        """Top-N anchors by objectness, decode, clip, drop small boxes, NMS, top-N again; per image.
+
+        deltas ``(B, A_total, 4)``, anchors ``(A_total, 4)``, scores ``(B, A_total)``. Only the top-N
+        anchors are decoded (the rest could never survive).
+        """
         pre_n = self.cfg.pre_nms_top_n_train if self.training else self.cfg.pre_nms_top_n_test
         post_n = self.cfg.post_nms_top_n_train if self.training else self.cfg.post_nms_top_n_test
         k = min(pre_n, scores.shape[1])
         top_scores, top_idx = scores.topk(k, dim=1)
-        top_boxes = torch.gather(boxes, 1, top_idx[..., None].expand(-1, -1, 4))
+        top_deltas = torch.gather(deltas, 1, top_idx[..., None].expand(-1, -1, 4))
+        top_boxes = self.box_coder.decode(top_deltas.reshape(-1, 4), anchors[top_idx.reshape(-1)]).view(-1, k, 4)
         result = []
         for img_boxes, img_scores, size, scale in zip(top_boxes, top_scores, images.image_sizes, images.scales):
             img_boxes = clip_boxes(img_boxes, size)
             keep = remove_small_boxes(img_boxes, self.cfg.min_size * scale)
             img_boxes, img_scores = img_boxes[keep], img_scores[keep]
-            keep = batched_nms(img_boxes, img_scores, torch.zeros_like(img_scores, dtype=torch.int64),
-                               self.cfg.nms_thresh)[:post_n]
+            keep = nms(img_boxes, img_scores, self.cfg.nms_thresh)[:post_n]
             result.append(img_boxes[keep])
         return result
 
