@@ -299,7 +299,7 @@ def cmd_proposals_eval(args) -> int:
     from detkit.engine import build_dataset
     from detkit.media import write_json_atomic
     from detkit.proposals import format_recall_table, plot_recall, proposal_recall
-    from detkit.proposals.cache import write_atomic
+    from detkit.media import write_bytes_atomic
 
     cfg = load_config(args.config, args.overrides)
     registries = _registries()
@@ -322,7 +322,7 @@ def cmd_proposals_eval(args) -> int:
     table = format_recall_table(results)
     write_json_atomic(os.path.join(out, "recall.json"), {"dataset": dataset.source, "cache": cache.directory,
                                                          "results": results}, indent=2)
-    write_atomic(os.path.join(out, "recall.txt"), table.encode("utf-8"))
+    write_bytes_atomic(os.path.join(out, "recall.txt"), table.encode("utf-8"))
     plot_recall(results, os.path.join(out, "recall.png"))
     print(table, end="")
     print(f"recall: {os.path.join(out, 'recall.json')}, {os.path.join(out, 'recall.png')}")

@@ -233,7 +233,9 @@ class VideoSink:
             self.abort()
 
 
-def _write_atomic(path: str | os.PathLike, data: bytes, suffix: str) -> None:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, suffix: str = ".tmp") -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part
+    (a temporary file beside it, fsync, rename; the temporary file is removed on any failure)."""
     tmp = _temp_beside(path, suffix)
     try:
         with open(tmp, "wb") as f:
@@ -259,10 +261,10 @@ def write_image_atomic(path: str | os.PathLike, image_rgb: np.ndarray) -> None:
         raise MediaError(f"{path}: OpenCV cannot encode {ext}: {exc}") from exc
     if not ok:
         raise MediaError(f"{path}: OpenCV cannot encode {ext}")
-    _write_atomic(path, buf.tobytes(), ext)
+    write_bytes_atomic(path, buf.tobytes(), ext)
 
 
 def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = None) -> None:
     """Write ``obj`` as UTF-8 JSON atomically (a serialisation error leaves ``path`` untouched)."""
     data = json.dumps(obj, indent=indent).encode("utf-8")
-    _write_atomic(path, data, ".json")
+    write_bytes_atomic(path, data, ".json")

@@ -29,13 +29,13 @@ import os
 import re
 import signal
 import time
-import uuid
 from typing import Callable
 
 import cv2
 import numpy as np
 
 from detkit.data.images import ImageReadError, read_image
+from detkit.media import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +55,8 @@ class ProposalCacheError(ValueError):
 # ----------------------------------------------------------------------------- files
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not become visible before the bytes do
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _write_json(path: str, obj) -> None:
-    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def _canonical_settings(settings: dict) -> dict:
@@ -228,7 +210,7 @@ class ProposalCache:
                                      f"got {boxes.shape}")
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(boxes), allow_pickle=False)
-        write_atomic(path, buf.getvalue())
+        write_bytes_atomic(path, buf.getvalue())
 
     @property
     def complete(self) -> bool:

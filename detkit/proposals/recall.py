@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from detkit.proposals.cache import write_atomic
+from detkit.media import write_bytes_atomic
 
 DEFAULT_COUNTS = (10, 50, 100, 300, 500, 1000, 2000)
 DEFAULT_IOU_THRESHOLDS = (0.5, 0.7)
@@ -125,4 +125,4 @@ def plot_recall(results: dict[str, dict], path: str | os.PathLike) -> None:
     fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt)
-    write_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
