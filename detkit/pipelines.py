@@ -123,7 +123,8 @@ def train_with_svms(cfg: Config, registries, resume=None, progress: bool = True)
     fingerprint = _file_digest(os.path.join(finetune.train.work_dir, "final.pth"))
     stats = fit_svm_head(model, dataset, proposals_fn=dataset.proposals.get, head=model.roi_heads.predictor,
                          work_dir=cfg.train.work_dir, device=device, cfg=cfg.model.svm,
-                         fingerprint=f"{fingerprint}:{cfg.model.roi_extractor}", progress=progress)
+                         fingerprint=f"{fingerprint}:{dataset.proposals.fingerprint}:{cfg.model.roi_extractor}:"
+                                     f"{cfg.model.svm.cache_dtype}", progress=progress)
     log.info("SVM stage: %d regions, features %s, SVMs and regressors fitted in %.1f s", stats["num_rows"],
              "reused" if stats["reused_cache"] else "extracted", sum(stats["seconds"].values()))
     return _finish(cfg, registries, model.cpu(), ckpt, progress)

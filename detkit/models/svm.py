@@ -442,7 +442,7 @@ def _write_cache(model: nn.Module, dataset, proposals_fn: Callable[[int], np.nda
 def fit_svm_head(model: nn.Module, dataset, proposals_fn: Callable[[int], np.ndarray], head: SVMBoxHead,
                  work_dir: str | Path, device: str | torch.device, cfg: SVMConfig | None = None, *,
                  fingerprint: str, class_names: Sequence[str] | None = None, regions_per_call: int = 256,
-                 cache_dtype: str = "float32", progress: bool = True) -> dict:
+                 cache_dtype: str | None = None, progress: bool = True) -> dict:
     """The R-CNN stage after fine-tuning: region features, SVMs, box regressor, loaded into ``head``.
 
     model: implements ``extract_region_features(images, proposals) -> (pooled (n, P), vectors (n, D))``;
@@ -459,6 +459,7 @@ def fit_svm_head(model: nn.Module, dataset, proposals_fn: Callable[[int], np.nda
     the seconds each step took.
     """
     cfg = cfg or SVMConfig()
+    cache_dtype = cache_dtype or cfg.cache_dtype
     device = torch.device(device)
     num_classes = head.num_classes
     names = list(class_names or getattr(dataset, "class_names", None) or
