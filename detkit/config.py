@@ -122,6 +122,7 @@ class SVMConfig:
     retrain_limit: int = 2000  # retrain a class's SVM once this many new hard negatives were mined
     rounds: int = 1  # passes of hard-negative mining over the training set
     max_iter: int = 10000  # liblinear iterations per fit
+    tol: float = 0.1  # liblinear's default stopping tolerance for the dual solver, as R-CNN ran it
     cache_dtype: str = "float32"  # float16 halves the feature cache (R-CNN's VOC cache is hundreds of GB)
     feature_norm: float = 20.0  # features are scaled so their mean L2 norm is this
     ridge_lambda: float = 1000.0

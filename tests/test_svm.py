@@ -136,7 +136,7 @@ def test_hard_negative_mining_separates_and_keeps_the_boundary_negatives(tmp_pat
     fit = svm_module._fit_one_svm
 
     def recording_fit(x_pos, x_neg, *args):
-        last_fit[args[-1]] = x_neg.copy()
+        last_fit[args[4]] = x_neg.copy()  # (C, positive_weight, bias_multiplier, max_iter, name, tol)
         return fit(x_pos, x_neg, *args)
 
     monkeypatch.setattr(svm_module, "_fit_one_svm", recording_fit)
@@ -166,7 +166,8 @@ def test_svm_equals_a_direct_liblinear_fit_on_a_tiny_problem(tmp_path):
     overlaps[5:8, 0] = 0.4  # ignored
     cache = write_cache(tmp_path / "c", [{"features": {"fc7": feats}, "gt_label": gt_label, "overlaps": overlaps}], 1)
     kw = dict(C=0.05, positive_weight=3.0, bias_multiplier=4.0)
-    weight, bias, stats = train_linear_svms(cache, ["thing"], feature_scale=2.0, retrain_limit=1000, rounds=2, **kw)
+    weight, bias, stats = train_linear_svms(cache, ["thing"], feature_scale=2.0, retrain_limit=1000, rounds=2,
+                                            tol=1e-4, **kw)
     used = np.r_[0:5, 8:30]
     direct = LinearSVC(loss="hinge", C=kw["C"], class_weight={1: kw["positive_weight"], 0: 1},
                        intercept_scaling=kw["bias_multiplier"], dual=True, max_iter=10000, random_state=0)
