@@ -393,3 +393,11 @@ def test_fit_svm_head_end_to_end(tmp_path, caplog):
                          fingerprint="m2", progress=False)
     assert not third["reused_cache"] and model.calls and "regressor" not in third
     assert FeatureCache.open(tmp_path / "features", "m2").dims == {"fc7": 7}
+
+
+def test_head_handles_an_image_without_regions():
+    head = SVMBoxHead(6, 3, pooled_features=10)
+    head.set_svms(torch.ones(3, 6), torch.zeros(3), 1.0)
+    head.eval()
+    scores, deltas = head(torch.zeros(0, 6), torch.zeros(0, 10))
+    assert scores.shape == (0, 4) and deltas.shape == (0, 16)

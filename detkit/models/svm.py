@@ -90,7 +90,7 @@ class SVMBoxHead(nn.Module):
         deltas = x.new_zeros(x.shape[0], self.num_classes + 1, 4)
         if pooled is not None and self.pooled_features is not None and bool(self.regressor_fitted):
             deltas[:, 1:] = self.regress(pooled)
-        return scores, deltas.view(x.shape[0], -1)
+        return scores, deltas.view(x.shape[0], 4 * (self.num_classes + 1))
 
     def regress(self, pooled: Tensor) -> Tensor:
         """``pooled (R, P)`` -> per-class deltas ``(R, K, 4)`` in the box coder's parametrisation."""
