@@ -283,23 +283,16 @@ def _rpn_proposals(checkpoint: str, dataset, registries, device, progress: bool)
                 log.warning("%s; its RPN proposal is the whole image", exc)
                 out.append(np.array([[0, 0, info["width"], info["height"]]], np.float32))
                 continue
-            h, w = image.shape[:2]
             tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
-            image_list, _ = model.transform([tensor])
-            features = model.trunk(image_list.tensors)
-            proposals, _ = model.proposal_generator(image_list, features, None, None)
-            rh, rw = image_list.image_sizes[0]
-            ratio = torch.tensor([w / rw, h / rh, w / rw, h / rh], dtype=proposals[0].dtype, device=device)
-            out.append((proposals[0] * ratio).float().cpu().numpy())
+            out.append(model.region_proposals([tensor])[0].float().cpu().numpy())
     return out
 
 
 def cmd_proposals_eval(args) -> int:
     from detkit.config import ConfigError, load_config
     from detkit.engine import build_dataset
-    from detkit.media import write_json_atomic
+    from detkit.media import write_bytes_atomic, write_json_atomic
     from detkit.proposals import format_recall_table, plot_recall, proposal_recall
-    from detkit.media import write_bytes_atomic
 
     cfg = load_config(args.config, args.overrides)
     registries = _registries()

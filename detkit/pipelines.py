@@ -174,13 +174,8 @@ def rpn_proposal_cache(model: nn.Module, dataset, root: str, name: str, device: 
     try:
         for i in iterator:
             image, _ = dataset[i]
-            img = torch.from_numpy(image).permute(2, 0, 1).to(device)
-            image_list, _ = model.transform([img])
-            features = model.trunk(image_list.tensors)
-            boxes, _ = rpn(image_list, features, None, None)
-            (h, w), (oh, ow) = image_list.image_sizes[0], image.shape[:2]
-            scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=boxes[0].device)
-            cache.put(i, (boxes[0] * scale).cpu().numpy())
+            boxes = model.region_proposals([torch.from_numpy(image).permute(2, 0, 1).to(device)])[0]
+            cache.put(i, boxes.float().cpu().numpy())
     finally:
         rpn.cfg.pre_nms_top_n_test, rpn.cfg.post_nms_top_n_test = saved
     cache.refresh_complete()

@@ -99,6 +99,18 @@ class TwoStageDetector(nn.Module):
         return self.roi_heads.postprocess(class_logits, box_deltas, proposals, original_sizes)
 
     @torch.no_grad()
+    def region_proposals(self, images: list[Tensor]) -> list[Tensor]:
+        """The proposal source's boxes for ``images`` (original-image coordinates), with its current
+        settings: what the RoI heads would see at test time. Cached sources search the images."""
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        if getattr(self.proposal_generator, "needs_proposals", False):
+            return self.proposal_generator.propose(images)
+        image_list, _ = self.transform(images, None, min_size=self.transform.min_sizes[-1])
+        features = self.trunk(self._layout(image_list.tensors))
+        proposals, _ = self.proposal_generator(image_list, features, None, None)
+        return _rescale(proposals, image_list.image_sizes, original_sizes)
+
+    @torch.no_grad()
     def extract_region_features(self, images: list[Tensor], proposals: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Features of given regions, for post-hoc classifiers (R-CNN's SVMs and box regressor).
 
