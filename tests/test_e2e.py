@@ -186,6 +186,11 @@ def test_mixed_precision_and_channels_last_train(data_dir, tmp_path):
                  "model.transform.min_size=[100, 120]", "--set", "data.num_workers=1"]) == 0
     lines = [json.loads(x) for x in (tmp_path / "amp" / "log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["total"]) for r in lines)
+    # fp16 trains with a gradient scaler
+    assert main(["train", str(cfg), "--no-progress", "--set", "train.amp=fp16", "--set",
+                 f"train.work_dir={tmp_path / 'fp16'}"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "fp16" / "log.jsonl").read_text().splitlines()]
+    assert lines and all(np.isfinite(r["total"]) for r in lines)
     assert main(["train", str(cfg), "--set", "train.amp=fp8"]) == 2
 
 
