@@ -39,14 +39,20 @@ def detkit_register_proposal_generators(register):
 def detkit_register_roi_extractors(register):
     """Register RoI feature extractors (RoI pooling, RoIAlign, SPP, warp):
     ``builder(output_size: int, stride: int, cfg: RoIExtractorConfig) -> nn.Module`` mapping
-    ``(features (B, C, H, W), proposals list[Tensor[N_i, 4]], image_sizes)`` to ``(sum N_i, C, S, S)``."""
+    ``(features (B, C, H, W), proposals list[Tensor[N_i, 4]], image_sizes)`` to ``(sum N_i, C, S, S)`` (or to
+    flat vectors ``(sum N_i, D)``, then the module has ``out_features(channels) -> D`` and the RoI head's first
+    fully connected layer is rebuilt for D, as SPP does). Registered with ``input="image"``, the builder also
+    receives ``trunk`` and ``input_size`` and gets the normalised images instead of features (R-CNN's warp)."""
 
 
 @hookspec
 def detkit_register_heads(register):
     """Register detection heads on RoI-head vectors:
     ``builder(in_features: int, num_classes: int, cfg: RoIHeadConfig) -> nn.Module`` mapping
-    ``(R, in_features)`` to ``(class_logits (R, K+1), box_deltas (R, 4(K+1)))``."""
+    ``(R, in_features)`` to ``(class_logits (R, K+1), box_deltas (R, 4(K+1)))``. A builder that accepts
+    ``pooled_features`` receives the length of the flattened pooled grid; a module with ``needs_pooled = True``
+    is called as ``head(vectors, pooled=...)``, and one with ``scores_are_probabilities = False`` has its scores
+    used as they are instead of through a softmax (R-CNN's SVMs)."""
 
 
 @hookspec
