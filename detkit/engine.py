@@ -256,9 +256,9 @@ def attach_proposals(dataset, model: nn.Module, cfg: Config, progress: bool = Tr
 
     info = info or DistInfo()
     ss = cfg.model.selective_search
-    settings = dict(mode=ss.mode, max_side=ss.max_side, min_size=ss.min_size, top_k=ss.top_k)
+    settings = generator.settings()  # what the boxes depend on: the cache is named by it
     if info.is_main:
-        cache = selective_search_cache(ss.cache_dir, dataset, **settings, num_workers=ss.num_workers or os.cpu_count(),
+        cache = selective_search_cache(ss.cache_dir, dataset, **settings, num_workers=ss.num_workers,
                                        progress=progress)
     barrier(info)
     if not info.is_main:
