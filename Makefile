@@ -5,8 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.detkit-installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 DEMO_DIR ?= work_dirs/demo
+# make gpu-check [DEVICE=cuda] [QUICK=1] [GPU_CHECK_OUT=dir]: tools/gpu_check.py with the venv's Python
+# when `make setup` made one, else the machine's python3 (a bare GPU machine: see the script's docstring).
+DEVICE ?= cuda
+GPU_CHECK_OUT ?= work_dirs/gpu_check
+CHECK_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test gpu-check clean
 
 setup: $(STAMP)
 
@@ -24,6 +29,9 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+gpu-check:
+	$(CHECK_PYTHON) tools/gpu_check.py --device $(DEVICE) --out $(GPU_CHECK_OUT) $(if $(QUICK),--quick) $(GPU_CHECK_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/detkit data synth --out $(DEMO_DIR)/data/train --format coco --num-images 400 --seed 0

@@ -253,7 +253,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, amp: str):
+def autocast_context(device: torch.device, amp: str):
+    """``torch.autocast`` for ``amp`` in ``none`` (no autocast), ``bf16`` or ``fp16``."""
     if amp == "none":
         return contextlib.nullcontext()
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -344,13 +345,15 @@ def _peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
 
 def run(setup: Setup, registries, device: torch.device, batch_sizes: tuple[int, ...] = (1, 8),
         train_batch: int = 2, warmup: int = 2, iters: int = 5, amp: str = "none",
-        channels_last: bool = False) -> dict:
+        channels_last: bool = False, compile_trunk: bool = False) -> dict:
     """Time inference at each of ``batch_sizes`` and training steps at ``train_batch`` for both detectors.
 
     Returns ``{"setup", "inference": {bs: {"detkit", "torchvision", "ratio"}} (images/s),
     "train": {"detkit", "torchvision", "ratio"} (iterations/s, forward + backward + SGD step),
     "memory": {"train" | "inference": {"detkit", "torchvision"}} (MiB; see ``memory_kind``),
     "memory_kind", "agreement"}``; ratios are detkit / torchvision (> 1: detkit faster).
+    ``compile_trunk`` compiles the trunk (``torch.compile``), which both detectors share, so both run it
+    compiled; the warm-up runs absorb the compilation.
     """
     if any(b < 1 for b in batch_sizes) or train_batch < 1:
         raise ValueError(f"batch sizes must be >= 1, got batch_sizes={list(batch_sizes)}, train_batch={train_batch}")
@@ -363,9 +366,12 @@ def run(setup: Setup, registries, device: torch.device, batch_sizes: tuple[int, 
         theirs.to(memory_format=torch.channels_last)  # its own RPN head copy; the trunk is shared
         ours.channels_last = True
         theirs.backbone.channels_last = True
+    if compile_trunk:
+        ours.trunk.compile()  # in place; torchvision's TrunkAsBackbone holds the same module
     models = {"detkit": ours, "torchvision": theirs}
     result: dict = {
         "setup": asdict(setup) | {"device": str(device), "amp": amp, "channels_last": channels_last,
+                                  "compile": compile_trunk,
                                   "warmup": warmup, "iters": iters, "train_batch": train_batch},
         "inference": {}, "memory": {"inference": {}, "train": {}},
         "memory_kind": ("CUDA max_memory_allocated" if device.type == "cuda"
@@ -380,7 +386,7 @@ def run(setup: Setup, registries, device: torch.device, batch_sizes: tuple[int, 
         images, _ = synthetic_batch(setup, bs, device)
 
         def infer(model: nn.Module, images: list[Tensor] = images) -> None:
-            with torch.no_grad(), _autocast(device, amp):
+            with torch.no_grad(), autocast_context(device, amp):
                 model(images)
 
         t = time_interleaved({k: (lambda m=m: infer(m)) for k, m in models.items()}, warmup, iters, device)
@@ -398,7 +404,7 @@ def run(setup: Setup, registries, device: torch.device, batch_sizes: tuple[int, 
         model.train()
 
     def step(name: str) -> None:
-        with _autocast(device, amp):
+        with autocast_context(device, amp):
             losses = models[name](images, targets)
         optimizers[name].zero_grad(set_to_none=True)
         sum(losses.values()).backward()

@@ -6,7 +6,9 @@ warping + fully connected layers + classifier + NMS), and in total, beside the m
 Proposals are computed afresh for every image (selective search on the CPU, as the papers timed it;
 the RPN on the model's device). For R-CNN, whose CNN runs on every warped window, the trunk's time is
 counted under "conv". Stages are timed with forward hooks around the trunk(s) and the proposal source;
-region-wise time is the rest of the detector's forward.
+region-wise time is the rest of the detector's forward, split further into the RoI head (RoI extractor,
+box head and predictor, less the trunk where the extractor holds it) and everything else (``post``:
+resizing the input, decoding, clipping, per-class NMS and rescaling the detections).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from detkit.benchmark import autocast_context
 from detkit.data.dataset import DetectionDataset
 
 
@@ -54,20 +57,28 @@ def _conv_modules(model: nn.Module) -> list[nn.Module]:
     return [extractor_trunk] if extractor_trunk is not None else [model.trunk]
 
 
+def _head_modules(model: nn.Module) -> list[nn.Module]:
+    heads = model.roi_heads
+    return [heads.roi_extractor, heads.box_head, heads.predictor]
+
+
 @torch.no_grad()
 def time_detector(model: nn.Module, dataset: DetectionDataset, indices: list[int], device: torch.device,
-                  warmup: int = 1) -> dict:
-    """Per-image mean seconds of ``proposal``, ``conv``, ``region`` and ``total``, plus the detections
-    (original coordinates) of every image in ``indices``."""
+                  warmup: int = 1, amp: str = "none") -> dict:
+    """Per-image mean seconds of ``proposal``, ``conv``, ``region`` (= ``roi_head`` + ``post``) and
+    ``total``, plus the detections (original coordinates) of every image in ``indices``; ``amp`` runs the
+    detector under autocast (``none``, ``bf16``, ``fp16``)."""
     model.eval().to(device)
     generator = model.proposal_generator
-    totals = {"proposal": 0.0, "conv": 0.0, "total": 0.0}
+    trunk_in_extractor = getattr(model.roi_heads.roi_extractor, "trunk", None) is not None
+    keys = ("proposal", "conv", "roi_head", "total")
+    totals = dict.fromkeys(keys, 0.0)
     detections = []
     for n, i in enumerate([indices[0]] * warmup + list(indices)):
         counted = n >= warmup
         image, target = dataset[i]
         img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
-        step = {"proposal": 0.0, "conv": 0.0}
+        step = dict.fromkeys(keys, 0.0)
         _sync(device)
         t0 = time.perf_counter()
         proposals = None
@@ -75,18 +86,22 @@ def time_detector(model: nn.Module, dataset: DetectionDataset, indices: list[int
             proposals = generator.propose([img])
             step["proposal"] += time.perf_counter() - t0
         with _stage_timer(_conv_modules(model), device, step, "conv"), \
-                _stage_timer([] if proposals is not None else [generator], device, step, "proposal"):
+                _stage_timer(_head_modules(model), device, step, "roi_head"), \
+                _stage_timer([] if proposals is not None else [generator], device, step, "proposal"), \
+                autocast_context(device, amp):
             det = model([img], None, proposals)[0]
         _sync(device)
-        elapsed = time.perf_counter() - t0
+        step["total"] = time.perf_counter() - t0
+        if trunk_in_extractor:  # R-CNN: the trunk runs inside the extractor, counted under conv
+            step["roi_head"] -= step["conv"]
         if counted:
-            totals["proposal"] += step["proposal"]
-            totals["conv"] += step["conv"]
-            totals["total"] += elapsed
+            for k in keys:
+                totals[k] += step[k]
             detections.append({"image_id": int(target["image_id"]), **{k: v.cpu() for k, v in det.items()}})
     count = len(indices)
     out = {k: v / count for k, v in totals.items()}
     out["region"] = max(0.0, out["total"] - out["proposal"] - out["conv"])
+    out["post"] = max(0.0, out["region"] - out["roi_head"])
     return {"seconds": out, "detections": detections}
 
 
@@ -96,13 +111,20 @@ def subset(dataset: DetectionDataset, indices: list[int]) -> DetectionDataset:
                             f"{dataset.source} (images {indices[0]}..{indices[-1]})")
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 0.01 else f"{seconds * 1000:.0f} ms"
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """Rows ``{"name", "seconds": {...}, "map50", "map"}`` as the paper-style table (milliseconds)."""
-    lines = ["| method | proposals | conv | region-wise | total | rate | AP50 | AP |",
+    """Rows ``{"name", "seconds": {...}, "map50", "map"}`` as the paper-style table (milliseconds); the
+    region-wise time is followed by its split (RoI head / post-processing). Rows of untrained models
+    (``"untrained": True``) show no AP: their detections time the work but score nothing."""
+    lines = ["| method | proposals | conv | region-wise (RoI head / post) | total | rate | AP50 | AP |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        s = {k: v * 1000 for k, v in r["seconds"].items()}
-        lines.append(f"| {r['name']} | {s['proposal']:.0f} ms | {s['conv']:.0f} ms | {s['region']:.0f} ms | "
-                     f"{s['total']:.0f} ms | {1000 / max(s['total'], 1e-9):.2f} fps | {r['map50']:.3f} | "
-                     f"{r['map']:.3f} |")
+        s = r["seconds"]
+        split = f" ({_ms(s['roi_head'])} / {_ms(s['post'])})" if "roi_head" in s else ""
+        ap = ("n/a (untrained) | n/a" if r.get("untrained") else f"{r['map50']:.3f} | {r['map']:.3f}")
+        lines.append(f"| {r['name']} | {_ms(s['proposal'])} | {_ms(s['conv'])} | {_ms(s['region'])}{split} | "
+                     f"{_ms(s['total'])} | {1 / max(s['total'], 1e-12):.2f} fps | {ap} |")
     return "\n".join(lines)

@@ -106,3 +106,18 @@ def test_loader_throughput_is_positive(registries):
     ips = benchmark.loader_throughput(registries, image_size=(48, 64), num_images=4, batch_size=2, num_workers=0,
                                       batches=2)
     assert ips > 0
+
+
+def test_pipelines_times_untrained_configs_and_rejects_bad_entries(tmp_path, capsys):
+    tool = _tool()
+    out = tmp_path / "pipelines.json"
+    config = os.path.join(ROOT, "configs", "fast_rcnn_tiny_synth.yaml")
+    assert tool.main(["pipelines", f"Fast={config}", "--synthetic", "64x96", "--images", "1", "--warmup", "0",
+                      "--set", "model.selective_search.top_k=50", "--device", "cpu", "--output", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["untrained"] and "map50" not in row and row["seconds"]["proposal"] > 0
+    assert "| Fast |" in capsys.readouterr().out
+    assert tool.main(["pipelines", f"Fast={tmp_path / 'missing.yaml'}", "--synthetic", "64x96"]) == 2
+    assert "missing.yaml is not a file" in capsys.readouterr().err
+    assert tool.main(["pipelines", "no-equals-sign", "--synthetic", "64x96"]) == 2
+    assert tool.main(["pipelines", f"Fast={config}", "--images", "0"]) == 2

@@ -147,9 +147,12 @@ def test_pipelines_benchmark_table(trained, workspace, tmp_path, capsys):
             f"Faster R-CNN={trained['four_step']}"]
     assert tool.main(["pipelines", *args, "--images", "2", "--svd", "16,8", "--output", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| method | proposals | conv | region-wise | total |" in text and "| Fast R-CNN + SVD |" in text
+    assert "| method | proposals | conv | region-wise (RoI head / post) | total |" in text
+    assert "| Fast R-CNN + SVD |" in text
     rows = json.loads(out.read_text())["rows"]
     assert [r["name"] for r in rows][:2] == ["R-CNN", "R-CNN + SVD"] and len(rows) == 8
     for r in rows:
         s = r["seconds"]
         assert s["total"] > 0 and abs(s["proposal"] + s["conv"] + s["region"] - s["total"]) < 1e-6
+        assert s["roi_head"] > 0 and abs(s["roi_head"] + s["post"] - s["region"]) < 1e-6
+        assert not r["untrained"] and 0 <= r["map50"] <= 1

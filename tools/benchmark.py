@@ -52,15 +52,24 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     f.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast for both models")
     f.add_argument("--channels-last", action="store_true")
+    f.add_argument("--compile", action="store_true", help="torch.compile the trunk (shared by both models)")
     f.add_argument("--anchors", choices=["torchvision", "detkit"], default="torchvision",
                    help="torchvision's stock anchors (default) or detkit's cell-centred ones in both")
     f.add_argument("--no-loader", action="store_true", help="skip the data-loader throughput measurement")
     f.add_argument("--output", help="write the results as JSON to this path")
     f.add_argument("--markdown", action="store_true", help="print a section for docs/benchmarks.md")
     q = sub.add_parser("pipelines", help="R-CNN / SPP-net / Fast R-CNN / Faster R-CNN timing and mAP table")
-    q.add_argument("checkpoints", nargs="+", metavar="NAME=CHECKPOINT",
-                   help="e.g. R-CNN=work_dirs/rcnn/final.pth (order of the table's rows)")
+    q.add_argument("checkpoints", nargs="+", metavar="NAME=CHECKPOINT|CONFIG",
+                   help="e.g. R-CNN=work_dirs/rcnn/final.pth (order of the table's rows); a .yaml config instead "
+                        "of a checkpoint times that detector with untrained weights (time only, no AP)")
     q.add_argument("--images", type=int, default=20, help="test images timed and scored (the first N)")
+    q.add_argument("--synthetic", type=_image_size, metavar="HxW",
+                   help="time on --images synthetic images of this size (detkit data synth) instead of the "
+                        "first model's data.test")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the .yaml entries, e.g. model.backbone.name=vgg16 (repeatable)")
+    q.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast for every model")
+    q.add_argument("--warmup", type=int, default=1, help="untimed images before timing")
     q.add_argument("--svd", nargs="?", const="1024,256", metavar="RANKS",
                    help="add a truncated-SVD row for every model with fully connected RoI-head layers")
     q.add_argument("--device", default="auto")
@@ -68,59 +77,124 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _pipeline_model(path: str, overrides: list[str], registries, device, class_names: list[str] | None):
+    """``(model, cfg, class_names, untrained)`` for a checkpoint, or for a .yaml config (random weights;
+    its classes are ``class_names`` when given, else its data.test's)."""
+    import torch
+
+    from detkit.config import load_config
+    from detkit.engine import build_dataset, model_from_checkpoint
+    from detkit.models.detector import build_detector
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint or config file")
+    if not path.endswith((".yaml", ".yml")):
+        model, cfg, ckpt = model_from_checkpoint(path, registries, device)
+        return model, cfg, list(ckpt["class_names"]), False
+    cfg = load_config(path, overrides)
+    if class_names is None:
+        class_names = list(build_dataset(cfg.data.test, registries, "data.test").class_names)
+    model = build_detector(cfg.model, registries, len(class_names), class_names)
+    for module in model.modules():
+        # Post-hoc SVMs and ridge regressors (R-CNN, SPP-net) refuse to score before their stage has run;
+        # zero weights marked fitted do the same arithmetic as trained ones, which is all that is timed here.
+        # (Zero margins pass the -1 score threshold, so every window reaches NMS: post time is an upper bound.)
+        for flag in ("fitted", "regressor_fitted"):
+            if isinstance(getattr(module, flag, None), torch.Tensor):
+                getattr(module, flag).fill_(True)
+    return model.to(device).eval(), cfg, class_names, True
+
+
 def pipelines(args: argparse.Namespace) -> int:
     import copy
+    import tempfile
+
+    import torch
 
     from detkit import benchmark
-    from detkit.engine import build_dataset, model_from_checkpoint, resolve_device, score_results
-    from detkit.evaluation import detections_to_coco_results
+    from detkit.data.synth import synthesize
+    from detkit.engine import build_dataset, resolve_device
     from detkit.models.svd import compress_fully_connected
-    from detkit.pipeline_benchmark import markdown_table, subset, time_detector
+    from detkit.pipeline_benchmark import markdown_table, subset
     from detkit.plugins import get_registries
 
-    device = resolve_device(args.device)
-    registries = get_registries()
-    rows, dataset, indices = [], None, None
+    specs = []
     for spec in args.checkpoints:
         name, sep, path = spec.partition("=")
         if not sep or not path:
-            print(f"{spec!r}: expected NAME=CHECKPOINT", file=sys.stderr)
+            print(f"{spec!r}: expected NAME=CHECKPOINT or NAME=CONFIG.yaml", file=sys.stderr)
             return 2
-        model, cfg, ckpt = model_from_checkpoint(path, registries, device)
-        if dataset is None:
-            dataset = build_dataset(cfg.data.test, registries, "test")
+        if not os.path.isfile(path):
+            print(f"{spec!r}: {path} is not a file", file=sys.stderr)
+            return 2
+        specs.append((name, path))
+    if args.images < 1 or args.warmup < 0:
+        print(f"--images {args.images} / --warmup {args.warmup}: expected images >= 1, warmup >= 0", file=sys.stderr)
+        return 2
+    device = resolve_device(args.device)
+    registries = get_registries()
+    with tempfile.TemporaryDirectory(prefix="detkit-pipelines-") as tmp:
+        dataset = None
+        if args.synthetic:
+            synthesize(tmp, "coco", args.images, seed=0, image_size=args.synthetic)
+            dataset = build_dataset({"name": "coco", "images": f"{tmp}/images",
+                                     "annotations": f"{tmp}/annotations.json"}, registries, "--synthetic")
+        rows = []
+        for name, path in specs:
+            names = list(dataset.class_names) if dataset is not None else None
+            model, cfg, model_names, untrained = _pipeline_model(path, args.set, registries, device, names)
+            if dataset is None:
+                dataset = build_dataset(cfg.data.test, registries, "test")
+            elif model_names != list(dataset.class_names):
+                print(f"{path}: classes {model_names} differ from the test images' {list(dataset.class_names)}",
+                      file=sys.stderr)
+                return 2
             indices = list(range(min(args.images, len(dataset))))
             scored = subset(dataset, indices)
-        elif list(dataset.class_names) != list(ckpt["class_names"]):
-            print(f"{path}: classes {ckpt['class_names']} differ from the first checkpoint's", file=sys.stderr)
-            return 2
-        variants = [(name, model)]
-        if args.svd:
-            fc_model = copy.deepcopy(model)
-            try:
-                compress_fully_connected(fc_model.roi_heads.box_head, [int(r) for r in args.svd.split(",")])
-                variants.append((f"{name} + SVD", fc_model))
-            except ValueError as exc:
-                print(f"{name}: no SVD row ({exc})", file=sys.stderr)
-        for label, m in variants:
-            timing = time_detector(m, dataset, indices, device)
-            results = []
-            for det in timing["detections"]:
-                results.extend(detections_to_coco_results(det["image_id"], det, list(dataset.cat_ids)))
-            metrics = score_results(scored.to_coco(), results, "coco", class_names=list(dataset.class_names))
-            rows.append({"name": label, "checkpoint": path, "seconds": timing["seconds"],
-                         "map50": metrics["AP50"], "map": metrics["AP"]})
-            s = timing["seconds"]
-            print(f"{label}: proposals {s['proposal'] * 1e3:.0f} ms, conv {s['conv'] * 1e3:.0f} ms, region-wise "
-                  f"{s['region'] * 1e3:.0f} ms, total {s['total'] * 1e3:.0f} ms; AP50 {metrics['AP50']:.3f}, "
-                  f"AP {metrics['AP']:.3f}", flush=True)
-    print(f"\nMachine: {benchmark.machine()}; {len(indices)} images of {dataset.source}; device {device}.\n")
+            variants = [(name, model)]
+            if args.svd:
+                fc_model = copy.deepcopy(model)
+                try:
+                    compress_fully_connected(fc_model.roi_heads.box_head, [int(r) for r in args.svd.split(",")])
+                    variants.append((f"{name} + SVD", fc_model))
+                except ValueError as exc:
+                    print(f"{name}: no SVD row ({exc})", file=sys.stderr)
+            for label, m in variants:
+                rows.append(_pipeline_row(label, path, m, dataset, scored, indices, device, args, untrained))
+            del model, variants, m
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print(f"\nMachine: {benchmark.machine()}; {len(indices)} images of {dataset.source}; device {device}; "
+          f"amp {args.amp}.\n")
     print(markdown_table(rows))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
             json.dump({"machine": benchmark.machine(), "device": str(device), "images": len(indices),
-                       "rows": rows}, fh, indent=1)
+                       "amp": args.amp, "rows": rows}, fh, indent=1)
     return 0
+
+
+def _pipeline_row(label, path, model, dataset, scored, indices, device, args, untrained) -> dict:
+    """Time ``model`` on ``indices`` and score its detections (untrained models are timed only)."""
+    from detkit.engine import score_results
+    from detkit.evaluation import detections_to_coco_results
+    from detkit.pipeline_benchmark import time_detector
+
+    timing = time_detector(model, dataset, indices, device, warmup=args.warmup, amp=args.amp)
+    row = {"name": label, "checkpoint": path, "seconds": timing["seconds"], "untrained": untrained}
+    ap = "untrained: no AP"
+    if not untrained:
+        results = []
+        for det in timing["detections"]:
+            results.extend(detections_to_coco_results(det["image_id"], det, list(dataset.cat_ids)))
+        metrics = score_results(scored.to_coco(), results, "coco", class_names=list(dataset.class_names))
+        row |= {"map50": metrics["AP50"], "map": metrics["AP"]}
+        ap = f"AP50 {metrics['AP50']:.3f}, AP {metrics['AP']:.3f}"
+    s = timing["seconds"]
+    print(f"{label}: proposals {s['proposal'] * 1e3:.1f} ms, conv {s['conv'] * 1e3:.1f} ms, region-wise "
+          f"{s['region'] * 1e3:.1f} ms (RoI head {s['roi_head'] * 1e3:.1f}, post {s['post'] * 1e3:.1f}), "
+          f"total {s['total'] * 1e3:.1f} ms; {ap}", flush=True)
+    return row
 
 
 def faster_rcnn(args: argparse.Namespace) -> int:
@@ -146,7 +220,7 @@ def faster_rcnn(args: argparse.Namespace) -> int:
     for name in names:
         setup = benchmark.Setup(backbone=name, image_size=args.image_size, anchors=args.anchors)
         r = benchmark.run(setup, registries, device, tuple(args.batch_sizes), args.train_batch, args.warmup,
-                          args.iters, args.amp, args.channels_last)
+                          args.iters, args.amp, args.channels_last, args.compile)
         results.append(r)
         inference = ", ".join(f"b{bs} {v['detkit']:.2f} vs {v['torchvision']:.2f} img/s (ratio {v['ratio']:.2f})"
                               for bs, v in r["inference"].items())
