@@ -1,8 +1,10 @@
 """torch.distributed glue for training under ``torchrun``.
 
 ``torchrun --nproc_per_node N tools/train.py CONFIG`` sets RANK, WORLD_SIZE and
-LOCAL_RANK; :func:`init_from_env` then starts the process group (NCCL on CUDA,
-gloo on CPU) and pins each process to its GPU. A single process without those
+LOCAL_RANK (on several machines, ``torchrun --nnodes M ...`` on each: RANK and
+WORLD_SIZE count the processes of all machines, LOCAL_RANK those of this one);
+:func:`init_from_env` then starts the process group (NCCL on CUDA, gloo on CPU)
+and pins each process to the GPU of its LOCAL_RANK. A single process without those
 variables runs as world size 1 and never touches torch.distributed.
 """
 from __future__ import annotations
@@ -49,6 +51,16 @@ def gather_objects(obj, info: DistInfo) -> list:
     out = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def mean_over_ranks(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of ``tensor`` (on the process group's device) over the ranks; ``tensor`` itself in one
+    process. Every rank must call it."""
+    if not info.enabled:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total / info.world_size
 
 
 def barrier(info: DistInfo) -> None:

@@ -7,9 +7,33 @@ the model, the batches and the optimizer follow ``train.device``, and nothing
 but logging reads values back to the host, so a DistributedDataParallel wrapper
 can be added around the model without changing the loop.
 
-Resuming is exact: the data order is a function of (seed, sample position), each
-sample's augmentation is seeded by its position, and the torch RNG (used by the
-RPN and RoI samplers) is saved with the checkpoint.
+Resuming is exact: the data order is a function of (seed, sample position), and
+each sample's augmentation and its anchor and RoI sampling are seeded by its
+position (the loader puts that seed in the target as ``sample_seed``). The torch
+RNG, which draws the rest (multi-scale sizes, dropout), is saved with the
+checkpoint and restored when the number of processes is unchanged.
+
+The number of processes does not change the training either: N processes with
+``data.batch_size`` B train as one process with batch N*B (tests/test_distributed.py
+and test_multinode.py: the same weights within 1e-6). Each process takes its
+slice of one global sample stream, a sample's draws depend only on its position,
+DDP averages the gradients of the per-process mean losses, and the logged losses
+are the mean over the processes. This holds when
+  - every image adds as many sampled anchors and RoIs to the losses as the others
+    (the losses are means over a process's samples: a mean of per-process means
+    is the global mean only then), i.e. every image fills ``batch_size_per_image``
+    in both samplers (``roi_head.bg_iou_thresh_lo > 0`` can leave an image too few
+    background RoIs);
+  - no layer uses batch statistics: frozen batch norm, or ``train.sync_bn`` (CUDA);
+  - ``train.scale_lr`` is off (it multiplies the learning rate by the number of
+    processes);
+  - nothing else draws from the global RNG (seeded ``train.seed + rank``): no
+    dropout, one ``transform.min_size``;
+  - the images of a global batch have one size after resizing (each process pads
+    only its own images, and the padding changes the features near the border
+    and the anchor grid the sampler draws over).
+Agreement is up to float rounding (the gradient sums run in another order); CPU
+and CUDA draw different numbers.
 """
 from __future__ import annotations
 
@@ -28,7 +52,7 @@ from torch import nn
 
 from detkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from detkit.config import Config, ConfigError, check_kwargs, dump, to_dict
-from detkit.distributed import DistInfo, barrier, gather_objects, init_from_env, shutdown
+from detkit.distributed import DistInfo, barrier, gather_objects, init_from_env, mean_over_ranks, shutdown
 from detkit.models.detector import build_detector
 
 log = logging.getLogger(__name__)
@@ -67,7 +91,8 @@ def to_tensor_batch(batch):
 
 
 class _PositionSeeded(torch.utils.data.Dataset):
-    """Takes ``(index, seed)`` pairs so a sample's augmentation depends only on its stream position."""
+    """Takes ``(index, seed)`` pairs so a sample's augmentation depends only on its stream position; the
+    target gets the seed as ``sample_seed``, for the detector's anchor and RoI samplers."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -80,7 +105,8 @@ class _PositionSeeded(torch.utils.data.Dataset):
         transform = getattr(self.dataset, "transform", None)
         if transform is not None and hasattr(transform, "set_seed"):
             transform.set_seed(seed)
-        return self.dataset[index]
+        image, target = self.dataset[index]
+        return image, {**target, "sample_seed": seed}
 
 
 class StreamBatchSampler(torch.utils.data.Sampler):
@@ -401,7 +427,8 @@ def train_stage(cfg: Config, registries, resume: str | bool | None = None, progr
             props = ([t["proposals"].to(device, non_blocking=True) for t in targets]
                      if "proposals" in targets[0] else None)
             targets = [{"boxes": t["boxes"].to(device, non_blocking=True),
-                        "labels": t["labels"].to(device, non_blocking=True)} for t in targets]
+                        "labels": t["labels"].to(device, non_blocking=True),
+                        "sample_seed": t["sample_seed"]} for t in targets]
             with _autocast(device, tcfg.amp):
                 losses = ddp(images, targets, props)
             if loss_prefixes is not None:
@@ -417,9 +444,11 @@ def train_stage(cfg: Config, registries, resume: str | bool | None = None, progr
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             done = iteration + 1
-            # Host reads (which sync the GPU) only on logging iterations.
+            # Host reads (which sync the GPU) only on logging iterations. The logged losses are those of the
+            # global batch (the mean over the ranks), as one process with that batch would log them.
             if done % tcfg.log_period == 0 or done == tcfg.max_iters or done == start_iter + 1:
-                values = {k: float(v.detach()) for k, v in losses.items()}
+                means = mean_over_ranks(torch.stack([v.detach().float() for v in losses.values()]), info)
+                values = dict(zip(losses, means.tolist()))
                 values["total"] = sum(values.values())
                 if not math.isfinite(values["total"]):
                     raise FloatingPointError(f"iteration {done}: loss is {values} (lower train.lr or set "

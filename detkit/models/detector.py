@@ -38,9 +38,11 @@ class TwoStageDetector(nn.Module):
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None,
                 proposals: list[Tensor] | None = None):
-        """images: ``(3, H_i, W_i)`` uint8 or float in [0, 1]; targets: ``{"boxes" (N, 4) xyxy, "labels" (N,)}``;
-        proposals: precomputed boxes per image (original-image coordinates) for proposal sources that
-        take them (selective search caches); the RPN ignores them."""
+        """images: ``(3, H_i, W_i)`` uint8 or float in [0, 1]; targets: ``{"boxes" (N, 4) xyxy, "labels" (N,)}``,
+        optionally ``"sample_seed"`` (int: the RPN and RoI samplers then draw that image's samples from a
+        generator seeded by it instead of the global RNG); proposals: precomputed boxes per image
+        (original-image coordinates) for proposal sources that take them (selective search caches); the RPN
+        ignores them."""
         if self.training and targets is None:
             raise ValueError("a detector in training mode needs targets")
         if proposals is None and getattr(self.proposal_generator, "needs_proposals", False):

@@ -7,7 +7,9 @@ outputs scores over K+1 classes and class-specific box deltas. Training samples
 [0.1, 0.5), with the ground truth added to the proposals (Sec. 2.3); the loss
 is cross-entropy plus smooth-L1 on the true class's deltas (Eq. 1). At test
 time boxes are decoded per class, clipped, thresholded at score 0.05 and
-suppressed per class, keeping at most 100 per image.
+suppressed per class, keeping at most 100 per image. Targets with a
+``sample_seed`` draw their RoIs from a generator of their own (see
+``detkit.models.rpn``).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkit.config import RoIHeadConfig
+from detkit.models.rpn import ROI_STREAM, sample_balanced, sample_generators
 from detkit.ops import BalancedSampler, BoxCoder, Matcher, batched_nms, box_iou, clip_boxes, remove_small_boxes
 
 
@@ -77,10 +80,12 @@ class RoIHeads(nn.Module):
     def select_training_samples(self, proposals: list[Tensor], targets: list[dict]):
         """Add gt to proposals, label by IoU and sample a fixed mini-batch per image.
 
-        Returns sampled proposals, their labels (0 = background) and regression targets.
+        Returns sampled proposals, their labels (0 = background) and regression targets. When the
+        targets carry ``sample_seed``, each image draws with its own generator, else from the global RNG.
         """
         out_props, out_labels, out_deltas = [], [], []
-        for props, t in zip(proposals, targets):
+        generators = sample_generators(targets, ROI_STREAM, proposals[0].device) or [None] * len(targets)
+        for props, t, generator in zip(proposals, targets, generators):
             gt, gt_labels = t["boxes"], t["labels"]
             if self.cfg.add_gt_as_proposals and gt.numel():
                 props = torch.cat([props, gt.to(props.dtype)])
@@ -93,7 +98,10 @@ class RoIHeads(nn.Module):
             else:
                 labels = torch.zeros(props.shape[0], dtype=torch.int64, device=props.device)
                 matched_boxes = props
-            pos, neg = self.sampler(labels)
+            if generator is None:
+                pos, neg = self.sampler(labels)
+            else:
+                pos, neg = (mask[0] for mask in sample_balanced(labels[None], [generator], self.sampler))
             keep = pos | neg
             props, labels, matched_boxes = props[keep], labels[keep], matched_boxes[keep]
             out_props.append(props)

@@ -5,6 +5,11 @@ convolutions predict, for each of the k anchors at every position, an
 objectness score and four box deltas. Training samples 256 anchors per image
 with up to half positives (Sec. 3.1.3); proposals are the top-scoring decoded
 anchors after clipping, removal of small boxes and NMS at 0.7 (Sec. 3.3).
+
+Targets that carry a ``sample_seed`` (the trainer sets one per sample from
+``train.seed`` and the sample's position in the data stream) have their anchors,
+and their RoIs in the RoI heads, drawn from a generator of their own, so a
+sample's draw does not depend on which process or batch it lands in.
 """
 from __future__ import annotations
 
@@ -16,6 +21,42 @@ from torchvision.ops import nms
 from detkit.config import AnchorConfig, RPNConfig
 from detkit.models.transform import ImageList
 from detkit.ops import AnchorGenerator, BalancedSampler, BoxCoder, Matcher, box_iou, clip_boxes, remove_small_boxes
+
+
+#: Which sampler a per-image generator serves (its seed is ``sample_seed * 4 + stream``).
+RPN_STREAM, ROI_STREAM = 1, 2
+
+
+def sample_generators(targets: list[dict], stream: int, device: torch.device) -> list[torch.Generator] | None:
+    """One generator per image on ``device``, seeded from the target's ``sample_seed`` and ``stream``;
+    None when a target has no ``sample_seed`` (the samplers then draw from the global RNG)."""
+    seeds = [t.get("sample_seed") for t in targets]
+    if any(s is None for s in seeds):
+        return None
+    return [torch.Generator(device=device).manual_seed((int(s) * 4 + stream) % 2**63) for s in seeds]
+
+
+def sample_balanced(labels: Tensor, generators: list[torch.Generator],
+                    sampler: BalancedSampler) -> tuple[Tensor, Tensor]:
+    """``sampler``'s draw (at most ``batch_size * positive_fraction`` positives, filled up with negatives) for
+    each row of ``labels (B, N)`` (1 positive, 0 negative, -1 ignored), row i drawing from ``generators[i]``.
+
+    Returns boolean masks ``pos, neg (B, N)``. Every element gets a uniform key on the labels' device and the
+    positives (negatives) with the smallest keys are taken: a uniform subset, batched over the rows, with no
+    copy to or from the host.
+    """
+    n = labels.shape[1]
+    keys = torch.stack([torch.rand(n, generator=g, device=labels.device) for g in generators])
+    is_pos, is_neg = labels >= 1, labels == 0
+    # Keys are < 1: the candidates sort before the 2.0 of the rest, so the taken ones are a prefix.
+    pos_idx = torch.where(is_pos, keys, 2.0).topk(min(int(sampler.batch_size * sampler.positive_fraction), n),
+                                                  dim=1, largest=False).indices
+    pos_take = is_pos.gather(1, pos_idx)
+    neg_idx = torch.where(is_neg, keys, 2.0).topk(min(sampler.batch_size, n), dim=1, largest=False).indices
+    room = sampler.batch_size - pos_take.sum(1, keepdim=True)
+    neg_take = is_neg.gather(1, neg_idx) & (torch.arange(neg_idx.shape[1], device=labels.device) < room)
+    return (torch.zeros_like(is_pos).scatter_(1, pos_idx, pos_take),
+            torch.zeros_like(is_neg).scatter_(1, neg_idx, neg_take))
 
 
 class RPNHead(nn.Module):
@@ -65,7 +106,8 @@ class RegionProposalNetwork(nn.Module):
             if targets is None:
                 raise ValueError("RPN in training mode needs targets")
             labels, matched_gt = self.assign_targets(anchors, targets, images.image_sizes)
-            losses = self.compute_loss(objectness, deltas, anchors, labels, matched_gt)
+            pos, neg = self.sample(labels, targets)
+            losses = self.compute_loss(objectness, deltas, anchors, labels, matched_gt, pos, neg)
         return proposals, losses
 
     def filter_proposals(self, deltas: Tensor, anchors: Tensor, scores: Tensor, images: ImageList) -> list[Tensor]:
@@ -112,11 +154,19 @@ class RegionProposalNetwork(nn.Module):
             matched.append(box)
         return torch.stack(labels), torch.stack(matched)
 
+    def sample(self, labels: Tensor, targets: list[dict]) -> tuple[Tensor, Tensor]:
+        """Masks ``pos, neg (B, N)`` of the anchors in each image's loss (Sec. 3.1.3), drawn with the images'
+        own generators when the targets carry ``sample_seed``, else from the global RNG."""
+        generators = sample_generators(targets, RPN_STREAM, labels.device)
+        if generators is not None:
+            return sample_balanced(labels, generators, self.sampler)
+        pos, neg = zip(*(self.sampler(lab) for lab in labels))
+        return torch.stack(pos), torch.stack(neg)
+
     def compute_loss(self, objectness: Tensor, deltas: Tensor, anchors: Tensor, labels: Tensor,
-                     matched_gt: Tensor) -> dict[str, Tensor]:
-        pos_masks, neg_masks = zip(*(self.sampler(lab) for lab in labels))
-        pos = torch.stack(pos_masks)
-        sampled = pos | torch.stack(neg_masks)
+                     matched_gt: Tensor, pos: Tensor, neg: Tensor) -> dict[str, Tensor]:
+        """Losses over the sampled anchors ``pos | neg``, normalised by their number in the batch."""
+        sampled = pos | neg
         num_sampled = sampled.sum().clamp(min=1)
         obj_loss = F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled], reduction="sum")
         target_deltas = self.box_coder.encode(matched_gt[pos], anchors.expand(labels.shape[0], -1, -1)[pos])
