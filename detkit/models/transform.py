@@ -81,9 +81,10 @@ class DetectionTransform(nn.Module):
             scales.append(scale)
             if targets is not None:
                 t = dict(targets[i])
-                # Separate x and y factors: rounding makes them differ slightly.
-                factor = torch.tensor([nw / w, nh / h, nw / w, nh / h], device=t["boxes"].device)
-                t["boxes"] = t["boxes"] * factor
+                # Separate x and y factors: rounding makes them differ slightly. Python scalars, not a tensor
+                # made on the host: no copy to the device, so no synchronisation.
+                boxes, fx, fy = t["boxes"], nw / w, nh / h
+                t["boxes"] = torch.stack([boxes[:, 0] * fx, boxes[:, 1] * fy, boxes[:, 2] * fx, boxes[:, 3] * fy], 1)
                 out_targets.append(t)
         d = self.size_divisible
         max_h = int(math.ceil(max(s[0] for s in sizes) / d) * d)

@@ -45,9 +45,10 @@ class Matcher:
             matches[best_iou < self.floor] = self.BETWEEN_THRESHOLDS
         if self.allow_low_quality_matches:
             # Each gt's best predictions (ties included) become positives, even below `high`.
+            # A mask rather than nonzero() indices: no data-dependent shape, so no host-device synchronisation.
             best_per_gt = iou.max(dim=1, keepdim=True).values
-            gt_idx, pred_idx = torch.nonzero((iou == best_per_gt) & (best_per_gt > 0), as_tuple=True)
-            matches[pred_idx] = original[pred_idx]
+            low_quality = ((iou == best_per_gt) & (best_per_gt > 0)).any(dim=0)
+            matches = torch.where(low_quality, original, matches)
         return matches
 
 
