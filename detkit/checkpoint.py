@@ -40,7 +40,9 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 def save_checkpoint(path: str, *, model_state: dict, config: dict, iteration: int, class_names: list[str],
                     cat_ids: list[int], optimizer_state: dict | None = None, rng_state: dict | None = None,
-                    samples_seen: int | None = None, world_size: int = 1) -> None:
+                    samples_seen: int | None = None, world_size: int = 1, scaler_state: dict | None = None) -> None:
+    """Write a checkpoint atomically. ``scaler_state`` is the fp16 gradient scaler's ``state_dict()``
+    (empty for a disabled scaler); checkpoints written before it was saved have no ``"scaler"`` key."""
     atomic_torch_save(
         {
             "format": FORMAT,
@@ -52,6 +54,7 @@ def save_checkpoint(path: str, *, model_state: dict, config: dict, iteration: in
             "model": model_state,
             "optimizer": optimizer_state,
             "rng": rng_state,
+            "scaler": scaler_state,
             "samples_seen": samples_seen,
             "world_size": int(world_size),
         },

@@ -11,7 +11,8 @@ Resuming is exact: the data order is a function of (seed, sample position), and
 each sample's augmentation and its anchor and RoI sampling are seeded by its
 position (the loader puts that seed in the target as ``sample_seed``). The torch
 RNG, which draws the rest (multi-scale sizes, dropout), is saved with the
-checkpoint and restored when the number of processes is unchanged.
+checkpoint and restored when the number of processes is unchanged; so is the
+fp16 gradient scaler (its scale decides which steps are skipped).
 
 The number of processes does not change the training either: N processes with
 ``data.batch_size`` B train as one process with batch N*B (tests/test_distributed.py
@@ -359,6 +360,9 @@ def train_stage(cfg: Config, registries, resume: str | bool | None = None, progr
         model.load_state_dict(ckpt["model"])
         if ckpt.get("optimizer"):
             optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler") and scaler.is_enabled():
+            # Without it an fp16 run would restart from the initial scale and skip (or take) other steps.
+            scaler.load_state_dict(ckpt["scaler"])
         start_iter = ckpt["iteration"]
         position = ckpt.get("samples_seen", start_iter * cfg.data.batch_size)
         if ckpt.get("world_size", 1) == info.world_size:
@@ -405,7 +409,7 @@ def train_stage(cfg: Config, registries, resume: str | bool | None = None, progr
                         class_names=names, cat_ids=list(dataset.cat_ids),
                         optimizer_state=optimizer.state_dict(), rng_state=_rng_state(),
                         samples_seen=position + (iteration - start_iter) * global_batch,
-                        world_size=info.world_size)
+                        world_size=info.world_size, scaler_state=scaler.state_dict())
 
     ddp.train()
     for module in model.modules():

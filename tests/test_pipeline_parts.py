@@ -136,6 +136,43 @@ def test_multiscale_testing_pools_each_region_at_its_scale(registries):
     assert len(dets) == 2 and all(d["scores"].numel() > 0 for d in dets)
 
 
+def test_multiscale_testing_puts_each_pooled_region_back_in_its_row(registries):
+    # Regions whose order (per image, then within each image) differs from the order of their scales: the
+    # large ones (area * s^2 closest to 224^2 at s = 200/64) go to the 200 level, the small ones to 400.
+    cfg = _model_cfg(detector="fast_rcnn", proposal_generator="selective_search",
+                     transform={"min_size": 64, "max_size": 2000, "test_scales": [200, 400]})
+    model = build_detector(cfg, registries, 2, ["a", "b"]).eval()
+    proposals = [torch.tensor([[4, 4, 20, 20], [0, 0, 80, 64], [30, 10, 40, 30.]]),  # 80x64: small, large, small
+                 torch.tensor([[2, 3, 60, 70], [10, 10, 20, 30.]])]                # 64x72: large, small
+    calls, seen = [], []
+
+    def extractor(features, boxes, image_sizes):
+        # A stand-in that "pools" each region as its boxes at the level and the level's first image height.
+        calls.append((image_sizes, [b.tolist() for b in boxes]))
+        return torch.cat([torch.cat([b, b.new_full((len(b), 1), image_sizes[0][0])], 1) for b in boxes])
+
+    def classify(pooled):
+        seen.append(pooled)
+        return pooled.new_zeros(len(pooled), 3), pooled.new_zeros(len(pooled), 12)
+
+    model.roi_heads.roi_extractor.forward = extractor
+    model.roi_heads.classify = classify
+    with torch.no_grad():
+        dets = model(IMAGES, None, proposals)
+    # Each level pools its regions image by image, in their coordinates at that level (x 3.125 and x 6.25).
+    assert calls == [([(200, 250), (225, 200)], [[[0, 0, 250, 200]], [[6.25, 9.375, 187.5, 218.75]]]),
+                     ([(400, 500), (450, 400)], [[[25, 25, 125, 125], [187.5, 62.5, 250, 187.5]],
+                                                 [[62.5, 62.5, 125, 187.5]]])]
+    # ... and row r of what is classified is region r (the order of the proposals), whatever its level.
+    assert len(seen) == 1 and torch.equal(seen[0], torch.tensor([
+        [25, 25, 125, 125, 400], [0, 0, 250, 200, 200], [187.5, 62.5, 250, 187.5, 400],
+        [6.25, 9.375, 187.5, 218.75, 200], [62.5, 62.5, 125, 187.5, 400]]))
+    # Zero deltas and equal scores: every region comes back once per class, in original-image coordinates.
+    for det, props in zip(dets, proposals):
+        assert sorted(map(tuple, det["boxes"].tolist())) == sorted(2 * list(map(tuple, props.tolist())))
+        assert sorted(det["labels"].tolist()) == [1] * len(props) + [2] * len(props)
+
+
 def test_named_detectors_check_their_parts(registries):
     with pytest.raises(ConfigError, match="fast_rcnn uses 'selective_search'"):
         build_detector(_model_cfg(detector="fast_rcnn"), registries, 2)
