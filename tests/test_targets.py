@@ -1,4 +1,5 @@
 """RPN and RoI target assignment and sampling (Faster R-CNN Sec. 3.1.2, Fast R-CNN Sec. 2.3)."""
+import pytest
 import torch
 
 from detkit.config import AnchorConfig, RoIHeadConfig, RPNConfig
@@ -35,6 +36,30 @@ def test_rpn_straddle_disabled_keeps_border_anchors():
     anchors = rpn.anchor_generator.grid_anchors((4, 4))
     labels, _ = rpn.assign_targets(anchors, [{"boxes": torch.zeros(0, 4)}], [(64, 64)])
     assert (labels == 0).all()  # no gt: everything is negative, nothing ignored
+
+
+@pytest.mark.parametrize("corner", [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_rpn_small_corner_box_gets_an_inside_positive_anchor(corner):
+    # A 14x14 box in a corner of a 96x96 image: its best anchor overall, [-8, -8, 24, 24] (IoU 0.19) at the
+    # top left, crosses the border. Matched against all anchors, that one took the box's low-quality match
+    # and was then ignored, leaving the box no positive at all; the best inside anchor must be positive.
+    rpn = make_rpn()
+    anchors = rpn.anchor_generator.grid_anchors((6, 6))
+    x0, y0 = corner[0] * (96 - 14), corner[1] * (96 - 14)
+    gt = torch.tensor([[x0, y0, x0 + 14.0, y0 + 14.0]])
+    iou = box_iou(gt, anchors)[0]
+    inside = (anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] < 96) & (anchors[:, 3] < 96)
+    assert not inside[iou.argmax()] and 0 < iou[inside].max() < 0.3  # the case described above
+    labels, matched = rpn.assign_targets(anchors, [{"boxes": gt}], [(96, 96)])
+    labels, matched = labels[0], matched[0]
+    positive = labels == 1
+    assert positive.any() and inside[positive].all()
+    best_inside = int(torch.where(inside, iou, -1.0).argmax())
+    assert labels[best_inside] == 1 and torch.equal(matched[best_inside], gt[0])
+    assert (labels[~inside] == -1).all() and (labels[inside & ~positive] == 0).all()
+    # straddle_thresh < 0 keeps every anchor (torchvision): the best one overall is the positive.
+    labels, _ = make_rpn(straddle_thresh=-1.0).assign_targets(anchors, [{"boxes": gt}], [(96, 96)])
+    assert torch.equal(torch.nonzero(labels[0] == 1).flatten(), torch.nonzero(iou == iou.max()).flatten())
 
 
 def test_rpn_sampling_and_loss_counts():

@@ -132,24 +132,36 @@ class RegionProposalNetwork(nn.Module):
         return result
 
     def assign_targets(self, anchors: Tensor, targets: list[dict], image_sizes) -> tuple[Tensor, Tensor]:
-        """Per image: labels ``(B, N)`` (1 positive, 0 negative, -1 ignored) and matched gt boxes ``(B, N, 4)``."""
+        """Per image: labels ``(B, N)`` (1 positive, 0 negative, -1 ignored) and matched gt boxes ``(B, N, 4)``.
+
+        With ``straddle_thresh >= 0`` the anchors that cross the image border by more are ignored in training
+        (Sec. 3.3) and take no part in the matching: each gt box's best anchor, positive whatever its IoU,
+        is its best inside anchor (as py-faster-rcnn's ``anchor_target_layer`` chooses), so a small box in a
+        corner is not left without a positive anchor when its best anchor overall crosses the border.
+        """
         labels, matched = [], []
         for t, (h, w) in zip(targets, image_sizes):
             gt = t["boxes"]
+            inside = None
+            if self.cfg.straddle_thresh >= 0:
+                s = self.cfg.straddle_thresh
+                inside = ((anchors[:, 0] >= -s) & (anchors[:, 1] >= -s)
+                          & (anchors[:, 2] < w + s) & (anchors[:, 3] < h + s))
             if gt.numel() == 0:
                 lab = torch.zeros(anchors.shape[0], dtype=torch.float32, device=anchors.device)
                 box = torch.zeros_like(anchors)
             else:
-                matches = self.matcher(box_iou(gt, anchors))
+                iou = box_iou(gt, anchors)
+                if inside is not None:
+                    # An IoU of -1 is below every threshold and never a gt's best match (the matcher takes
+                    # low-quality matches only at IoU > 0). A mask, not indexing: no host-device sync.
+                    iou = torch.where(inside, iou, -1.0)
+                matches = self.matcher(iou)
                 lab = (matches >= 0).to(torch.float32)
                 lab[matches == Matcher.BETWEEN_THRESHOLDS] = -1.0
                 box = gt[matches.clamp(min=0)]
-            if self.cfg.straddle_thresh >= 0:
-                # The paper ignores cross-boundary anchors in training (Sec. 3.3).
-                s = self.cfg.straddle_thresh
-                inside = ((anchors[:, 0] >= -s) & (anchors[:, 1] >= -s)
-                          & (anchors[:, 2] < w + s) & (anchors[:, 3] < h + s))
-                lab[~inside] = -1.0
+            if inside is not None:
+                lab = torch.where(inside, lab, -1.0)
             labels.append(lab)
             matched.append(box)
         return torch.stack(labels), torch.stack(matched)
