@@ -1,4 +1,5 @@
-"""The classic CNN plugin ("classic"): contract for every variant, parameter counts, complexity, shapes.
+"""The classic CNN plugin ("classic"): the backbone contract (test_backbones.py) for every variant with its exact
+trunk sizes, parameter counts, complexity, shapes.
 
 Independent references: torchvision's models (parameter counts, state dicts, outputs) where torchvision has
 the architecture; the reference notes' layer tables and totals (AlexNet/CaffeNet 62,378,344, VGG-16
@@ -19,15 +20,17 @@ from detkit.backbones import count_parameters
 from detkit.plugins import get_registries
 from detkit.summary import summarize, total_macs
 from detkit_classic.early import Maxout, ScaledTanh
+from test_backbones import check_backbone_contract, input_side
 
 REGISTRY = get_registries()
 NAMES = sorted(e.name for e in REGISTRY.backbones.entries() if e.plugin == "classic")
 
-# Input side each contract test uses, and the trunk's (channels, side) there. Networks whose first
+# Input side each contract test uses (the shared contract's, test_backbones.input_side: the declared minimum
+# or the native size capped at 64), and the trunk's (channels, side) there. Networks whose first
 # convolution (or every convolution) is unpadded lose a border, so their map is smaller than side / stride;
-# the stride itself is checked separately by growing the input.
+# the stride itself is checked by the shared contract, by growing the input.
 TRUNK = {
-    "mnist_cnn": (32, 64, 10), "cifar_cnn": (32, 64, 10), "lenet5": (32, 16, 10),  # (32 - 4) / 2 - 4
+    "mnist_cnn": (28, 64, 8), "cifar_cnn": (32, 64, 10), "lenet5": (32, 16, 10),  # (32 - 4) / 2 - 4
     "maxout_cnn": (32, 192, 9), "nin_cifar": (32, 192, 16),
     "alexnet": (96, 256, 4), "zfnet": (96, 256, 5), "zfnet_512_1024_512": (96, 512, 5), "alexnet_tv": (64, 256, 3),
     "nin": (64, 384, 3), "squeezenet1_0": (64, 512, 3), "squeezenet1_1": (64, 512, 3),
@@ -46,11 +49,6 @@ def build_meta(name: str, **kwargs) -> nn.Module:
         return REGISTRY.backbones.build(name, **kwargs)
 
 
-def trunk_side(trunk: nn.Module, channels: int, side: int) -> int:
-    with torch.no_grad():
-        return trunk(torch.zeros(1, channels, side, side, device="meta")).shape[-1]
-
-
 def test_every_variant_of_the_brief_is_registered():
     expected = {"mnist_cnn", "cifar_cnn", "lenet5", "alexnet", "alexnet_tv", "zfnet", "zfnet_512_1024_512",
                 "vgg11", "vgg11_lrn", "vgg13", "vgg16_c", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn",
@@ -64,34 +62,14 @@ def test_backbone_contract(name):
     torch.manual_seed(0)
     model = REGISTRY.backbones.build(name, num_classes=7)
     side, channels, feat_side = TRUNK[name]
-    c = model.defaults.input_size[0]
-    x = torch.randn(2, c, side, side)
-    model.eval()
-    parts = model.detection_parts()
-    r = model.defaults.roi_output_size
-    with torch.no_grad():
-        assert model(x).shape == (2, 7)
-        feats = parts.trunk(x)
-        pooled = parts.roi_head(torch.randn(3, parts.out_channels, r, r))
+    assert side == input_side(model)
+    parts, feats = check_backbone_contract(model, torch.randn(2, model.defaults.input_size[0], side, side))
     assert parts.stride == STRIDE.get(name, 16)
     assert feats.shape[1:] == (parts.out_channels, feat_side, feat_side) and parts.out_channels == channels
     if name not in {"mnist_cnn", "cifar_cnn", "lenet5", "maxout_cnn", "alexnet", "zfnet", "zfnet_512_1024_512",
                     "alexnet_tv", "nin", "squeezenet1_0", "squeezenet1_1"}:  # padded throughout
         assert feat_side in (side // parts.stride, math.ceil(side / parts.stride))
-    # The declared stride: growing the input by 2 strides grows the feature map by 2 cells.
-    meta_trunk = build_meta(name).detection_parts().trunk
-    assert trunk_side(meta_trunk, c, side + 2 * parts.stride) - trunk_side(meta_trunk, c, side) == 2
-    assert pooled.shape == (3, parts.head_channels)
-    own = {id(p) for p in model.parameters()}
-    trunk_params = {id(p) for p in parts.trunk.parameters()}
-    assert trunk_params and all(id(p) in own for p in parts.roi_head.parameters()) and trunk_params <= own
     assert parts.stages and all(any(True for _ in st.parameters()) for st in parts.stages)
-    assert set().union(*({id(p) for p in st.parameters()} for st in parts.stages)) <= trunk_params
-    model.train()
-    loss = model.classification_loss(model(x), torch.tensor([1, 2]))
-    loss.backward()
-    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION))

@@ -1,6 +1,7 @@
-"""The dense/fractal plugin: DenseNet against torchvision (counts, checkpoints, old key layout, the detection
-cut), DenseNet-BC's paper size, memory-efficient checkpointing, and FractalNet's expansion rule and
-drop-path (Larsson et al. 2017, Sec. 2 and 3.1)."""
+"""The dense/fractal plugin: the backbone contract (test_backbones.py) for every name, DenseNet against
+torchvision (counts, checkpoints, old key layout, the detection cut), DenseNet-BC's paper size,
+memory-efficient checkpointing, and FractalNet's expansion rule and drop-path (Larsson et al. 2017, Sec. 2
+and 3.1)."""
 import functools
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 from detkit.backbones import count_parameters
 from detkit.plugins import get_registries
 from detkit_densenet.fractalnet import DropPath, FractalBlock, FractalNet, join, sample_drop_path
+from test_backbones import check_backbone_contract, input_side
 
 REGISTRY = get_registries()
 NAMES = [e.name for e in REGISTRY.backbones.entries() if e.plugin == "densenet"]
@@ -30,27 +32,10 @@ def test_registers_the_family():
 @pytest.mark.parametrize("name", NAMES)
 def test_backbone_contract(name):
     model = built(name)
-    side = 64 if model.defaults.input_size[1] > 32 else 32
-    x = torch.randn(2, 3, side, side)
-    model.eval()
-    with torch.no_grad():
-        assert model(x).shape == (2, 7)
-        parts = model.detection_parts()
-        parts.trunk.eval(), parts.roi_head.eval()
-        feats = parts.trunk(x)
-        assert feats.shape[1] == parts.out_channels
-        assert feats.shape[-1] in (side // parts.stride, -(-side // parts.stride))
-        s = model.defaults.roi_output_size
-        assert parts.roi_head(torch.randn(3, parts.out_channels, s, s)).shape == (3, parts.head_channels)
-    own = {id(p) for p in model.parameters()}
-    trunk_params = {id(p) for p in parts.trunk.parameters()}
-    assert trunk_params and trunk_params <= own and {id(p) for p in parts.roi_head.parameters()} <= own
-    assert parts.stages and all(id(p) in trunk_params for st in parts.stages for p in st.parameters())
-    model.train()
-    model.zero_grad()
-    model.classification_loss(model(x), torch.tensor([1, 2])).backward()
-    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).weight
-    assert first.grad is not None and first.grad.abs().sum() > 0
+    side = input_side(model)  # 64, or 32 for the CIFAR forms
+    parts, feats = check_backbone_contract(model, torch.randn(2, 3, side, side))
+    assert feats.shape[-1] in (side // parts.stride, -(-side // parts.stride))
+    assert parts.stages
 
 
 @pytest.mark.parametrize("name", TORCHVISION)

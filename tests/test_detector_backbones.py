@@ -30,15 +30,36 @@ def test_faster_rcnn_trains_with_backbone(name):
     model = build_detector(cfg, REGISTRY, num_classes=3)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     image = torch.randint(0, 255, (3, 128, 160), dtype=torch.uint8)
-    target = {"boxes": torch.tensor([[20.0, 30.0, 90.0, 100.0]]), "labels": torch.tensor([2])}
+    # sample_seed: both steps sample the same anchors and RoIs from the same proposals' matches
+    target = {"boxes": torch.tensor([[20.0, 30.0, 90.0, 100.0]]), "labels": torch.tensor([2]), "sample_seed": 0}
     model.train()
-    for _ in range(2):
+    history = []
+    for step in range(2):
+        torch.manual_seed(1)  # the same dropout (and FractalNet drop-path) draws in both steps
         losses = model([image], [target])
-        assert all(torch.isfinite(v) for v in losses.values()), losses
+        assert set(losses) == {"rpn/objectness", "rpn/box_reg", "roi/cls", "roi/box_reg"}
+        assert all(torch.isfinite(v) and v >= 0 for v in losses.values()), losses
+        assert losses["rpn/objectness"] > 0 and losses["roi/cls"] > 0, losses
+        history.append({k: v.item() for k, v in losses.items()})
         opt.zero_grad()
         sum(losses.values()).backward()
+        if step == 0:
+            # Gradients reach the trunk's first layer (nothing is frozen here), the RPN and the box predictor.
+            first = next(model.trunk.parameters())
+            assert first.requires_grad and first.grad is not None and first.grad.abs().sum() > 0
+            for part in (model.proposal_generator, model.roi_heads.predictor):
+                assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), part
         opt.step()
+    # One step on a fixed batch lowers the RPN's loss and the RoI classification loss.
+    before, after = history
+    assert after["rpn/objectness"] + after["rpn/box_reg"] < before["rpn/objectness"] + before["rpn/box_reg"], history
+    assert after["roi/cls"] < before["roi/cls"], history
     model.eval()
     with torch.no_grad():
         det = model([image])[0]
-    assert det["boxes"].shape[1] == 4 and (det["labels"] >= 1).all()
+    n = len(det["scores"])
+    assert det["boxes"].shape == (n, 4) and det["labels"].shape == (n,) and n <= cfg.roi_head.detections_per_img
+    assert ((det["labels"] >= 1) & (det["labels"] <= 3)).all() and (det["scores"] >= cfg.roi_head.score_thresh).all()
+    boxes = det["boxes"]  # clipped to the image, in its own (not the resized) coordinates
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 160).all() and (boxes[:, 3] <= 128).all()
+    assert (boxes[:, 2:] >= boxes[:, :2]).all()

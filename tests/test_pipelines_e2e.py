@@ -74,13 +74,36 @@ def trained(workspace):
     return checkpoints
 
 
+def rescore(workspace, results: list[dict], images: int | None = None) -> dict:
+    """COCO metrics of ``results`` against the first ``images`` validation images (all by default), scored
+    independently of the run that wrote them."""
+    from detkit.engine import score_results
+
+    gt = json.loads((workspace / "val" / "annotations.json").read_text())
+    ids = {img["id"] for img in gt["images"][:images]}
+    gt = {**gt, "images": [img for img in gt["images"] if img["id"] in ids],
+          "annotations": [a for a in gt["annotations"] if a["image_id"] in ids]}
+    return score_results(gt, [r for r in results if r["image_id"] in ids], "coco",
+                         class_names=[c["name"] for c in gt["categories"]])
+
+
 @pytest.mark.parametrize("name", list(DETECTORS) + ["four_step"])
 def test_each_detector_trains_and_evaluates(trained, workspace, name):
     metrics = json.loads((workspace / name / "metrics.json").read_text())
-    assert 0.0 <= metrics["AP"] <= 1.0 and set(metrics["per_class"]) == {"circle", "square", "triangle", "star",
-                                                                          "cross"}
     results = json.loads((workspace / name / "results.json").read_text())
     assert results and {"image_id", "category_id", "bbox", "score"} <= set(results[0])
+    # The metrics are those of the detections written next to them, scored again here.
+    again = rescore(workspace, results)
+    for key in ("AP", "AP50", "AP75", "AR100", "per_class"):
+        assert metrics[key] == pytest.approx(again[key], abs=1e-12), key
+    # AP is the mean of the per-class APs over the classes the validation images have; the others are -1.
+    gt = json.loads((workspace / "val" / "annotations.json").read_text())
+    present = {c["name"] for c in gt["categories"] if any(a["category_id"] == c["id"] for a in gt["annotations"])}
+    per_class = metrics["per_class"]
+    assert set(per_class) == {"circle", "square", "triangle", "star", "cross"} and present
+    assert {k for k, v in per_class.items() if v != -1.0} == present
+    assert metrics["AP"] == pytest.approx(sum(per_class[k] for k in present) / len(present), abs=1e-12)
+    assert all(0.0 <= per_class[k] <= 1.0 for k in present)
 
 
 def test_svm_detectors_have_fitted_svms_and_a_feature_cache(trained, workspace):
@@ -143,16 +166,27 @@ def test_pipelines_benchmark_table(trained, workspace, tmp_path, capsys):
     import benchmark as tool
 
     out = tmp_path / "pipelines.json"
-    args = [f"R-CNN={trained['rcnn']}", f"SPP-net={trained['spp_net']}", f"Fast R-CNN={trained['fast_rcnn']}",
-            f"Faster R-CNN={trained['four_step']}"]
+    pipelines = {"R-CNN": "rcnn", "SPP-net": "spp_net", "Fast R-CNN": "fast_rcnn", "Faster R-CNN": "four_step"}
+    args = [f"{label}={trained[name]}" for label, name in pipelines.items()]
     assert tool.main(["pipelines", *args, "--images", "2", "--svd", "16,8", "--output", str(out)]) == 0
     text = capsys.readouterr().out
     assert "| method | proposals | conv | region-wise (RoI head / post) | total |" in text
     assert "| Fast R-CNN + SVD |" in text
     rows = json.loads(out.read_text())["rows"]
-    assert [r["name"] for r in rows][:2] == ["R-CNN", "R-CNN + SVD"] and len(rows) == 8
+    assert [r["name"] for r in rows] == [f"{label}{svd}" for label in pipelines for svd in ("", " + SVD")]
     for r in rows:
         s = r["seconds"]
         assert s["total"] > 0 and abs(s["proposal"] + s["conv"] + s["region"] - s["total"]) < 1e-6
         assert s["roi_head"] > 0 and abs(s["roi_head"] + s["post"] - s["region"]) < 1e-6
-        assert not r["untrained"] and 0 <= r["map50"] <= 1
+        assert not r["untrained"]
+        # Each row scores the first two validation images: the same as scoring, on those images, the
+        # detections `detkit eval` wrote for the same checkpoint (with the same truncated SVD for an SVD row).
+        name = pipelines[r["name"].removesuffix(" + SVD")]
+        if r["name"].endswith(" + SVD"):
+            reference = tmp_path / f"{name}_svd"
+            assert main(["eval", str(trained[name]), "--svd", "16,8", "--output", str(reference),
+                         "--no-progress"]) == 0
+        else:
+            reference = workspace / name
+        expected = rescore(workspace, json.loads((reference / "results.json").read_text()), images=2)
+        assert (r["map50"], r["map"]) == pytest.approx((expected["AP50"], expected["AP"]), abs=1e-9), r["name"]

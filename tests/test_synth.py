@@ -1,6 +1,5 @@
 """The built-in synthetic dataset and video: determinism, loadability in both layouts, content, the video."""
 import json
-import time
 
 import cv2
 import numpy as np
@@ -86,10 +85,26 @@ def test_colour_alone_does_not_give_the_class():
     assert total > 150 and 0.12 < wrong / total < 0.4
 
 
-def test_300_images_take_well_under_ten_seconds(tmp_path):
-    start = time.process_time()  # CPU time of this process: other jobs on the machine do not count
-    synthesize(str(tmp_path), "coco", 30, seed=0)  # default 240x320
-    assert time.process_time() - start < 1.0  # 10x this for the 300 images of the budget
+def test_each_image_is_rendered_and_written_once(tmp_path, monkeypatch):
+    """What keeps synthesis cheap (its speed is measured by tools/benchmark.py, not here): one render and one
+    PNG encoding per image at the default 240x320, and the annotations written once, at the end."""
+    from detkit.data import synth
+
+    calls = []
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in ("render", "_write_png", "_write_text_atomic"):
+        monkeypatch.setattr(synth, name, counted(name, getattr(synth, name)))
+    summary = synthesize(str(tmp_path), "coco", 30, seed=0)
+    assert calls == ["render", "_write_png"] * 30 + ["_write_text_atomic"] and summary["images"] == 30
+    gt = json.loads((tmp_path / "annotations.json").read_text())
+    assert {(img["height"], img["width"]) for img in gt["images"]} == {(240, 320)}
+    assert len(list((tmp_path / "images").iterdir())) == 30
 
 
 def test_bad_arguments_are_named(tmp_path):

@@ -17,6 +17,7 @@ import torch
 
 import detkit_timm
 from detkit.plugins import get_plugin_manager, get_registries
+from test_backbones import check_backbone_contract
 
 FAKE_TIMM = '''
 """Stand-in for timm (test double): two tiny models, one per detection case of the bridge."""
@@ -209,21 +210,9 @@ def test_registers_every_model_lazily(fake_timm):
 
 
 def _check_contract(model, side=64):
-    x = torch.randn(2, 3, side, side)
-    model.eval()
-    with torch.no_grad():
-        assert model(x).shape == (2, 5)
-        parts = model.detection_parts()
-        feats = parts.trunk(x)
-        assert feats.shape[1] == parts.out_channels and feats.shape[-1] == side // parts.stride
-        s = model.defaults.roi_output_size
-        assert parts.roi_head(torch.randn(3, parts.out_channels, s, s)).shape == (3, parts.head_channels)
-    own = {id(p) for p in model.parameters()}
-    assert {id(p) for p in parts.trunk.parameters()} <= own and {id(p) for p in parts.roi_head.parameters()} <= own
-    model.train()
-    model.classification_loss(model(x), torch.tensor([1, 2])).backward()
-    first = next(p for p in model.parameters() if p.dim() > 1)
-    assert first.grad is not None and first.grad.abs().sum() > 0
+    """The backbone contract (test_backbones.py), with the trunk's map exactly side / stride."""
+    parts, feats = check_backbone_contract(model, torch.randn(2, 3, side, side), num_classes=5)
+    assert feats.shape[-1] == side // parts.stride
     return parts
 
 
