@@ -425,14 +425,14 @@ def loader_throughput(registries, image_size: tuple[int, int] = (240, 320), num_
     ``detkit.data.synth`` images, with the trainer's sampler and worker setup; worker start-up excluded."""
     from detkit.data import build_transform
     from detkit.data.synth import synthesize
-    from detkit.engine import StreamBatchSampler, _PositionSeeded, build_dataset, to_tensor_batch
+    from detkit.data.loading import PositionSeeded, StreamBatchSampler, build_dataset, to_tensor_batch
 
     with tempfile.TemporaryDirectory() as tmp:
         synthesize(tmp, "coco", num_images, seed=0, image_size=image_size)
         ds = build_dataset({"name": "coco", "images": f"{tmp}/images", "annotations": f"{tmp}/annotations.json"},
                            registries, "benchmark", transform=build_transform(True, 0.5))
         sampler = StreamBatchSampler(list(range(len(ds))), batch_size, 0)
-        loader = torch.utils.data.DataLoader(_PositionSeeded(ds), batch_sampler=sampler, num_workers=num_workers,
+        loader = torch.utils.data.DataLoader(PositionSeeded(ds), batch_sampler=sampler, num_workers=num_workers,
                                              collate_fn=to_tensor_batch)
         it = iter(loader)
         next(it)  # workers started

@@ -82,3 +82,24 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         if key not in ckpt:
             raise CheckpointError(f"{path}: detkit checkpoint is missing {key!r}")
     return ckpt
+
+
+def model_from_checkpoint(path: str, registries, device: torch.device, overrides: list[str] | None = None):
+    """Rebuild the model a checkpoint was trained with; returns ``(model, cfg, ckpt)`` (the model on ``device``,
+    in eval mode; ``overrides`` are ``KEY=VALUE`` changes to the embedded config)."""
+    from detkit.config import apply_overrides, from_dict
+    from detkit.models.detector import build_detector
+
+    ckpt = load_checkpoint(path, map_location="cpu")
+    data = apply_overrides(ckpt["config"], overrides or [])
+    cfg = from_dict(data, source=f"{path} (embedded config)")
+    names = list(ckpt["class_names"])
+    # Weights come from the checkpoint; the backbone's own file is not needed (or read) again.
+    cfg.model.backbone.weights = None
+    model = build_detector(cfg.model, registries, len(names), names)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model its config describes: "
+                              f"{str(exc).splitlines()[0]}") from None
+    return model.to(device).eval(), cfg, ckpt

@@ -32,7 +32,7 @@ def _registries():
 
 
 def _device(name: str | None):
-    from detkit.engine import resolve_device
+    from detkit.devices import resolve_device
 
     return resolve_device(name or "auto")
 
@@ -78,7 +78,7 @@ def cmd_config_show(args) -> int:
 
 def cmd_train(args) -> int:
     from detkit.config import load_config
-    from detkit.engine import train
+    from detkit.training import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, _registries(), resume=args.resume if args.resume != "" else True,
@@ -92,7 +92,8 @@ def _eval_results_file(args, registries) -> int:
     import json
 
     from detkit.config import ConfigError
-    from detkit.engine import build_dataset, format_metrics, score_results
+    from detkit.data.loading import build_dataset
+    from detkit.evaluation import format_metrics, score_results
     from detkit.media import write_json_atomic
 
     spec = _data_spec(args.dataset or args.data, args)
@@ -172,7 +173,9 @@ def _apply_svd(model, spec: str | None) -> None:
 
 
 def cmd_eval(args) -> int:
-    from detkit.engine import build_dataset, evaluate, model_from_checkpoint
+    from detkit.checkpoint import model_from_checkpoint
+    from detkit.data.loading import build_dataset
+    from detkit.evaluation import evaluate
 
     registries = _registries()
     if args.results:
@@ -193,7 +196,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_infer(args) -> int:
-    from detkit.engine import model_from_checkpoint
+    from detkit.checkpoint import model_from_checkpoint
     from detkit.inference import run
 
     registries = _registries()
@@ -242,7 +245,7 @@ def _proposal_cache(cfg, dataset, key: str, args):
 
 def cmd_proposals_compute(args) -> int:
     from detkit.config import load_config
-    from detkit.engine import build_dataset
+    from detkit.data.loading import build_dataset
 
     cfg = load_config(args.config, args.overrides)
     registries = _registries()
@@ -263,9 +266,9 @@ def _rpn_proposals(checkpoint: str, dataset, registries, device, progress: bool)
     import torch
     from tqdm import tqdm
 
+    from detkit.checkpoint import model_from_checkpoint
     from detkit.config import ConfigError
     from detkit.data.images import ImageReadError
-    from detkit.engine import model_from_checkpoint
 
     model, ckpt_cfg, _ = model_from_checkpoint(checkpoint, registries, device)
     if getattr(model.proposal_generator, "needs_proposals", False):
@@ -290,7 +293,7 @@ def _rpn_proposals(checkpoint: str, dataset, registries, device, progress: bool)
 
 def cmd_proposals_eval(args) -> int:
     from detkit.config import ConfigError, load_config
-    from detkit.engine import build_dataset
+    from detkit.data.loading import build_dataset
     from detkit.media import write_bytes_atomic, write_json_atomic
     from detkit.proposals import format_recall_table, plot_recall, proposal_recall
 
@@ -366,13 +369,14 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from detkit.plugins import KINDS
+
     parser = argparse.ArgumentParser(prog="detkit", description="Two-stage object detection toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="registered parts and the plugin each came from")
-    p.add_argument("kind", nargs="?", choices=["backbones", "proposal_generators", "roi_extractors", "heads",
-                                               "detectors", "datasets"])
+    p.add_argument("kind", nargs="?", choices=list(KINDS.values()))
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("config", help="config utilities")
@@ -426,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", help="C,H,W (default: the backbone's input size)")
     p.set_defaults(func=cmd_summary)
 
+    _add_proposals_commands(sub)
+    _add_data_commands(sub)
+    return parser
+
+
+def _add_proposals_commands(sub) -> None:
     p = sub.add_parser("proposals", help="selective search proposals: compute the cache, evaluate recall")
     psub = p.add_subparsers(dest="proposals_command", required=True)
     ps = psub.add_parser("compute", help="compute (or resume) the selective search cache of a config's datasets "
@@ -450,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(ps)
     ps.set_defaults(func=cmd_proposals_eval)
 
+
+def _add_data_commands(sub) -> None:
     p = sub.add_parser("data", help="dataset utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
     ps = dsub.add_parser("synth", help="generate the built-in synthetic dataset")
@@ -466,7 +478,6 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--seed", type=int, default=0)
     ps.add_argument("--size", default="240x320", help="HEIGHTxWIDTH")
     ps.set_defaults(func=cmd_synth_video)
-    return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

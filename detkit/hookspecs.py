@@ -7,8 +7,10 @@ calls it once per part it provides::
 
 ``builder`` is called with the keyword arguments of the part's config section
 (its signature is what the config is validated against); ``info`` is free-form
-metadata shown by ``detkit list`` (for example ``family="resnet"``). The host
-owns the names: registering a name twice raises and names both plugins.
+metadata shown by ``detkit list`` (for example ``family="resnet"``). A model part
+whose training needs a schedule of its own declares it there: ``schedule="svm_posthoc"``
+(see :func:`detkit_register_schedules`). The host owns the names: registering a name
+twice raises and names both plugins.
 
 A third-party plugin is an importable module with ``@hookimpl`` functions and
 one ``[project.entry-points.detkit]`` line in its package metadata.
@@ -52,7 +54,8 @@ def detkit_register_heads(register):
     ``(R, in_features)`` to ``(class_logits (R, K+1), box_deltas (R, 4(K+1)))``. A builder that accepts
     ``pooled_features`` receives the length of the flattened pooled grid; a module with ``needs_pooled = True``
     is called as ``head(vectors, pooled=...)``, and one with ``scores_are_probabilities = False`` has its scores
-    used as they are instead of through a softmax (R-CNN's SVMs)."""
+    used as they are instead of through a softmax (R-CNN's SVMs). A head that is not trained by SGD declares
+    the schedule that fits it, e.g. ``register("svm", ..., schedule="svm_posthoc", finetune_head="softmax_box")``."""
 
 
 @hookspec
@@ -63,4 +66,20 @@ def detkit_register_detectors(register):
 
 @hookspec
 def detkit_register_datasets(register):
-    """Register dataset formats: ``builder(**kwargs) -> detkit.data.DetectionDataset``."""
+    """Register dataset formats: ``builder(**kwargs) -> detkit.data.DetectionDataset``. A builder that accepts
+    ``build_dataset`` receives ``build_dataset(spec: dict, key: str) -> DetectionDataset``, which builds a
+    nested dataset mapping from the caller's registries (``concat``)."""
+
+
+@hookspec
+def detkit_register_schedules(register):
+    """Register training schedules: ``run(cfg: Config, registries, resume: str | bool | None, progress: bool)
+    -> {"checkpoint": path, "metrics": dict | None, "model": nn.Module}``. A schedule trains stages with
+    ``detkit.training.train_stage`` (one run of the :class:`~detkit.training.Trainer`) and the helpers of
+    ``detkit.training.stages``.
+
+    ``train.schedule`` names the schedule. A schedule registered with ``default=True`` gives way to the
+    schedule a part of the model declares (``register(..., schedule=NAME)`` in the part's own hook), so the
+    default ``end_to_end`` trains an ``svm`` head by ``svm_posthoc``; any other named schedule wins. One
+    registered with ``single_process=True`` refuses to run under ``torchrun`` (a staged schedule whose steps
+    each use one process)."""

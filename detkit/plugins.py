@@ -39,6 +39,7 @@ KINDS = {
     "detkit_register_heads": "heads",
     "detkit_register_detectors": "detectors",
     "detkit_register_datasets": "datasets",
+    "detkit_register_schedules": "schedules",
 }
 
 

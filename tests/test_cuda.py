@@ -266,7 +266,7 @@ def test_host_device_syncs_per_training_step(registries, capfd):
         torch.cuda.set_sync_debug_mode("default")
 
 
-# ----------------------------------------------------------------------------- training through the engine
+# ----------------------------------------------------------------------------- training through the trainer
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +293,7 @@ def train_config(synth_data, work_dir, **train):
 
 
 def _train(data: dict, registries):
-    from detkit.engine import train
+    from detkit.training import train
 
     return train(from_dict(data), registries, progress=False)
 
@@ -325,7 +325,7 @@ def test_channels_last_and_compiled_training_through_the_engine(registries, synt
 
 
 def test_checkpoint_saved_on_the_device_loads_and_detects_on_cpu(registries, synth_data, tmp_path):
-    from detkit.engine import model_from_checkpoint
+    from detkit.checkpoint import model_from_checkpoint
 
     work = tmp_path / "ckpt"
     result = _train(train_config(synth_data, work, max_iters=5), registries)
@@ -342,7 +342,7 @@ def test_checkpoint_saved_on_the_device_loads_and_detects_on_cpu(registries, syn
 
 @pytest.mark.skipif(not ON_CUDA, reason="NCCL needs CUDA")
 def test_one_process_nccl_ddp_matches_plain_training(registries):
-    """DistributedDataParallel over NCCL (world size 1), wrapped as the engine wraps it, takes the same
+    """DistributedDataParallel over NCCL (world size 1), wrapped as the trainer wraps it, takes the same
     steps as the bare model."""
     import torch.distributed as dist
 

@@ -251,7 +251,7 @@ def test_dataset_applies_the_transform_and_collate_keeps_lists(tmp_path):
 
 
 def test_concat_07_plus_12(tmp_path, registries):
-    from detkit.engine import build_dataset
+    from detkit.data.loading import build_dataset
 
     synthesize(str(tmp_path / "VOC2007"), "voc", 3, seed=0, image_size=(64, 96))
     synthesize(str(tmp_path / "VOC2012"), "voc", 2, seed=1, image_size=(64, 96))
@@ -285,7 +285,7 @@ def test_augmentations_keep_boxes_consistent():
 
 
 def test_aspect_ratio_grouping_sampler():
-    from detkit.engine import StreamBatchSampler
+    from detkit.data.loading import StreamBatchSampler
 
     groups = [0, 1, 0, 1, 0, 1, 0, 1, 0, 0]
     sampler = StreamBatchSampler(list(range(10)), 2, seed=0, groups=groups)

@@ -2,7 +2,7 @@
 import torch
 
 from detkit.config import load_config
-from detkit.engine import train
+from detkit.training import train
 
 
 def test_faster_rcnn_overfits_a_few_images(tmp_path, registries):

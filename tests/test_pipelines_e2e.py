@@ -77,7 +77,7 @@ def trained(workspace):
 def rescore(workspace, results: list[dict], images: int | None = None) -> dict:
     """COCO metrics of ``results`` against the first ``images`` validation images (all by default), scored
     independently of the run that wrote them."""
-    from detkit.engine import score_results
+    from detkit.evaluation import score_results
 
     gt = json.loads((workspace / "val" / "annotations.json").read_text())
     ids = {img["id"] for img in gt["images"][:images]}

@@ -82,7 +82,7 @@ def test_an_image_draws_the_same_rois_in_any_batch():
 
 
 def test_loader_gives_each_sample_the_seed_of_its_stream_position():
-    from detkit.engine import StreamBatchSampler, _PositionSeeded
+    from detkit.data.loading import PositionSeeded, StreamBatchSampler
 
     class Items(torch.utils.data.Dataset):
         def __len__(self):
@@ -91,7 +91,7 @@ def test_loader_gives_each_sample_the_seed_of_its_stream_position():
         def __getitem__(self, index):
             return index, {"image_id": index}
 
-    data = _PositionSeeded(Items())
+    data = PositionSeeded(Items())
     one = iter(StreamBatchSampler(list(range(10)), 2, seed=3))
     ranks = [iter(StreamBatchSampler(list(range(10)), 1, seed=3, rank=r, world_size=2)) for r in (0, 1)]
     for _ in range(8):  # past the end of an epoch

@@ -83,7 +83,8 @@ def _pipeline_model(path: str, overrides: list[str], registries, device, class_n
     import torch
 
     from detkit.config import load_config
-    from detkit.engine import build_dataset, model_from_checkpoint
+    from detkit.checkpoint import model_from_checkpoint
+    from detkit.data.loading import build_dataset
     from detkit.models.detector import build_detector
 
     if not os.path.isfile(path):
@@ -113,7 +114,8 @@ def pipelines(args: argparse.Namespace) -> int:
 
     from detkit import benchmark
     from detkit.data.synth import synthesize
-    from detkit.engine import build_dataset, resolve_device
+    from detkit.data.loading import build_dataset
+    from detkit.devices import resolve_device
     from detkit.models.svd import compress_fully_connected
     from detkit.pipeline_benchmark import markdown_table, subset
     from detkit.plugins import get_registries
@@ -176,7 +178,7 @@ def pipelines(args: argparse.Namespace) -> int:
 
 def _pipeline_row(label, path, model, dataset, scored, indices, device, args, untrained) -> dict:
     """Time ``model`` on ``indices`` and score its detections (untrained models are timed only)."""
-    from detkit.engine import score_results
+    from detkit.evaluation import score_results
     from detkit.evaluation import detections_to_coco_results
     from detkit.pipeline_benchmark import time_detector
 
@@ -201,7 +203,7 @@ def faster_rcnn(args: argparse.Namespace) -> int:
     import torch
 
     from detkit import benchmark
-    from detkit.engine import resolve_device
+    from detkit.devices import resolve_device
     from detkit.plugins import get_registries
 
     device = resolve_device(args.device)

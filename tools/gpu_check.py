@@ -8,7 +8,7 @@ default; a step that would start with under 20 s left is skipped and reported so
    run on the device and agree with the CPU.
 2. ``cuda_tests``: ``pytest -m cuda tests/test_cuda.py`` (forward/backward with each RoI extractor, CPU/CUDA
    agreement of the ops and of a detector's detections, fp16 + gradient scaler / bf16 / fp32 training
-   through the engine, channels-last, ``torch.compile`` of the trunk, one-process NCCL DDP, a CUDA
+   through the trainer, channels-last, ``torch.compile`` of the trunk, one-process NCCL DDP, a CUDA
    checkpoint loaded on the CPU, host-device synchronisations per training step). Figures the tests
    measure come into the report.
 3. ``bench_*``: ``tools/benchmark.py faster_rcnn`` against torchvision for the tiny, VGG-16 and ResNet-50

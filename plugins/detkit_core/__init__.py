@@ -1,7 +1,8 @@
 """detkit's built-in parts, registered exactly as a third-party plugin would be.
 
-Proposal sources, RoI feature extractors, detection heads, detector assemblies
-and dataset formats. Backbones live in their family plugins.
+Proposal sources, RoI feature extractors, detection heads, detector assemblies,
+dataset formats and training schedules (``schedules``). Backbones live in their
+family plugins.
 """
 from __future__ import annotations
 
@@ -99,17 +100,33 @@ def _voc(root: str, split: str = "trainval", classes: list | None = None, use_di
                       skip_empty=skip_empty)
 
 
-def _concat(datasets: list, transform=None, skip_empty: bool = False):
+def _concat(datasets: list, build_dataset, transform=None, skip_empty: bool = False):
+    """``build_dataset(spec, key)`` (from detkit) builds each part from the caller's registries."""
     from detkit.config import ConfigError
     from detkit.data.concat import ConcatDataset
-    from detkit.engine import build_dataset
-    from detkit.plugins import get_registries
 
     if not isinstance(datasets, list) or not all(isinstance(d, dict) for d in datasets):
         raise ConfigError("concat: 'datasets' must be a list of dataset mappings ({name: voc, root: ...})")
-    registries = get_registries()
-    parts = [build_dataset(d, registries, f"datasets[{k}]") for k, d in enumerate(datasets)]
+    parts = [build_dataset(d, f"datasets[{k}]") for k, d in enumerate(datasets)]
     return ConcatDataset(parts, transform=transform, skip_empty=skip_empty)
+
+
+def _end_to_end(cfg, registries, resume=None, progress: bool = True) -> dict:
+    from detkit.training import train_stage
+
+    return train_stage(cfg, registries, resume, progress)
+
+
+def _four_step(cfg, registries, resume=None, progress: bool = True) -> dict:
+    from .schedules import train_four_step
+
+    return train_four_step(cfg, registries, resume, progress)
+
+
+def _svm_posthoc(cfg, registries, resume=None, progress: bool = True) -> dict:
+    from .schedules import train_with_svms
+
+    return train_with_svms(cfg, registries, resume, progress)
 
 
 @hookimpl
@@ -130,7 +147,9 @@ def detkit_register_roi_extractors(register):
 @hookimpl
 def detkit_register_heads(register):
     register("softmax_box", _softmax_box, paper="Fast R-CNN, Sec. 2.2")
-    register("svm", _svm, paper="R-CNN, Sec. 2.3 (SVMs) and Appendix C (box regression)")
+    # Not trained by SGD: fine-tuned with a softmax_box head first, then the SVMs and regressors are fitted.
+    register("svm", _svm, schedule="svm_posthoc", finetune_head="softmax_box",
+             paper="R-CNN, Sec. 2.3 (SVMs) and Appendix C (box regression)")
 
 
 @hookimpl
@@ -148,3 +167,12 @@ def detkit_register_datasets(register):
     register("coco", _coco, format="COCO json (pycocotools)")
     register("voc", _voc, format="Pascal VOC devkit layout")
     register("concat", _concat, format="several datasets with one class list (VOC 07+12)")
+
+
+@hookimpl
+def detkit_register_schedules(register):
+    register("end_to_end", _end_to_end, default=True,
+             paper="one run of SGD; Faster R-CNN Sec. 3.2 (ii), approximate joint training")
+    register("four_step", _four_step, single_process=True, paper="Faster R-CNN, Sec. 3.2, 4-step alternating training")
+    register("svm_posthoc", _svm_posthoc, single_process=True,
+             paper="R-CNN Sec. 2.3, SPP-net Sec. 4.1: fine-tuning, then SVMs and box regression")

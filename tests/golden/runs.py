@@ -164,7 +164,7 @@ def run_schedule(name: str, root: str) -> dict:
     return what is recorded: ``{"schedule", "environment", "stages": {stage: {"log", "state"}}}``."""
     from detkit.config import from_dict
     from detkit.data.synth import synthesize
-    from detkit.engine import train
+    from detkit.training import train
     from detkit.plugins import get_registries
 
     cfg_dict = schedule_config(name, root)

@@ -1,0 +1,156 @@
+"""From a config's dataset mapping to batches: building the registered dataset, and the training stream.
+
+Exact resuming and process-count independence rest on the training stream (see
+``detkit.training``): the data order is a function of (seed, sample position), and each sample's
+augmentation and its anchor and RoI sampling are seeded by its position, which the loader puts in the
+target as ``sample_seed``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from detkit.config import ConfigError, DataConfig, check_kwargs
+
+#: keyword arguments detkit hands a dataset builder; a config may not set them
+RESERVED_DATASET_KEYS = ("transform", "skip_empty", "build_dataset")
+
+
+def build_dataset(spec: dict | None, registries, key: str, transform=None, skip_empty: bool = False):
+    """Build the dataset described by ``data.<key>`` (``{name: coco, ...builder args}``).
+
+    A builder that accepts ``build_dataset`` receives ``build_dataset(spec, key)``, which builds a nested
+    dataset mapping from the same registries (``concat``).
+    """
+    if not spec:
+        raise ConfigError(f"data.{key}: no dataset configured (expected e.g. {{name: coco, images: DIR, "
+                          f"annotations: FILE}})")
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"data.{key}.name: expected a registered dataset name "
+                          f"({', '.join(registries.datasets)}), got {name!r}")
+    for reserved in RESERVED_DATASET_KEYS:
+        if reserved in spec:
+            raise ConfigError(f"data.{key}.{reserved}: set by detkit, not by the config")
+    entry = registries.datasets.get(name)
+    given = {"transform": transform, "skip_empty": skip_empty}
+    if "build_dataset" in inspect.signature(entry.builder).parameters:
+        given["build_dataset"] = lambda part, part_key: build_dataset(part, registries, part_key)
+    check_kwargs(entry.builder, {**spec, **given}, f"data.{key}")
+    return entry.builder(**spec, **given)
+
+
+def to_tensor_batch(batch):
+    """Collate dataset samples ``(HxWx3 uint8 array, target)`` into lists of ``(3, H, W)`` uint8 tensors."""
+    images, targets = [], []
+    for image, target in batch:
+        images.append(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        targets.append(target)
+    return images, targets
+
+
+class PositionSeeded(torch.utils.data.Dataset):
+    """Takes ``(index, seed)`` pairs so a sample's augmentation depends only on its stream position; the
+    target gets the seed as ``sample_seed``, for the detector's anchor and RoI samplers."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        transform = getattr(self.dataset, "transform", None)
+        if transform is not None and hasattr(transform, "set_seed"):
+            transform.set_seed(seed)
+        image, target = self.dataset[index]
+        return image, {**target, "sample_seed": seed}
+
+
+class StreamBatchSampler(torch.utils.data.Sampler):
+    """Infinite batches of ``(index, seed)`` from one global sample stream.
+
+    Epoch e of the stream is a permutation drawn from ``seed`` and e; sample at
+    stream position p gets augmentation seed derived from p. Each iteration
+    consumes ``batch_size * world_size`` positions and rank r takes its slice,
+    so N processes see exactly the samples one process with an N-times larger
+    batch would see, and resuming at ``start_position`` (samples consumed so
+    far) works with any number of processes.
+    """
+
+    def __init__(self, indices: list[int], batch_size: int, seed: int, start_position: int = 0,
+                 rank: int = 0, world_size: int = 1, groups: list[int] | None = None):
+        if not indices:
+            raise ValueError("the training set has no usable images")
+        self.indices = list(indices)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start = start_position
+        self.rank = rank
+        self.world_size = world_size
+        # Aspect-ratio grouping: groups[k] is the group of indices[k]; every global batch is drawn from one
+        # group (each epoch: shuffle, split by group, cut into global batches, shuffle the batches).
+        self.groups = groups
+        self.epoch_length = len(self.indices)
+        if groups is not None:
+            step = batch_size * world_size
+            sizes = [sum(1 for g in groups if g == v) for v in sorted(set(groups))]
+            self.epoch_length = sum(n // step * step for n in sizes)
+            if self.epoch_length == 0:
+                raise ValueError(f"no aspect-ratio group has a full batch of {step} images")
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        perm = torch.randperm(len(self.indices), generator=generator).tolist()
+        if self.groups is None:
+            return perm
+        step = self.batch_size * self.world_size
+        batches = []
+        for value in sorted(set(self.groups)):
+            members = [k for k in perm if self.groups[k] == value]
+            batches += [members[i:i + step] for i in range(0, len(members) - step + 1, step)]
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        return [k for b in order for k in batches[b]]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        n = self.epoch_length
+        position = self.start
+        order, order_epoch = None, -1
+        while True:
+            batch = []
+            for p in range(position + self.rank * self.batch_size, position + (self.rank + 1) * self.batch_size):
+                epoch, offset = divmod(p, n)
+                if epoch != order_epoch:
+                    order, order_epoch = self.epoch_order(epoch), epoch
+                batch.append((self.indices[order[offset]], self.seed * 1000003 + p))
+            position += self.batch_size * self.world_size
+            yield batch
+
+    def __len__(self):  # an infinite stream; DataLoader only needs this for len()
+        return 2**62
+
+
+def training_loader(dataset, data: DataConfig, seed: int, start_position: int = 0, rank: int = 0,
+                    world_size: int = 1, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """This process's slice of the training stream of ``dataset`` from ``start_position`` on, as batches
+    ``(images: list[Tensor[3, H, W] uint8], targets: list[dict])`` with each target's ``sample_seed``."""
+    indices = getattr(dataset, "train_indices", None) or list(range(len(dataset)))
+    groups = None
+    if data.group_by_aspect_ratio:
+        groups = [int(dataset.image_info(i)["width"] >= dataset.image_info(i)["height"]) for i in indices]
+    return torch.utils.data.DataLoader(
+        PositionSeeded(dataset),
+        batch_sampler=StreamBatchSampler(indices, data.batch_size, seed, start_position, rank, world_size,
+                                         groups),
+        num_workers=data.num_workers,
+        collate_fn=to_tensor_batch,
+        pin_memory=pin_memory,
+        # Its own generator: creating the iterator must not draw from the global RNG that a resumed
+        # run restores for the samplers.
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,105 @@
+"""Evaluating a detector on a dataset: predictions for every image (sharded over the processes under
+``torchrun``), scored by the COCO box metric or PASCAL VOC AP, with the results, the metrics and the error
+report written next to them."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from detkit.config import Config, ConfigError
+from detkit.data.loading import build_dataset, to_tensor_batch
+from detkit.distributed import DistInfo, gather_objects
+from detkit.evaluation.coco_eval import detections_to_coco_results, evaluate_coco, format_metrics_table
+from detkit.evaluation.voc_eval import evaluate_voc, format_voc_table
+from detkit.proposals.attach import attach_proposals
+
+
+@torch.no_grad()
+def predict_dataset(model: nn.Module, dataset, device: torch.device, batch_size: int = 1,
+                    num_workers: int = 0, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Detections for the images of ``dataset`` (those of ``shard = (rank, world_size)``),
+    in original-image coordinates, on the CPU."""
+    rank, world = shard
+    subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         collate_fn=to_tensor_batch)
+    model.eval()
+    outputs: list[dict] = []
+    iterator = loader
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(loader, desc="eval", dynamic_ncols=True, mininterval=1.0)
+    for images, targets in iterator:
+        props = [t["proposals"].to(device) for t in targets] if "proposals" in targets[0] else None
+        dets = model([img.to(device) for img in images], None, props)
+        for det, target in zip(dets, targets):
+            outputs.append({"image_id": int(target["image_id"]), **{k: v.cpu() for k, v in det.items()}})
+    return outputs
+
+
+def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, out_dir: str,
+             dataset=None, progress: bool = True, dist_info: DistInfo | None = None) -> dict | None:
+    """COCO-style evaluation on ``data.test`` (or ``dataset``); writes ``metrics.json`` and results JSON.
+
+    Under torch.distributed each rank predicts a shard; rank 0 gathers, scores and
+    writes (other ranks return None).
+    """
+    info = dist_info or DistInfo()
+    if dataset is None:
+        dataset = build_dataset(cfg.data.test, registries, "test")
+    if len(dataset) == 0:
+        raise ConfigError("data.test: the dataset has no images")
+    names = cfg.model.class_names or []
+    if list(dataset.class_names) != list(names):
+        raise ConfigError(f"the evaluation dataset's classes {list(dataset.class_names)} differ from the model's "
+                          f"{list(names)}")
+    attach_proposals(dataset, model, cfg, progress, info)
+    predictions = predict_dataset(model, dataset, device, batch_size=1, num_workers=cfg.data.num_workers,
+                                  progress=progress and info.is_main, shard=(info.rank, info.world_size))
+    predictions = [p for part in gather_objects(predictions, info) for p in part]
+    if not info.is_main:
+        return None
+    results = _coco_results(predictions, cfg.eval.score_thresh, list(dataset.cat_ids))
+    return _score_and_write(dataset, results, cfg, list(names), out_dir)
+
+
+def _coco_results(predictions: list[dict], score_thresh: float | None, cat_ids: list[int]) -> list[dict]:
+    results = []
+    for det in predictions:
+        if score_thresh is not None:
+            keep = det["scores"] >= score_thresh
+            det = {k: (v[keep] if torch.is_tensor(v) else v) for k, v in det.items()}
+        results.extend(detections_to_coco_results(det["image_id"], det, cat_ids))
+    return results
+
+
+def _score_and_write(dataset, results: list[dict], cfg: Config, names: list[str], out_dir: str) -> dict:
+    from detkit.media import write_json_atomic
+    from detkit.reports import evaluation_report
+
+    gt = dataset.to_coco()
+    metrics = score_results(gt, results, cfg.eval.metric, cfg.eval.backend, names)
+    metrics["errors"] = evaluation_report(dataset, gt, results, out_dir, names)
+    os.makedirs(out_dir, exist_ok=True)
+    write_json_atomic(os.path.join(out_dir, "results.json"), results)
+    write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+    print(format_metrics(metrics))
+    return metrics
+
+
+def score_results(gt: dict, results: list[dict], metric: str, backend: str = "faster_coco_eval",
+                  class_names: list[str] | None = None) -> dict:
+    """COCO or VOC metrics of COCO-format ``results`` against a COCO-format ground truth."""
+    if metric == "coco":
+        return {"metric": "coco", **evaluate_coco(gt, results, backend=backend, class_names=class_names)}
+    if metric in ("voc07", "voc"):
+        return evaluate_voc(gt, results, metric=metric, class_names=class_names)
+    raise ConfigError(f"eval.metric={metric!r}: expected coco, voc07 or voc")
+
+
+def format_metrics(metrics: dict) -> str:
+    """The metrics as the table of their kind (COCO or VOC)."""
+    return format_voc_table(metrics) if metrics.get("metric") in ("voc07", "voc") else format_metrics_table(metrics)

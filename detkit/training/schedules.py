@@ -1,0 +1,71 @@
+"""Choosing the training schedule and running it.
+
+A schedule is a registered part (hook ``detkit_register_schedules``) like any other: a function that trains
+the configured detector, in one trainer run (``end_to_end``) or in stages that drive the trainer
+(``four_step``, ``svm_posthoc``). ``train.schedule`` names it; a schedule registered with ``default=True``
+(``end_to_end``, the config's default) gives way to the schedule a chosen part of the model declares in its
+registration (``schedule=...``: the ``svm`` head declares ``svm_posthoc``). Nothing here knows any schedule or
+part by name.
+"""
+from __future__ import annotations
+
+import os
+from operator import attrgetter
+
+from detkit.config import Config, ConfigError, ModelConfig
+from detkit.plugins import Entry, UnknownNameError
+
+#: the config keys that choose the model's parts by registered name, with the registry of each
+MODEL_PARTS = (
+    ("backbones", "model.backbone.name"),
+    ("detectors", "model.detector"),
+    ("proposal_generators", "model.proposal_generator"),
+    ("roi_extractors", "model.roi_extractor.name"),
+    ("heads", "model.roi_head.name"),
+)
+
+
+def declared_schedules(model: ModelConfig, registries) -> dict[str, list[str]]:
+    """The schedules the chosen parts declare: ``{schedule: ["model.roi_head.name='svm'", ...]}`` (a name no
+    plugin registered declares nothing; building the model reports it)."""
+    declared: dict[str, list[str]] = {}
+    for kind, key in MODEL_PARTS:
+        name = attrgetter(key.removeprefix("model."))(model)
+        registry = registries.kind(kind)
+        schedule = registry.get(name).info.get("schedule") if name in registry else None
+        if schedule:
+            declared.setdefault(schedule, []).append(f"{key}={name!r}")
+    return declared
+
+
+def resolve_schedule(cfg: Config, registries) -> tuple[Entry, str]:
+    """The schedule that trains ``cfg`` and why it was chosen (the config key or the declaring part)."""
+    requested = _schedule(registries, cfg.train.schedule, f"train.schedule={cfg.train.schedule!r}")
+    if not requested.info.get("default"):
+        return requested, f"train.schedule={requested.name!r}"
+    declared = declared_schedules(cfg.model, registries)
+    if len(declared) > 1:
+        listed = "; ".join(f"{', '.join(parts)} needs {name!r}" for name, parts in declared.items())
+        raise ConfigError(f"the model's parts need different training schedules: {listed}")
+    if not declared:
+        return requested, f"train.schedule={requested.name!r}"
+    (name, parts), = declared.items()
+    reason = f"{', '.join(parts)} (schedule {name!r})"
+    return _schedule(registries, name, reason), reason
+
+
+def _schedule(registries, name: str, reason: str) -> Entry:
+    try:
+        return registries.schedules.get(name)
+    except UnknownNameError as exc:
+        raise ConfigError(f"{reason}: {exc}") from None
+
+
+def train(cfg: Config, registries, resume: str | bool | None = None, progress: bool = True) -> dict:
+    """Train the configured detector by its schedule; returns ``{"checkpoint": path, "metrics": dict | None,
+    "model": nn.Module}``."""
+    schedule, reason = resolve_schedule(cfg, registries)
+    if schedule.info.get("single_process") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"{reason}: this schedule trains in stages in one process; run it without torchrun "
+                          f"(each step may still use a GPU)")
+    return schedule.builder(cfg, registries, resume=resume, progress=progress)

@@ -1,0 +1,200 @@
+"""The lineage's staged training schedules, registered by this plugin (``detkit_register_schedules``) and
+built from ``detkit.training``'s trainer and stage helpers.
+
+- ``svm_posthoc``, R-CNN and SPP-net with SVMs (R-CNN Sec. 2.3; SPP-net Sec. 4.1): the network is first
+  fine-tuned with the head the post-hoc head's registration names as ``finetune_head`` (a softmax over N+1
+  classes, ``work_dir/finetune``); then fc7 and pool5 features of every training region go to an on-disk
+  cache, one linear SVM per class is trained with hard-negative mining and a ridge regressor per class learns
+  box corrections; the result is one checkpoint.
+- ``four_step``, Faster R-CNN's alternating training (Ren et al. 2015, Sec. 3.2): (1) train the RPN from the
+  pretrained network; (2) train a separate Fast R-CNN on step-1 proposals; (3) initialise the RPN's
+  trunk from step 2, keep it fixed and train the RPN's own layers; (4) keep the shared trunk fixed and
+  fine-tune the Fast R-CNN layers on step-3 proposals. Each step lives in ``work_dir/stepK_*``; a step
+  whose ``final.pth`` exists is not run again (``--resume`` continues an interrupted step), and the
+  steps' proposals are cached per dataset under ``work_dir/proposals``.
+
+Both run as one process (registered ``single_process``: ``torchrun`` runs only end-to-end training).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+
+import torch
+from torch import nn
+
+from detkit.config import Config, ConfigError
+from detkit.data.loading import build_dataset
+from detkit.devices import resolve_device
+from detkit.models.detector import build_detector
+from detkit.proposals.attach import attach_proposals
+from detkit.training.stages import file_digest, finish, freeze, resolved, run_stage, stage_config
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- R-CNN / SPP-net SVMs
+
+
+def _state_without(model: nn.Module, part: nn.Module) -> tuple[dict, str]:
+    """``model``'s state dict without the entries of its submodule ``part``, and ``part``'s key prefix."""
+    prefix = next(name for name, module in model.named_modules() if module is part) + "."
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}, prefix
+
+
+def _posthoc_detector(cfg: Config, registries, tuned: nn.Module) -> nn.Module:
+    """The detector with the post-hoc head, every other weight taken from the fine-tuned network."""
+    model = build_detector(cfg.model, registries, cfg.model.num_classes, cfg.model.class_names)
+    state, _ = _state_without(tuned, tuned.roi_heads.predictor)
+    _, head = _state_without(model, model.roi_heads.predictor)
+    missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if not k.startswith(head)]
+    if missing:
+        raise RuntimeError(f"fine-tuned weights do not fit the SVM detector: missing {missing[:3]}")
+    return model
+
+
+def train_with_svms(cfg: Config, registries, resume=None, progress: bool = True) -> dict:
+    """Fine-tune with softmax, then fit the SVMs and box regressors of the ``svm`` head (see module doc)."""
+    from detkit.models.svm import fit_svm_head
+
+    head = cfg.model.roi_head.name
+    finetune_head = registries.heads.get(head).info.get("finetune_head")
+    if not finetune_head:
+        raise ConfigError(f"model.roi_head.name={head!r}: the post-hoc schedule fine-tunes with another head "
+                          f"first, and head {head!r} declares none (finetune_head=... in its registration)")
+    cfg = resolved(cfg)
+    finetune = stage_config(cfg, "finetune")
+    finetune.model.roi_head.name = finetune_head
+    tuned, ckpt = run_stage(finetune, registries, resume, progress)
+
+    cfg.model.backbone.weights = None  # the fine-tuned weights replace them
+    cfg.model.num_classes, cfg.model.class_names = finetune.model.num_classes, finetune.model.class_names
+    model = _posthoc_detector(cfg, registries, tuned)
+    device = resolve_device(cfg.train.device)
+    model.to(device).eval()
+    dataset = build_dataset(cfg.data.train, registries, "train")
+    attach_proposals(dataset, model, cfg, progress)
+    fingerprint = file_digest(os.path.join(finetune.train.work_dir, "final.pth"))
+    stats = fit_svm_head(model, dataset, proposals_fn=dataset.proposals.get, head=model.roi_heads.predictor,
+                         work_dir=cfg.train.work_dir, device=device, cfg=cfg.model.svm,
+                         fingerprint=f"{fingerprint}:{dataset.proposals.fingerprint}:{cfg.model.roi_extractor}:"
+                                     f"{cfg.model.svm.cache_dtype}", progress=progress)
+    log.info("SVM stage: %d regions, features %s, SVMs and regressors fitted in %.1f s", stats["num_rows"],
+             "reused" if stats["reused_cache"] else "extracted", sum(stats["seconds"].values()))
+    return finish(cfg, registries, model.cpu(), ckpt, progress)
+
+
+# ----------------------------------------------------------------------------- 4-step Faster R-CNN
+
+
+@torch.no_grad()
+def rpn_proposal_cache(model: nn.Module, dataset, root: str, name: str, device: torch.device,
+                       progress: bool = True):
+    """Proposals of ``model``'s RPN for every image of ``dataset`` (original coordinates; the training
+    pre/post-NMS top-N, 12000/2000, since the next step trains on them), cached under ``root`` per dataset
+    and RPN weights."""
+    from detkit.proposals.cache import ProposalCache
+
+    digest = hashlib.sha256()
+    for k, v in sorted(model.proposal_generator.state_dict().items()):
+        digest.update(k.encode())
+        digest.update(v.detach().cpu().numpy().tobytes())
+    for k, v in sorted(model.trunk.state_dict().items()):
+        digest.update(k.encode())
+        digest.update(v.detach().cpu().numpy().tobytes())
+    cache = ProposalCache(root, dataset, name, {"weights": digest.hexdigest()})
+    missing = cache.missing()
+    if not missing:
+        return cache
+    model.to(device).eval()
+    rpn = model.proposal_generator
+    # Training-time counts (2000 after NMS): the Fast R-CNN steps train on the RPN's training proposals.
+    saved = rpn.cfg.pre_nms_top_n_test, rpn.cfg.post_nms_top_n_test
+    rpn.cfg.pre_nms_top_n_test, rpn.cfg.post_nms_top_n_test = rpn.cfg.pre_nms_top_n_train, rpn.cfg.post_nms_top_n_train
+    iterator = missing
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(missing, desc=f"proposals ({name})", dynamic_ncols=True, mininterval=1.0)
+    try:
+        for i in iterator:
+            image, _ = dataset[i]
+            boxes = model.region_proposals([torch.from_numpy(image).permute(2, 0, 1).to(device)])[0]
+            cache.put(i, boxes.float().cpu().numpy())
+    finally:
+        rpn.cfg.pre_nms_top_n_test, rpn.cfg.post_nms_top_n_test = saved
+    cache.refresh_complete()
+    return cache
+
+
+def _checked_four_step(cfg: Config) -> Config:
+    if cfg.model.proposal_generator != "rpn":
+        raise ConfigError(f"train.schedule=four_step trains an RPN: model.proposal_generator must be 'rpn', "
+                          f"not {cfg.model.proposal_generator!r}")
+    cfg = resolved(cfg)
+    iters = cfg.train.four_step_iters
+    if len(iters) != 4 or any(int(n) < 1 for n in iters):
+        raise ConfigError(f"train.four_step_iters={iters}: expected four positive iteration counts")
+    return cfg
+
+
+def train_four_step(cfg: Config, registries, resume=None, progress: bool = True) -> dict:
+    """Faster R-CNN by alternating training (see module doc); ``train.four_step_iters`` iterations per step."""
+    cfg = _checked_four_step(cfg)
+    iters = cfg.train.four_step_iters
+    device = resolve_device(cfg.train.device)
+    proposals_root = os.path.join(cfg.train.work_dir, "proposals")
+
+    # Step 1: the RPN, from the pretrained network.
+    step1 = stage_config(cfg, "step1_rpn", iters[0])
+    rpn1, _ = run_stage(step1, registries, resume, progress, init=lambda m: freeze(m.roi_heads),
+                        loss_prefixes=("rpn/",))
+    train_set = build_dataset(cfg.data.train, registries, "train")
+    props1 = rpn_proposal_cache(rpn1, train_set, proposals_root, "rpn-step1", device, progress)
+
+    # Step 2: a separate Fast R-CNN (its own trunk, from the pretrained network) on step-1 proposals.
+    step2 = stage_config(cfg, "step2_fast_rcnn", iters[1])
+    step2.model.detector, step2.model.proposal_generator = "two_stage", "precomputed"
+    step2.model.selective_search.top_k = cfg.model.rpn.post_nms_top_n_train
+    fast2, _ = run_stage(step2, registries, resume, progress, init=lambda m: freeze(m.proposal_generator),
+                         proposals=props1, loss_prefixes=("roi/",))
+
+    # Step 3: the RPN on the step-2 trunk, which stays fixed: only the RPN's own layers learn.
+    def init3(model):
+        model.trunk.load_state_dict(fast2.trunk.state_dict())
+        model.proposal_generator.load_state_dict(rpn1.proposal_generator.state_dict())
+        freeze(model.trunk, model.roi_heads)
+
+    step3 = stage_config(cfg, "step3_rpn", iters[2])
+    step3.model.backbone.weights = None  # the trunk comes from step 2
+    rpn3, _ = run_stage(step3, registries, resume, progress, init=init3, loss_prefixes=("rpn/",))
+    props3 = rpn_proposal_cache(rpn3, train_set, proposals_root, "rpn-step3", device, progress)
+
+    # Step 4: the Fast R-CNN layers on step-3 proposals, the shared trunk fixed.
+    def init4(model):
+        model.trunk.load_state_dict(fast2.trunk.state_dict())
+        model.roi_heads.load_state_dict(fast2.roi_heads.state_dict())
+        freeze(model.trunk, model.proposal_generator)
+
+    step4 = copy.deepcopy(step2)
+    step4.train = stage_config(cfg, "step4_fast_rcnn", iters[3]).train
+    step4.model.backbone.weights = None
+    fast4, ckpt4 = run_stage(step4, registries, resume, progress, init=init4, proposals=props3,
+                             loss_prefixes=("roi/",))
+    return _assemble_four_step(cfg, registries, rpn3, fast4, ckpt4, progress)
+
+
+def _assemble_four_step(cfg: Config, registries, rpn3: nn.Module, fast4: nn.Module, ckpt4: dict,
+                        progress: bool) -> dict:
+    """One network: the shared trunk, the step-3 RPN layers, the step-4 detection layers."""
+    final_cfg = copy.deepcopy(cfg)
+    final_cfg.model.backbone.weights = None
+    names = list(ckpt4["class_names"])
+    model = build_detector(final_cfg.model, registries, len(names), names)
+    model.trunk.load_state_dict(fast4.trunk.state_dict())
+    model.proposal_generator.load_state_dict(rpn3.proposal_generator.state_dict())
+    model.roi_heads.load_state_dict(fast4.roi_heads.state_dict())
+    ckpt4 = {**ckpt4, "iteration": sum(int(n) for n in cfg.train.four_step_iters)}
+    return finish(final_cfg, registries, model, ckpt4, progress)
