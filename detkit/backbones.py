@@ -9,22 +9,36 @@ region features ``(R, out_channels, S, S)`` to vectors ``(R, head_channels)``
 (VGG's fc6/fc7, ResNet's res5 + global average pooling, ...). The detection
 head (softmax classifier and box regressor, or SVMs) sits on those vectors.
 
-Family modules register one builder per variant (timm's pattern): the builder
-takes keyword arguments (``num_classes`` at least) and returns a
-:class:`Backbone`. Defaults that belong to a variant (input size, mean/std,
-the RoI pooling size used in the literature) are data on the instance
-(:class:`BackboneDefaults`).
+Families follow timm's pattern: one model class per family, and a table of
+:class:`Variant` rows, one per registered name, each giving the builder and its
+fixed arguments, the keyword arguments a config may set (the builder's
+signature), the paper, and the variant's defaults as data (input size,
+mean/std, the RoI pooling size used in the literature, the smallest input:
+:class:`BackboneDefaults`). :func:`register_variants` registers a table from a
+plugin's ``detkit_register_backbones`` hook; registering a plain builder with
+``register(name, builder, **info)`` works as well (it is what the table helper
+does). The initialisation helpers at the end (:func:`init_weights`) replace the
+families' hand-written loops over ``modules()``.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Iterable, Mapping, Union
 
 import torch
 from torch import nn
 
+#: per-channel statistics of RGB images scaled to [0, 1]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+#: mean = std = 0.5: inputs scaled to [-1, 1] (timm's IMAGENET_INCEPTION_MEAN/STD), what torchvision's
+#: Inception checkpoints and several small-image networks expect
+INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,11 @@ class BackboneDefaults:
     std: tuple[float, ...] = IMAGENET_STD
     roi_output_size: int = 7
     min_input_size: int = 32
+
+
+#: 32x32 CIFAR images with CIFAR statistics, 8x8 RoIs (the CIFAR forms of ResNet, DenseNet, FractalNet)
+CIFAR_DEFAULTS = BackboneDefaults(input_size=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD, roi_output_size=8,
+                                  min_input_size=32)
 
 
 @dataclass
@@ -123,3 +142,112 @@ class Backbone(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- variant tables
+
+#: a variant's defaults: data, or a function of the builder's arguments (when they change the input, e.g. its size)
+DefaultsSpec = Union[BackboneDefaults, Callable[..., BackboneDefaults]]
+
+
+@dataclass(frozen=True, eq=False)
+class Variant:
+    """One row of a family's table: one registered backbone (timm's pattern: the family's model class, called
+    with this variant's arguments). A row is itself the registered builder.
+
+    name: the registered name.
+    model: the family's model class (or a function assembling the model), called as
+        ``model(**args, **options)``; it returns a :class:`Backbone`.
+    paper: short citation, shown by ``detkit list``.
+    defaults: the variant's :class:`BackboneDefaults`, set on every model built (as timm attaches its
+        ``pretrained_cfg``), or a function of the model's arguments returning them (for a variant whose
+        input size is an option). The model class's own ``defaults`` apply to a model built directly.
+    args: the fixed arguments of ``model`` that make this variant (block type, layer counts, widths, ...).
+    options: the keyword arguments a config may set (``model.backbone.args``) with this variant's default
+        values, in order, ``num_classes`` first. They are the builder's signature, so configs are checked
+        against them (an unknown key is an error).
+    doc: what the variant is, in a sentence.
+    """
+
+    name: str
+    model: Callable[..., Backbone]
+    paper: str
+    defaults: DefaultsSpec
+    args: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=lambda: {"num_classes": 1000})
+    doc: str = ""
+
+    def __post_init__(self):
+        if "num_classes" not in self.options:
+            raise ValueError(f"backbone variant {self.name!r}: options must include num_classes")
+        shared = sorted(set(self.args) & set(self.options))
+        if shared:
+            raise ValueError(f"backbone variant {self.name!r}: {shared} both fixed (args) and settable (options)")
+        # What inspect.signature() reports for the row, so configs are validated against the options.
+        params = [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v)
+                  for k, v in self.options.items()]
+        object.__setattr__(self, "__signature__", inspect.Signature(params))
+
+    def __call__(self, *args, **kwargs) -> Backbone:
+        bound = self.__signature__.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = {**self.args, **bound.arguments}
+        model = self.model(**arguments)
+        model.defaults = self.defaults(**arguments) if callable(self.defaults) else self.defaults
+        return model
+
+    def __repr__(self) -> str:
+        return f"Variant({self.name!r}, {getattr(self.model, '__name__', self.model)!r}, paper={self.paper!r})"
+
+
+def register_variants(register: Callable[..., None], variants: Iterable[Variant], family: str, **info) -> None:
+    """Register every row of a family's table: ``register(row.name, row, family=family, paper=row.paper, **info)``.
+
+    register: the callback a ``detkit_register_backbones`` hook receives.
+    """
+    for variant in variants:
+        register(variant.name, variant, family=family, paper=variant.paper, **info)
+
+
+# ----------------------------------------------------------------------------- weight initialisation
+
+InitFn = Callable[[torch.Tensor], Any]
+
+
+def init_weights(model: nn.Module, conv: InitFn | None = None, linear: InitFn | None = None,
+                 bias: float | None = None, exclude: Iterable[nn.Module] = ()) -> None:
+    """Initialise ``model`` in one pass over ``model.modules()`` (the order of a hand-written loop, so the
+    random draws are the same): ``conv(weight)`` for each ``nn.Conv2d``, ``linear(weight)`` for each
+    ``nn.Linear`` (``None``: leave as constructed), their biases set to ``bias`` (``None``: leave them), and
+    batch norm to weight 1, bias 0. Modules in ``exclude`` are skipped (initialise them afterwards: if they
+    come last in ``modules()`` the draws are still in loop order).
+    """
+    skip = {id(m) for m in exclude}
+    for m in model.modules():
+        if id(m) in skip:
+            continue
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            rule = conv if isinstance(m, nn.Conv2d) else linear
+            if rule is not None:
+                rule(m.weight)
+            if bias is not None and m.bias is not None:
+                nn.init.constant_(m.bias, bias)
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def normal_init(std: float) -> InitFn:
+    """N(0, std^2) weights."""
+    return partial(nn.init.normal_, mean=0.0, std=std)
+
+
+def trunc_normal_init(std: float) -> InitFn:
+    """N(0, std^2) truncated to [-2, 2] (torchvision's GoogLeNet and Inception-v3)."""
+    return partial(nn.init.trunc_normal_, mean=0.0, std=std, a=-2, b=2)
+
+
+def kaiming_normal_init(mode: str = "fan_in") -> InitFn:
+    """He et al. 2015: N(0, 2 / n) for ReLU networks, n the fan-in (``"fan_in"``, the paper's Eq. 10) or the
+    fan-out (``"fan_out"``, torchvision's ResNet and VGG)."""
+    return partial(nn.init.kaiming_normal_, mode=mode, nonlinearity="relu")

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
+from detkit.backbones import (INCEPTION_MEAN, INCEPTION_STD, Backbone, BackboneDefaults, DetectionParts, Variant,
+                              init_weights, kaiming_normal_init, normal_init)
 
 
 def _fc_head(in_features: int, widths: list[int], dropout: float) -> nn.Sequential:
@@ -58,9 +59,8 @@ class SequentialBackbone(Backbone):
     """
 
     def __init__(self, features: nn.Sequential, head: nn.Sequential, head_channels: int, fc: nn.Module,
-                 defaults: BackboneDefaults, out_channels: int, stride: int, pool: nn.Module):
+                 out_channels: int, stride: int, pool: nn.Module):
         super().__init__()
-        self.defaults = defaults
         self.features = features
         self.avgpool = pool
         self.head = head
@@ -88,30 +88,34 @@ class SequentialBackbone(Backbone):
 # unpadded, so the trunk's map is (H - border) / 2, not H / 2.
 
 
+def _small_cnn_grid(input_side: int) -> int:
+    """Side of the small network's last feature map (two unpadded 5x5 convolutions, each then pooled by 2)."""
+    return ((input_side - 4) // 2 - 4) // 2
+
+
 def mnist_cnn(num_classes: int = 10, in_channels: int = 1, input_side: int = 28) -> SequentialBackbone:
     """The notes' small network: conv(5, 32), pool(2), conv(5, 64), pool(2), fc(100), fc(10), ReLU after
     each convolution and the hidden fully connected layer; 28x28x1 MNIST inputs (155,606 parameters).
 
     ``in_channels=3, input_side=32`` is its CIFAR-10 form (214,806 parameters).
     """
-    side = ((input_side - 4) // 2 - 4) // 2
+    side = _small_cnn_grid(input_side)
     features = nn.Sequential(nn.Conv2d(in_channels, 32, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
                              nn.Conv2d(32, 64, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2))
     head = _fc_head(64 * side * side, [100], 0.0)
-    defaults = BackboneDefaults(input_size=(in_channels, input_side, input_side), mean=(0.5,) * in_channels,
-                                std=(0.5,) * in_channels, roi_output_size=side, min_input_size=input_side)
-    model = SequentialBackbone(features, head, 100, nn.Linear(100, num_classes), defaults, 64, 2,
+    model = SequentialBackbone(features, head, 100, nn.Linear(100, num_classes), 64, 2,
                                pool=nn.AdaptiveMaxPool2d(side))
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.normal_(m.weight, 0.0, 0.1)  # the notes: "Gaussian initialization sigma = 0.1"
-            nn.init.zeros_(m.bias)
+    # the notes: "Gaussian initialization sigma = 0.1"
+    init_weights(model, conv=normal_init(0.1), linear=normal_init(0.1), bias=0.0)
     return model
 
 
-def cifar_cnn(num_classes: int = 10) -> SequentialBackbone:
-    """The notes' small network in its CIFAR-10 column: 32x32x3 inputs."""
-    return mnist_cnn(num_classes, in_channels=3, input_side=32)
+def small_cnn_defaults(in_channels: int, input_side: int, **_) -> BackboneDefaults:
+    """The small network's defaults follow its input: (in_channels, side, side), mean = std = 0.5, RoIs of
+    the last map's side, and no smaller input."""
+    return BackboneDefaults(input_size=(in_channels, input_side, input_side), mean=(0.5,) * in_channels,
+                            std=(0.5,) * in_channels, roi_output_size=_small_cnn_grid(input_side),
+                            min_input_size=input_side)
 
 
 class ScaledTanh(nn.Module):
@@ -135,17 +139,16 @@ def lenet5(num_classes: int = 10) -> SequentialBackbone:
     features = nn.Sequential(nn.Conv2d(1, 6, 5), nn.AvgPool2d(2), ScaledTanh(),
                              nn.Conv2d(6, 16, 5), nn.AvgPool2d(2), ScaledTanh())
     head = nn.Sequential(nn.Conv2d(16, 120, 5), ScaledTanh(), nn.Flatten(1), nn.Linear(120, 84), ScaledTanh())
-    defaults = BackboneDefaults(input_size=(1, 32, 32), mean=(0.5,), std=(0.5,), roi_output_size=5,
-                                min_input_size=32)
-    return SequentialBackbone(features, head, 84, nn.Linear(84, num_classes), defaults, 16, 2,
-                              pool=nn.AdaptiveAvgPool2d(5))
+    return SequentialBackbone(features, head, 84, nn.Linear(84, num_classes), 16, 2, pool=nn.AdaptiveAvgPool2d(5))
 
 
 # ----------------------------------------------------------------------------- AlexNet and ZFNet
 
 
-def _alexnet_like(conv1: tuple[int, int, int], widths: tuple[int, int, int, int, int], num_classes: int,
-                  dropout: float, lrn: bool, input_side: int, roi: int, ceil: bool = False) -> SequentialBackbone:
+def alexnet_like(conv1: tuple[int, int, int], widths: tuple[int, int, int, int, int], num_classes: int = 1000,
+                 dropout: float = 0.5, lrn: bool = True, ceil: bool = False) -> SequentialBackbone:
+    """AlexNet (CaffeNet) and ZFNet: five convolutions (the first ``conv1`` = (kernel, stride, padding), of
+    ``widths`` channels), overlapping 3x3/2 max pooling (``ceil``: ceil mode), LRN, fc 4096-4096."""
     k1, s1, p1 = conv1
     pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=ceil)  # noqa: E731  ZFNet: 110 -> 55 -> 26 -> 13 -> 6
     w1, w2, w3, w4, w5 = widths
@@ -161,34 +164,15 @@ def _alexnet_like(conv1: tuple[int, int, int], widths: tuple[int, int, int, int,
     )
     features = nn.Sequential(*[m for m in features if not isinstance(m, nn.Identity)])
     head = _fc_head(w5 * 6 * 6, [4096, 4096], dropout)
-    defaults = BackboneDefaults(input_size=(3, input_side, input_side), roi_output_size=roi, min_input_size=96)
-    model = SequentialBackbone(features, head, 4096, nn.Linear(4096, num_classes), defaults, w5, 16,
+    model = SequentialBackbone(features, head, 4096, nn.Linear(4096, num_classes), w5, 16,
                                pool=nn.AdaptiveMaxPool2d(6))
     # Krizhevsky et al. 2012, Sec. 5: weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden
     # fully connected layers (positive inputs for the ReLUs early in training), 0 elsewhere.
+    init_weights(model, conv=normal_init(0.01), linear=normal_init(0.01), bias=0.0)
     convs = [m for m in features if isinstance(m, nn.Conv2d)]
-    ones = {id(convs[1]), id(convs[3]), id(convs[4])} | {id(m) for m in head if isinstance(m, nn.Linear)}
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.constant_(m.bias, 1.0 if id(m) in ones else 0.0)
+    for m in [convs[1], convs[3], convs[4]] + [m for m in head if isinstance(m, nn.Linear)]:
+        nn.init.ones_(m.bias)
     return model
-
-
-def alexnet(num_classes: int = 1000, dropout: float = 0.5) -> SequentialBackbone:
-    """AlexNet as CaffeNet (Krizhevsky et al. 2012; the notes' table): 96-256-384-384-256, LRN, overlapping
-    3x3/2 pooling, dropout 0.5, 227x227 inputs, one tower (no grouping), 62,378,344 parameters."""
-    return _alexnet_like((11, 4, 0), (96, 256, 384, 384, 256), num_classes, dropout, True, 227, 6)
-
-
-def zfnet(num_classes: int = 1000, dropout: float = 0.5) -> SequentialBackbone:
-    """ZFNet (Zeiler & Fergus 2014): AlexNet with a 7x7 stride-2 first layer (and conv2 stride 2)."""
-    return _alexnet_like((7, 2, 1), (96, 256, 384, 384, 256), num_classes, dropout, True, 224, 6, ceil=True)
-
-
-def zfnet_512_1024_512(num_classes: int = 1000, dropout: float = 0.5) -> SequentialBackbone:
-    """ZFNet with conv3-5 widened to 512, 1024, 512 (the notes' variant)."""
-    return _alexnet_like((7, 2, 1), (96, 256, 512, 1024, 512), num_classes, dropout, True, 224, 6, ceil=True)
 
 
 class AlexNetTV(Backbone):
@@ -197,7 +181,6 @@ class AlexNetTV(Backbone):
 
     def __init__(self, num_classes: int = 1000, dropout: float = 0.5):
         super().__init__()
-        self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=6, min_input_size=64)
         self.features = nn.Sequential(
             nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
             nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
@@ -240,20 +223,15 @@ class NIN(Backbone):
     convolution, then global average pooling.
     """
 
-    def __init__(self, features: nn.Sequential, classifier: nn.Sequential, defaults: BackboneDefaults,
-                 out_channels: int, stride: int):
+    def __init__(self, features: nn.Sequential, classifier: nn.Sequential, out_channels: int, stride: int):
         super().__init__()
-        self.defaults = defaults
         self.features = features
         self.classifier = classifier
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
         self._out_channels, self._stride = out_channels, stride
         self._head_channels = [m for m in classifier if isinstance(m, nn.Conv2d)][-2].out_channels
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=kaiming_normal_init("fan_in"), bias=0.0)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> logits (B, num_classes): the average of each class map."""
@@ -281,8 +259,7 @@ def nin(num_classes: int = 1000, dropout: float = 0.5) -> NIN:
     features = nn.Sequential(*_mlpconv(3, (96, 96, 96), 11, 4), pool(), *_mlpconv(96, (256, 256, 256), 5, 1, 2),
                              pool(), *_mlpconv(256, (384, 384, 384), 3, 1, 1), pool(), nn.Dropout(dropout))
     classifier = nn.Sequential(*_mlpconv(384, (1024, 1024, num_classes), 3, 1, 1))
-    defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=6, min_input_size=64)
-    return NIN(features, classifier, defaults, out_channels=384, stride=16)
+    return NIN(features, classifier, out_channels=384, stride=16)
 
 
 def nin_cifar(num_classes: int = 10, dropout: float = 0.5) -> NIN:
@@ -295,9 +272,7 @@ def nin_cifar(num_classes: int = 10, dropout: float = 0.5) -> NIN:
                              nn.Dropout(dropout), *_mlpconv(96, (192, 192, 192), 5, 1, 2),
                              nn.AvgPool2d(3, 2, ceil_mode=True), nn.Dropout(dropout))
     classifier = nn.Sequential(*_mlpconv(192, (192, 192, num_classes), 3, 1, 1))
-    defaults = BackboneDefaults(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, roi_output_size=8,
-                                min_input_size=32)
-    return NIN(features, classifier, defaults, out_channels=192, stride=2)
+    return NIN(features, classifier, out_channels=192, stride=2)
 
 
 class Maxout(nn.Module):
@@ -325,8 +300,6 @@ class MaxoutCNN(Backbone):
 
     def __init__(self, num_classes: int = 10, dropout: float = 0.5, input_dropout: float = 0.2):
         super().__init__()
-        self.defaults = BackboneDefaults(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3,
-                                         roi_output_size=4, min_input_size=32)
         self.features = nn.Sequential(
             nn.Dropout(input_dropout), nn.Conv2d(3, 96 * 2, 8, padding=4), Maxout(2), nn.MaxPool2d(4, 2, padding=1),
             nn.Dropout(dropout), nn.Conv2d(96, 192 * 2, 8, padding=3), Maxout(2), nn.MaxPool2d(4, 2, padding=1),
@@ -343,10 +316,6 @@ class MaxoutCNN(Backbone):
         layers = list(self.features)[:-1]
         return DetectionParts(trunk=nn.Sequential(*layers), roi_head=self.head, out_channels=192, stride=4,
                               head_channels=500, stages=stages_at_convolutions(layers))
-
-
-def maxout_cnn(num_classes: int = 10, dropout: float = 0.5) -> MaxoutCNN:
-    return MaxoutCNN(num_classes, dropout)
 
 
 # ----------------------------------------------------------------------------- PReLU-nets
@@ -379,7 +348,6 @@ class PReLUNet(Backbone):
 
     def __init__(self, depth: int, widths: tuple[int, int, int], num_classes: int = 1000, dropout: float = 0.5):
         super().__init__()
-        self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7, min_input_size=64)
         layers: list[nn.Module] = [nn.Conv2d(3, 96, 7, 2, 3), nn.PReLU(96, 0.25), nn.MaxPool2d(2, 2)]
         cin = 96
         for i, w in enumerate(widths):
@@ -395,10 +363,8 @@ class PReLUNet(Backbone):
                                         nn.Linear(4096, 4096), nn.PReLU(4096, 0.25), nn.Dropout(dropout),
                                         nn.Linear(4096, num_classes))
         self._out_channels = cin
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")  # std sqrt(2 / n_l)
-                nn.init.zeros_(m.bias)
+        he = kaiming_normal_init("fan_in")  # std sqrt(2 / n_l)
+        init_weights(self, conv=he, linear=he, bias=0.0)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> logits (B, num_classes)."""
@@ -415,23 +381,50 @@ class PReLUNet(Backbone):
                               head_channels=4096, stages=stages)
 
 
-def prelu_net_a(num_classes: int = 1000) -> PReLUNet:
-    """Model A: 19 weight layers (1 + 3 x 5 convolutions + 3 fc), 1.90 x 10^10 multiply-adds at 224."""
-    return PReLUNet(5, (256, 512, 512), num_classes)
+# ----------------------------------------------------------------------------- the variants
 
+SMALL_CNN, ZF = "reference notes (small CNN)", "Zeiler & Fergus 2014"
+NIN_PAPER, PRELU = "Lin et al. 2014", "He et al. 2015"
+#: 6x6 RoIs: the grid fc6 (NIN: its class-map layer) sees on a 224x224 image
+SIX_AT_224 = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=6, min_input_size=64)
+ZF_DEFAULTS = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=6, min_input_size=96)
+#: the PReLU-nets: SPP and fc1-fc2 on 7x7 RoIs
+PRELU_DEFAULTS = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7, min_input_size=64)
+#: the CIFAR-10 networks of NIN and Maxout, on [-1, 1] inputs
+SMALL_RGB = dict(input_size=(3, 32, 32), mean=INCEPTION_MEAN, std=INCEPTION_STD, min_input_size=32)
+ALEXNET_WIDTHS = (96, 256, 384, 384, 256)
+IMAGENET_OPTIONS = dict(num_classes=1000, dropout=0.5)
+CIFAR_OPTIONS = dict(num_classes=10, dropout=0.5)
 
-def prelu_net_b(num_classes: int = 1000) -> PReLUNet:
-    """Model B: 22 weight layers (1 + 3 x 6 + 3), 2.32 x 10^10 multiply-adds."""
-    return PReLUNet(6, (256, 512, 512), num_classes)
-
-
-def prelu_net_c(num_classes: int = 1000) -> PReLUNet:
-    """Model C: model B with 384/768/896 filters, 5.30 x 10^10 multiply-adds."""
-    return PReLUNet(6, (384, 768, 896), num_classes)
-
-
-VARIANTS = {
-    "mnist_cnn": mnist_cnn, "cifar_cnn": cifar_cnn, "lenet5": lenet5, "alexnet": alexnet, "alexnet_tv": AlexNetTV,
-    "zfnet": zfnet, "zfnet_512_1024_512": zfnet_512_1024_512, "nin": nin, "nin_cifar": nin_cifar,
-    "maxout_cnn": maxout_cnn, "prelu_net_a": prelu_net_a, "prelu_net_b": prelu_net_b, "prelu_net_c": prelu_net_c,
-}
+VARIANTS: list[Variant] = [
+    Variant("mnist_cnn", mnist_cnn, SMALL_CNN, small_cnn_defaults,
+            options=dict(num_classes=10, in_channels=1, input_side=28)),
+    Variant("cifar_cnn", mnist_cnn, SMALL_CNN, small_cnn_defaults, args=dict(in_channels=3, input_side=32),
+            options=dict(num_classes=10), doc="The notes' small network in its CIFAR-10 column: 32x32x3 inputs."),
+    Variant("lenet5", lenet5, "LeCun et al. 1998",
+            BackboneDefaults(input_size=(1, 32, 32), mean=(0.5,), std=(0.5,), roi_output_size=5, min_input_size=32),
+            options=dict(num_classes=10)),
+    Variant("alexnet", alexnet_like, "Krizhevsky et al. 2012 (CaffeNet)",
+            BackboneDefaults(input_size=(3, 227, 227), roi_output_size=6, min_input_size=96),
+            args=dict(conv1=(11, 4, 0), widths=ALEXNET_WIDTHS), options=IMAGENET_OPTIONS,
+            doc="AlexNet as CaffeNet (Krizhevsky et al. 2012; the notes' table): 96-256-384-384-256, LRN, "
+                "overlapping 3x3/2 pooling, dropout 0.5, 227x227 inputs, one tower (no grouping), 62,378,344 "
+                "parameters."),
+    Variant("alexnet_tv", AlexNetTV, "Krizhevsky 2014 (torchvision)", SIX_AT_224, options=IMAGENET_OPTIONS),
+    Variant("zfnet", alexnet_like, ZF, ZF_DEFAULTS, args=dict(conv1=(7, 2, 1), widths=ALEXNET_WIDTHS, ceil=True),
+            options=IMAGENET_OPTIONS,
+            doc="ZFNet (Zeiler & Fergus 2014): AlexNet with a 7x7 stride-2 first layer (and conv2 stride 2)."),
+    Variant("zfnet_512_1024_512", alexnet_like, ZF, ZF_DEFAULTS,
+            args=dict(conv1=(7, 2, 1), widths=(96, 256, 512, 1024, 512), ceil=True), options=IMAGENET_OPTIONS,
+            doc="ZFNet with conv3-5 widened to 512, 1024, 512 (the notes' variant)."),
+    Variant("nin", nin, NIN_PAPER, SIX_AT_224, options=IMAGENET_OPTIONS),
+    Variant("nin_cifar", nin_cifar, NIN_PAPER, BackboneDefaults(roi_output_size=8, **SMALL_RGB), options=CIFAR_OPTIONS),
+    Variant("maxout_cnn", MaxoutCNN, "Goodfellow et al. 2013", BackboneDefaults(roi_output_size=4, **SMALL_RGB),
+            options=CIFAR_OPTIONS),
+    Variant("prelu_net_a", PReLUNet, PRELU, PRELU_DEFAULTS, args=dict(depth=5, widths=(256, 512, 512)),
+            doc="Model A: 19 weight layers (1 + 3 x 5 convolutions + 3 fc), 1.90 x 10^10 multiply-adds at 224."),
+    Variant("prelu_net_b", PReLUNet, PRELU, PRELU_DEFAULTS, args=dict(depth=6, widths=(256, 512, 512)),
+            doc="Model B: 22 weight layers (1 + 3 x 6 + 3), 2.32 x 10^10 multiply-adds."),
+    Variant("prelu_net_c", PReLUNet, PRELU, PRELU_DEFAULTS, args=dict(depth=6, widths=(384, 768, 896)),
+            doc="Model C: model B with 384/768/896 filters, 5.30 x 10^10 multiply-adds."),
+]

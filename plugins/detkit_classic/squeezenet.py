@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
+from detkit.backbones import Backbone, BackboneDefaults, DetectionParts, Variant, init_weights
 
 
 class Fire(nn.Module):
@@ -36,7 +36,6 @@ class SqueezeNet(Backbone):
 
     def __init__(self, version: str = "1_0", num_classes: int = 1000, dropout: float = 0.5):
         super().__init__()
-        self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7, min_input_size=64)
         pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=True)  # noqa: E731
         if version == "1_0":
             self.features = nn.Sequential(
@@ -54,13 +53,10 @@ class SqueezeNet(Backbone):
             raise ValueError(f"SqueezeNet version {version!r}: expected '1_0' or '1_1'")
         final = nn.Conv2d(512, num_classes, 1)
         self.classifier = nn.Sequential(nn.Dropout(dropout), final, nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                if m is final:
-                    nn.init.normal_(m.weight, 0.0, 0.01)
-                else:
-                    nn.init.kaiming_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        # torchvision's: Kaiming-uniform weights, the class-map convolution N(0, 0.01) (it comes last), zero biases
+        init_weights(self, conv=nn.init.kaiming_uniform_, bias=0.0, exclude=[final])
+        nn.init.normal_(final.weight, 0.0, 0.01)
+        nn.init.zeros_(final.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> logits (B, num_classes): a 1x1 conv to class maps, averaged."""
@@ -78,12 +74,10 @@ class SqueezeNet(Backbone):
                               head_channels=512, stages=stages)
 
 
-def squeezenet1_0(num_classes: int = 1000, dropout: float = 0.5) -> SqueezeNet:
-    return SqueezeNet("1_0", num_classes, dropout)
-
-
-def squeezenet1_1(num_classes: int = 1000, dropout: float = 0.5) -> SqueezeNet:
-    return SqueezeNet("1_1", num_classes, dropout)
-
-
-VARIANTS = {"squeezenet1_0": squeezenet1_0, "squeezenet1_1": squeezenet1_1}
+PAPER = "Iandola et al. 2016"
+DEFAULTS = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7, min_input_size=64)
+OPTIONS = dict(num_classes=1000, dropout=0.5)
+VARIANTS: list[Variant] = [
+    Variant("squeezenet1_0", SqueezeNet, PAPER, DEFAULTS, args=dict(version="1_0"), options=OPTIONS),
+    Variant("squeezenet1_1", SqueezeNet, PAPER, DEFAULTS, args=dict(version="1_1"), options=OPTIONS),
+]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
+from detkit.backbones import (Backbone, BackboneDefaults, DetectionParts, Variant, init_weights, kaiming_normal_init,
+                              normal_init)
 
 # Numbers are 3x3 conv widths, "1:N" a 1x1 conv of width N, "M" max pooling, "L" local response normalisation.
 CONFIGS: dict[str, list] = {
@@ -48,7 +49,6 @@ class VGG(Backbone):
 
     def __init__(self, config: str, batch_norm: bool = False, num_classes: int = 1000, dropout: float = 0.5):
         super().__init__()
-        self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7)
         self.features = make_features(CONFIGS[config], batch_norm)
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = nn.Sequential(
@@ -56,13 +56,7 @@ class VGG(Backbone):
             nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(dropout),
             nn.Linear(4096, num_classes),
         )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=kaiming_normal_init("fan_out"), linear=normal_init(0.01), bias=0.0)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> logits (B, num_classes)."""
@@ -79,16 +73,19 @@ class VGG(Backbone):
                               head_channels=4096, stages=stages)
 
 
-def _variant(config: str, batch_norm: bool):
-    def build(num_classes: int = 1000, dropout: float = 0.5) -> VGG:
-        return VGG(config, batch_norm, num_classes, dropout)
-
-    return build
+PAPER = "Simonyan & Zisserman 2015"
+#: fc6 takes pool5's 7x7x512 at 224x224, so RoIs are pooled to 7x7
+DEFAULTS = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7)
 
 
-VARIANTS = {
-    "vgg11": _variant("A", False), "vgg11_lrn": _variant("A-LRN", False), "vgg13": _variant("B", False),
-    "vgg16_c": _variant("C", False), "vgg16": _variant("D", False), "vgg19": _variant("E", False),
-    "vgg11_bn": _variant("A", True), "vgg13_bn": _variant("B", True), "vgg16_bn": _variant("D", True),
-    "vgg19_bn": _variant("E", True),
-}
+def variant(name: str, config: str, batch_norm: bool = False) -> Variant:
+    return Variant(name, VGG, PAPER, DEFAULTS, args=dict(config=config, batch_norm=batch_norm),
+                   options=dict(num_classes=1000, dropout=0.5))
+
+
+VARIANTS: list[Variant] = [
+    variant("vgg11", "A"), variant("vgg11_lrn", "A-LRN"), variant("vgg13", "B"), variant("vgg16_c", "C"),
+    variant("vgg16", "D"), variant("vgg19", "E"),
+    variant("vgg11_bn", "A", True), variant("vgg13_bn", "B", True), variant("vgg16_bn", "D", True),
+    variant("vgg19_bn", "E", True),
+]

@@ -1,4 +1,5 @@
-"""detkit backbone plugin: DenseNet and FractalNet."""
+"""detkit backbone plugin: DenseNet and FractalNet (a table of variants each)."""
+from detkit.backbones import register_variants
 from detkit.hookspecs import hookimpl
 
 from detkit_densenet import densenet, fractalnet
@@ -6,7 +7,5 @@ from detkit_densenet import densenet, fractalnet
 
 @hookimpl
 def detkit_register_backbones(register):
-    for name, builder in densenet.VARIANTS.items():
-        register(name, builder, family="densenet", paper="Huang et al. 2017")
-    for name, builder in fractalnet.VARIANTS.items():
-        register(name, builder, family="fractalnet", paper="Larsson et al. 2017")
+    register_variants(register, densenet.VARIANTS, family="densenet")
+    register_variants(register, fractalnet.VARIANTS, family="fractalnet")

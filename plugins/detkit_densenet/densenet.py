@@ -26,9 +26,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
-from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
-
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+from detkit.backbones import (CIFAR_DEFAULTS, Backbone, BackboneDefaults, DetectionParts, Variant, init_weights,
+                              kaiming_normal_init)
 
 
 class DenseLayer(nn.Module):
@@ -106,11 +105,8 @@ class DenseNet(Backbone):
             raise ValueError(f"growth_rate and num_classes must be positive, got {growth_rate} and {num_classes}")
         self.cifar = cifar
         if cifar:
-            self.defaults = BackboneDefaults(input_size=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD,
-                                             roi_output_size=8, min_input_size=32)
             stem = [("conv0", nn.Conv2d(3, num_init_features, 3, padding=1, bias=False))]
         else:
-            self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=14, min_input_size=32)
             stem = [("conv0", nn.Conv2d(3, num_init_features, 7, 2, 3, bias=False)),
                     ("norm0", nn.BatchNorm2d(num_init_features)), ("relu0", nn.ReLU(inplace=True)),
                     ("pool0", nn.MaxPool2d(3, 2, 1))]
@@ -131,14 +127,7 @@ class DenseNet(Backbone):
         self.features.add_module(f"norm{len(block_config) + 1}", nn.BatchNorm2d(channels))
         self.classifier = nn.Linear(channels, num_classes)
         self.final_channels = channels
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=kaiming_normal_init("fan_in"), bias=0.0)  # the classifier's bias; convs have none
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.features(x))
@@ -169,21 +158,27 @@ _OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:we
                       r"|num_batches_tracked))$")
 
 
-def _densenet(k: int, blocks: tuple[int, ...], init: int):
-    def build(num_classes: int = 1000, drop_rate: float = 0.0, memory_efficient: bool = False) -> DenseNet:
-        return DenseNet(k, blocks, init, 4, drop_rate, num_classes, memory_efficient)
-
-    build.__doc__ = f"DenseNet-BC for 224x224 inputs: k = {k}, {init} stem channels, dense blocks of {blocks} layers."
-    return build
+PAPER = "Huang et al. 2017"
+#: 224x224 inputs; 14x14 RoIs, halved by transition 3's pooling to the 7x7 dense block 4 sees in the classifier
+IMAGENET = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=14, min_input_size=32)
+OPTIONS = dict(drop_rate=0.0, memory_efficient=False)
 
 
-def densenet_bc_100_12(num_classes: int = 10, drop_rate: float = 0.0, memory_efficient: bool = False) -> DenseNet:
-    """CIFAR DenseNet-BC, L = 100, k = 12: three blocks of 16 bottleneck layers, 2k initial features."""
-    return DenseNet(12, (16, 16, 16), 24, 4, drop_rate, num_classes, memory_efficient, cifar=True)
+def imagenet(name: str, k: int, blocks: tuple[int, ...], init: int) -> Variant:
+    return Variant(name, DenseNet, PAPER, IMAGENET,
+                   args=dict(growth_rate=k, block_config=blocks, num_init_features=init, bn_size=4),
+                   options=dict(num_classes=1000, **OPTIONS),
+                   doc=f"DenseNet-BC for 224x224 inputs: k = {k}, {init} stem channels, dense blocks of {blocks} "
+                       "layers.")
 
 
-VARIANTS = {
-    "densenet121": _densenet(32, (6, 12, 24, 16), 64), "densenet169": _densenet(32, (6, 12, 32, 32), 64),
-    "densenet201": _densenet(32, (6, 12, 48, 32), 64), "densenet161": _densenet(48, (6, 12, 36, 24), 96),
-    "densenet_bc_100_12": densenet_bc_100_12,
-}
+VARIANTS: list[Variant] = [
+    imagenet("densenet121", 32, (6, 12, 24, 16), 64),
+    imagenet("densenet169", 32, (6, 12, 32, 32), 64),
+    imagenet("densenet201", 32, (6, 12, 48, 32), 64),
+    imagenet("densenet161", 48, (6, 12, 36, 24), 96),
+    Variant("densenet_bc_100_12", DenseNet, PAPER, CIFAR_DEFAULTS,
+            args=dict(growth_rate=12, block_config=(16, 16, 16), num_init_features=24, bn_size=4, cifar=True),
+            options=dict(num_classes=10, **OPTIONS),
+            doc="CIFAR DenseNet-BC, L = 100, k = 12: three blocks of 16 bottleneck layers, 2k initial features."),
+]

@@ -39,9 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
+from detkit.backbones import CIFAR_DEFAULTS, Backbone, BackboneDefaults, DetectionParts, Variant
 
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 PAPER_DROPOUT = (0.0, 0.1, 0.2, 0.3, 0.4)
 
 
@@ -153,16 +152,18 @@ class FractalNet(Backbone):
     """FractalNet classifier: images (B, 3, H, W) -> logits (B, num_classes).
 
     widths: channels of the B blocks; columns: C; cifar: no stem and pooling after every block (32x32
-    inputs), else ResNet-34's stem and no pooling after the last block; dropout: per-block dropout rates;
-    local_p: local drop-path probability per join input; global_ratio: share of mini-batches using global
-    drop-path.
+    inputs), else ResNet-34's stem and no pooling after the last block; dropout: per-block dropout rates
+    (True: the paper's, ``PAPER_DROPOUT``; None or False: none); local_p: local drop-path probability per
+    join input; global_ratio: share of mini-batches using global drop-path.
     """
 
     def __init__(self, widths: tuple[int, ...], columns: int = 4, num_classes: int = 10, cifar: bool = True,
-                 dropout: tuple[float, ...] | None = None, local_p: float = 0.15, global_ratio: float = 0.5):
+                 dropout: tuple[float, ...] | bool | None = None, local_p: float = 0.15, global_ratio: float = 0.5):
         super().__init__()
         if len(widths) < 2:
             raise ValueError(f"FractalNet needs at least two blocks, got widths {widths}")
+        if isinstance(dropout, bool):
+            dropout = PAPER_DROPOUT if dropout else None
         dropout = tuple(dropout) if dropout is not None else (0.0,) * len(widths)
         if len(dropout) != len(widths):
             raise ValueError(f"dropout has {len(dropout)} rates for {len(widths)} blocks: {dropout}")
@@ -172,12 +173,9 @@ class FractalNet(Backbone):
         self.columns, self.local_p, self.global_ratio = columns, local_p, global_ratio
         self.widths, self.cifar = tuple(widths), cifar
         if cifar:
-            self.defaults = BackboneDefaults(input_size=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD,
-                                             roi_output_size=8, min_input_size=32)
             self.stem = nn.Identity()
             cin = 3
         else:
-            self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=14, min_input_size=64)
             self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
                                       nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
             cin = 64
@@ -221,18 +219,18 @@ class FractalNet(Backbone):
                               head_channels=self.widths[-1], stages=stages)
 
 
-def fractalnet_cifar(num_classes: int = 10, columns: int = 4, dropout: bool = False, local_p: float = 0.15,
-                     global_ratio: float = 0.5) -> FractalNet:
-    """CIFAR FractalNet: B = 5, C = 4 (40 layers; columns=3: 20 layers), 64-128-256-512-512 channels."""
-    return FractalNet((64, 128, 256, 512, 512), columns, num_classes, cifar=True,
-                      dropout=PAPER_DROPOUT if dropout else None, local_p=local_p, global_ratio=global_ratio)
-
-
-def fractalnet34(num_classes: int = 1000, columns: int = 4, local_p: float = 0.15,
-                 global_ratio: float = 0.5) -> FractalNet:
-    """ImageNet FractalNet-34: ResNet-34's stem and head around 4 blocks of 4 columns, 64-128-256-512 channels."""
-    return FractalNet((64, 128, 256, 512), columns, num_classes, cifar=False, local_p=local_p,
-                      global_ratio=global_ratio)
-
-
-VARIANTS = {"fractalnet_cifar": fractalnet_cifar, "fractalnet34": fractalnet34}
+PAPER = "Larsson et al. 2017"
+VARIANTS: list[Variant] = [
+    Variant("fractalnet_cifar", FractalNet, PAPER, CIFAR_DEFAULTS,
+            args=dict(widths=(64, 128, 256, 512, 512), cifar=True),
+            options=dict(num_classes=10, columns=4, dropout=False, local_p=0.15, global_ratio=0.5),
+            doc="CIFAR FractalNet: B = 5, C = 4 (40 layers; columns=3: 20 layers), 64-128-256-512-512 channels; "
+                "dropout=True: the paper's per-block rates."),
+    # 14x14 RoIs: the pooling before the last block makes them the 7x7 of the 224x224 classifier
+    Variant("fractalnet34", FractalNet, PAPER,
+            BackboneDefaults(input_size=(3, 224, 224), roi_output_size=14, min_input_size=64),
+            args=dict(widths=(64, 128, 256, 512), cifar=False),
+            options=dict(num_classes=1000, columns=4, local_p=0.15, global_ratio=0.5),
+            doc="ImageNet FractalNet-34: ResNet-34's stem and head around 4 blocks of 4 columns, "
+                "64-128-256-512 channels."),
+]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
+from detkit.backbones import Backbone, DetectionParts, init_weights, trunc_normal_init
 
 
 class BasicConv2d(nn.Module):
@@ -110,16 +110,20 @@ MODULES = {
 
 class GoogLeNet(Backbone):
     """GoogLeNet: images (B, 3, H, W), H, W >= 15 -> logits (B, num_classes); in training with
-    ``aux_logits`` a tuple (logits, aux1 logits, aux2 logits), each (B, num_classes)."""
+    ``aux_logits`` a tuple (logits, aux1 logits, aux2 logits), each (B, num_classes).
 
-    def __init__(self, num_classes: int = 1000, aux_logits: bool = True, bn: bool = True, k5: int = 3,
-                 naive: bool = False, lrn: bool = False, dropout: float = 0.4, aux_weight: float = 0.3,
-                 defaults: BackboneDefaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7,
-                                                               min_input_size=15)):
+    bn: batch-normalised convolutions (torchvision's), else the paper's plain ones; k5: the "5x5" branch's
+    kernel (None: 5 in naive modules, 3 in reduced ones, as torchvision's checkpoints have it); naive: the
+    modules of Fig. 2a; lrn: LRN after conv1 and conv3 (the paper's).
+    """
+
+    def __init__(self, num_classes: int = 1000, aux_logits: bool = True, bn: bool = True, k5: int | None = None,
+                 naive: bool = False, lrn: bool = False, dropout: float = 0.4, aux_weight: float = 0.3):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"GoogLeNet: num_classes must be >= 1, got {num_classes}")
-        self.defaults = defaults
+        if k5 is None:
+            k5 = 5 if naive else 3
         self.aux_weight = aux_weight
         self.conv1 = BasicConv2d(3, 64, bn, kernel_size=7, stride=2, padding=3)
         self.maxpool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
@@ -144,12 +148,7 @@ class GoogLeNet(Backbone):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(cin, num_classes)
         self.final_channels = cin
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-2, b=2)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=trunc_normal_init(0.01), linear=trunc_normal_init(0.01))
 
     def _stem(self) -> nn.Sequential:
         return nn.Sequential(self.conv1, self.maxpool1, self.norm1, self.conv2, self.conv3, self.norm2, self.maxpool2)
@@ -191,31 +190,6 @@ class GoogLeNet(Backbone):
         return DetectionParts(trunk=nn.Sequential(*stages), roi_head=head,
                               out_channels=self.inception4e.out_channels, stride=16,
                               head_channels=self.final_channels, stages=stages)
-
-
-#: torchvision's pretrained GoogLeNet expects inputs in [-1, 1] (see the module docstring).
-TORCHVISION_DEFAULTS = BackboneDefaults(input_size=(3, 224, 224), mean=(0.5,) * 3, std=(0.5,) * 3,
-                                        roi_output_size=7, min_input_size=15)
-
-
-def googlenet(num_classes: int = 1000, aux_logits: bool = True, naive: bool = False,
-              dropout: float = 0.2) -> GoogLeNet:
-    """torchvision's GoogLeNet (same names; 13,004,888 parameters with the auxiliary classifiers,
-    6,624,904 without). ``naive=True`` swaps every module for the naive one of Fig. 2a (with true 5x5
-    kernels; torchvision checkpoints then no longer fit)."""
-    return GoogLeNet(num_classes, aux_logits, bn=True, k5=5 if naive else 3, naive=naive, dropout=dropout,
-                     defaults=TORCHVISION_DEFAULTS)
-
-
-def googlenet_v1(num_classes: int = 1000, aux_logits: bool = True, naive: bool = False) -> GoogLeNet:
-    """The paper's GoogLeNet (Table 1): 5x5 kernels, no batch norm, LRN after conv1 and conv3, dropout
-    0.4; 13,378,280 parameters with the auxiliary classifiers."""
-    return GoogLeNet(num_classes, aux_logits, bn=False, k5=5, naive=naive, lrn=True, dropout=0.4)
-
-
-def googlenet_naive(num_classes: int = 1000, aux_logits: bool = True) -> GoogLeNet:
-    """``googlenet(naive=True)``: GoogLeNet built from naive Inception modules (Fig. 2a)."""
-    return googlenet(num_classes, aux_logits, naive=True)
 
 
 # ----------------------------------------------------------------------------- BN-Inception
@@ -262,7 +236,6 @@ class BNInception(Backbone):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"BNInception: num_classes must be >= 1, got {num_classes}")
-        self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=7, min_input_size=7)
         self.conv1 = BasicConv2d(3, 64, kernel_size=7, stride=2, padding=3)
         self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
         self.conv2_reduce = BasicConv2d(64, 64, kernel_size=1)
@@ -298,10 +271,3 @@ class BNInception(Backbone):
         head = nn.Sequential(*self._mods(["4e", "5a", "5b"]), self.avgpool, nn.Flatten(1))
         return DetectionParts(trunk=nn.Sequential(*stages), roi_head=head, out_channels=self.channels["4d"],
                               stride=16, head_channels=self.channels["5b"], stages=stages)
-
-
-def bn_inception(num_classes: int = 1000, dropout: float = 0.0) -> BNInception:
-    """BN-Inception as the table of Ioffe & Szegedy's Fig. 5 (11,285,224 parameters; the table's
-    widths give 608 channels after 4c/4d where its output column says 576, as in the released Caffe
-    model)."""
-    return BNInception(num_classes, dropout)

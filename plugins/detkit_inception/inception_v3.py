@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
+from detkit.backbones import Backbone, DetectionParts, init_weights, trunc_normal_init
 from detkit_inception.googlenet import BasicConv2d
 
 BC = BasicConv2d
@@ -154,8 +154,6 @@ class InceptionV3(Backbone):
             raise ValueError(f"InceptionV3: num_classes must be >= 1, got {num_classes}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"InceptionV3: label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.defaults = BackboneDefaults(input_size=(3, 299, 299), mean=(0.5,) * 3, std=(0.5,) * 3,
-                                         roi_output_size=14, min_input_size=75)
         self.label_smoothing, self.aux_weight = label_smoothing, aux_weight
         self.Conv2d_1a_3x3 = BC(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BC(32, 32, kernel_size=3)
@@ -179,12 +177,7 @@ class InceptionV3(Backbone):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(2048, num_classes)
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.trunc_normal_(m.weight, mean=0.0, std=0.1, a=-2, b=2)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=trunc_normal_init(0.1), linear=trunc_normal_init(0.1))
 
     def _stem(self) -> nn.Sequential:
         return nn.Sequential(self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, self.maxpool1,
@@ -224,9 +217,3 @@ class InceptionV3(Backbone):
         stages = [self._stem(), self._grid35(), self._grid17()]
         return DetectionParts(trunk=nn.Sequential(*stages), roi_head=self._head(), out_channels=768, stride=16,
                               head_channels=2048, stages=stages)
-
-
-def inception_v3(num_classes: int = 1000, aux_logits: bool = True, label_smoothing: float = 0.1,
-                 aux_weight: float = 0.4, dropout: float = 0.5) -> InceptionV3:
-    """torchvision's Inception-v3 (27,161,264 parameters with ``aux_logits``, 23,834,568 without)."""
-    return InceptionV3(num_classes, aux_logits, dropout, label_smoothing, aux_weight)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
+from detkit.backbones import Backbone, DetectionParts
 from detkit_inception.googlenet import BasicConv2d
 
 
@@ -138,8 +138,6 @@ class InceptionNet(Backbone):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"{type(self).__name__}: num_classes must be >= 1, got {num_classes}")
-        self.defaults = BackboneDefaults(input_size=(3, 299, 299), mean=(0.5,) * 3, std=(0.5,) * 3,
-                                         roi_output_size=14, min_input_size=75)
         self.stem = stem
         self.grid35 = nn.Sequential(*grid35)
         self.reduction_a = reduce_a

@@ -1,4 +1,5 @@
-"""Residual networks and their descendants: one network class, one block class per block kind.
+"""Residual networks and their descendants: one network class, one block class per block kind (their
+common signature is :class:`ResidualBlock`'s), and one table of variants (``VARIANTS``).
 
 - ResNet (He et al. 2016a, Sec. 3-4, Table 1): basic blocks (18, 34 layers) and bottlenecks (50, 101,
   152) in four stages conv2_x..conv5_x. Shortcut options (Sec. 3.3 and 4.1): "A" identity, with the new
@@ -34,15 +35,15 @@ final BN-ReLU and global average pooling.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
+from detkit.backbones import (CIFAR_DEFAULTS, Backbone, BackboneDefaults, DetectionParts, Variant, init_weights,
+                              kaiming_normal_init)
 
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 SHORTCUTS = ("A", "B", "C")
 PAPER_SURVIVAL = 0.5  # Huang et al. 2016, Sec. 4: p_L = 0.5 throughout
 
@@ -85,22 +86,39 @@ class SqueezeExcitation(nn.Module):
 class ResidualBlock(nn.Module):
     """y = shortcut(x) + F(x), then ReLU (original unit) or nothing (pre-activation unit).
 
-    Subclasses build the branch F in ``branch``; this class owns the shortcut (``downsample``, torchvision's
-    name), the optional squeeze-and-excitation on F and stochastic depth. Pre-activation units apply
-    ``bn0``-ReLU first; where the shortcut is a projection it sees that activated input too (He et al.
-    2016b, Sec. 4.1 and their code).
+    This class owns the signature every block kind shares, the shortcut (``downsample``, torchvision's
+    name), the optional squeeze-and-excitation on F and stochastic depth; a subclass builds the branch F
+    in ``make_branch`` and runs it in ``branch``. Pre-activation units apply ``bn0``-ReLU first; where the
+    shortcut is a projection it sees that activated input too (He et al. 2016b, Sec. 4.1 and their code).
+
+    inplanes: input channels; planes: the branch's width (output channels ``planes * expansion``);
+    stride: of the branch's strided convolution (the 1x1 with ``stride_in_1x1``, else the 3x3);
+    groups, base_width: ResNeXt's cardinality and width per group (64: a plain ResNet); se_reduction:
+    squeeze-and-excitation ratio r (None: no SE); survival: stochastic depth's p_l; dropout: between the
+    convolutions of a pre-activation basic unit (WRN); preactivate: False for a first unit that follows
+    an already activated stem.
     """
 
     expansion = 1
     preact = False
+    grouped = True  # whether the branch takes groups / base_width (basic units do not)
 
-    def __init__(self, inplanes: int, out_channels: int, downsample: nn.Module | None, se_reduction: int | None,
-                 survival: float, preactivate: bool):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, *,
+                 stride_in_1x1: bool = True, groups: int = 1, base_width: int = 64, se_reduction: int | None = None,
+                 survival: float = 1.0, dropout: float = 0.0, preactivate: bool = True):
+        if not self.grouped and (groups != 1 or base_width != 64):
+            raise ValueError(f"{type(self).__name__} supports only groups=1 and width_per_group=64, "
+                             f"got {groups} and {base_width}")
         super().__init__()
         self.bn0 = nn.BatchNorm2d(inplanes) if self.preact and preactivate else None
         self.downsample = downsample
-        self.se = SqueezeExcitation(out_channels, se_reduction) if se_reduction else None
+        self.se = SqueezeExcitation(planes * self.expansion, se_reduction) if se_reduction else None
         self.survival = survival
+        self.make_branch(inplanes, planes, stride, stride_in_1x1, groups, base_width, dropout)
+
+    def make_branch(self, inplanes: int, planes: int, stride: int, stride_in_1x1: bool, groups: int,
+                    base_width: int, dropout: float) -> None:
+        raise NotImplementedError
 
     def branch(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -129,19 +147,24 @@ class ResidualBlock(nn.Module):
         return out if self.preact else F.relu(out)
 
 
-def _no_grouping(kind: str, groups: int, base_width: int) -> None:
-    if groups != 1 or base_width != 64:
-        raise ValueError(f"{kind} supports only groups=1 and width_per_group=64, got {groups} and {base_width}")
+def _bottleneck_convs(block: ResidualBlock, inplanes: int, planes: int, stride: int, stride_in_1x1: bool,
+                      groups: int, base_width: int) -> None:
+    """conv1 1x1 - bn1 - conv2 3x3 (groups) - bn2 - conv3 1x1 (x expansion), the layers both bottlenecks share."""
+    width = int(planes * (base_width / 64.0)) * groups
+    s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+    block.conv1 = conv1x1(inplanes, width, s1)
+    block.bn1 = nn.BatchNorm2d(width)
+    block.conv2 = conv3x3(width, width, s3, groups)
+    block.bn2 = nn.BatchNorm2d(width)
+    block.conv3 = conv1x1(width, planes * block.expansion)
 
 
 class BasicBlock(ResidualBlock):
     """conv3x3(stride)-BN-ReLU-conv3x3-BN (He et al. 2016a, Fig. 5 left)."""
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, *,
-                 stride_in_1x1: bool = True, groups: int = 1, base_width: int = 64, se_reduction: int | None = None,
-                 survival: float = 1.0, dropout: float = 0.0, preactivate: bool = True):
-        _no_grouping("BasicBlock", groups, base_width)
-        super().__init__(inplanes, planes, downsample, se_reduction, survival, preactivate)
+    grouped = False
+
+    def make_branch(self, inplanes, planes, stride, stride_in_1x1, groups, base_width, dropout) -> None:
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
@@ -157,17 +180,8 @@ class Bottleneck(ResidualBlock):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, *,
-                 stride_in_1x1: bool = True, groups: int = 1, base_width: int = 64, se_reduction: int | None = None,
-                 survival: float = 1.0, dropout: float = 0.0, preactivate: bool = True):
-        super().__init__(inplanes, planes * self.expansion, downsample, se_reduction, survival, preactivate)
-        width = int(planes * (base_width / 64.0)) * groups
-        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = conv1x1(inplanes, width, s1)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = conv3x3(width, width, s3, groups)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = conv1x1(width, planes * self.expansion)
+    def make_branch(self, inplanes, planes, stride, stride_in_1x1, groups, base_width, dropout) -> None:
+        _bottleneck_convs(self, inplanes, planes, stride, stride_in_1x1, groups, base_width)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
 
@@ -181,12 +195,9 @@ class PreActBasicBlock(ResidualBlock):
     """[BN-ReLU]-conv3x3(stride)-BN-ReLU-(dropout)-conv3x3 (He et al. 2016b Fig. 4e; WRN's block with dropout)."""
 
     preact = True
+    grouped = False
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, *,
-                 stride_in_1x1: bool = True, groups: int = 1, base_width: int = 64, se_reduction: int | None = None,
-                 survival: float = 1.0, dropout: float = 0.0, preactivate: bool = True):
-        _no_grouping("PreActBasicBlock", groups, base_width)
-        super().__init__(inplanes, planes, downsample, se_reduction, survival, preactivate)
+    def make_branch(self, inplanes, planes, stride, stride_in_1x1, groups, base_width, dropout) -> None:
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
@@ -203,17 +214,8 @@ class PreActBottleneck(ResidualBlock):
     preact = True
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, *,
-                 stride_in_1x1: bool = True, groups: int = 1, base_width: int = 64, se_reduction: int | None = None,
-                 survival: float = 1.0, dropout: float = 0.0, preactivate: bool = True):
-        super().__init__(inplanes, planes * self.expansion, downsample, se_reduction, survival, preactivate)
-        width = int(planes * (base_width / 64.0)) * groups
-        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = conv1x1(inplanes, width, s1)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = conv3x3(width, width, s3, groups)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = conv1x1(width, planes * self.expansion)
+    def make_branch(self, inplanes, planes, stride, stride_in_1x1, groups, base_width, dropout) -> None:
+        _bottleneck_convs(self, inplanes, planes, stride, stride_in_1x1, groups, base_width)
 
     def branch(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -261,14 +263,9 @@ class ResNet(Backbone):
         self.cifar = cifar
         self.preact = block.preact
         self.inplanes = stem_width
-        if cifar:
-            self.defaults = BackboneDefaults(input_size=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD,
-                                             # the 8x8 map the classifier pools at 32x32 input
-                                             roi_output_size=8, min_input_size=32)
-            self.conv1 = nn.Conv2d(3, stem_width, 3, 1, 1, bias=False)
-        else:
-            self.defaults = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=14, min_input_size=32)
-            self.conv1 = nn.Conv2d(3, stem_width, 7, 2, 3, bias=False)
+        # the stem: a bare 3x3 convolution (CIFAR), else a 7x7/2 one followed by a 3x3/2 max pool (stride 4)
+        kernel, stride, padding = (3, 1, 1) if cifar else (7, 2, 3)
+        self.conv1 = nn.Conv2d(3, stem_width, kernel, stride, padding, bias=False)
         # A pre-activation CIFAR net's first unit activates the bare stem output itself (He et al. 2016b's
         # and WRN's code); every other form normalises and activates the stem.
         stem_activated = not (cifar and self.preact)
@@ -292,12 +289,7 @@ class ResNet(Backbone):
         self.bn_final = nn.BatchNorm2d(final) if self.preact else None  # the last unit ends without BN-ReLU
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(final, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # He et al. 2015
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=kaiming_normal_init("fan_out"))  # He et al. 2015
 
     def _make_layer(self, block: type[ResidualBlock], planes: int, blocks: int, stride: int, shortcut: str,
                     survival: Iterator[float], first_preactivates: bool, opts: dict) -> nn.Sequential:
@@ -355,73 +347,86 @@ class ResNet(Backbone):
                               head_channels=self.stage_channels[-1], stages=stages)
 
 
-def _variant(doc: str, block: type[ResidualBlock], layers: list[int], stride_in_1x1: bool = True,
-             **fixed) -> Callable[..., ResNet]:
-    def build(num_classes: int = 1000, stride_in_1x1: bool = stride_in_1x1, shortcut: str = "B",
-              stochastic_depth: float | bool = 1.0) -> ResNet:
-        return ResNet(block, layers, num_classes, stride_in_1x1=stride_in_1x1, shortcut=shortcut,
-                      stochastic_depth=stochastic_depth, **fixed)
+# ----------------------------------------------------------------------------- the variants
 
-    build.__doc__ = doc
-    return build
+HE = "He et al. 2016 (deep residual learning)"
+PREACT = "He et al. 2016 (identity mappings)"
+WRN = "Zagoruyko & Komodakis 2016"
+RESNEXT = "Xie et al. 2017"
+SE_NET = "Hu et al. 2018"
 
-
-def _cifar_variant(doc: str, block: type[ResidualBlock], n: int, widths: tuple[int, int, int]) -> Callable[..., ResNet]:
-    def build(num_classes: int = 10, shortcut: str = "B", stochastic_depth: float | bool = 1.0,
-              dropout: float = 0.0) -> ResNet:
-        return ResNet(block, [n, n, n], num_classes, stride_in_1x1=True, shortcut=shortcut,
-                      stochastic_depth=stochastic_depth, cifar=True, widths=widths, stem_width=16, dropout=dropout)
-
-    build.__doc__ = doc
-    return build
+#: ImageNet forms: 224x224 inputs; C4 cut on 14x14 RoIs, which res5 halves to the 7x7 of the classifier.
+#: (CIFAR forms: CIFAR_DEFAULTS, whose 8x8 RoIs are the map the classifier pools at 32x32.)
+IMAGENET_C4 = BackboneDefaults(input_size=(3, 224, 224), roi_output_size=14, min_input_size=32)
 
 
-def wide_resnet_cifar(depth: int, k: int) -> Callable[..., ResNet]:
-    """Builder of WRN-d-k (Zagoruyko & Komodakis 2016, Table 1): (d - 4) / 6 pre-activation basic blocks
-    per stage, widths 16k, 32k, 64k; its ``dropout`` sits between the two 3x3 convolutions."""
+def imagenet(name: str, paper: str, doc: str, block: type[ResidualBlock], layers: list[int],
+             stride_in_1x1: bool = True, **fixed) -> Variant:
+    """An ImageNet form: four stages of ``layers`` blocks; ``fixed``: groups, width_per_group, se_reduction."""
+    return Variant(name, ResNet, paper, IMAGENET_C4, args=dict(block=block, layers=layers, **fixed),
+                   options=dict(num_classes=1000, stride_in_1x1=stride_in_1x1, shortcut="B", stochastic_depth=1.0),
+                   doc=doc)
+
+
+def cifar(name: str, paper: str, doc: str, block: type[ResidualBlock], n: int,
+          widths: tuple[int, int, int]) -> Variant:
+    """A CIFAR form: 3x3 stem of 16 channels, three stages of ``n`` blocks of ``widths``, stride on the 1x1."""
+    return Variant(name, ResNet, paper, CIFAR_DEFAULTS,
+                   args=dict(block=block, layers=[n, n, n], stride_in_1x1=True, cifar=True, widths=widths,
+                             stem_width=16),
+                   options=dict(num_classes=10, shortcut="B", stochastic_depth=1.0, dropout=0.0), doc=doc)
+
+
+def wide_resnet_cifar(depth: int, k: int) -> Variant:
+    """WRN-d-k (Zagoruyko & Komodakis 2016, Table 1), registered as ``wrn{d}_{k}``: (d - 4) / 6
+    pre-activation basic blocks per stage, widths 16k, 32k, 64k; its ``dropout`` sits between the two 3x3
+    convolutions. The row is its builder: ``wide_resnet_cifar(16, 8)()`` builds WRN-16-8."""
     if depth < 10 or (depth - 4) % 6:
         raise ValueError(f"WRN depth {depth}: expected 6n + 4 with n >= 1 (e.g. 16, 28, 40)")
     if k < 1:
         raise ValueError(f"WRN widening factor {k}: expected a positive integer")
-    return _cifar_variant(f"WRN-{depth}-{k} for 32x32 inputs.", PreActBasicBlock, (depth - 4) // 6,
-                          (16 * k, 32 * k, 64 * k))
+    return cifar(f"wrn{depth}_{k}", WRN, f"WRN-{depth}-{k} for 32x32 inputs.", PreActBasicBlock, (depth - 4) // 6,
+                 (16 * k, 32 * k, 64 * k))
 
 
 B, BN, PB, PBN = BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck
 SE = dict(se_reduction=16)
-VARIANTS: dict[str, Callable[..., ResNet]] = {
-    "resnet18": _variant("ResNet-18 (basic blocks 2-2-2-2).", B, [2, 2, 2, 2]),
-    "resnet34": _variant("ResNet-34 (basic blocks 3-4-6-3).", B, [3, 4, 6, 3]),
-    "resnet50": _variant("ResNet-50 (bottlenecks 3-4-6-3).", BN, [3, 4, 6, 3]),
-    "resnet101": _variant("ResNet-101 (bottlenecks 3-4-23-3).", BN, [3, 4, 23, 3]),
-    "resnet152": _variant("ResNet-152 (bottlenecks 3-8-36-3).", BN, [3, 8, 36, 3]),
-    "preact_resnet18": _variant("Pre-activation ResNet-18.", PB, [2, 2, 2, 2], False),
-    "preact_resnet34": _variant("Pre-activation ResNet-34.", PB, [3, 4, 6, 3], False),
-    "preact_resnet50": _variant("Pre-activation ResNet-50.", PBN, [3, 4, 6, 3], False),
-    "preact_resnet101": _variant("Pre-activation ResNet-101.", PBN, [3, 4, 23, 3], False),
-    "preact_resnet152": _variant("Pre-activation ResNet-152.", PBN, [3, 8, 36, 3], False),
-    "preact_resnet110": _cifar_variant("Pre-activation ResNet-110 for CIFAR (18 basic units per stage).",
-                                       PB, 18, (16, 32, 64)),
-    "preact_resnet164": _cifar_variant("Pre-activation ResNet-164 for CIFAR (18 bottlenecks per stage).",
-                                       PBN, 18, (16, 32, 64)),
-    "preact_resnet1001": _cifar_variant("Pre-activation ResNet-1001 for CIFAR (111 bottlenecks per stage).",
-                                        PBN, 111, (16, 32, 64)),
-    "wide_resnet50_2": _variant("Wide ResNet-50-2 (bottleneck width x2).", BN, [3, 4, 6, 3], False,
-                                width_per_group=128),
-    "wide_resnet101_2": _variant("Wide ResNet-101-2 (bottleneck width x2).", BN, [3, 4, 23, 3], False,
-                                 width_per_group=128),
-    "wrn28_10": wide_resnet_cifar(28, 10),
-    "wrn40_4": wide_resnet_cifar(40, 4),
-    "resnext50_32x4d": _variant("ResNeXt-50 (32x4d).", BN, [3, 4, 6, 3], False, groups=32, width_per_group=4),
-    "resnext101_32x8d": _variant("ResNeXt-101 (32x8d).", BN, [3, 4, 23, 3], False, groups=32, width_per_group=8),
-    "resnext101_64x4d": _variant("ResNeXt-101 (64x4d).", BN, [3, 4, 23, 3], False, groups=64, width_per_group=4),
-    "se_resnet18": _variant("SE-ResNet-18.", B, [2, 2, 2, 2], **SE),
-    "se_resnet34": _variant("SE-ResNet-34.", B, [3, 4, 6, 3], **SE),
-    "se_resnet50": _variant("SE-ResNet-50.", BN, [3, 4, 6, 3], **SE),
-    "se_resnet101": _variant("SE-ResNet-101.", BN, [3, 4, 23, 3], **SE),
-    "se_resnet152": _variant("SE-ResNet-152.", BN, [3, 8, 36, 3], **SE),
-    "se_resnext50_32x4d": _variant("SE-ResNeXt-50 (32x4d).", BN, [3, 4, 6, 3], False, groups=32,
-                                   width_per_group=4, **SE),
-    "se_resnext101_32x4d": _variant("SE-ResNeXt-101 (32x4d).", BN, [3, 4, 23, 3], False, groups=32,
-                                    width_per_group=4, **SE),
-}
+VARIANTS: list[Variant] = [
+    imagenet("resnet18", HE, "ResNet-18 (basic blocks 2-2-2-2).", B, [2, 2, 2, 2]),
+    imagenet("resnet34", HE, "ResNet-34 (basic blocks 3-4-6-3).", B, [3, 4, 6, 3]),
+    imagenet("resnet50", HE, "ResNet-50 (bottlenecks 3-4-6-3).", BN, [3, 4, 6, 3]),
+    imagenet("resnet101", HE, "ResNet-101 (bottlenecks 3-4-23-3).", BN, [3, 4, 23, 3]),
+    imagenet("resnet152", HE, "ResNet-152 (bottlenecks 3-8-36-3).", BN, [3, 8, 36, 3]),
+    imagenet("preact_resnet18", PREACT, "Pre-activation ResNet-18.", PB, [2, 2, 2, 2], False),
+    imagenet("preact_resnet34", PREACT, "Pre-activation ResNet-34.", PB, [3, 4, 6, 3], False),
+    imagenet("preact_resnet50", PREACT, "Pre-activation ResNet-50.", PBN, [3, 4, 6, 3], False),
+    imagenet("preact_resnet101", PREACT, "Pre-activation ResNet-101.", PBN, [3, 4, 23, 3], False),
+    imagenet("preact_resnet152", PREACT, "Pre-activation ResNet-152.", PBN, [3, 8, 36, 3], False),
+    cifar("preact_resnet110", PREACT, "Pre-activation ResNet-110 for CIFAR (18 basic units per stage).",
+          PB, 18, (16, 32, 64)),
+    cifar("preact_resnet164", PREACT, "Pre-activation ResNet-164 for CIFAR (18 bottlenecks per stage).",
+          PBN, 18, (16, 32, 64)),
+    cifar("preact_resnet1001", PREACT, "Pre-activation ResNet-1001 for CIFAR (111 bottlenecks per stage).",
+          PBN, 111, (16, 32, 64)),
+    imagenet("wide_resnet50_2", WRN, "Wide ResNet-50-2 (bottleneck width x2).", BN, [3, 4, 6, 3], False,
+             width_per_group=128),
+    imagenet("wide_resnet101_2", WRN, "Wide ResNet-101-2 (bottleneck width x2).", BN, [3, 4, 23, 3], False,
+             width_per_group=128),
+    wide_resnet_cifar(28, 10),
+    wide_resnet_cifar(40, 4),
+    imagenet("resnext50_32x4d", RESNEXT, "ResNeXt-50 (32x4d).", BN, [3, 4, 6, 3], False, groups=32,
+             width_per_group=4),
+    imagenet("resnext101_32x8d", RESNEXT, "ResNeXt-101 (32x8d).", BN, [3, 4, 23, 3], False, groups=32,
+             width_per_group=8),
+    imagenet("resnext101_64x4d", RESNEXT, "ResNeXt-101 (64x4d).", BN, [3, 4, 23, 3], False, groups=64,
+             width_per_group=4),
+    imagenet("se_resnet18", SE_NET, "SE-ResNet-18.", B, [2, 2, 2, 2], **SE),
+    imagenet("se_resnet34", SE_NET, "SE-ResNet-34.", B, [3, 4, 6, 3], **SE),
+    imagenet("se_resnet50", SE_NET, "SE-ResNet-50.", BN, [3, 4, 6, 3], **SE),
+    imagenet("se_resnet101", SE_NET, "SE-ResNet-101.", BN, [3, 4, 23, 3], **SE),
+    imagenet("se_resnet152", SE_NET, "SE-ResNet-152.", BN, [3, 8, 36, 3], **SE),
+    imagenet("se_resnext50_32x4d", SE_NET, "SE-ResNeXt-50 (32x4d).", BN, [3, 4, 6, 3], False, groups=32,
+             width_per_group=4, **SE),
+    imagenet("se_resnext101_32x4d", SE_NET, "SE-ResNeXt-101 (32x4d).", BN, [3, 4, 23, 3], False, groups=32,
+             width_per_group=4, **SE),
+]

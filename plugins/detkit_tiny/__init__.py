@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
+from detkit.backbones import Backbone, BackboneDefaults, DetectionParts, Variant, register_variants
 from detkit.hookspecs import hookimpl
 
 
@@ -23,8 +23,7 @@ class TinyNet(Backbone):
         super().__init__()
         if len(widths) != 5:
             raise ValueError(f"tiny: widths must have 5 entries (one per stage), got {list(widths)}")
-        self.defaults = BackboneDefaults(input_size=(3, 64, 64), roi_output_size=7)
-        w = widths
+        w = tuple(widths)  # a config gives a list
         # Stage strides 2, 2, 2, 2, 1: stride 16 at the last stage.
         self.stem = _conv_bn(3, w[0], 2)
         self.stage2 = _conv_bn(w[0], w[1], 2)
@@ -48,10 +47,12 @@ class TinyNet(Backbone):
                               stride=16, head_channels=self.hidden, stages=stages)
 
 
-def tiny(num_classes: int = 1000, widths: tuple[int, ...] = (16, 32, 64, 128, 128), hidden: int = 256) -> TinyNet:
-    return TinyNet(num_classes, tuple(widths), hidden)
+VARIANTS: list[Variant] = [
+    Variant("tiny", TinyNet, "detkit (test/demo backbone)", BackboneDefaults(input_size=(3, 64, 64), roi_output_size=7),
+            options=dict(num_classes=1000, widths=(16, 32, 64, 128, 128), hidden=256)),
+]
 
 
 @hookimpl
 def detkit_register_backbones(register):
-    register("tiny", tiny, family="tiny", paper="detkit (test/demo backbone)")
+    register_variants(register, VARIANTS, family="tiny")
