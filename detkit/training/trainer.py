@@ -3,8 +3,10 @@
 Training is iteration-based SGD with momentum and weight decay, a linear warmup
 and step decay of the learning rate (Faster R-CNN Sec. 3.3: 0.001 for 60k
 mini-batches, then 0.0001 for 20k on VOC). The trainer never assumes one device:
-the model, the batches and the optimizer follow ``train.device``, and nothing
-but logging reads values back to the host, so a DistributedDataParallel wrapper
+the model, the batches and the optimizer follow ``train.device``, and the loop
+itself reads values back to the host only on logging iterations (the model's
+forward still synchronises where sizes depend on the data: NMS outputs, boolean
+selections; ``make gpu-check`` counts them), so a DistributedDataParallel wrapper
 can be added around the model without changing the loop.
 
 Resuming is exact: the data order is a function of (seed, sample position), and
