@@ -43,6 +43,7 @@ from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from detkit.config import ModelConfig
+from detkit.devices import autocast
 from detkit.models.detector import build_detector
 from detkit.models.roi_heads import SoftmaxBoxHead
 
@@ -253,16 +254,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast_context(device: torch.device, amp: str):
-    """``torch.autocast`` for ``amp`` in ``none`` (no autocast), ``bf16`` or ``fp16``."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in dtypes:
-        raise ValueError(f"amp={amp!r}: expected none, bf16 or fp16")
-    return torch.autocast(device.type, dtype=dtypes[amp])
-
-
 def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, iters: int,
                      device: torch.device) -> dict[str, float]:
     """Median seconds per call of each function over ``iters`` calls after ``warmup`` calls.
@@ -386,7 +377,7 @@ def run(setup: Setup, registries, device: torch.device, batch_sizes: tuple[int, 
         images, _ = synthetic_batch(setup, bs, device)
 
         def infer(model: nn.Module, images: list[Tensor] = images) -> None:
-            with torch.no_grad(), autocast_context(device, amp):
+            with torch.no_grad(), autocast(device, amp):
                 model(images)
 
         t = time_interleaved({k: (lambda m=m: infer(m)) for k, m in models.items()}, warmup, iters, device)
@@ -404,7 +395,7 @@ def run(setup: Setup, registries, device: torch.device, batch_sizes: tuple[int, 
         model.train()
 
     def step(name: str) -> None:
-        with autocast_context(device, amp):
+        with autocast(device, amp):
             losses = models[name](images, targets)
         optimizers[name].zero_grad(set_to_none=True)
         sum(losses.values()).backward()

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from detkit.benchmark import autocast_context
 from detkit.data.dataset import DetectionDataset
+from detkit.devices import autocast
 
 
 def _sync(device: torch.device) -> None:
@@ -88,7 +88,7 @@ def time_detector(model: nn.Module, dataset: DetectionDataset, indices: list[int
         with _stage_timer(_conv_modules(model), device, step, "conv"), \
                 _stage_timer(_head_modules(model), device, step, "roi_head"), \
                 _stage_timer([] if proposals is not None else [generator], device, step, "proposal"), \
-                autocast_context(device, amp):
+                autocast(device, amp):
             det = model([img], None, proposals)[0]
         _sync(device)
         step["total"] = time.perf_counter() - t0

@@ -234,7 +234,7 @@ def collect(steps: list[Step], tmp: str) -> None:
         if step.name == "cuda_tests":
             step.result = {"tests": junit_results(f"{tmp}/cuda_tests.xml"), "figures": figures(f"{tmp}/figures.jsonl")}
             continue
-        path = f"{tmp}/{'env' if step.name == 'env' else step.name}.json"
+        path = f"{tmp}/{step.name}.json"
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 step.result = json.load(f)
