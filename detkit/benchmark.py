@@ -42,9 +42,9 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
-from detkit.config import ModelConfig
+from detkit.config import ModelConfig, PartConfig
 from detkit.devices import autocast
-from detkit.models.detector import build_detector
+from detkit.models.assembly import build_detector
 from detkit.models.roi_heads import SoftmaxBoxHead
 
 MODELS = ("detkit", "torchvision")
@@ -81,16 +81,17 @@ def detkit_config(setup: Setup) -> ModelConfig:
     """detkit's model config for ``setup``, with torchvision's behaviour where the two differ."""
     cfg = ModelConfig()
     cfg.backbone.name = setup.backbone
-    cfg.anchors.sizes = [float(s) for s in setup.anchor_sizes]
-    cfg.roi_extractor.name = "roi_align"
-    cfg.roi_extractor.output_size = setup.roi_output_size
-    cfg.roi_extractor.sampling_ratio = setup.sampling_ratio
     h, w = setup.image_size
     cfg.transform.min_size, cfg.transform.max_size = min(h, w), max(h, w)
-    cfg.rpn.straddle_thresh = -1.0  # torchvision trains on cross-boundary anchors too
-    cfg.rpn.min_size = 1e-3  # torchvision's RPN min_size, in resized-image pixels (scale is 1 here)
-    cfg.roi_head.bg_iou_thresh_lo = 0.0  # torchvision's background is IoU [0, 0.5)
-    cfg.roi_head.nms_thresh = 0.5  # torchvision's default; the same value goes to both
+    cfg.proposal_generator = PartConfig("rpn", {
+        "anchors": {"sizes": [float(s) for s in setup.anchor_sizes]},
+        "straddle_thresh": -1.0,  # torchvision trains on cross-boundary anchors too
+        "min_size": 1e-3,  # torchvision's RPN min_size, in resized-image pixels (scale is 1 here)
+    })
+    cfg.roi_extractor = PartConfig("roi_align", {"output_size": setup.roi_output_size,
+                                                 "sampling_ratio": setup.sampling_ratio})
+    cfg.roi_heads.bg_iou_thresh_lo = 0.0  # torchvision's background is IoU [0, 0.5)
+    cfg.roi_heads.nms_thresh = 0.5  # torchvision's default; the same value goes to both
     return cfg
 
 
@@ -156,18 +157,18 @@ def build_pair(setup: Setup, registries) -> tuple[nn.Module, FasterRCNN]:
     ours = build_detector(cfg, registries, setup.num_classes)
     rpn, heads, tf = ours.proposal_generator, ours.roi_heads, ours.transform
     if not isinstance(heads.predictor, SoftmaxBoxHead) or not isinstance(heads.predictor.dropout, nn.Identity):
-        raise ValueError(f"benchmark: model.roi_head must be softmax_box without dropout (torchvision's "
+        raise ValueError(f"benchmark: model.box_predictor must be softmax_box without dropout (torchvision's "
                          f"FastRCNNPredictor), got {type(heads.predictor).__name__}")
     in_channels = rpn.head.conv.in_channels
     if rpn.head.conv.out_channels != in_channels:
-        raise ValueError(f"benchmark: model.rpn.conv_channels={rpn.head.conv.out_channels} differs from the "
+        raise ValueError(f"benchmark: model.proposal_generator.conv_channels={rpn.head.conv.out_channels} differs from the "
                          f"trunk's {in_channels} channels; torchvision's RPNHead keeps them equal")
     gen = rpn.anchor_generator
     # Both order a location's anchors ratio-major, then size.
     anchor_cls = TVAnchorGenerator if setup.anchors == "torchvision" else CentredAnchorGenerator
     anchors = anchor_cls(sizes=(tuple(gen.sizes),), aspect_ratios=(tuple(gen.aspect_ratios),))
     output_size = heads.roi_extractor.output_size[0]
-    r, h = cfg.rpn, cfg.roi_head
+    r, h = cfg.proposal_generator.settings, cfg.roi_heads
     theirs = FasterRCNN(
         TrunkAsBackbone(ours.trunk, in_channels), num_classes=None,
         min_size=tf.min_sizes[-1], max_size=tf.max_size,

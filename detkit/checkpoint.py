@@ -87,12 +87,13 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
 def model_from_checkpoint(path: str, registries, device: torch.device, overrides: list[str] | None = None):
     """Rebuild the model a checkpoint was trained with; returns ``(model, cfg, ckpt)`` (the model on ``device``,
     in eval mode; ``overrides`` are ``KEY=VALUE`` changes to the embedded config)."""
-    from detkit.config import apply_overrides, from_dict
-    from detkit.models.detector import build_detector
+    from detkit.config import apply_overrides, bind_parts, from_dict
+    from detkit.models.assembly import build_detector
 
     ckpt = load_checkpoint(path, map_location="cpu")
     data = apply_overrides(ckpt["config"], overrides or [])
-    cfg = from_dict(data, source=f"{path} (embedded config)")
+    source = f"{path} (embedded config)"
+    cfg = bind_parts(from_dict(data, source=source), registries, source)
     names = list(ckpt["class_names"])
     # Weights come from the checkpoint; the backbone's own file is not needed (or read) again.
     cfg.model.backbone.weights = None

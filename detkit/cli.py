@@ -72,7 +72,7 @@ def _backbone_facts(entry) -> str:
 def cmd_config_show(args) -> int:
     from detkit.config import dump, load_config
 
-    print(dump(load_config(args.config, args.overrides)), end="")
+    print(dump(load_config(args.config, args.overrides, _registries())), end="")
     return 0
 
 
@@ -80,8 +80,9 @@ def cmd_train(args) -> int:
     from detkit.config import load_config
     from detkit.training import train
 
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg, _registries(), resume=args.resume if args.resume != "" else True,
+    registries = _registries()
+    cfg = load_config(args.config, args.overrides, registries)
+    result = train(cfg, registries, resume=args.resume if args.resume != "" else True,
                    progress=not args.no_progress)
     print(f"checkpoint: {result['checkpoint']}")
     return 0
@@ -93,8 +94,7 @@ def _eval_results_file(args, registries) -> int:
 
     from detkit.config import ConfigError
     from detkit.data.loading import build_dataset
-    from detkit.evaluation import format_metrics, score_results
-    from detkit.media import write_json_atomic
+    from detkit.evaluation.runner import score_and_write
 
     spec = _data_spec(args.dataset or args.data, args)
     if spec is None:
@@ -110,18 +110,12 @@ def _eval_results_file(args, registries) -> int:
     if not isinstance(results, list) or not all(isinstance(r, dict) and {"image_id", "category_id", "bbox", "score"}
                                                 <= set(r) for r in results):
         raise ConfigError(f"{args.results}: expected a COCO results list of {{image_id, category_id, bbox, score}}")
+    out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.results)), "eval")
     try:
-        metrics = score_results(dataset.to_coco(), results, args.metric or "coco", "faster_coco_eval",
-                                list(dataset.class_names))
+        score_and_write(dataset, results, out, args.metric or "coco", "faster_coco_eval", list(dataset.class_names),
+                        write_results=False)
     except ValueError as exc:
         raise ConfigError(f"{args.results}: {exc}") from None
-    out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.results)), "eval")
-    os.makedirs(out, exist_ok=True)
-    from detkit.reports import evaluation_report
-
-    metrics["errors"] = evaluation_report(dataset, dataset.to_coco(), results, out, list(dataset.class_names))
-    write_json_atomic(os.path.join(out, "metrics.json"), metrics)
-    print(format_metrics(metrics))
     print(f"metrics: {os.path.join(out, 'metrics.json')}")
     return 0
 
@@ -216,29 +210,26 @@ def cmd_infer(args) -> int:
     return 0
 
 
-def _proposal_settings(cfg) -> dict:
-    """``model.selective_search`` as keyword arguments of ``selective_search_cache`` (checked)."""
+def _selective_search(cfg):
+    """The config's selective search proposal source (``detkit proposals`` computes and evaluates its boxes)."""
     from detkit.config import ConfigError
-    from detkit.proposals.selective_search import check_settings
+    from detkit.models.precomputed import SelectiveSearchProposals
 
-    ss = cfg.model.selective_search
-    try:
-        check_settings(ss.mode, ss.max_side, ss.top_k, {})
-    except ValueError as exc:
-        raise ConfigError(f"model.selective_search.{exc}") from None
-    return {"mode": ss.mode, "max_side": ss.max_side, "min_size": ss.min_size, "top_k": ss.top_k}
+    part = cfg.model.proposal_generator
+    if part.name != "selective_search":
+        raise ConfigError(f"detkit proposals computes selective search boxes, and model.proposal_generator.name is "
+                          f"{part.name!r}: give a config whose proposal generator is selective_search (e.g. "
+                          f"configs/fast_rcnn_tiny_synth.yaml) or --set model.proposal_generator=selective_search")
+    return SelectiveSearchProposals(part.settings)
 
 
-def _proposal_cache(cfg, dataset, key: str, args):
+def _proposal_cache(source, dataset, key: str, args):
     """The selective search cache of ``dataset`` (``data.<key>``), computed where incomplete."""
     from detkit.config import ConfigError
-    from detkit.proposals import ProposalCacheError, selective_search_cache
+    from detkit.proposals import ProposalCacheError
 
-    ss = cfg.model.selective_search
-    workers = args.workers if args.workers is not None else ss.num_workers  # None: all cores
     try:
-        return selective_search_cache(ss.cache_dir, dataset, num_workers=workers, progress=not args.no_progress,
-                                      **_proposal_settings(cfg))
+        return source.dataset_proposals(dataset, progress=not args.no_progress, num_workers=args.workers)
     except ProposalCacheError as exc:
         raise ConfigError(f"data.{key}: {exc}") from None
 
@@ -247,12 +238,13 @@ def cmd_proposals_compute(args) -> int:
     from detkit.config import load_config
     from detkit.data.loading import build_dataset
 
-    cfg = load_config(args.config, args.overrides)
     registries = _registries()
+    cfg = load_config(args.config, args.overrides, registries)
+    source = _selective_search(cfg)
     keys = ["train", "test"] if args.split == "both" else [args.split]
     datasets = [(key, build_dataset(getattr(cfg.data, key), registries, key)) for key in keys]  # all checked first
     for key, dataset in datasets:
-        cache = _proposal_cache(cfg, dataset, key, args)
+        cache = _proposal_cache(source, dataset, key, args)
         counts = [len(cache.get(i)) for i in range(len(cache))]
         print(f"{key}: {cache.directory}")
         print(f"  {len(counts)} images; boxes per image: mean {sum(counts) / len(counts):.1f}, "
@@ -262,33 +254,15 @@ def cmd_proposals_compute(args) -> int:
 
 def _rpn_proposals(checkpoint: str, dataset, registries, device, progress: bool) -> list:
     """Proposals of a trained proposal network for every image of ``dataset``, in original-image pixels."""
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-
     from detkit.checkpoint import model_from_checkpoint
     from detkit.config import ConfigError
-    from detkit.data.images import ImageReadError
+    from detkit.proposals.compute import compute_proposals
 
     model, ckpt_cfg, _ = model_from_checkpoint(checkpoint, registries, device)
-    if getattr(model.proposal_generator, "needs_proposals", False):
-        raise ConfigError(f"{checkpoint}: its proposal source {ckpt_cfg.model.proposal_generator!r} is not learned; "
-                          f"--checkpoint needs a detector with an RPN")
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in tqdm(range(len(dataset)), desc="rpn proposals", unit="img", disable=not progress,
-                      dynamic_ncols=True, mininterval=1.0):
-            try:
-                image, _ = dataset[i]
-            except ImageReadError as exc:
-                info = dataset.image_info(i)
-                log.warning("%s; its RPN proposal is the whole image", exc)
-                out.append(np.array([[0, 0, info["width"], info["height"]]], np.float32))
-                continue
-            tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
-            out.append(model.region_proposals([tensor])[0].float().cpu().numpy())
-    return out
+    if not any(True for _ in model.proposal_generator.parameters()):
+        raise ConfigError(f"{checkpoint}: its proposal source {ckpt_cfg.model.proposal_generator.name!r} is not "
+                          f"learned; --checkpoint needs a detector with an RPN")
+    return compute_proposals(model, dataset, device, progress=progress)
 
 
 def cmd_proposals_eval(args) -> int:
@@ -297,8 +271,9 @@ def cmd_proposals_eval(args) -> int:
     from detkit.media import write_bytes_atomic, write_json_atomic
     from detkit.proposals import format_recall_table, plot_recall, proposal_recall
 
-    cfg = load_config(args.config, args.overrides)
     registries = _registries()
+    cfg = load_config(args.config, args.overrides, registries)
+    source = _selective_search(cfg)
     dataset = build_dataset(getattr(cfg.data, args.split), registries, args.split)
     gt = []
     for i in range(len(dataset)):
@@ -307,8 +282,8 @@ def cmd_proposals_eval(args) -> int:
     if not sum(len(g) for g in gt):
         raise ConfigError(f"data.{args.split}: {dataset.source} has no ground-truth boxes (crowd and difficult "
                           f"ones aside); recall is undefined")
-    cache = _proposal_cache(cfg, dataset, args.split, args)
-    results = {f"selective_search ({cfg.model.selective_search.mode})":
+    cache = _proposal_cache(source, dataset, args.split, args)
+    results = {f"selective_search ({source.cfg.mode})":
                proposal_recall(gt, [cache.get(i) for i in range(len(cache))])}
     if args.checkpoint:
         proposals = _rpn_proposals(args.checkpoint, dataset, registries, _device(args.device), not args.no_progress)
@@ -439,11 +414,11 @@ def _add_proposals_commands(sub) -> None:
     p = sub.add_parser("proposals", help="selective search proposals: compute the cache, evaluate recall")
     psub = p.add_subparsers(dest="proposals_command", required=True)
     ps = psub.add_parser("compute", help="compute (or resume) the selective search cache of a config's datasets "
-                                         "(settings: model.selective_search)")
+                                         "(settings: model.proposal_generator, a selective_search section)")
     ps.add_argument("config")
     ps.add_argument("--split", choices=["train", "test", "both"], default="both",
                     help="which of data.train / data.test (default: both)")
-    ps.add_argument("--workers", type=int, help="processes (default: model.selective_search.num_workers, "
+    ps.add_argument("--workers", type=int, help="processes (default: model.proposal_generator.num_workers, "
                                                 "else all cores)")
     ps.add_argument("--no-progress", action="store_true")
     _add_set(ps)

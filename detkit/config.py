@@ -1,16 +1,19 @@
 """Configuration: YAML files validated into typed dataclasses.
 
-A config file is plain data. It may name a ``base:`` file (a path relative to
-itself) whose contents it is merged over: mappings merge key by key, anything
-else replaces (and so does a mapping whose ``name`` names another component). The merged data is validated against :class:`Config`: an unknown
-key fails with its full path and the closest valid key, a wrong type names the
-expected type. ``--set a.b=value`` overrides are parsed as YAML scalars and typed
-by the schema. Defaults are the settings of the Faster R-CNN paper (Ren et al.,
-2015, Sec. 3.1.3 and 3.3) and Fast R-CNN (Girshick, 2015, Sec. 2.3).
+A config file is plain data. It may name a ``base:`` file (a path relative to itself) whose contents it
+is merged over: mappings merge key by key, anything else replaces (and so does a mapping whose ``name``
+names another component). The merged data is validated against :class:`Config`: an unknown key fails
+with its full path and the closest valid key, a wrong type names the expected type. ``--set a.b=value``
+overrides are parsed as YAML scalars and typed by the schema. Defaults are the settings of the Faster
+R-CNN paper (Ren et al., 2015, Sec. 3.1.3 and 3.3) and Fast R-CNN (Girshick, 2015, Sec. 2.3).
 
-Parts are chosen by registered name (``model.backbone.name: resnet50``); the
-datasets' own keys (``data.train``) are checked against the registered
-builder's signature when the dataset is built.
+Parts are chosen by registered name. The model's registered parts own their settings: a section
+``{name: ..., <keys>}`` (:class:`PartConfig`) is checked by :func:`bind_parts` against the settings
+dataclass its part was registered with (it needs the plugin registries, so loading a file without them
+leaves the keys unchecked until the model is built). The backbone's builder arguments
+(``model.backbone.args``) and the datasets' own keys (``data.train``) are checked against the registered
+builder's signature when they are built. Keys of the earlier layout load with a warning that names the
+key replacing them (:func:`migrate_legacy`).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import inspect
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -44,56 +48,28 @@ class BackboneConfig:
 
 
 @dataclass
-class AnchorConfig:
-    sizes: list[float] = field(default_factory=lambda: [128.0, 256.0, 512.0])
-    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+class PartConfig:
+    """A registered part chosen by name, with that part's own settings.
+
+    In a file the section is ``{name: roi_align, sampling_ratio: 2}`` (a bare string ``roi_align`` is
+    ``{name: roi_align}``). Before the config is bound to the plugin registries (:func:`bind_parts`),
+    ``settings`` holds the given keys as a mapping; after, an instance of the settings dataclass the part was
+    registered with, every default filled in.
+    """
+
+    name: str
+    settings: Any = field(default_factory=dict)
+
+    @property
+    def bound(self) -> bool:
+        return dataclasses.is_dataclass(self.settings)
 
 
 @dataclass
-class RPNConfig:
-    conv_channels: int | None = None  # None: the trunk's channels (512 for VGG-16, as in the paper)
-    fg_iou_thresh: float = 0.7
-    bg_iou_thresh: float = 0.3
-    batch_size_per_image: int = 256
-    positive_fraction: float = 0.5
-    pre_nms_top_n_train: int = 12000
-    post_nms_top_n_train: int = 2000
-    pre_nms_top_n_test: int = 6000
-    post_nms_top_n_test: int = 300
-    nms_thresh: float = 0.7
-    min_size: float = 16.0  # in original-image pixels
-    straddle_thresh: float = 0.0  # anchors crossing the border by more are ignored in training; <0 keeps all
-    box_loss_weight: float = 1.0
-    smooth_l1_beta: float = 1.0 / 9.0
+class RoIHeadsConfig:
+    """The second stage's own settings (torchvision's ``RoIHeads``, Detectron2's ``ROI_HEADS``): training
+    samples (Fast R-CNN Sec. 2.3), box targets and loss (Eq. 1-3), test-time post-processing."""
 
-
-@dataclass
-class SelectiveSearchConfig:
-    """Selective search proposals (Uijlings et al. 2013), as R-CNN / SPP-net / Fast R-CNN use them."""
-
-    mode: str = "fast"  # fast | quality | rcnn (the R-CNN paper's fast-mode settings)
-    max_side: int | None = 500  # the search runs on the image shrunk to this longer side; None: full size
-    min_size: float = 0.0  # drop proposals narrower or shorter than this (original-image pixels)
-    top_k: int = 2000  # R-CNN: ~2000 proposals per image
-    cache_dir: str = "work_dirs/proposals"  # one sub-directory per dataset and settings
-    num_workers: int | None = None  # processes computing the cache; None: all cores
-
-
-@dataclass
-class RoIExtractorConfig:
-    name: str = "roi_pool"
-    output_size: int | None = None  # None: the backbone's (7 for VGG-16)
-    sampling_ratio: int = 0  # RoIAlign only
-    aligned: bool = False  # RoIAlign only
-    levels: list[int] = field(default_factory=lambda: [6, 3, 2, 1])  # SPP pyramid (SPP-net Sec. 3.1)
-    context_padding: int = 16  # warp: pixels of context around the box at the warped size (R-CNN App. A)
-    warp_size: int | None = None  # warp: side of the warped window; None: the backbone's input size
-    warp_batch: int = 128  # warp: windows through the CNN at a time (bounds memory)
-
-
-@dataclass
-class RoIHeadConfig:
-    name: str = "softmax_box"
     batch_size_per_image: int = 128
     positive_fraction: float = 0.25
     fg_iou_thresh: float = 0.5
@@ -106,27 +82,6 @@ class RoIHeadConfig:
     score_thresh: float = 0.05
     nms_thresh: float = 0.3
     detections_per_img: int = 100
-    dropout: float = 0.0  # dropout on the head's input vectors
-
-
-@dataclass
-class SVMConfig:
-    """The R-CNN post-hoc classifiers (Sec. 2.3, Appendix B) and box regressor (Appendix C)."""
-
-    C: float = 0.001  # liblinear's C, as in R-CNN
-    positive_weight: float = 2.0
-    bias_multiplier: float = 10.0
-    neg_iou: float = 0.3  # negatives: IoU < 0.3 with every ground truth of the class
-    hard_thresh: float = -1.0001  # negatives scoring above this are hard
-    evict_thresh: float = -1.2  # cached negatives scoring below this are dropped after a retrain
-    retrain_limit: int = 2000  # retrain a class's SVM once this many new hard negatives were mined
-    rounds: int = 1  # passes of hard-negative mining over the training set
-    max_iter: int = 10000  # liblinear iterations per fit
-    tol: float = 0.1  # liblinear's default stopping tolerance for the dual solver, as R-CNN ran it
-    cache_dtype: str = "float32"  # float16 halves the feature cache (R-CNN's VOC cache is hundreds of GB)
-    feature_norm: float = 20.0  # features are scaled so their mean L2 norm is this
-    ridge_lambda: float = 1000.0
-    ridge_min_iou: float = 0.6  # box regression learns from proposals with IoU > 0.6
 
 
 @dataclass
@@ -141,19 +96,23 @@ class TransformConfig:
     test_scales: list[int] | None = None
 
 
+#: the model's part sections: config key -> registry kind
+PART_KINDS = {"proposal_generator": "proposal_generators", "roi_extractor": "roi_extractors",
+              "box_predictor": "heads"}
+
+
 @dataclass
 class ModelConfig:
     detector: str = "faster_rcnn"
-    proposal_generator: str = "rpn"  # rpn | selective_search | any registered proposal source
     num_classes: int | None = None  # object classes without background; None: from the training set
     class_names: list[str] | None = None  # filled from the training set when training
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    anchors: AnchorConfig = field(default_factory=AnchorConfig)
-    rpn: RPNConfig = field(default_factory=RPNConfig)
-    roi_extractor: RoIExtractorConfig = field(default_factory=RoIExtractorConfig)
-    roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
-    selective_search: SelectiveSearchConfig = field(default_factory=SelectiveSearchConfig)
-    svm: SVMConfig = field(default_factory=SVMConfig)
+    # The registered parts, each a section {name: ..., <that part's settings>} (`detkit list` names them,
+    # `detkit config show` prints their resolved settings).
+    proposal_generator: PartConfig = field(default_factory=lambda: PartConfig("rpn"))  # rpn | selective_search | ...
+    roi_extractor: PartConfig = field(default_factory=lambda: PartConfig("roi_pool"))
+    roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
+    box_predictor: PartConfig = field(default_factory=lambda: PartConfig("softmax_box"))  # on the RoI head's vectors
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 
@@ -212,7 +171,7 @@ class TrainConfig:
 class EvalConfig:
     metric: str = "coco"  # coco | voc07 (11-point) | voc (VOC2010+ area under the curve)
     backend: str = "faster_coco_eval"  # or pycocotools (COCO metric)
-    score_thresh: float | None = None  # None: model.roi_head.score_thresh
+    score_thresh: float | None = None  # None: model.roi_heads.score_thresh
 
 
 @dataclass
@@ -292,19 +251,77 @@ def _closest(key: str, valid: list[str], parent: str = "") -> str:
 def _build_dataclass(cls: type, data: dict, path: str, source: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    defaults = {f.name: f.default_factory() for f in dataclasses.fields(cls)
+                if f.default_factory is not dataclasses.MISSING}
     kwargs = {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
         if key not in hints:
             raise ConfigError(f"{source}: unknown key {full!r}{_closest(str(key), names, path)}")
-        kwargs[key] = _convert(value, hints[key], full, source)
+        if hints[key] is PartConfig:
+            kwargs[key] = _part(value, defaults[key].name, full, source)
+        else:
+            kwargs[key] = _convert(value, hints[key], full, source)
     return cls(**kwargs)
+
+
+def _part(value: Any, default_name: str, path: str, source: str) -> PartConfig:
+    """A part section: a registered name, or ``{name: ..., <settings>}`` (no ``name``: the default part)."""
+    if isinstance(value, PartConfig):
+        return copy.deepcopy(value)
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {path}: expected a registered name or a mapping {{name: ..., <its settings>}}, "
+                          f"got {value!r}")
+    settings = copy.deepcopy(value)
+    name = settings.pop("name", default_name)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{source}: {path}.name: expected a registered name, got {name!r}")
+    return PartConfig(name, settings)
+
+
+@dataclass
+class NoSettings:
+    """The settings of a part registered without a settings class: it takes no config keys."""
+
+
+def bind_parts(cfg: Config | ModelConfig, registries, source: str = "config") -> Config | ModelConfig:
+    """Validate each part section of the model against the settings class its part was registered with
+    (unknown keys get the closest valid key, wrong types the expected type) and replace the given keys by
+    that class's instance, defaults filled in. Bound sections are left as they are. Returns ``cfg``."""
+    from detkit.plugins import UnknownNameError
+
+    model = cfg.model if isinstance(cfg, Config) else cfg
+    for key, kind in PART_KINDS.items():
+        part = getattr(model, key)
+        try:
+            entry = registries.kind(kind).get(part.name)
+        except UnknownNameError as exc:
+            raise ConfigError(f"{source}: model.{key}.name: {exc}") from None
+        cls = entry.settings or NoSettings
+        if part.bound:
+            if not isinstance(part.settings, cls):
+                raise ConfigError(f"{source}: model.{key}: holds the settings of another part "
+                                  f"({type(part.settings).__name__}), not of {part.name!r}")
+            continue
+        _drop_shared_legacy_keys(key, part, cls, source)
+        if cls is NoSettings and part.settings:
+            raise ConfigError(f"{source}: model.{key}: {kind[:-1]} {part.name!r} takes no settings, got "
+                              f"{', '.join(map(repr, part.settings))}")
+        part.settings = _build_dataclass(cls, part.settings, f"model.{key}", source)
+    return cfg
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in over.items():
         old = out.get(key)
+        # A part given by its name alone is the mapping {name: ...}: the same name keeps the base's settings.
+        if isinstance(value, str) and isinstance(old, dict) and old.get("name") == value:
+            value = {"name": value}
+        if isinstance(old, str) and isinstance(value, dict) and value.get("name", old) == old:
+            old = out[key] = {"name": old}
         # A part that names another registered component replaces the base's part instead of merging
         # into it (its keys belong to another builder).
         swapped = isinstance(value, dict) and isinstance(old, dict) and "name" in value and value.get("name") != old.get("name")
@@ -382,9 +399,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = text.split("=", 1)[1].strip()
         node = data
         for k in keys[:-1]:
-            if not isinstance(node.get(k), dict):
+            if isinstance(node.get(k), str):  # a part given by name: its settings go beside the name
+                node[k] = {"name": node[k]}
+            elif not isinstance(node.get(k), dict):
                 node[k] = {}
             node = node[k]
+        old = node.get(keys[-1])
+        if isinstance(value, str) and isinstance(old, dict) and old.get("name") == value:
+            continue  # the part that is already chosen, with its settings
         node[keys[-1]] = value
     return data
 
@@ -392,20 +414,119 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def from_dict(data: dict, source: str = "<config>") -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
-    return _build_dataclass(Config, data, "", source)
+    return _build_dataclass(Config, migrate_legacy(data, source), "", source)
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None, registries=None) -> Config:
+    """The config file's merged ``base:`` chain with ``--set`` overrides, validated; with ``registries``, its
+    part sections are also checked against their parts' settings (:func:`bind_parts`)."""
     data = apply_overrides(load_yaml(path), overrides or [])
-    return from_dict(data, source=os.fspath(path))
+    cfg = from_dict(data, source=os.fspath(path))
+    return bind_parts(cfg, registries, os.fspath(path)) if registries is not None else cfg
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Any) -> Any:
+    """Plain data (what a file or a checkpoint holds); a part section is ``{name: ..., <settings>}``."""
+    if isinstance(cfg, PartConfig):
+        settings = dataclasses.asdict(cfg.settings) if cfg.bound else cfg.settings
+        return {"name": cfg.name, **copy.deepcopy(settings)}
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return copy.deepcopy(cfg)
 
 
 def dump(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+# ----------------------------------------------------------------------------- keys of earlier layouts
+
+
+class ConfigDeprecationWarning(FutureWarning):
+    """A config key of an earlier layout: it still loads; the message names the key that replaces it."""
+
+
+#: legacy model sections that were one part's settings: section -> (part key, part name, nested key or None)
+_LEGACY_PART_SECTIONS = {
+    "rpn": ("proposal_generator", {"rpn": None}),
+    "anchors": ("proposal_generator", {"rpn": "anchors"}),
+    "selective_search": ("proposal_generator", {"selective_search": None, "precomputed": None}),
+    "svm": ("box_predictor", {"svm": None}),
+}
+_PRECOMPUTED_KEYS = ("top_k",)
+
+
+def migrate_legacy(data: dict, source: str) -> dict:
+    """Config data written for the layout before parts owned their settings, in today's layout (a warning
+    names each moved key): ``model.roi_head`` is ``model.box_predictor`` (``name``, ``dropout``) and
+    ``model.roi_heads`` (the rest); ``model.rpn`` and ``model.anchors`` are settings of the ``rpn``
+    proposal generator, ``model.selective_search`` of ``selective_search`` (``precomputed`` takes its
+    ``top_k``) and ``model.svm`` of the ``svm`` box predictor. A section for a part the config does not
+    choose configured nothing and is dropped."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not any(k in model for k in ("roi_head", *_LEGACY_PART_SECTIONS)):
+        return data
+    model = copy.deepcopy(model)
+    notes = []
+    old = model.pop("roi_head", None)
+    if isinstance(old, dict):
+        moved = {k: old.pop(k) for k in ("name", "dropout") if k in old}
+        if moved:
+            model["box_predictor"] = _deep_merge(_as_part(moved), _as_part(model.get("box_predictor", {})))
+            notes.append(f"model.roi_head.{{{','.join(moved)}}} -> model.box_predictor.{{{','.join(moved)}}}")
+        if old:
+            model["roi_heads"] = _deep_merge(old, model.get("roi_heads") or {})
+            notes.append("model.roi_head.* -> model.roi_heads.*")
+    elif old is not None:
+        model["roi_head"] = old  # not a mapping: the schema reports it
+    defaults = {"proposal_generator": "rpn", "box_predictor": "softmax_box"}
+    for section, (part_key, takers) in _LEGACY_PART_SECTIONS.items():
+        if section not in model:
+            continue
+        value = model.pop(section)
+        part = _as_part(model.get(part_key, defaults[part_key]))
+        name = part.get("name", defaults[part_key])
+        if name not in takers or not isinstance(value, dict):
+            notes.append(f"model.{section} dropped: it configures {' / '.join(map(repr, takers))}, and "
+                         f"model.{part_key} is {name!r}")
+            continue
+        if name == "precomputed":
+            value = {k: v for k, v in value.items() if k in _PRECOMPUTED_KEYS}
+        nested = takers[name]
+        moved = {nested: value} if nested else value
+        model[part_key] = _deep_merge(moved, part)  # keys given in the new place win
+        notes.append(f"model.{section}.* -> model.{part_key}.{nested + '.' if nested else ''}*")
+    for note in notes:
+        warnings.warn(f"{source}: deprecated config key: {note}", ConfigDeprecationWarning, stacklevel=3)
+    return {**data, "model": model}
+
+
+#: keys of the earlier layout's sections that several parts shared, with their defaults there: a part that
+#: does not take one ignores it (it configured another part), so configs and checkpoints of that layout load
+_SHARED_LEGACY_KEYS = {
+    "roi_extractor": {"output_size": None, "sampling_ratio": 0, "aligned": False, "levels": [6, 3, 2, 1],
+                      "context_padding": 16, "warp_size": None, "warp_batch": 128},
+    "box_predictor": {"dropout": 0.0},
+}
+
+
+def _drop_shared_legacy_keys(key: str, part: PartConfig, cls: type, source: str) -> None:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for name, default in _SHARED_LEGACY_KEYS.get(key, {}).items():
+        if name in part.settings and name not in fields:
+            value = part.settings.pop(name)
+            if value != default:
+                warnings.warn(f"{source}: model.{key}.{name}={value!r} ignored: {part.name!r} takes no such key (the "
+                              f"earlier layout shared one section between parts)", ConfigDeprecationWarning,
+                              stacklevel=4)
+
+
+def _as_part(value: Any) -> dict:
+    return {"name": value} if isinstance(value, str) else dict(value) if isinstance(value, dict) else {}
 
 
 def check_kwargs(builder: Any, kwargs: dict, path: str, source: str = "config") -> None:

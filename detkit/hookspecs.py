@@ -3,14 +3,19 @@
 Every kind of part has one hook. A hook receives a ``register`` callback and
 calls it once per part it provides::
 
-    register(name: str, builder: Callable[..., object], **info)
+    register(name: str, builder: Callable[..., object], settings: type | None = None, **info)
 
-``builder`` is called with the keyword arguments of the part's config section
-(its signature is what the config is validated against); ``info`` is free-form
-metadata shown by ``detkit list`` (for example ``family="resnet"``). A model part
-whose training needs a schedule of its own declares it there: ``schedule="svm_posthoc"``
-(see :func:`detkit_register_schedules`). The host owns the names: registering a name
-twice raises and names both plugins.
+A model part (proposal generator, RoI extractor, head) owns its settings: ``settings`` is a dataclass whose
+fields are the keys of the part's config section (``model.roi_extractor: {name: my_pool, bins: 5}``);
+the section is validated against it (an unknown key gets the closest valid one, a wrong type names the
+expected type) and the builder receives the instance as its first argument, followed by keyword
+arguments the assembly supplies (listed per hook below; accept ``**_`` for the ones you do not use).
+Backbones and datasets take their keys as builder keyword arguments instead (``model.backbone.args``,
+``data.train``). ``info`` is metadata shown by ``detkit list`` (for example ``family="resnet"``) and
+declarations the host reads: a model part whose training needs a schedule of its own declares it
+(``schedule="svm_posthoc"``, see :func:`detkit_register_schedules`); an RoI extractor declares what it
+consumes and produces (see :func:`detkit_register_roi_extractors`). The host owns the names: registering
+a name twice raises and names both plugins.
 
 A third-party plugin is an importable module with ``@hookimpl`` functions and
 one ``[project.entry-points.detkit]`` line in its package metadata.
@@ -30,32 +35,36 @@ def detkit_register_backbones(register):
 
 @hookspec
 def detkit_register_proposal_generators(register):
-    """Register proposal sources (RPN, selective search, ...):
-    ``builder(cfg: ModelConfig, in_channels: int, stride: int) -> nn.Module`` whose forward takes
-    ``(images: ImageList, features (B, C, H, W), targets | None, precomputed | None)`` (``precomputed``:
-    per-image boxes handed to the detector, in resized-image coordinates) and returns
-    ``(proposals: list[Tensor[N_i, 4]], losses: dict)``."""
+    """Register proposal sources (RPN, selective search, ...): ``builder(settings, in_channels: int, stride: int)
+    -> detkit.models.proposal_source.ProposalSource``: ``forward(images: ImageList, features (B, C, H, W),
+    targets | None, given | None, phase | None) -> (proposals list[Tensor[N_i, 4]], losses dict)``, boxes in
+    resized-image pixels; ``given`` are the boxes the batch carried, rescaled to the resized images by the
+    detector; ``propose(images)`` makes boxes from the original images (None: the source needs features);
+    ``dataset_proposals(dataset, ...)`` keeps boxes per dataset (None: it keeps none)."""
 
 
 @hookspec
 def detkit_register_roi_extractors(register):
-    """Register RoI feature extractors (RoI pooling, RoIAlign, SPP, warp):
-    ``builder(output_size: int, stride: int, cfg: RoIExtractorConfig) -> nn.Module`` mapping
-    ``(features (B, C, H, W), proposals list[Tensor[N_i, 4]], image_sizes)`` to ``(sum N_i, C, S, S)`` (or to
-    flat vectors ``(sum N_i, D)``, then the module has ``out_features(channels) -> D`` and the RoI head's first
-    fully connected layer is rebuilt for D, as SPP does). Registered with ``input="image"``, the builder also
-    receives ``trunk`` and ``input_size`` and gets the normalised images instead of features (R-CNN's warp)."""
+    """Register RoI feature extractors (RoI pooling, RoIAlign, SPP, warp): ``builder(settings, output_size: int,
+    stride: int, trunk: nn.Module, input_size: int) -> nn.Module`` (``output_size``: the pooled grid the
+    backbone's RoI head expects; ``trunk`` and ``input_size``: the backbone's CNN and classifier input side)
+    mapping ``(features (B, C, H, W), proposals list[Tensor[N_i, 4]] (resized-image pixels), image_sizes)``
+    to ``(sum N_i, C, S, S)`` and giving ``out_features(C) -> int``, the length of one region's flattened
+    output. Declarations: ``produces="vector"`` for an extractor whose output is a flat ``(sum N_i, D)``
+    vector (the RoI head's first fully connected layer is then rebuilt for D, as for SPP; default "grid");
+    ``consumes="image"`` for one that cuts windows from the normalised images and runs ``trunk`` itself
+    (R-CNN's warp; built by the ``rcnn`` assembly; default "features")."""
 
 
 @hookspec
 def detkit_register_heads(register):
-    """Register detection heads on RoI-head vectors:
-    ``builder(in_features: int, num_classes: int, cfg: RoIHeadConfig) -> nn.Module`` mapping
-    ``(R, in_features)`` to ``(class_logits (R, K+1), box_deltas (R, 4(K+1)))``. A builder that accepts
-    ``pooled_features`` receives the length of the flattened pooled grid; a module with ``needs_pooled = True``
-    is called as ``head(vectors, pooled=...)``, and one with ``scores_are_probabilities = False`` has its scores
-    used as they are instead of through a softmax (R-CNN's SVMs). A head that is not trained by SGD declares
-    the schedule that fits it, e.g. ``register("svm", ..., schedule="svm_posthoc", finetune_head="softmax_box")``."""
+    """Register box predictors (the classifier and box regressor on the RoI head's vectors, config section
+    ``model.box_predictor``): ``builder(settings, in_features: int, num_classes: int, pooled_features: int,
+    box_coder_weights: tuple) -> detkit.models.roi_heads.BoxPredictor`` mapping ``(vectors (R, in_features),
+    pooled (R, pooled_features))`` to ``(class_logits (R, K+1), box_deltas (R, 4(K+1)))``; its
+    ``class_scores(class_logits)`` gives the test-time scores (a softmax by default; R-CNN's SVM margins are
+    used as they are). A head that is not trained by SGD declares the schedule that fits it, e.g.
+    ``register("svm", ..., schedule="svm_posthoc", finetune_head="softmax_box")``."""
 
 
 @hookspec

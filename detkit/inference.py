@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def detect(model: nn.Module, image: np.ndarray, device: torch.device) -> dict:
     """Detections ``{"boxes" (N, 4), "scores" (N,), "labels" (N,)}`` for one RGB uint8 image, on the CPU."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
+    from detkit.data.images import to_chw_tensor
+
+    tensor = to_chw_tensor(image, device)
     det = model([tensor])[0]
     return {k: v.cpu() for k, v in det.items()}
 

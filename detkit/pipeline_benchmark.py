@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from detkit.data.dataset import DetectionDataset
+from detkit.data.images import to_chw_tensor
 from detkit.devices import autocast
 
 
@@ -77,14 +78,12 @@ def time_detector(model: nn.Module, dataset: DetectionDataset, indices: list[int
     for n, i in enumerate([indices[0]] * warmup + list(indices)):
         counted = n >= warmup
         image, target = dataset[i]
-        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
+        img = to_chw_tensor(image, device)
         step = dict.fromkeys(keys, 0.0)
         _sync(device)
         t0 = time.perf_counter()
-        proposals = None
-        if getattr(generator, "needs_proposals", False):
-            proposals = generator.propose([img])
-            step["proposal"] += time.perf_counter() - t0
+        proposals = generator.propose([img])  # selective search: from the image; the RPN: None
+        step["proposal"] += time.perf_counter() - t0
         with _stage_timer(_conv_modules(model), device, step, "conv"), \
                 _stage_timer(_head_modules(model), device, step, "roi_head"), \
                 _stage_timer([] if proposals is not None else [generator], device, step, "proposal"), \

@@ -13,6 +13,7 @@ Environment variables:
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
 import logging
@@ -54,10 +55,15 @@ class UnknownNameError(KeyError):
 
 @dataclass(frozen=True)
 class Entry:
+    """One registered part. ``settings`` is the part's settings dataclass (the keys of its config section
+    besides ``name``), or None for a part that has none or takes its keys as builder arguments (backbones'
+    ``args``, datasets)."""
+
     name: str
     builder: Callable[..., Any]
     plugin: str
     info: dict = field(default_factory=dict)
+    settings: type | None = None
 
 
 class Registry:
@@ -67,17 +73,24 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, builder: Callable[..., Any], plugin: str, **info) -> None:
+    def register(self, name: str, builder: Callable[..., Any], plugin: str, settings: type | None = None,
+                 **info) -> None:
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin {plugin!r} registered a {self.kind[:-1]} with an invalid name {name!r}")
         if not callable(builder):
             raise PluginError(f"plugin {plugin!r} registered {self.kind[:-1]} {name!r} with a non-callable builder")
+        if settings is not None and not (isinstance(settings, type) and dataclasses.is_dataclass(settings)):
+            raise PluginError(f"plugin {plugin!r} registered {self.kind[:-1]} {name!r} with settings={settings!r}: "
+                              f"expected a dataclass (its fields are the part's config keys)")
+        if settings is not None and "name" in {f.name for f in dataclasses.fields(settings)}:
+            raise PluginError(f"plugin {plugin!r} registered {self.kind[:-1]} {name!r} with settings "
+                              f"{settings.__name__} that has a field 'name' (the key that chooses the part)")
         if name in self._entries:
             other = self._entries[name].plugin
             raise PluginError(
                 f"duplicate {self.kind[:-1]} name {name!r}: registered by plugin {other!r} and by plugin {plugin!r}"
             )
-        self._entries[name] = Entry(name, builder, plugin, dict(info))
+        self._entries[name] = Entry(name, builder, plugin, dict(info), settings)
 
     def get(self, name: str) -> Entry:
         try:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from detkit.config import load_config
-from detkit.models.detector import build_detector
+from detkit.models.assembly import build_detector
 from detkit.models.svm import SVMBoxHead
 from detkit.plugins import get_registries
 
@@ -40,11 +40,9 @@ def test_config_builds_and_detects(path):
     assert cfg.backbone.name in REGISTRY.backbones and cfg.detector in REGISTRY.detectors
     image = torch.randint(0, 256, (3, H, W), dtype=torch.uint8)
     proposals = None
-    if getattr(model.proposal_generator, "needs_proposals", False):
+    if cfg.proposal_generator.name != "rpn":
         proposals = [torch.tensor([[4.0, 6.0, 60.0, 70.0], [30.0, 20.0, 120.0, 90.0], [0.0, 0.0, W, H],
                                    [50.0, 40.0, 80.0, 64.0]])]
-    else:
-        assert cfg.proposal_generator == "rpn"
     predictor = model.roi_heads.predictor
     if isinstance(predictor, SVMBoxHead):
         with pytest.raises(RuntimeError, match="SVMs of this R-CNN are not trained"):
@@ -58,9 +56,9 @@ def test_config_builds_and_detects(path):
         (det,) = model([image], proposals=proposals)
     n = len(det["scores"])
     assert det["boxes"].shape == (n, 4) and det["labels"].shape == (n,)
-    assert n <= cfg.roi_head.detections_per_img
+    assert n <= cfg.roi_heads.detections_per_img
     assert ((det["labels"] >= 1) & (det["labels"] <= len(CLASSES))).all()
-    assert (det["scores"] >= cfg.roi_head.score_thresh).all()
+    assert (det["scores"] >= cfg.roi_heads.score_thresh).all()
     boxes = det["boxes"]  # in the original image's coordinates, clipped to it
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= W).all() and (boxes[:, 3] <= H).all()
     # softmax scores of an untrained head are near 1 / 4 (threshold 0.05); the small SVM margins pass -1

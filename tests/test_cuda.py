@@ -19,7 +19,7 @@ import torch
 
 from ddp_utils import free_port
 from detkit.config import from_dict
-from detkit.models.detector import build_detector
+from detkit.models.assembly import build_detector
 
 DEVICE = torch.device(os.environ.get("DETKIT_CUDA_TESTS_DEVICE", "cuda"))
 ON_CUDA = DEVICE.type == "cuda"
@@ -51,10 +51,10 @@ def strict_float32():
 
 def model_cfg(**model):
     base = {"backbone": {"name": "tiny", "frozen_bn": True, "args": {"widths": [8, 16, 16, 32, 32], "hidden": 32}},
-            "anchors": {"sizes": [16, 32, 64]},
-            "rpn": {"pre_nms_top_n_train": 300, "post_nms_top_n_train": 100, "pre_nms_top_n_test": 200,
-                    "post_nms_top_n_test": 50, "min_size": 2, "batch_size_per_image": 64},
-            "roi_head": {"batch_size_per_image": 32, "score_thresh": 0.0},
+            "proposal_generator": {"name": "rpn", "anchors": {"sizes": [16, 32, 64]}, "pre_nms_top_n_train": 300,
+                                   "post_nms_top_n_train": 100, "pre_nms_top_n_test": 200,
+                                   "post_nms_top_n_test": 50, "min_size": 2, "batch_size_per_image": 64},
+            "roi_heads": {"batch_size_per_image": 32, "score_thresh": 0.0},
             "transform": {"min_size": 96, "max_size": 128}}
     for key, value in model.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
@@ -280,10 +280,10 @@ def synth_data(tmp_path_factory):
 
 def train_config(synth_data, work_dir, **train):
     model = {"backbone": {"name": "tiny", "frozen_bn": True, "args": {"widths": [8, 16, 16, 32, 32], "hidden": 32}},
-             "anchors": {"sizes": [16, 32, 64]},
-             "rpn": {"pre_nms_top_n_train": 300, "post_nms_top_n_train": 100, "pre_nms_top_n_test": 100,
-                     "post_nms_top_n_test": 30, "min_size": 2, "batch_size_per_image": 64},
-             "roi_head": {"batch_size_per_image": 32}, "transform": {"min_size": 96, "max_size": 128}}
+             "proposal_generator": {"name": "rpn", "anchors": {"sizes": [16, 32, 64]}, "pre_nms_top_n_train": 300,
+                                    "post_nms_top_n_train": 100, "pre_nms_top_n_test": 100,
+                                    "post_nms_top_n_test": 30, "min_size": 2, "batch_size_per_image": 64},
+             "roi_heads": {"batch_size_per_image": 32}, "transform": {"min_size": 96, "max_size": 128}}
     return {"model": model,
             "data": {"train": synth_data, "test": synth_data, "batch_size": 2, "num_workers": 0,
                      "augment": {"hflip": 0.0}},

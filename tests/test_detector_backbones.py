@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from detkit.config import ModelConfig
-from detkit.models.detector import build_detector
+from detkit.config import ModelConfig, PartConfig
+from detkit.models.assembly import build_detector
 from detkit.plugins import get_registries
 
 REGISTRY = get_registries()
@@ -23,10 +23,9 @@ def test_faster_rcnn_trains_with_backbone(name):
     cfg = ModelConfig()
     cfg.backbone.name = name
     cfg.transform.min_size, cfg.transform.max_size = 128, 160
-    cfg.anchors.sizes = [32.0, 64.0]
-    cfg.rpn.pre_nms_top_n_train, cfg.rpn.post_nms_top_n_train = 200, 50
-    cfg.rpn.min_size = 1
-    cfg.roi_head.batch_size_per_image = 16
+    cfg.proposal_generator = PartConfig("rpn", {"anchors": {"sizes": [32.0, 64.0]}, "pre_nms_top_n_train": 200,
+                                                "post_nms_top_n_train": 50, "min_size": 1})
+    cfg.roi_heads.batch_size_per_image = 16
     model = build_detector(cfg, REGISTRY, num_classes=3)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     image = torch.randint(0, 255, (3, 128, 160), dtype=torch.uint8)
@@ -58,8 +57,8 @@ def test_faster_rcnn_trains_with_backbone(name):
     with torch.no_grad():
         det = model([image])[0]
     n = len(det["scores"])
-    assert det["boxes"].shape == (n, 4) and det["labels"].shape == (n,) and n <= cfg.roi_head.detections_per_img
-    assert ((det["labels"] >= 1) & (det["labels"] <= 3)).all() and (det["scores"] >= cfg.roi_head.score_thresh).all()
+    assert det["boxes"].shape == (n, 4) and det["labels"].shape == (n,) and n <= cfg.roi_heads.detections_per_img
+    assert ((det["labels"] >= 1) & (det["labels"] <= 3)).all() and (det["scores"] >= cfg.roi_heads.score_thresh).all()
     boxes = det["boxes"]  # clipped to the image, in its own (not the resized) coordinates
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 160).all() and (boxes[:, 3] <= 128).all()
     assert (boxes[:, 2:] >= boxes[:, :2]).all()

@@ -19,10 +19,10 @@ def write_config(path, data_dir, work_dir, **train):
     cfg = {
         "model": {
             "backbone": {"name": "tiny", "args": {"widths": [8, 16, 32, 48, 48], "hidden": 64}},
-            "anchors": {"sizes": [16, 32, 64, 128]},
-            "rpn": {"pre_nms_top_n_train": 600, "post_nms_top_n_train": 150, "pre_nms_top_n_test": 300,
-                    "post_nms_top_n_test": 50, "min_size": 2, "batch_size_per_image": 64},
-            "roi_head": {"batch_size_per_image": 32},
+            "proposal_generator": {"name": "rpn", "anchors": {"sizes": [16, 32, 64, 128]},
+                                   "pre_nms_top_n_train": 600, "post_nms_top_n_train": 150, "pre_nms_top_n_test": 300,
+                                   "post_nms_top_n_test": 50, "min_size": 2, "batch_size_per_image": 64},
+            "roi_heads": {"batch_size_per_image": 32},
             "transform": {"min_size": 120, "max_size": 160},
         },
         "data": {
@@ -192,8 +192,8 @@ def test_bad_inputs_get_clear_messages(trained, data_dir, tmp_path, capsys):
     assert "missing.jpg" in capsys.readouterr().err
 
     cfg = write_config(tmp_path / "c.yaml", data_dir, tmp_path / "c")
-    assert main(["train", str(cfg), "--set", "model.rpn.nms_thres=0.5"]) == 2
-    assert "model.rpn.nms_thresh" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--set", "model.proposal_generator.nms_thres=0.5"]) == 2
+    assert "model.proposal_generator.nms_thresh" in capsys.readouterr().err
     bad_data = write_config(tmp_path / "d.yaml", data_dir, tmp_path / "d")
     raw = yaml.safe_load(bad_data.read_text())
     raw["data"]["train"]["annotation"] = raw["data"]["train"].pop("annotations")

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from detkit.config import AnchorConfig, RoIHeadConfig, RPNConfig
-from detkit.models.roi_heads import RoIHeads
+from detkit.config import RoIHeadsConfig
+from detkit.models.rpn import AnchorSettings, RPNSettings
+from detkit.models.roi_heads import BoxPredictor, RoIHeads
 from detkit.models.rpn import RegionProposalNetwork
 from detkit.models.transform import ImageList
 
@@ -39,11 +40,11 @@ def f64(values):
 
 
 def make_rpn(**kw):
-    return RegionProposalNetwork(RPNConfig(**kw), AnchorConfig(sizes=[32.0], aspect_ratios=[1.0]), 8, 16)
+    return RegionProposalNetwork(RPNSettings(**kw, anchors=AnchorSettings(sizes=[32.0], aspect_ratios=[1.0])), 8, 16)
 
 
 def make_roi_heads(**kw):
-    return RoIHeads(RoIHeadConfig(**kw), None, None, None, num_classes=2)
+    return RoIHeads(RoIHeadsConfig(**kw), None, None, BoxPredictor(), num_classes=2)
 
 
 # ----------------------------------------------------------------------------- RPN loss

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from detkit.config import ConfigError, from_dict
-from detkit.models.detector import build_detector
+from detkit.models.assembly import build_detector
 from detkit.models.svd import compress_fully_connected, truncated_svd
 from detkit.ops.spp import SpatialPyramidPool
 from detkit.ops.warp import context_padded_boxes, warp_regions
@@ -102,7 +102,7 @@ TARGETS = [{"boxes": torch.tensor([[5.0, 5.0, 40.0, 38.0]]), "labels": torch.ten
 ])
 def test_each_detector_trains_and_detects_on_given_proposals(registries, detector, extractor, extra):
     cfg = _model_cfg(detector=detector, proposal_generator="selective_search", roi_extractor=extractor,
-                     roi_head={"batch_size_per_image": 16}, **extra)
+                     roi_heads={"batch_size_per_image": 16}, **extra)
     model = build_detector(cfg, registries, 2, ["a", "b"])
     model.train()
     losses = model(IMAGES, TARGETS, PROPOSALS)
@@ -122,7 +122,7 @@ def test_each_detector_trains_and_detects_on_given_proposals(registries, detecto
 def test_multiscale_testing_pools_each_region_at_its_scale(registries):
     cfg = _model_cfg(detector="fast_rcnn", proposal_generator="selective_search",
                      transform={"min_size": 64, "max_size": 2000, "test_scales": [200, 400]},
-                     roi_head={"score_thresh": 0.0})
+                     roi_heads={"score_thresh": 0.0})
     model = build_detector(cfg, registries, 2, ["a", "b"]).eval()
     seen = []
     extractor = model.roi_heads.roi_extractor

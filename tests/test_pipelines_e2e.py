@@ -26,11 +26,9 @@ def write_config(root, name, model, **train):
     cfg = {
         "model": {
             "backbone": {"name": "tiny", "args": {"widths": [8, 8, 16, 16, 16], "hidden": 32}},
-            "anchors": {"sizes": [16, 32, 64]},
-            "rpn": {"pre_nms_top_n_train": 300, "post_nms_top_n_train": 100, "pre_nms_top_n_test": 200,
-                    "post_nms_top_n_test": 50, "min_size": 2, "batch_size_per_image": 64},
-            "selective_search": {"mode": "fast", "max_side": 128, "top_k": 100, "min_size": 2,
-                                 "cache_dir": str(root / "proposals"), "num_workers": 1},
+            "proposal_generator": {"name": "rpn", "anchors": {"sizes": [16, 32, 64]}, "pre_nms_top_n_train": 300,
+                                   "post_nms_top_n_train": 100, "pre_nms_top_n_test": 200,
+                                   "post_nms_top_n_test": 50, "min_size": 2, "batch_size_per_image": 64},
             "transform": {"min_size": 96, "max_size": 128},
             **model,
         },
@@ -47,16 +45,23 @@ def write_config(root, name, model, **train):
     return path
 
 
-SVM_HEAD = {"name": "svm", "batch_size_per_image": 16, "score_thresh": -10.0, "nms_thresh": 0.3}
+SVM_HEADS = {"batch_size_per_image": 16, "score_thresh": -10.0, "nms_thresh": 0.3}
+
+
+def selective_search(root):
+    return {"name": "selective_search", "mode": "fast", "max_side": 128, "top_k": 100, "min_size": 2,
+            "cache_dir": str(root / "proposals"), "num_workers": 1}
+
+
 DETECTORS = {
-    "fast_rcnn": {"detector": "fast_rcnn", "proposal_generator": "selective_search",
-                  "roi_head": {"batch_size_per_image": 16}},
-    "spp_net": {"detector": "spp_net", "proposal_generator": "selective_search",
+    "fast_rcnn": {"detector": "fast_rcnn", "roi_heads": {"batch_size_per_image": 16}},
+    "spp_net": {"detector": "spp_net",
                 "backbone": {"name": "tiny", "freeze_at": -1, "args": {"widths": [8, 8, 16, 16, 16], "hidden": 32}},
-                "roi_extractor": {"name": "spp", "levels": [3, 2, 1]}, "roi_head": SVM_HEAD},
-    "rcnn": {"detector": "rcnn", "proposal_generator": "selective_search",
+                "roi_extractor": {"name": "spp", "levels": [3, 2, 1]}, "roi_heads": SVM_HEADS,
+                "box_predictor": "svm"},
+    "rcnn": {"detector": "rcnn",
              "roi_extractor": {"name": "warp", "warp_size": 32, "context_padding": 2, "warp_batch": 64},
-             "roi_head": {**SVM_HEAD, "bg_iou_thresh_lo": 0.0, "box_loss_weight": 0.0},
+             "roi_heads": {**SVM_HEADS, "bg_iou_thresh_lo": 0.0, "box_loss_weight": 0.0}, "box_predictor": "svm",
              "transform": {"min_size": 0}},
 }
 
@@ -65,7 +70,7 @@ DETECTORS = {
 def trained(workspace):
     checkpoints = {}
     for name, model in DETECTORS.items():
-        config = write_config(workspace, name, model)
+        config = write_config(workspace, name, {"proposal_generator": selective_search(workspace), **model})
         assert main(["train", str(config), "--no-progress"]) == 0
         checkpoints[name] = workspace / name / "final.pth"
     config = write_config(workspace, "four_step", {}, schedule="four_step", four_step_iters=[3, 3, 2, 2])
@@ -113,7 +118,7 @@ def test_svm_detectors_have_fitted_svms_and_a_feature_cache(trained, workspace):
 
     for name in ("spp_net", "rcnn"):
         ckpt = load_checkpoint(str(trained[name]))
-        assert ckpt["config"]["model"]["roi_head"]["name"] == "svm"
+        assert ckpt["config"]["model"]["box_predictor"]["name"] == "svm"
         assert bool(ckpt["model"]["roi_heads.predictor.fitted"])
         assert torch.count_nonzero(ckpt["model"]["roi_heads.predictor.svm_weight"]) > 0
         assert (workspace / name / "finetune" / "final.pth").is_file()

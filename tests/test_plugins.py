@@ -108,8 +108,8 @@ def detkit_register_backbones(register):
 def test_out_of_tree_plugin_is_discovered_and_trains(tmp_path, monkeypatch):
     import torch
 
-    from detkit.config import ModelConfig
-    from detkit.models.detector import build_detector
+    from detkit.config import ModelConfig, PartConfig
+    from detkit.models.assembly import build_detector
 
     _write_dist(tmp_path, "detkit_pico", "pico", "detkit_pico", OUT_OF_TREE)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -120,8 +120,7 @@ def test_out_of_tree_plugin_is_discovered_and_trains(tmp_path, monkeypatch):
     cfg = ModelConfig()
     cfg.backbone.name = "piconet"
     cfg.transform.min_size, cfg.transform.max_size = 96, 128
-    cfg.anchors.sizes = [16.0, 32.0]
-    cfg.rpn.min_size = 1
+    cfg.proposal_generator = PartConfig("rpn", {"anchors": {"sizes": [16.0, 32.0]}, "min_size": 1})
     model = build_detector(cfg, reg, num_classes=2)
     params = [p for p in model.trunk.parameters()]
     before = [p.detach().clone() for p in params]

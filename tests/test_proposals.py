@@ -12,7 +12,7 @@ import yaml
 from detkit.cli import main
 from detkit.data import COCODataset
 from detkit.data.synth import render, synthesize
-from detkit.proposals import (ProposalCache, ProposalCacheError, compute_proposals, format_recall_table,
+from detkit.proposals import (ProposalCache, ProposalCacheError, fill_cache, format_recall_table,
                               plot_recall, proposal_recall, selective_search, selective_search_cache)
 from detkit.proposals import cache as cache_module
 
@@ -173,9 +173,9 @@ def no_tmp_files(directory):
 
 def test_cache_in_process_and_pool_agree(synth_dir, tmp_path):
     ds = dataset(synth_dir)
-    one = compute_proposals(ds, ProposalCache(str(tmp_path / "one"), ds, "ss", {"x": 1}), SS, num_workers=1,
+    one = fill_cache(ds, ProposalCache(str(tmp_path / "one"), ds, "ss", {"x": 1}), SS, num_workers=1,
                             progress=False)
-    two = compute_proposals(ds, ProposalCache(str(tmp_path / "two"), ds, "ss", {"x": 1}), SS, num_workers=2,
+    two = fill_cache(ds, ProposalCache(str(tmp_path / "two"), ds, "ss", {"x": 1}), SS, num_workers=2,
                             progress=False)
     assert one.complete and two.complete and one.missing() == [] and len(one) == 4
     for i in range(len(ds)):
@@ -194,7 +194,7 @@ def test_cache_in_process_and_pool_agree(synth_dir, tmp_path):
 def test_cache_resumes_only_missing_images(synth_dir, tmp_path):
     ds = dataset(synth_dir)
     fn = CountingFn()
-    cache = compute_proposals(ds, ProposalCache(str(tmp_path), ds, "ss", {}), fn, num_workers=1, progress=False)
+    cache = fill_cache(ds, ProposalCache(str(tmp_path), ds, "ss", {}), fn, num_workers=1, progress=False)
     assert fn.names == ["000000.png", "000001.png", "000002.png", "000003.png"]
     kept = cache.get(0)
     os.remove(cache.path(1))
@@ -205,11 +205,11 @@ def test_cache_resumes_only_missing_images(synth_dir, tmp_path):
     with pytest.raises(ProposalCacheError, match=r"no proposals for image 1 .*ss-"):
         reopened.get(1)
     fn.names.clear()
-    compute_proposals(ds, reopened, fn, num_workers=1, progress=False)
+    fill_cache(ds, reopened, fn, num_workers=1, progress=False)
     assert fn.names == ["000001.png", "000003.png"] and reopened.complete
     np.testing.assert_array_equal(reopened.get(0), kept)
     fn.names.clear()
-    compute_proposals(ds, reopened, fn, num_workers=1, progress=False)
+    fill_cache(ds, reopened, fn, num_workers=1, progress=False)
     assert fn.names == []
     with pytest.raises(ProposalCacheError, match="index 4 out of range"):
         reopened.get(4)
@@ -261,14 +261,17 @@ def test_corrupt_image_gets_whole_image_box(synth_dir, tmp_path, caplog):
 # ----------------------------------------------------------------------------- CLI
 
 
-def write_config(path, data_dir, work_dir, cache_dir, test=True):
+RPN = {"name": "rpn", "anchors": {"sizes": [16, 32, 64]}, "pre_nms_top_n_test": 200, "post_nms_top_n_test": 50,
+       "min_size": 2}
+
+
+def write_config(path, data_dir, work_dir, cache_dir, test=True, generator=None):
+    ss = {"name": "selective_search", "mode": "fast", "max_side": 500, "top_k": 100, "cache_dir": str(cache_dir)}
     cfg = {
         "model": {
             "backbone": {"name": "tiny", "args": {"widths": [8, 16, 32, 48, 48], "hidden": 64}},
-            "anchors": {"sizes": [16, 32, 64]},
-            "rpn": {"pre_nms_top_n_test": 200, "post_nms_top_n_test": 50, "min_size": 2},
+            "proposal_generator": generator or ss,
             "transform": {"min_size": 48, "max_size": 64},
-            "selective_search": {"mode": "fast", "max_side": 500, "top_k": 100, "cache_dir": str(cache_dir)},
         },
         "data": {"train": {"name": "coco", "images": f"{data_dir}/a/images",
                            "annotations": f"{data_dir}/a/annotations.json"}},
@@ -285,7 +288,7 @@ def untrained_checkpoint(cfg_path, path, registries):
     from detkit.checkpoint import save_checkpoint
     from detkit.config import load_config, to_dict
     from detkit.data.synth import CLASSES
-    from detkit.models.detector import build_detector
+    from detkit.models.assembly import build_detector
 
     cfg = load_config(cfg_path)
     model = build_detector(cfg.model, registries, len(CLASSES), list(CLASSES))
@@ -302,10 +305,14 @@ def test_cli_compute_and_eval(synth_dir, tmp_path, capsys, registries):
     assert len(caches) == 2 and all(c.startswith("selective_search-") for c in caches)
     assert "train: " in out and "test: " in out and "4 images; boxes per image: mean" in out
     assert main(["proposals", "compute", str(cfg), "--split", "test", "--no-progress",
-                 "--set", "model.selective_search.top_k=10"]) == 0
+                 "--set", "model.proposal_generator.top_k=10"]) == 0
     assert "max 10" in capsys.readouterr().out and len(os.listdir(tmp_path / "proposals")) == 3
 
-    ckpt = untrained_checkpoint(cfg, tmp_path / "ckpt.pth", registries)
+    faster = write_config(tmp_path / "faster.yaml", synth_dir, tmp_path / "work", tmp_path / "proposals",
+                          generator=RPN)
+    assert main(["proposals", "compute", str(faster), "--no-progress"]) == 2  # an RPN config has no search settings
+    assert "model.proposal_generator.name is 'rpn'" in capsys.readouterr().err
+    ckpt = untrained_checkpoint(faster, tmp_path / "ckpt.pth", registries)
     assert main(["proposals", "eval", str(cfg), "--checkpoint", str(ckpt), "--device", "cpu",
                  "--no-progress"]) == 0
     out_dir = tmp_path / "work" / "proposals_eval"
@@ -327,5 +334,5 @@ def test_cli_missing_split_names_the_key(synth_dir, tmp_path, capsys):
     assert "data.test" in capsys.readouterr().err
     assert not (tmp_path / "proposals").exists()  # nothing computed before the config was checked
     assert main(["proposals", "compute", str(cfg), "--split", "train", "--no-progress",
-                 "--set", "model.selective_search.mode=slow"]) == 2
-    assert "model.selective_search.mode='slow'" in capsys.readouterr().err
+                 "--set", "model.proposal_generator.mode=slow"]) == 2
+    assert "model.proposal_generator.mode='slow'" in capsys.readouterr().err

@@ -2,14 +2,15 @@
 ``sample_seed`` alone, not on the batch it is in, the process it runs in or the global RNG."""
 import torch
 
-from detkit.config import AnchorConfig, RoIHeadConfig, RPNConfig
+from detkit.config import RoIHeadsConfig
+from detkit.models.rpn import AnchorSettings, RPNSettings
 from detkit.models.roi_heads import RoIHeads
 from detkit.models.rpn import RegionProposalNetwork, sample_balanced
 from detkit.ops import BalancedSampler
 
 
 def make_rpn(**kw):
-    return RegionProposalNetwork(RPNConfig(**kw), AnchorConfig(sizes=[32.0, 64.0], aspect_ratios=[1.0]), 8, 16)
+    return RegionProposalNetwork(RPNSettings(**kw, anchors=AnchorSettings(sizes=[32.0, 64.0], aspect_ratios=[1.0])), 8, 16)
 
 
 def random_labels(n: int, seed: int) -> torch.Tensor:
@@ -63,7 +64,7 @@ def test_without_sample_seed_the_global_rng_draws():
 
 
 def test_an_image_draws_the_same_rois_in_any_batch():
-    heads = RoIHeads(RoIHeadConfig(batch_size_per_image=16, positive_fraction=0.25), None, None, None, num_classes=3)
+    heads = RoIHeads(RoIHeadsConfig(batch_size_per_image=16, positive_fraction=0.25), None, None, None, num_classes=3)
     g = torch.Generator().manual_seed(0)
 
     def image():

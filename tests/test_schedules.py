@@ -10,7 +10,7 @@ from detkit.hookspecs import hookimpl
 from detkit.plugins import PluginError, get_plugin_manager, get_registries
 from detkit.training import declared_schedules, resolve_schedule, train
 
-SVM = {"model": {"roi_head": {"name": "svm"}}}
+SVM = {"model": {"box_predictor": {"name": "svm"}}}
 
 
 def _schedule(cfg: dict, registries) -> str:
@@ -20,7 +20,7 @@ def _schedule(cfg: dict, registries) -> str:
 def test_core_schedules_and_the_schedule_a_part_declares(registries):
     assert {"end_to_end", "four_step", "svm_posthoc"} <= set(registries.schedules)
     assert _schedule({}, registries) == "end_to_end"
-    assert declared_schedules(from_dict(SVM).model, registries) == {"svm_posthoc": ["model.roi_head.name='svm'"]}
+    assert declared_schedules(from_dict(SVM).model, registries) == {"svm_posthoc": ["model.box_predictor.name='svm'"]}
     assert _schedule(SVM, registries) == "svm_posthoc"
     # An old config's explicit end_to_end means what it meant: the default, which gives way to the head's.
     assert _schedule({**SVM, "train": {"schedule": "end_to_end"}}, registries) == "svm_posthoc"
@@ -48,7 +48,7 @@ def test_duplicate_schedule_names_both_plugins():
 
 def test_staged_schedules_refuse_torchrun(registries, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=r"model.roi_head.name='svm'.*without torchrun"):
+    with pytest.raises(ConfigError, match=r"model.box_predictor.name='svm'.*without torchrun"):
         train(from_dict(SVM), registries)
     with pytest.raises(ConfigError, match=r"train.schedule='four_step'.*without torchrun"):
         train(from_dict({"train": {"schedule": "four_step"}}), registries)
@@ -59,7 +59,7 @@ def _recipe_plugin(calls: list, declare_on: str = "heads"):
     plugin = types.ModuleType("recipe_plugin")
 
     def distill(cfg, registries, resume=None, progress=True):
-        calls.append((cfg.model.roi_head.name, resume, progress))
+        calls.append((cfg.model.box_predictor.name, resume, progress))
         return {"checkpoint": None, "metrics": None, "model": None}
 
     @hookimpl
@@ -84,16 +84,16 @@ def test_third_party_schedule_runs_when_a_part_declares_it_or_the_config_names_i
     calls = []
     registries = get_registries(get_plugin_manager(plugins=[_recipe_plugin(calls)]))
     assert registries.schedules.get("distill").plugin == "recipe_plugin"
-    train(from_dict({"model": {"roi_head": {"name": "student"}}}), registries, resume=True, progress=False)
+    train(from_dict({"model": {"box_predictor": {"name": "student"}}}), registries, resume=True, progress=False)
     train(from_dict({"train": {"schedule": "distill"}}), registries)
     assert calls == [("student", True, False), ("softmax_box", None, True)]
 
 
 def test_parts_that_declare_different_schedules_are_an_error():
     registries = get_registries(get_plugin_manager(plugins=[_recipe_plugin([])]))
-    cfg = {"model": {"roi_head": {"name": "student"}, "proposal_generator": "learned_ss"}}
-    with pytest.raises(ConfigError, match=r"model.proposal_generator='learned_ss' needs 'svm_posthoc'.*"
-                                          r"model.roi_head.name='student' needs 'distill'"):
+    cfg = {"model": {"box_predictor": {"name": "student"}, "proposal_generator": "learned_ss"}}
+    with pytest.raises(ConfigError, match=r"model.proposal_generator.name='learned_ss' needs 'svm_posthoc'.*"
+                                          r"model.box_predictor.name='student' needs 'distill'"):
         _schedule(cfg, registries)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.svm import LinearSVC
 
-from detkit.config import SVMConfig
+from detkit.models.svm import SVMSettings
 from detkit.feature_cache import FeatureCache, FeatureCacheError
 from detkit.models import svm as svm_module
 from detkit.models.svm import (NEVER_FIRES_BIAS, SVMBoxHead, box_regression_targets, fit_svm_head, ridge_regression,
@@ -353,7 +353,7 @@ def test_fit_svm_head_end_to_end(tmp_path, caplog):
     proposals_fn = jittered_proposals(dataset)
     head = SVMBoxHead(in_features=7, num_classes=2, pooled_features=8)
     (tmp_path / "features.partial").mkdir()  # left by an interrupted run
-    cfg = SVMConfig(ridge_lambda=1.0)
+    cfg = SVMSettings(ridge_lambda=1.0)
     stats = fit_svm_head(model, dataset, proposals_fn, head, tmp_path, "cpu", cfg, fingerprint="m1",
                          regions_per_call=16, progress=False)
     assert model.training  # mode restored

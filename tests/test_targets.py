@@ -2,15 +2,16 @@
 import pytest
 import torch
 
-from detkit.config import AnchorConfig, RoIHeadConfig, RPNConfig
+from detkit.config import RoIHeadsConfig
+from detkit.models.rpn import AnchorSettings, RPNSettings
 from detkit.models.roi_heads import RoIHeads
 from detkit.models.rpn import RegionProposalNetwork
 from detkit.ops import box_iou
 
 
 def make_rpn(**kw):
-    cfg = RPNConfig(**kw)
-    return RegionProposalNetwork(cfg, AnchorConfig(sizes=[32.0, 64.0], aspect_ratios=[1.0]), 8, 16)
+    cfg = RPNSettings(**kw, anchors=AnchorSettings(sizes=[32.0, 64.0], aspect_ratios=[1.0]))
+    return RegionProposalNetwork(cfg, 8, 16)
 
 
 def test_rpn_labels_follow_paper_rules():
@@ -72,7 +73,7 @@ def test_rpn_sampling_and_loss_counts():
 
 
 def make_roi_heads(**kw):
-    cfg = RoIHeadConfig(**kw)
+    cfg = RoIHeadsConfig(**kw)
     return RoIHeads(cfg, None, None, None, num_classes=3)
 
 

@@ -85,7 +85,7 @@ def _pipeline_model(path: str, overrides: list[str], registries, device, class_n
     from detkit.config import load_config
     from detkit.checkpoint import model_from_checkpoint
     from detkit.data.loading import build_dataset
-    from detkit.models.detector import build_detector
+    from detkit.models.assembly import build_detector
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint or config file")

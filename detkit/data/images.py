@@ -56,3 +56,21 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if channels == 3:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     raise ImageReadError(f"{path}: unsupported number of channels ({channels})")
+
+
+def to_chw_tensor(image: np.ndarray, device=None):
+    """An ``(H, W, 3)`` uint8 image as the ``(3, H, W)`` uint8 tensor detectors take (on ``device``)."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    return tensor if device is None else tensor.to(device)
+
+
+def to_hwc_uint8(image) -> np.ndarray:
+    """A ``(3, H, W)`` uint8 (or [0, 1] float) tensor as an ``(H, W, 3)`` uint8 array on the host."""
+    import torch
+
+    arr = image.detach().cpu()
+    if arr.dtype != torch.uint8:
+        arr = (arr.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return np.ascontiguousarray(arr.permute(1, 2, 0).numpy())

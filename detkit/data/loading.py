@@ -10,10 +10,10 @@ from __future__ import annotations
 import inspect
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from detkit.config import ConfigError, DataConfig, check_kwargs
+from detkit.data.images import to_chw_tensor
 
 #: keyword arguments detkit hands a dataset builder; a config may not set them
 RESERVED_DATASET_KEYS = ("transform", "skip_empty", "build_dataset")
@@ -44,13 +44,18 @@ def build_dataset(spec: dict | None, registries, key: str, transform=None, skip_
     return entry.builder(**spec, **given)
 
 
-def to_tensor_batch(batch):
-    """Collate dataset samples ``(HxWx3 uint8 array, target)`` into lists of ``(3, H, W)`` uint8 tensors."""
-    images, targets = [], []
+def to_tensor_batch(batch) -> tuple[list[torch.Tensor], list[dict], list[torch.Tensor] | None]:
+    """Collate dataset samples ``(HxWx3 uint8 array, target)`` into a batch ``(images, targets, proposals)``:
+    ``(3, H, W)`` uint8 tensors, the targets, and the proposals the samples carry (a proposal cache attached
+    to the dataset; ``Tensor[N_i, 4]`` in original-image pixels, after the same augmentation as the image),
+    or None when they carry none."""
+    images, targets, proposals = [], [], []
     for image, target in batch:
-        images.append(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        images.append(to_chw_tensor(image))
+        target = dict(target)
+        proposals.append(target.pop("proposals", None))
         targets.append(target)
-    return images, targets
+    return images, targets, (None if any(p is None for p in proposals) else proposals)
 
 
 class PositionSeeded(torch.utils.data.Dataset):

@@ -32,9 +32,10 @@ def predict_dataset(model: nn.Module, dataset, device: torch.device, batch_size:
         from tqdm import tqdm
 
         iterator = tqdm(loader, desc="eval", dynamic_ncols=True, mininterval=1.0)
-    for images, targets in iterator:
-        props = [t["proposals"].to(device) for t in targets] if "proposals" in targets[0] else None
-        dets = model([img.to(device) for img in images], None, props)
+    for images, targets, proposals in iterator:
+        if proposals is not None:
+            proposals = [p.to(device) for p in proposals]
+        dets = model([img.to(device) for img in images], None, proposals)
         for det, target in zip(dets, targets):
             outputs.append({"image_id": int(target["image_id"]), **{k: v.cpu() for k, v in det.items()}})
     return outputs
@@ -56,14 +57,14 @@ def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, ou
     if list(dataset.class_names) != list(names):
         raise ConfigError(f"the evaluation dataset's classes {list(dataset.class_names)} differ from the model's "
                           f"{list(names)}")
-    attach_proposals(dataset, model, cfg, progress, info)
+    attach_proposals(dataset, model, progress, info)
     predictions = predict_dataset(model, dataset, device, batch_size=1, num_workers=cfg.data.num_workers,
                                   progress=progress and info.is_main, shard=(info.rank, info.world_size))
     predictions = [p for part in gather_objects(predictions, info) for p in part]
     if not info.is_main:
         return None
     results = _coco_results(predictions, cfg.eval.score_thresh, list(dataset.cat_ids))
-    return _score_and_write(dataset, results, cfg, list(names), out_dir)
+    return score_and_write(dataset, results, out_dir, cfg.eval.metric, cfg.eval.backend, list(names))
 
 
 def _coco_results(predictions: list[dict], score_thresh: float | None, cat_ids: list[int]) -> list[dict]:
@@ -76,15 +77,19 @@ def _coco_results(predictions: list[dict], score_thresh: float | None, cat_ids: 
     return results
 
 
-def _score_and_write(dataset, results: list[dict], cfg: Config, names: list[str], out_dir: str) -> dict:
+def score_and_write(dataset, results: list[dict], out_dir: str, metric: str, backend: str, names: list[str],
+                    write_results: bool = True) -> dict:
+    """Score COCO-format ``results`` on ``dataset``, write ``metrics.json`` (with the error report's
+    figures) and, with ``write_results``, ``results.json`` under ``out_dir``; print the metrics table."""
     from detkit.media import write_json_atomic
     from detkit.reports import evaluation_report
 
     gt = dataset.to_coco()
-    metrics = score_results(gt, results, cfg.eval.metric, cfg.eval.backend, names)
-    metrics["errors"] = evaluation_report(dataset, gt, results, out_dir, names)
+    metrics = score_results(gt, results, metric, backend, names)
     os.makedirs(out_dir, exist_ok=True)
-    write_json_atomic(os.path.join(out_dir, "results.json"), results)
+    metrics["errors"] = evaluation_report(dataset, gt, results, out_dir, names)
+    if write_results:
+        write_json_atomic(os.path.join(out_dir, "results.json"), results)
     write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
     print(format_metrics(metrics))
     return metrics

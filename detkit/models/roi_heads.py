@@ -13,16 +13,38 @@ suppressed per class, keeping at most 100 per image. Targets with a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkit.config import RoIHeadConfig
+from detkit.config import RoIHeadsConfig
 from detkit.models.rpn import ROI_STREAM, sample_balanced, sample_generators
 from detkit.ops import BalancedSampler, BoxCoder, Matcher, batched_nms, box_iou, clip_boxes, remove_small_boxes
 
 
-class SoftmaxBoxHead(nn.Module):
+class BoxPredictor(nn.Module):
+    """Base class of box predictors (a registered head's builder returns one).
+
+    ``forward(vectors (R, D), pooled (R, P))`` -> ``class_logits (R, K+1)``, ``box_deltas (R, 4(K+1))``:
+    ``vectors`` are the RoI head's output (fc7), ``pooled`` the flattened pooled grid (pool5) for a
+    predictor that reads it (R-CNN's ridge regressor).
+    """
+
+    def class_scores(self, class_logits: Tensor) -> Tensor:
+        """Test-time scores ``(R, K+1)`` from the predictor's outputs: a softmax over the classes."""
+        return F.softmax(class_logits.float(), dim=-1)
+
+
+@dataclass
+class SoftmaxBoxSettings:
+    """The ``softmax_box`` predictor's config keys."""
+
+    dropout: float = 0.0  # dropout on the head's input vectors
+
+
+class SoftmaxBoxHead(BoxPredictor):
     """``(R, in_features)`` -> ``class_logits (R, K+1)``, ``box_deltas (R, 4(K+1))``."""
 
     def __init__(self, in_features: int, num_classes: int, dropout: float = 0.0):
@@ -36,13 +58,13 @@ class SoftmaxBoxHead(nn.Module):
         nn.init.zeros_(self.cls_score.bias)
         nn.init.zeros_(self.bbox_pred.bias)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, pooled: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = self.dropout(x.flatten(1))
         return self.cls_score(x), self.bbox_pred(x)
 
 
 class RoIHeads(nn.Module):
-    def __init__(self, cfg: RoIHeadConfig, roi_extractor: nn.Module, box_head: nn.Module, predictor: nn.Module,
+    def __init__(self, cfg: RoIHeadsConfig, roi_extractor: nn.Module, box_head: nn.Module, predictor: nn.Module,
                  num_classes: int):
         super().__init__()
         self.cfg = cfg
@@ -70,12 +92,9 @@ class RoIHeads(nn.Module):
         return self.classify(self.roi_extractor(features, proposals, image_sizes))
 
     def classify(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
-        """Pooled regions ``(R, ...)`` -> ``class_logits (R, K+1)``, ``box_deltas (R, 4(K+1))``. A predictor
-        with ``needs_pooled`` (R-CNN's ridge regressor works on pool5) also receives the flattened pooled grid."""
-        vectors = self.box_head(pooled)
-        if getattr(self.predictor, "needs_pooled", False):
-            return self.predictor(vectors, pooled=pooled.flatten(1))
-        return self.predictor(vectors)
+        """Pooled regions ``(R, ...)`` -> ``class_logits (R, K+1)``, ``box_deltas (R, 4(K+1))``: the RoI head's
+        vectors and the flattened pooled grid go to the predictor."""
+        return self.predictor(self.box_head(pooled), pooled.flatten(1))
 
     def select_training_samples(self, proposals: list[Tensor], targets: list[dict]):
         """Add gt to proposals, label by IoU and sample a fixed mini-batch per image.
@@ -124,11 +143,7 @@ class RoIHeads(nn.Module):
                     image_sizes) -> list[dict]:
         counts = [p.shape[0] for p in proposals]
         boxes = self.box_coder.decode(box_deltas, torch.cat(proposals)).view(-1, self.num_classes + 1, 4)
-        # SVM scores (R-CNN) are margins, not logits: they are thresholded and ranked as they are.
-        if getattr(self.predictor, "scores_are_probabilities", True):
-            scores = F.softmax(class_logits.float(), dim=-1)
-        else:
-            scores = class_logits.float()
+        scores = self.predictor.class_scores(class_logits)
         results = []
         for img_boxes, img_scores, size in zip(boxes.split(counts), scores.split(counts), image_sizes):
             img_boxes = clip_boxes(img_boxes, size)[:, 1:].reshape(-1, 4)

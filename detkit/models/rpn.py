@@ -13,12 +13,14 @@ sample's draw does not depend on which process or batch it lands in.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import nms
 
-from detkit.config import AnchorConfig, RPNConfig
+from detkit.models.proposal_source import ProposalSource
 from detkit.models.transform import ImageList
 from detkit.ops import AnchorGenerator, BalancedSampler, BoxCoder, Matcher, box_iou, clip_boxes, remove_small_boxes
 
@@ -77,11 +79,38 @@ class RPNHead(nn.Module):
         return self.cls_logits(t), self.bbox_pred(t)
 
 
-class RegionProposalNetwork(nn.Module):
-    def __init__(self, cfg: RPNConfig, anchors: AnchorConfig, in_channels: int, stride: int):
+@dataclass
+class AnchorSettings:
+    sizes: list[float] = field(default_factory=lambda: [128.0, 256.0, 512.0])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+
+
+@dataclass
+class RPNSettings:
+    """The ``rpn`` proposal generator's config keys (Faster R-CNN Sec. 3.1.3 and 3.3 as defaults)."""
+
+    conv_channels: int | None = None  # None: the trunk's channels (512 for VGG-16, as in the paper)
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    pre_nms_top_n_train: int = 12000
+    post_nms_top_n_train: int = 2000
+    pre_nms_top_n_test: int = 6000
+    post_nms_top_n_test: int = 300
+    nms_thresh: float = 0.7
+    min_size: float = 16.0  # in original-image pixels
+    straddle_thresh: float = 0.0  # anchors crossing the border by more are ignored in training; <0 keeps all
+    box_loss_weight: float = 1.0
+    smooth_l1_beta: float = 1.0 / 9.0
+    anchors: AnchorSettings = field(default_factory=AnchorSettings)
+
+
+class RegionProposalNetwork(ProposalSource):
+    def __init__(self, cfg: RPNSettings, in_channels: int, stride: int):
         super().__init__()
         self.cfg = cfg
-        self.anchor_generator = AnchorGenerator(anchors.sizes, anchors.aspect_ratios, stride)
+        self.anchor_generator = AnchorGenerator(cfg.anchors.sizes, cfg.anchors.aspect_ratios, stride)
         self.head = RPNHead(in_channels, cfg.conv_channels or in_channels,
                             self.anchor_generator.num_anchors_per_location)
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
@@ -89,9 +118,10 @@ class RegionProposalNetwork(nn.Module):
         self.sampler = BalancedSampler(cfg.batch_size_per_image, cfg.positive_fraction)
 
     def forward(self, images: ImageList, features: Tensor, targets: list[dict] | None = None,
-                precomputed: list[Tensor] | None = None):
-        """Returns ``(proposals: list[Tensor[N_i, 4]], losses)``; losses are empty at inference.
-        ``precomputed`` proposals are not used: the RPN makes its own."""
+                given: list[Tensor] | None = None, phase: str | None = None):
+        """Returns ``(proposals: list[Tensor[N_i, 4]], losses)`` in resized-image pixels; losses are empty at
+        inference. ``given`` proposals are not used: the RPN makes its own. ``phase`` ("train" | "test")
+        chooses the pre/post-NMS top-N; None: by the module's mode."""
         objectness, deltas = self.head(features)
         b, a, h, w = objectness.shape
         # (B, A, H, W) -> (B, H*W*A), matching the anchor generator's position-major order.
@@ -99,7 +129,8 @@ class RegionProposalNetwork(nn.Module):
         deltas = deltas.view(b, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4)
         anchors = self.anchor_generator.grid_anchors((h, w), dtype=deltas.dtype, device=deltas.device)
 
-        proposals = self.filter_proposals(deltas.detach(), anchors, objectness.detach(), images)
+        phase = phase or ("train" if self.training else "test")
+        proposals = self.filter_proposals(deltas.detach(), anchors, objectness.detach(), images, phase)
 
         losses = {}
         if self.training:
@@ -110,14 +141,15 @@ class RegionProposalNetwork(nn.Module):
             losses = self.compute_loss(objectness, deltas, anchors, labels, matched_gt, pos, neg)
         return proposals, losses
 
-    def filter_proposals(self, deltas: Tensor, anchors: Tensor, scores: Tensor, images: ImageList) -> list[Tensor]:
+    def filter_proposals(self, deltas: Tensor, anchors: Tensor, scores: Tensor, images: ImageList,
+                         phase: str = "test") -> list[Tensor]:
         """Top-N anchors by objectness, decode, clip, drop small boxes, NMS, top-N again; per image.
 
         deltas ``(B, A_total, 4)``, anchors ``(A_total, 4)``, scores ``(B, A_total)``. Only the top-N
-        anchors are decoded (the rest could never survive).
+        anchors are decoded (the rest could never survive). ``phase``: the training or the test top-N.
         """
-        pre_n = self.cfg.pre_nms_top_n_train if self.training else self.cfg.pre_nms_top_n_test
-        post_n = self.cfg.post_nms_top_n_train if self.training else self.cfg.post_nms_top_n_test
+        pre_n = self.cfg.pre_nms_top_n_train if phase == "train" else self.cfg.pre_nms_top_n_test
+        post_n = self.cfg.post_nms_top_n_train if phase == "train" else self.cfg.post_nms_top_n_test
         k = min(pre_n, scores.shape[1])
         top_scores, top_idx = scores.topk(k, dim=1)
         top_deltas = torch.gather(deltas, 1, top_idx[..., None].expand(-1, -1, 4))

@@ -19,15 +19,17 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detkit.config import SVMConfig
+from detkit.data.images import to_chw_tensor
 from detkit.feature_cache import FeatureCache, FeatureCacheError
+from detkit.models.roi_heads import BoxPredictor
 from detkit.ops import BoxCoder, box_iou
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,28 @@ NEVER_FIRES_BIAS = -1e4  # bias of a class without positives: its SVM never scor
 _UNFITTED = "the SVMs of this R-CNN are not trained: run the SVM stage (detkit train ...)"
 
 
-class SVMBoxHead(nn.Module):
+@dataclass
+class SVMSettings:
+    """The ``svm`` box predictor's config keys: the R-CNN post-hoc classifiers (Sec. 2.3, Appendix B) and box
+    regressor (Appendix C)."""
+
+    C: float = 0.001  # liblinear's C, as in R-CNN
+    positive_weight: float = 2.0
+    bias_multiplier: float = 10.0
+    neg_iou: float = 0.3  # negatives: IoU < 0.3 with every ground truth of the class
+    hard_thresh: float = -1.0001  # negatives scoring above this are hard
+    evict_thresh: float = -1.2  # cached negatives scoring below this are dropped after a retrain
+    retrain_limit: int = 2000  # retrain a class's SVM once this many new hard negatives were mined
+    rounds: int = 1  # passes of hard-negative mining over the training set
+    max_iter: int = 10000  # liblinear iterations per fit
+    tol: float = 0.1  # liblinear's default stopping tolerance for the dual solver, as R-CNN ran it
+    cache_dtype: str = "float32"  # float16 halves the feature cache (R-CNN's VOC cache is hundreds of GB)
+    feature_norm: float = 20.0  # features are scaled so their mean L2 norm is this
+    ridge_lambda: float = 1000.0
+    ridge_min_iou: float = 0.6  # box regression learns from proposals with IoU > 0.6
+
+
+class SVMBoxHead(BoxPredictor):
     """Per-class linear SVMs and ridge box regressors as the predictor of the RoI heads.
 
     ``forward(vectors (R, D), pooled (R, P) | None) -> scores (R, K+1), deltas (R, 4(K+1))``:
@@ -55,9 +78,6 @@ class SVMBoxHead(nn.Module):
     standardisation), ``pooled_scale ()`` (pool5 features are scaled to mean norm 20 too, as R-CNN did,
     so that lambda means the same for every backbone), ``fitted ()`` and ``regressor_fitted ()`` bools.
     """
-
-    needs_pooled = True
-    scores_are_probabilities = False
 
     def __init__(self, in_features: int, num_classes: int, pooled_features: int | None = None,
                  box_coder_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0)):
@@ -91,6 +111,10 @@ class SVMBoxHead(nn.Module):
         if pooled is not None and self.pooled_features is not None and bool(self.regressor_fitted):
             deltas[:, 1:] = self.regress(pooled)
         return scores, deltas.view(x.shape[0], 4 * (self.num_classes + 1))
+
+    def class_scores(self, class_logits: Tensor) -> Tensor:
+        """SVM margins are thresholded and ranked as they are (no softmax)."""
+        return class_logits.float()
 
     def regress(self, pooled: Tensor) -> Tensor:
         """``pooled (R, P)`` -> per-class deltas ``(R, K, 4)`` in the box coder's parametrisation."""
@@ -198,77 +222,136 @@ def train_linear_svms(cache: FeatureCache, classes: Sequence[str], *, C: float =
         raise FeatureCacheError(f"{cache.path}: the cache has {cache.num_classes} classes, {num_classes} names given")
     feats = cache.features(feature)
     gt_label = np.asarray(cache.gt_label)
-    dim = feats.shape[1]
-    weight = np.zeros((num_classes, dim), np.float64)
-    bias = np.zeros(num_classes, np.float64)
-    stats = [{"class": str(name), "positives": 0, "negatives": 0, "hard_negatives": 0, "retrains": 0,
-              "objective": float("nan"), "pos_loss": float("nan"), "neg_loss": float("nan"), "reg": float("nan")}
-             for name in classes]
+    positives = _positive_examples(feats, gt_label, classes, feature_scale)
+    svms = _MinedSVMs(classes, positives, feats.shape[1], C=C, positive_weight=positive_weight,
+                      bias_multiplier=bias_multiplier, max_iter=max_iter, tol=tol, evict_thresh=evict_thresh)
+    _mine_hard_negatives(svms, cache, feats, gt_label, feature_scale=feature_scale, neg_iou=neg_iou,
+                         hard_thresh=hard_thresh, retrain_limit=retrain_limit, rounds=rounds, chunk_rows=chunk_rows,
+                         progress=progress)
+    svms.final_fit()
+    return svms.weight.astype(np.float32), svms.bias.astype(np.float32), svms.stats
+
+
+def _positive_examples(feats: np.ndarray, gt_label: np.ndarray, classes: Sequence[str],
+                       feature_scale: float) -> list[np.ndarray]:
+    """Each class's positives: the scaled features ``(n_k, D)`` float32 of its ground-truth rows.
+
+    feats ``(N, D)`` (a memmap), gt_label ``(N,)``: 0 for proposals, the class (1..K) for ground truth.
+    A class without positives is warned about; its entry is ``(0, D)``.
+    """
     positives = []
-    for k in range(num_classes):
+    for k in range(len(classes)):
         rows = np.flatnonzero(gt_label == k + 1)
-        stats[k]["positives"] = len(rows)
         positives.append(np.asarray(feats[rows], np.float32) * np.float32(feature_scale))
         if not len(rows):
             log.warning("SVM of class %r: no positive examples; it will never fire", classes[k])
-            bias[k] = NEVER_FIRES_BIAS  # scores below hard_thresh: nothing is mined for it either
-    active = np.asarray([len(p) > 0 for p in positives])
-    # Each class's negative cache: rows and scaled features, plus what was mined since the last retrain
-    # (kept as lists, so adding a chunk's hard negatives does not copy the cache).
-    neg_rows = [np.zeros(0, np.int64) for _ in range(num_classes)]
-    neg_feats = [np.zeros((0, dim), np.float32) for _ in range(num_classes)]
-    new_rows: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
-    new_feats: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
-    since_retrain = np.zeros(num_classes, np.int64)
+    return positives
 
-    def retrain(k: int) -> None:
-        neg_rows[k] = np.concatenate([neg_rows[k], *new_rows[k]])
-        neg_feats[k] = np.concatenate([neg_feats[k], *new_feats[k]])
-        new_rows[k], new_feats[k] = [], []
-        since_retrain[k] = 0
-        if not len(neg_feats[k]):
-            log.warning("SVM of class %r: no negative examples; it will never fire", classes[k])
-            weight[k], bias[k] = 0.0, NEVER_FIRES_BIAS
+
+class _MinedSVMs:
+    """The K SVMs of :func:`train_linear_svms` while they are trained, and each one's negative cache.
+
+    ``weight (K, D)``, ``bias (K,)`` float64: the current SVMs, for scaled features; ``stats``: the per-class
+    statistics :func:`train_linear_svms` returns. Per class k, ``neg_rows[k] (n_k,)`` cache rows and
+    ``neg_feats[k] (n_k, D)`` float32 scaled features: the negatives kept at its last retrain;
+    ``new_rows[k]``, ``new_feats[k]``: the hard negatives mined since (``since_retrain[k]`` of them).
+    ``active (K,)``: the classes that have positives; only those are mined and trained.
+    """
+
+    def __init__(self, classes: Sequence[str], positives: list[np.ndarray], dim: int, *, C: float,
+                 positive_weight: float, bias_multiplier: float, max_iter: int, tol: float, evict_thresh: float):
+        num_classes = len(classes)
+        self.classes, self.positives = classes, positives
+        self.C, self.positive_weight, self.bias_multiplier = C, positive_weight, bias_multiplier
+        self.max_iter, self.tol, self.evict_thresh = max_iter, tol, evict_thresh
+        self.weight = np.zeros((num_classes, dim), np.float64)
+        self.bias = np.zeros(num_classes, np.float64)
+        self.stats = [{"class": str(name), "positives": len(positives[k]), "negatives": 0, "hard_negatives": 0,
+                       "retrains": 0, "objective": float("nan"), "pos_loss": float("nan"),
+                       "neg_loss": float("nan"), "reg": float("nan")} for k, name in enumerate(classes)]
+        for k in range(num_classes):
+            if not len(positives[k]):
+                self.bias[k] = NEVER_FIRES_BIAS  # scores below hard_thresh: nothing is mined for it either
+        self.active = np.asarray([len(p) > 0 for p in positives])
+        self.neg_rows = [np.zeros(0, np.int64) for _ in range(num_classes)]
+        self.neg_feats = [np.zeros((0, dim), np.float32) for _ in range(num_classes)]
+        # Kept as lists, so adding a chunk's hard negatives does not copy the cache.
+        self.new_rows: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+        self.new_feats: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+        self.since_retrain = np.zeros(num_classes, np.int64)
+
+    def cached_rows(self, k: int) -> np.ndarray:
+        """The cache rows ``(n,)`` of every negative class k holds, kept or newly mined."""
+        return np.concatenate([self.neg_rows[k], *self.new_rows[k]])
+
+    def add(self, k: int, rows: np.ndarray, feats: np.ndarray) -> None:
+        """Add hard negatives of class k: cache ``rows (n,)`` and their scaled ``feats (n, D)``."""
+        self.new_rows[k].append(rows)
+        self.new_feats[k].append(feats)
+        self.since_retrain[k] += len(rows)
+        self.stats[k]["hard_negatives"] += len(rows)
+
+    def retrain(self, k: int) -> None:
+        """Refit class k's SVM on its positives and all its cached negatives, then evict the easy ones
+        (scoring below ``evict_thresh``). Without negatives it gets weight 0 and ``NEVER_FIRES_BIAS``."""
+        self.neg_rows[k] = np.concatenate([self.neg_rows[k], *self.new_rows[k]])
+        self.neg_feats[k] = np.concatenate([self.neg_feats[k], *self.new_feats[k]])
+        self.new_rows[k], self.new_feats[k] = [], []
+        self.since_retrain[k] = 0
+        if not len(self.neg_feats[k]):
+            log.warning("SVM of class %r: no negative examples; it will never fire", self.classes[k])
+            self.weight[k], self.bias[k] = 0.0, NEVER_FIRES_BIAS
             return
-        w, b, fit_stats = _fit_one_svm(positives[k], neg_feats[k], C, positive_weight, bias_multiplier, max_iter,
-                                       str(classes[k]), tol)
-        weight[k], bias[k] = w, b
-        keep = neg_feats[k] @ w.astype(np.float32) + np.float32(b) >= evict_thresh
-        neg_rows[k], neg_feats[k] = neg_rows[k][keep], neg_feats[k][keep]
-        stats[k].update(fit_stats, retrains=stats[k]["retrains"] + 1)
+        w, b, fit_stats = _fit_one_svm(self.positives[k], self.neg_feats[k], self.C, self.positive_weight,
+                                       self.bias_multiplier, self.max_iter, str(self.classes[k]), self.tol)
+        self.weight[k], self.bias[k] = w, b
+        keep = self.neg_feats[k] @ w.astype(np.float32) + np.float32(b) >= self.evict_thresh
+        self.neg_rows[k], self.neg_feats[k] = self.neg_rows[k][keep], self.neg_feats[k][keep]
+        self.stats[k].update(fit_stats, retrains=self.stats[k]["retrains"] + 1)
 
+    def final_fit(self) -> None:
+        """Retrain every active class that mined negatives since its last fit (or was never fitted), and
+        record the size of each final negative cache in ``stats``."""
+        for k in np.flatnonzero(self.active):
+            if self.since_retrain[k] or not self.stats[k]["retrains"]:
+                self.retrain(k)
+        for k in range(len(self.classes)):
+            self.stats[k]["negatives"] = len(self.neg_rows[k])
+
+
+def _mine_hard_negatives(svms: _MinedSVMs, cache: FeatureCache, feats: np.ndarray, gt_label: np.ndarray, *,
+                         feature_scale: float, neg_iou: float, hard_thresh: float, retrain_limit: int, rounds: int,
+                         chunk_rows: int, progress: bool) -> None:
+    """``rounds`` passes over the cache in chunks of ``chunk_rows`` rows, scoring each chunk with the current
+    ``svms`` and adding its hard negatives (:func:`hard_negative_mining`) to their caches; a class is
+    retrained as soon as more than ``retrain_limit`` new ones came in.
+
+    feats ``(N, D)`` (a memmap, scaled by ``feature_scale`` here), gt_label ``(N,)``; a region is a negative
+    of class k when it is not its ground truth and ``overlaps[:, k-1] < neg_iou``.
+    """
     from tqdm import tqdm
 
     starts = range(0, cache.num_rows, chunk_rows)
     bar = tqdm(total=rounds * len(starts), desc="svm hard negatives", disable=not progress, dynamic_ncols=True,
                mininterval=1.0)
-    class_labels = np.arange(1, num_classes + 1)
+    class_labels = np.arange(1, len(svms.classes) + 1)
     for round_index in range(rounds):
         for start in starts:
             stop = min(cache.num_rows, start + chunk_rows)
             x = np.asarray(feats[start:stop], np.float32) * np.float32(feature_scale)
-            scores = x @ weight.T.astype(np.float32) + bias.astype(np.float32)
+            scores = x @ svms.weight.T.astype(np.float32) + svms.bias.astype(np.float32)
             is_negative = ((gt_label[start:stop, None] != class_labels)
-                           & (np.asarray(cache.overlaps[start:stop]) < neg_iou) & active)
+                           & (np.asarray(cache.overlaps[start:stop]) < neg_iou) & svms.active)
             hard = hard_negative_mining(scores, is_negative, hard_thresh)
             for k in np.flatnonzero(hard.any(axis=0)):
                 idx = np.flatnonzero(hard[:, k])
                 if round_index > 0:  # later passes see rows that may still be cached
-                    idx = idx[~np.isin(start + idx, np.concatenate([neg_rows[k], *new_rows[k]]))]
-                new_rows[k].append(start + idx)
-                new_feats[k].append(x[idx])
-                since_retrain[k] += len(idx)
-                stats[k]["hard_negatives"] += len(idx)
-                if since_retrain[k] > retrain_limit:
-                    retrain(k)
+                    idx = idx[~np.isin(start + idx, svms.cached_rows(k))]
+                svms.add(k, start + idx, x[idx])
+                if svms.since_retrain[k] > retrain_limit:
+                    svms.retrain(k)
             bar.update(1)
     bar.close()
-    for k in np.flatnonzero(active):
-        if since_retrain[k] or not stats[k]["retrains"]:
-            retrain(k)
-    for k in range(num_classes):
-        stats[k]["negatives"] = len(neg_rows[k])
-    return weight.astype(np.float32), bias.astype(np.float32), stats
 
 
 # ------------------------------------------------------------------------------------- box regressor
@@ -429,7 +512,7 @@ def _write_cache(model: nn.Module, dataset, proposals_fn: Callable[[int], np.nda
             gt_label = torch.cat([gt_labels, torch.zeros(len(proposals), dtype=torch.int64)])
             meta = region_overlaps(regions, gt_boxes, gt_labels, num_classes)
             image = dataset[i][0]
-            image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
+            image = to_chw_tensor(image, device)
             if regions.shape[0] == 0:
                 writer.append(i, {k: np.zeros((0, d), np.float32) for k, d in dims.items()}, regions.numpy(),
                               gt_label.numpy(), **{k: v.numpy() for k, v in meta.items()})
@@ -443,7 +526,7 @@ def _write_cache(model: nn.Module, dataset, proposals_fn: Callable[[int], np.nda
 
 
 def fit_svm_head(model: nn.Module, dataset, proposals_fn: Callable[[int], np.ndarray], head: SVMBoxHead,
-                 work_dir: str | Path, device: str | torch.device, cfg: SVMConfig | None = None, *,
+                 work_dir: str | Path, device: str | torch.device, cfg: SVMSettings | None = None, *,
                  fingerprint: str, class_names: Sequence[str] | None = None, regions_per_call: int = 256,
                  cache_dtype: str | None = None, progress: bool = True) -> dict:
     """The R-CNN stage after fine-tuning: region features, SVMs, box regressor, loaded into ``head``.
@@ -461,7 +544,7 @@ def fit_svm_head(model: nn.Module, dataset, proposals_fn: Callable[[int], np.nda
     Returns statistics: cache path and reuse, rows, scales, per-class SVM and regressor statistics and
     the seconds each step took.
     """
-    cfg = cfg or SVMConfig()
+    cfg = cfg or SVMSettings()
     cache_dtype = cache_dtype or cfg.cache_dtype
     device = torch.device(device)
     num_classes = head.num_classes
@@ -475,6 +558,36 @@ def fit_svm_head(model: nn.Module, dataset, proposals_fn: Callable[[int], np.nda
     path = Path(work_dir) / "features"
     stats: dict = {"cache": str(path), "seconds": {}}
     t0 = time.perf_counter()
+    cache, reused = _region_feature_cache(model, dataset, proposals_fn, path, dims, num_classes, device,
+                                          fingerprint, regions_per_call, cache_dtype, progress)
+    stats.update(reused_cache=reused, num_rows=cache.num_rows)
+    stats["seconds"]["features"] = time.perf_counter() - t0
+
+    scales = _feature_scales(cache, dims, cfg.feature_norm)
+    stats["feature_scale"] = scales[VECTORS]
+
+    t0 = time.perf_counter()
+    stats["svm"] = _fit_svms(head, cache, names, cfg, scales[VECTORS], progress)
+    stats["seconds"]["svm"] = time.perf_counter() - t0
+    for s in stats["svm"]:
+        log.info("SVM %-16s positives %6d  negatives %7d (mined %7d)  objective %.4f", s["class"], s["positives"],
+                 s["negatives"], s["hard_negatives"], s["objective"])
+
+    if POOLED in dims:
+        t0 = time.perf_counter()
+        reg_stats = _fit_box_regressors(head, cache, names, cfg, scales[POOLED], device)
+        stats.update(pooled_scale=scales[POOLED], regressor=reg_stats)
+        stats["seconds"]["regressor"] = time.perf_counter() - t0
+    return stats
+
+
+def _region_feature_cache(model: nn.Module, dataset, proposals_fn: Callable[[int], np.ndarray], path: Path,
+                          dims: dict[str, int], num_classes: int, device: torch.device, fingerprint: str,
+                          regions_per_call: int, cache_dtype: str, progress: bool) -> tuple[FeatureCache, bool]:
+    """The region feature cache at ``path``, and whether it was reused: a complete cache with this
+    ``fingerprint`` is opened as it is, anything else there is rebuilt by :func:`_write_cache` with ``model``
+    in eval mode (its mode is restored). Raises :class:`FeatureCacheError` when the cache's feature ``dims``
+    (name -> width) or number of classes differ from the head's."""
     reused = FeatureCache.exists(path, fingerprint)
     if reused:
         log.info("%s: reusing the region feature cache (fingerprint %r)", path, fingerprint)
@@ -493,39 +606,43 @@ def fit_svm_head(model: nn.Module, dataset, proposals_fn: Callable[[int], np.nda
     if any(cache.dims.get(k) != d for k, d in dims.items()) or cache.num_classes != num_classes:
         raise FeatureCacheError(f"{path}: the cache holds {cache.dims} for {cache.num_classes} classes; the head "
                                 f"needs {dims} for {num_classes}: use another fingerprint or delete the cache")
-    stats.update(reused_cache=reused, num_rows=cache.num_rows)
-    stats["seconds"]["features"] = time.perf_counter() - t0
+    return cache, reused
 
+
+def _feature_scales(cache: FeatureCache, features: Iterable[str], feature_norm: float) -> dict[str, float]:
+    """Feature name -> the factor that scales the cache's features of that name to mean L2 norm
+    ``feature_norm`` (R-CNN Sec. 2.3: 20 for fc7; pool5 likewise, so that lambda means the same for every
+    backbone). Raises :class:`FeatureCacheError` for features of mean norm 0."""
     scales = {}
-    for name in dims:
+    for name in features:
         norm = cache.mean_norm(name)
         if not norm > 0:
-            raise FeatureCacheError(f"{path}: the {name} features have mean norm {norm}; cannot scale them")
-        scales[name] = cfg.feature_norm / norm
-    stats["feature_scale"] = scales[VECTORS]
+            raise FeatureCacheError(f"{cache.path}: the {name} features have mean norm {norm}; cannot scale them")
+        scales[name] = feature_norm / norm
+    return scales
 
-    t0 = time.perf_counter()
+
+def _fit_svms(head: SVMBoxHead, cache: FeatureCache, names: list[str], cfg: SVMSettings, feature_scale: float,
+              progress: bool) -> list[dict]:
+    """:func:`train_linear_svms` with ``cfg``'s settings on the fc7 features scaled by ``feature_scale``;
+    loads the SVMs into ``head`` and returns their per-class statistics."""
     weight, bias, svm_stats = train_linear_svms(
         cache, names, C=cfg.C, positive_weight=cfg.positive_weight, bias_multiplier=cfg.bias_multiplier,
         neg_iou=cfg.neg_iou, hard_thresh=cfg.hard_thresh, evict_thresh=cfg.evict_thresh,
-        retrain_limit=cfg.retrain_limit, rounds=cfg.rounds, feature_scale=scales[VECTORS], max_iter=cfg.max_iter,
-        tol=cfg.tol,
-        progress=progress)
-    head.set_svms(weight, bias, scales[VECTORS])
-    stats["svm"] = svm_stats
-    stats["seconds"]["svm"] = time.perf_counter() - t0
-    for s in svm_stats:
-        log.info("SVM %-16s positives %6d  negatives %7d (mined %7d)  objective %.4f", s["class"], s["positives"],
-                 s["negatives"], s["hard_negatives"], s["objective"])
+        retrain_limit=cfg.retrain_limit, rounds=cfg.rounds, feature_scale=feature_scale, max_iter=cfg.max_iter,
+        tol=cfg.tol, progress=progress)
+    head.set_svms(weight, bias, feature_scale)
+    return svm_stats
 
-    if POOLED in dims:
-        t0 = time.perf_counter()
-        # float64 solves: on CUDA when there is one, CPU otherwise (MPS has no float64).
-        solve_device = device if device.type == "cuda" else torch.device("cpu")
-        reg_weight, reg_mean, reg_std, reg_stats = train_box_regressor(
-            cache, num_classes, cfg.ridge_lambda, cfg.ridge_min_iou, classes=names, pooled_scale=scales[POOLED],
-            device=solve_device)
-        head.set_regressor(reg_weight, reg_mean, reg_std, scales[POOLED])
-        stats.update(pooled_scale=scales[POOLED], regressor=reg_stats)
-        stats["seconds"]["regressor"] = time.perf_counter() - t0
-    return stats
+
+def _fit_box_regressors(head: SVMBoxHead, cache: FeatureCache, names: list[str], cfg: SVMSettings,
+                        pooled_scale: float, device: torch.device) -> list[dict]:
+    """:func:`train_box_regressor` with ``cfg``'s settings on the pool5 features scaled by ``pooled_scale``;
+    loads the regressors into ``head`` and returns their per-class statistics."""
+    # float64 solves: on CUDA when there is one, CPU otherwise (MPS has no float64).
+    solve_device = device if device.type == "cuda" else torch.device("cpu")
+    reg_weight, reg_mean, reg_std, reg_stats = train_box_regressor(
+        cache, head.num_classes, cfg.ridge_lambda, cfg.ridge_min_iou, classes=names, pooled_scale=pooled_scale,
+        device=solve_device)
+    head.set_regressor(reg_weight, reg_mean, reg_std, pooled_scale)
+    return reg_stats

@@ -9,7 +9,7 @@ image's coordinates by the inverse of the scale.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +19,17 @@ from torch import Tensor, nn
 @dataclass
 class ImageList:
     """A padded batch ``tensors (B, 3, H, W)``; ``image_sizes[i] = (h, w)`` of image i after
-    resizing (its valid region), ``scales[i]`` the factor from the original image."""
+    resizing (its valid region), ``scales[i]`` the factor from the original image, whose size is
+    ``original_sizes[i]``."""
 
     tensors: Tensor
     image_sizes: list[tuple[int, int]]
     scales: list[float]
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)
 
     def to(self, device) -> "ImageList":
-        return ImageList(self.tensors.to(device, non_blocking=True), self.image_sizes, self.scales)
+        return ImageList(self.tensors.to(device, non_blocking=True), self.image_sizes, self.scales,
+                         self.original_sizes)
 
 
 class DetectionTransform(nn.Module):
@@ -55,7 +58,7 @@ class DetectionTransform(nn.Module):
         """images: ``(3, H_i, W_i)`` uint8 (0-255) or float (0-1), on the model's device; ``min_size``
         overrides the configured shorter side (multi-scale testing).
         Returns ``(ImageList, targets with boxes rescaled)``."""
-        resized, sizes, scales = [], [], []
+        resized, sizes, scales, original_sizes = [], [], [], []
         out_targets = [] if targets is not None else None
         for i, img in enumerate(images):
             if img.dim() != 3 or img.shape[0] != 3:
@@ -64,6 +67,7 @@ class DetectionTransform(nn.Module):
             if self.in_channels == 1:
                 img = (img * img.new_tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
             h, w = img.shape[-2:]
+            original_sizes.append((h, w))
             # Multi-scale training draws the shorter side per image (SPP-net / Fast R-CNN Sec. 5.2).
             # torch's RNG (not Python's) so a resumed run draws the same sizes.
             if min_size is not None:
@@ -92,7 +96,7 @@ class DetectionTransform(nn.Module):
         batch = resized[0].new_zeros((len(resized), self.in_channels, max_h, max_w))
         for img, pad in zip(resized, batch):
             pad[:, : img.shape[1], : img.shape[2]].copy_(img)
-        return ImageList(batch, sizes, scales), out_targets
+        return ImageList(batch, sizes, scales, original_sizes), out_targets
 
     @staticmethod
     def postprocess(detections: list[dict], image_sizes: list[tuple[int, int]],

@@ -9,11 +9,20 @@ vector of ``C * sum(l^2)`` numbers, whatever the window's size. RoI pooling
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_pool
 
 from detkit.ops.roi import _kernel_dtype
+
+
+@dataclass
+class SPPSettings:
+    """The ``spp`` extractor's config keys."""
+
+    levels: list[int] = field(default_factory=lambda: [6, 3, 2, 1])  # pyramid levels l (l x l bins each)
 
 
 class SpatialPyramidPool(nn.Module):

@@ -11,12 +11,14 @@ warping is one bilinear ``roi_align`` call over the batch.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from detkit.ops.roi import _kernel_dtype
+from detkit.ops.roi import GridExtractor, _kernel_dtype
 
 
 def context_padded_boxes(boxes: Tensor, warp_size: int, context_padding: int) -> Tensor:
@@ -41,15 +43,23 @@ def warp_regions(images: Tensor, proposals: list[Tensor], warp_size: int, contex
     return roi_align(images, boxes, (warp_size, warp_size), 1.0, 2, True)
 
 
-class WarpExtractor(nn.Module):
+@dataclass
+class WarpSettings:
+    """The ``warp`` extractor's config keys (R-CNN Appendix A)."""
+
+    output_size: int | None = None  # the pool5 grid the RoI head expects; None: the backbone's
+    context_padding: int = 16  # pixels of context around the box at the warped size
+    warp_size: int | None = None  # side of the warped window; None: the backbone's input size (227 for AlexNet)
+    warp_batch: int = 128  # windows through the CNN at a time (bounds memory)
+
+
+class WarpExtractor(GridExtractor):
     """R-CNN's region features: ``(images (B, 3, H, W), proposals) -> (sum N_i, C, S, S)`` pool5 grids.
 
     ``trunk`` is the backbone's detection trunk (conv1 .. conv5), which this
     extractor owns; the detector's own trunk is the identity, so "features" are
     the normalised images.
     """
-
-    on_image = True
 
     def __init__(self, trunk: nn.Module, output_size: int, warp_size: int, context_padding: int = 16,
                  warp_batch: int = 128):

@@ -1,33 +1,25 @@
-"""Handing a dataset the selective-search boxes its detector takes (R-CNN Sec. 2.1, SPP-net Sec. 4.1,
-Fast R-CNN Sec. 2: proposals computed once per image, outside the network), for training and evaluation
-alike."""
+"""Handing a dataset the boxes its detector's proposal source keeps per dataset (R-CNN Sec. 2.1, SPP-net
+Sec. 4.1, Fast R-CNN Sec. 2: selective search computed once per image, outside the network), for training
+and evaluation alike."""
 from __future__ import annotations
 
 from torch import nn
 
-from detkit.config import Config
 from detkit.distributed import DistInfo, barrier
-from detkit.proposals.cache import selective_search_cache
 
 
-def attach_proposals(dataset, model: nn.Module, cfg: Config, progress: bool = True,
-                     info: DistInfo | None = None) -> None:
-    """Give ``dataset`` the selective-search boxes its detector takes, computing the missing ones into the
-    per-dataset cache (``model.selective_search``; rank 0 computes, the other ranks wait and read).
-
-    Does nothing for a detector whose proposal source has no ``settings()`` (a learned RPN), or for a
-    dataset that has its proposals already.
-    """
-    generator = getattr(model, "proposal_generator", None)
-    if not hasattr(generator, "settings") or getattr(dataset, "proposals", None) is not None:
+def attach_proposals(dataset, model: nn.Module, progress: bool = True, info: DistInfo | None = None) -> None:
+    """Give ``dataset`` the per-dataset boxes of ``model``'s proposal source
+    (:meth:`~detkit.models.proposal_source.ProposalSource.dataset_proposals`), computing the missing ones
+    (rank 0 computes, the other ranks wait and read). Does nothing for a source that keeps none (the RPN),
+    or for a dataset that has its proposals already."""
+    source = model.proposal_generator
+    if getattr(dataset, "proposals", None) is not None:
         return
     info = info or DistInfo()
-    ss = cfg.model.selective_search
-    settings = generator.settings()  # what the boxes depend on: the cache is named by it
-    if info.is_main:
-        cache = selective_search_cache(ss.cache_dir, dataset, **settings, num_workers=ss.num_workers,
-                                       progress=progress)
+    store = source.dataset_proposals(dataset, progress=progress) if info.is_main else None
     barrier(info)
     if not info.is_main:
-        cache = selective_search_cache(ss.cache_dir, dataset, **settings, compute=False)
-    dataset.proposals = cache
+        store = source.dataset_proposals(dataset, compute=False)
+    if store is not None:
+        dataset.proposals = store

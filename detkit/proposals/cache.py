@@ -215,7 +215,7 @@ class ProposalCache:
     @property
     def complete(self) -> bool:
         """The marker in meta.json: True once every image had boxes when it was last refreshed
-        (``compute_proposals`` refreshes it; code that fills a cache with ``put`` calls ``refresh_complete``)."""
+        (``fill_cache`` refreshes it; code that fills a cache with ``put`` calls ``refresh_complete``)."""
         return bool(self._meta["complete"])
 
     def refresh_complete(self) -> bool:
@@ -314,7 +314,7 @@ def _start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
-def compute_proposals(dataset, cache: ProposalCache, fn: Callable, num_workers: int | None = os.cpu_count(),
+def fill_cache(dataset, cache: ProposalCache, fn: Callable, num_workers: int | None = os.cpu_count(),
                       progress: bool = True) -> ProposalCache:
     """Compute ``fn(image (H, W, 3) uint8 RGB, name=file_name) -> boxes (N, 4)`` for every image of ``dataset``
     that ``cache`` lacks, and store each result as it arrives.
@@ -391,5 +391,5 @@ def selective_search_cache(root: str, dataset, mode: str = "fast", max_side: int
     if compute:
         fn = functools.partial(selective_search, mode=mode, max_side=max_side, min_size=min_size, top_k=top_k,
                                **knobs)
-        compute_proposals(dataset, cache, fn, num_workers=num_workers, progress=progress)
+        fill_cache(dataset, cache, fn, num_workers=num_workers, progress=progress)
     return cache

@@ -12,21 +12,21 @@ from __future__ import annotations
 import os
 from operator import attrgetter
 
-from detkit.config import Config, ConfigError, ModelConfig
+from detkit.config import Config, ConfigError, ModelConfig, bind_parts
 from detkit.plugins import Entry, UnknownNameError
 
 #: the config keys that choose the model's parts by registered name, with the registry of each
 MODEL_PARTS = (
     ("backbones", "model.backbone.name"),
     ("detectors", "model.detector"),
-    ("proposal_generators", "model.proposal_generator"),
+    ("proposal_generators", "model.proposal_generator.name"),
     ("roi_extractors", "model.roi_extractor.name"),
-    ("heads", "model.roi_head.name"),
+    ("heads", "model.box_predictor.name"),
 )
 
 
 def declared_schedules(model: ModelConfig, registries) -> dict[str, list[str]]:
-    """The schedules the chosen parts declare: ``{schedule: ["model.roi_head.name='svm'", ...]}`` (a name no
+    """The schedules the chosen parts declare: ``{schedule: ["model.box_predictor.name='svm'", ...]}`` (a name no
     plugin registered declares nothing; building the model reports it)."""
     declared: dict[str, list[str]] = {}
     for kind, key in MODEL_PARTS:
@@ -63,7 +63,8 @@ def _schedule(registries, name: str, reason: str) -> Entry:
 
 def train(cfg: Config, registries, resume: str | bool | None = None, progress: bool = True) -> dict:
     """Train the configured detector by its schedule; returns ``{"checkpoint": path, "metrics": dict | None,
-    "model": nn.Module}``."""
+    "model": nn.Module}``; the model's part sections are checked first."""
+    bind_parts(cfg, registries)
     schedule, reason = resolve_schedule(cfg, registries)
     if schedule.info.get("single_process") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(f"{reason}: this schedule trains in stages in one process; run it without torchrun "

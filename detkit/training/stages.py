@@ -16,7 +16,7 @@ from detkit.checkpoint import load_checkpoint, save_checkpoint
 from detkit.config import Config, TrainConfig, to_dict
 from detkit.devices import resolve_device
 from detkit.evaluation.runner import evaluate
-from detkit.models.detector import build_detector
+from detkit.models.assembly import build_detector
 from detkit.training.trainer import find_last_checkpoint, resolve_frozen_bn, train_stage
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ are the mean over the processes. This holds when
   - every image adds as many sampled anchors and RoIs to the losses as the others
     (the losses are means over a process's samples: a mean of per-process means
     is the global mean only then), i.e. every image fills ``batch_size_per_image``
-    in both samplers (``roi_head.bg_iou_thresh_lo > 0`` can leave an image too few
+    in both samplers (``roi_heads.bg_iou_thresh_lo > 0`` can leave an image too few
     background RoIs);
   - no layer uses batch statistics: frozen batch norm, or ``train.sync_bn`` (CUDA);
   - ``train.scale_lr`` is off (it multiplies the learning rate by the number of
@@ -57,7 +57,7 @@ from detkit.data.transforms import build_transform
 from detkit.devices import autocast, resolve_device
 from detkit.distributed import DistInfo, barrier, init_from_env, shutdown
 from detkit.evaluation.runner import evaluate
-from detkit.models.detector import build_detector
+from detkit.models.assembly import build_detector
 from detkit.proposals.attach import attach_proposals
 from detkit.training.loop import PeriodicCheckpoint, TrainingLog, train_loop
 
@@ -129,7 +129,7 @@ class Trainer:
         if proposals is not None:
             self.dataset.proposals = proposals
         else:
-            attach_proposals(self.dataset, model, cfg, self.progress, self.info)
+            attach_proposals(self.dataset, model, self.progress, self.info)
         if tcfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
             model.channels_last = True
@@ -240,11 +240,11 @@ class Trainer:
         return losses
 
     def _to_device(self, batch) -> tuple[list[Tensor], list[dict], list[Tensor] | None]:
-        images, targets = batch
+        images, targets, proposals = batch
         device = self.device
         images = [img.to(device, non_blocking=True) for img in images]
-        proposals = ([t["proposals"].to(device, non_blocking=True) for t in targets]
-                     if "proposals" in targets[0] else None)
+        if proposals is not None:
+            proposals = [p.to(device, non_blocking=True) for p in proposals]
         targets = [{"boxes": t["boxes"].to(device, non_blocking=True),
                     "labels": t["labels"].to(device, non_blocking=True),
                     "sample_seed": t["sample_seed"]} for t in targets]

@@ -9,79 +9,78 @@ from __future__ import annotations
 from detkit.hookspecs import hookimpl
 
 
-def _rpn(cfg, in_channels: int, stride: int):
-    from detkit.models.detector import build_rpn
+def _rpn(settings, in_channels: int, stride: int):
+    from detkit.models.rpn import RegionProposalNetwork
 
-    return build_rpn(cfg, in_channels, stride)
-
-
-def _roi_pool(output_size: int, stride: int, cfg=None):
-    from detkit.ops import RoIPoolExtractor
-
-    return RoIPoolExtractor(output_size, stride)
+    return RegionProposalNetwork(settings, in_channels, stride)
 
 
-def _roi_align(output_size: int, stride: int, cfg=None):
-    from detkit.ops import RoIAlignExtractor
-
-    return RoIAlignExtractor(output_size, stride, cfg.sampling_ratio if cfg else 0, cfg.aligned if cfg else False)
-
-
-def _softmax_box(in_features: int, num_classes: int, cfg=None):
-    from detkit.models.roi_heads import SoftmaxBoxHead
-
-    return SoftmaxBoxHead(in_features, num_classes, cfg.dropout if cfg else 0.0)
-
-
-def _selective_search(cfg, in_channels: int, stride: int):
+def _selective_search(settings, in_channels: int, stride: int):
     from detkit.models.precomputed import SelectiveSearchProposals
 
-    return SelectiveSearchProposals(cfg.selective_search)
+    return SelectiveSearchProposals(settings)
 
 
-def _precomputed(cfg, in_channels: int, stride: int):
+def _precomputed(settings, in_channels: int, stride: int):
     from detkit.models.precomputed import PrecomputedProposals
 
-    return PrecomputedProposals(cfg.selective_search.top_k)
+    return PrecomputedProposals(settings.top_k)
 
 
-def _spp(output_size: int, stride: int, cfg=None):
+def _roi_pool(settings, output_size: int, stride: int, **_):
+    from detkit.ops import RoIPoolExtractor
+
+    return RoIPoolExtractor(settings.output_size or output_size, stride)
+
+
+def _roi_align(settings, output_size: int, stride: int, **_):
+    from detkit.ops import RoIAlignExtractor
+
+    return RoIAlignExtractor(settings.output_size or output_size, stride, settings.sampling_ratio, settings.aligned)
+
+
+def _spp(settings, stride: int, **_):
     from detkit.ops.spp import SpatialPyramidPool
 
-    return SpatialPyramidPool(cfg.levels if cfg else (6, 3, 2, 1), stride)
+    return SpatialPyramidPool(settings.levels, stride)
 
 
-def _warp(output_size: int, stride: int, cfg=None, trunk=None, input_size: int = 224):
+def _warp(settings, output_size: int, trunk, input_size: int, **_):
     from detkit.ops.warp import WarpExtractor
 
-    if trunk is None:
-        raise ValueError("warp: the extractor needs the backbone's trunk")
-    return WarpExtractor(trunk, output_size, (cfg.warp_size if cfg and cfg.warp_size else input_size),
-                         cfg.context_padding if cfg else 16, cfg.warp_batch if cfg else 128)
+    return WarpExtractor(trunk, settings.output_size or output_size, settings.warp_size or input_size,
+                         settings.context_padding, settings.warp_batch)
 
 
-def _svm(in_features: int, num_classes: int, cfg=None, pooled_features: int | None = None):
+def _softmax_box(settings, in_features: int, num_classes: int, **_):
+    from detkit.models.roi_heads import SoftmaxBoxHead
+
+    return SoftmaxBoxHead(in_features, num_classes, settings.dropout)
+
+
+def _svm(settings, in_features: int, num_classes: int, pooled_features: int, box_coder_weights: tuple, **_):
     from detkit.models.svm import SVMBoxHead
 
-    weights = tuple(cfg.box_coder_weights) if cfg else (10.0, 10.0, 5.0, 5.0)
-    return SVMBoxHead(in_features, num_classes, pooled_features, box_coder_weights=weights)
+    return SVMBoxHead(in_features, num_classes, pooled_features, box_coder_weights=box_coder_weights)
 
 
-def _detector(name: str, proposal_generators: tuple[str, ...] = (), roi_extractors: tuple[str, ...] = ()):
-    """A named member of the lineage: the generic two-stage assembly, checked for the parts that make it
-    that detector (``two_stage`` takes any combination)."""
+def _detector(name: str, proposal_generators: tuple[str, ...] = (), roi_extractors: tuple[str, ...] = (),
+              windows: bool = False):
+    """A named member of the lineage: an assembly (R-CNN's, with ``windows``, or the generic two-stage one),
+    checked for the parts that make it that detector (``two_stage`` takes any combination)."""
 
     def build(cfg, num_classes: int, registries, class_names=None):
         from detkit.config import ConfigError
-        from detkit.models.detector import build_two_stage
+        from detkit.models.assembly import build_rcnn, build_two_stage
 
-        if proposal_generators and cfg.proposal_generator not in proposal_generators:
-            raise ConfigError(f"model.proposal_generator={cfg.proposal_generator!r}: {name} uses "
+        chosen = cfg.proposal_generator.name
+        if proposal_generators and chosen not in proposal_generators:
+            raise ConfigError(f"model.proposal_generator.name={chosen!r}: {name} uses "
                               f"{' or '.join(map(repr, proposal_generators))} (model.detector: two_stage takes any)")
         if roi_extractors and cfg.roi_extractor.name not in roi_extractors:
             raise ConfigError(f"model.roi_extractor.name={cfg.roi_extractor.name!r}: {name} uses "
                               f"{' or '.join(map(repr, roi_extractors))} (model.detector: two_stage takes any)")
-        return build_two_stage(cfg, num_classes, registries, class_names)
+        return (build_rcnn if windows else build_two_stage)(cfg, num_classes, registries, class_names)
 
     return build
 
@@ -131,35 +130,48 @@ def _svm_posthoc(cfg, registries, resume=None, progress: bool = True) -> dict:
 
 @hookimpl
 def detkit_register_proposal_generators(register):
-    register("rpn", _rpn, paper="Faster R-CNN, Sec. 3.1")
-    register("selective_search", _selective_search, paper="Uijlings et al. 2013 (cached per dataset)")
-    register("precomputed", _precomputed, paper="boxes from a proposal cache (4-step training)")
+    from detkit.models.precomputed import PrecomputedSettings, SelectiveSearchSettings
+    from detkit.models.rpn import RPNSettings
+
+    register("rpn", _rpn, settings=RPNSettings, paper="Faster R-CNN, Sec. 3.1")
+    register("selective_search", _selective_search, settings=SelectiveSearchSettings,
+             paper="Uijlings et al. 2013 (cached per dataset)")
+    register("precomputed", _precomputed, settings=PrecomputedSettings,
+             paper="boxes from a proposal cache (4-step training)")
 
 
 @hookimpl
 def detkit_register_roi_extractors(register):
-    register("roi_pool", _roi_pool, paper="Fast R-CNN, Sec. 2.1")
-    register("roi_align", _roi_align, paper="Mask R-CNN, Sec. 3")
-    register("spp", _spp, paper="SPP-net, Sec. 2.3")
-    register("warp", _warp, input="image", paper="R-CNN, Sec. 2.1 and Appendix A")
+    from detkit.ops.roi import RoIAlignSettings, RoIPoolSettings
+    from detkit.ops.spp import SPPSettings
+    from detkit.ops.warp import WarpSettings
+
+    register("roi_pool", _roi_pool, settings=RoIPoolSettings, paper="Fast R-CNN, Sec. 2.1")
+    register("roi_align", _roi_align, settings=RoIAlignSettings, paper="Mask R-CNN, Sec. 3")
+    register("spp", _spp, settings=SPPSettings, produces="vector", paper="SPP-net, Sec. 2.3")
+    register("warp", _warp, settings=WarpSettings, consumes="image", paper="R-CNN, Sec. 2.1 and Appendix A")
 
 
 @hookimpl
 def detkit_register_heads(register):
-    register("softmax_box", _softmax_box, paper="Fast R-CNN, Sec. 2.2")
+    from detkit.models.roi_heads import SoftmaxBoxSettings
+    from detkit.models.svm import SVMSettings
+
+    register("softmax_box", _softmax_box, settings=SoftmaxBoxSettings, paper="Fast R-CNN, Sec. 2.2")
     # Not trained by SGD: fine-tuned with a softmax_box head first, then the SVMs and regressors are fitted.
-    register("svm", _svm, schedule="svm_posthoc", finetune_head="softmax_box",
+    register("svm", _svm, settings=SVMSettings, schedule="svm_posthoc", finetune_head="softmax_box",
              paper="R-CNN, Sec. 2.3 (SVMs) and Appendix C (box regression)")
 
 
 @hookimpl
 def detkit_register_detectors(register):
-    register("rcnn", _detector("rcnn", ("selective_search", "precomputed"), ("warp",)), paper="Girshick et al. 2014")
+    register("rcnn", _detector("rcnn", ("selective_search", "precomputed"), ("warp",), windows=True),
+             paper="Girshick et al. 2014")
     register("spp_net", _detector("spp_net", ("selective_search", "precomputed"), ("spp",)), paper="He et al. 2014")
     register("fast_rcnn", _detector("fast_rcnn", ("selective_search", "precomputed"), ("roi_pool", "roi_align")),
              paper="Girshick 2015")
     register("faster_rcnn", _detector("faster_rcnn", ("rpn",)), paper="Ren et al. 2015")
-    register("two_stage", _detector("two_stage"), paper="any proposal source, RoI extractor and head")
+    register("two_stage", _detector("two_stage"), paper="any proposal source, feature-map RoI extractor and head")
 
 
 @hookimpl

@@ -25,10 +25,10 @@ import os
 import torch
 from torch import nn
 
-from detkit.config import Config, ConfigError
+from detkit.config import Config, ConfigError, PartConfig, bind_parts
 from detkit.data.loading import build_dataset
 from detkit.devices import resolve_device
-from detkit.models.detector import build_detector
+from detkit.models.assembly import build_detector
 from detkit.proposals.attach import attach_proposals
 from detkit.training.stages import file_digest, finish, freeze, resolved, run_stage, stage_config
 
@@ -59,14 +59,14 @@ def train_with_svms(cfg: Config, registries, resume=None, progress: bool = True)
     """Fine-tune with softmax, then fit the SVMs and box regressors of the ``svm`` head (see module doc)."""
     from detkit.models.svm import fit_svm_head
 
-    head = cfg.model.roi_head.name
+    head = cfg.model.box_predictor.name
     finetune_head = registries.heads.get(head).info.get("finetune_head")
     if not finetune_head:
-        raise ConfigError(f"model.roi_head.name={head!r}: the post-hoc schedule fine-tunes with another head "
+        raise ConfigError(f"model.box_predictor.name={head!r}: the post-hoc schedule fine-tunes with another head "
                           f"first, and head {head!r} declares none (finetune_head=... in its registration)")
-    cfg = resolved(cfg)
+    cfg = bind_parts(resolved(cfg), registries)
     finetune = stage_config(cfg, "finetune")
-    finetune.model.roi_head.name = finetune_head
+    finetune.model.box_predictor = PartConfig(finetune_head)  # with that head's default settings
     tuned, ckpt = run_stage(finetune, registries, resume, progress)
 
     cfg.model.backbone.weights = None  # the fine-tuned weights replace them
@@ -75,12 +75,13 @@ def train_with_svms(cfg: Config, registries, resume=None, progress: bool = True)
     device = resolve_device(cfg.train.device)
     model.to(device).eval()
     dataset = build_dataset(cfg.data.train, registries, "train")
-    attach_proposals(dataset, model, cfg, progress)
+    attach_proposals(dataset, model, progress)
     fingerprint = file_digest(os.path.join(finetune.train.work_dir, "final.pth"))
+    svm = cfg.model.box_predictor.settings
     stats = fit_svm_head(model, dataset, proposals_fn=dataset.proposals.get, head=model.roi_heads.predictor,
-                         work_dir=cfg.train.work_dir, device=device, cfg=cfg.model.svm,
+                         work_dir=cfg.train.work_dir, device=device, cfg=svm,
                          fingerprint=f"{fingerprint}:{dataset.proposals.fingerprint}:{cfg.model.roi_extractor}:"
-                                     f"{cfg.model.svm.cache_dtype}", progress=progress)
+                                     f"{svm.cache_dtype}", progress=progress)
     log.info("SVM stage: %d regions, features %s, SVMs and regressors fitted in %.1f s", stats["num_rows"],
              "reused" if stats["reused_cache"] else "extracted", sum(stats["seconds"].values()))
     return finish(cfg, registries, model.cpu(), ckpt, progress)
@@ -89,13 +90,13 @@ def train_with_svms(cfg: Config, registries, resume=None, progress: bool = True)
 # ----------------------------------------------------------------------------- 4-step Faster R-CNN
 
 
-@torch.no_grad()
 def rpn_proposal_cache(model: nn.Module, dataset, root: str, name: str, device: torch.device,
                        progress: bool = True):
     """Proposals of ``model``'s RPN for every image of ``dataset`` (original coordinates; the training
     pre/post-NMS top-N, 12000/2000, since the next step trains on them), cached under ``root`` per dataset
     and RPN weights."""
     from detkit.proposals.cache import ProposalCache
+    from detkit.proposals.compute import compute_proposals
 
     digest = hashlib.sha256()
     for k, v in sorted(model.proposal_generator.state_dict().items()):
@@ -105,34 +106,13 @@ def rpn_proposal_cache(model: nn.Module, dataset, root: str, name: str, device: 
         digest.update(k.encode())
         digest.update(v.detach().cpu().numpy().tobytes())
     cache = ProposalCache(root, dataset, name, {"weights": digest.hexdigest()})
-    missing = cache.missing()
-    if not missing:
-        return cache
-    model.to(device).eval()
-    rpn = model.proposal_generator
-    # Training-time counts (2000 after NMS): the Fast R-CNN steps train on the RPN's training proposals.
-    saved = rpn.cfg.pre_nms_top_n_test, rpn.cfg.post_nms_top_n_test
-    rpn.cfg.pre_nms_top_n_test, rpn.cfg.post_nms_top_n_test = rpn.cfg.pre_nms_top_n_train, rpn.cfg.post_nms_top_n_train
-    iterator = missing
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(missing, desc=f"proposals ({name})", dynamic_ncols=True, mininterval=1.0)
-    try:
-        for i in iterator:
-            image, _ = dataset[i]
-            boxes = model.region_proposals([torch.from_numpy(image).permute(2, 0, 1).to(device)])[0]
-            cache.put(i, boxes.float().cpu().numpy())
-    finally:
-        rpn.cfg.pre_nms_top_n_test, rpn.cfg.post_nms_top_n_test = saved
-    cache.refresh_complete()
-    return cache
+    return compute_proposals(model, dataset, device, phase="train", cache=cache, progress=progress)
 
 
 def _checked_four_step(cfg: Config) -> Config:
-    if cfg.model.proposal_generator != "rpn":
-        raise ConfigError(f"train.schedule=four_step trains an RPN: model.proposal_generator must be 'rpn', "
-                          f"not {cfg.model.proposal_generator!r}")
+    if cfg.model.proposal_generator.name != "rpn":
+        raise ConfigError(f"train.schedule=four_step trains an RPN: model.proposal_generator.name must be 'rpn', "
+                          f"not {cfg.model.proposal_generator.name!r}")
     cfg = resolved(cfg)
     iters = cfg.train.four_step_iters
     if len(iters) != 4 or any(int(n) < 1 for n in iters):
@@ -142,7 +122,8 @@ def _checked_four_step(cfg: Config) -> Config:
 
 def train_four_step(cfg: Config, registries, resume=None, progress: bool = True) -> dict:
     """Faster R-CNN by alternating training (see module doc); ``train.four_step_iters`` iterations per step."""
-    cfg = _checked_four_step(cfg)
+    cfg = bind_parts(_checked_four_step(cfg), registries)
+    rpn = cfg.model.proposal_generator.settings
     iters = cfg.train.four_step_iters
     device = resolve_device(cfg.train.device)
     proposals_root = os.path.join(cfg.train.work_dir, "proposals")
@@ -156,8 +137,8 @@ def train_four_step(cfg: Config, registries, resume=None, progress: bool = True)
 
     # Step 2: a separate Fast R-CNN (its own trunk, from the pretrained network) on step-1 proposals.
     step2 = stage_config(cfg, "step2_fast_rcnn", iters[1])
-    step2.model.detector, step2.model.proposal_generator = "two_stage", "precomputed"
-    step2.model.selective_search.top_k = cfg.model.rpn.post_nms_top_n_train
+    step2.model.detector = "two_stage"
+    step2.model.proposal_generator = PartConfig("precomputed", {"top_k": rpn.post_nms_top_n_train})
     fast2, _ = run_stage(step2, registries, resume, progress, init=lambda m: freeze(m.proposal_generator),
                          proposals=props1, loss_prefixes=("roi/",))
 

@@ -33,6 +33,8 @@ IMAGE_SIZE = (96, 128)  # (h, w) of the synthetic images
 DATA_SEED = 0
 LOG_SKIP = ("iter", "time")  # log.jsonl fields that are not recorded ("iter" is the index; "time" is wall clock)
 
+# Kept in the config layout of the recording (before parts owned their settings): the runs check that such
+# configs still load into the same models.
 TINY = {"name": "tiny", "args": {"widths": [8, 8, 16, 16, 16], "hidden": 16}}
 SS = {"mode": "fast", "max_side": 128, "top_k": 24, "min_size": 4, "num_workers": 1}
 SVM_HEAD = {"name": "svm", "batch_size_per_image": 16, "score_thresh": -1.0, "nms_thresh": 0.3}
