@@ -72,13 +72,13 @@ def run_stage(stage: Config, registries, resume, progress: bool, **trainer_args)
     return model, ckpt
 
 
-def freeze(*modules: nn.Module) -> None:
-    """Keep ``modules`` fixed in a stage: no gradients, and test-time behaviour (the trainer puts modules
-    marked ``detkit_frozen`` in eval mode, so batch-norm statistics do not drift)."""
+def freeze(*modules: nn.Module) -> tuple[nn.Module, ...]:
+    """Keep ``modules`` fixed in a stage: no gradients. Returns them: a stage's ``init`` returns the modules
+    the trainer is to keep at test-time behaviour (eval mode, so batch-norm statistics do not drift)."""
     for m in modules:
-        m.detkit_frozen = True
         for p in m.parameters():
             p.requires_grad_(False)
+    return modules
 
 
 def finish(cfg: Config, registries, model: nn.Module, ckpt: dict, progress: bool) -> dict:

@@ -44,7 +44,7 @@ import json
 import logging
 import os
 import random
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -63,6 +63,9 @@ from detkit.training.loop import PeriodicCheckpoint, TrainingLog, train_loop
 
 log = logging.getLogger(__name__)
 
+#: a staged schedule's ``init(model)``: loads earlier stages' weights, freezes parts, returns the modules kept fixed
+StageInit = Callable[[nn.Module], Iterable[nn.Module] | None]
+
 
 class Trainer:
     """SGD on the detector ``cfg.model`` describes, trained on ``data.train``, in ``train.work_dir``.
@@ -73,12 +76,12 @@ class Trainer:
     gradient scaler; :meth:`train` resumes, runs the loop and saves ``final.pth``.
 
     A staged schedule passes ``init(model)`` (load earlier stages' weights, freeze what a step keeps fixed;
-    called before the optimizer is built), ``loss_prefixes`` (train only the losses of some stages, e.g.
+    called before the optimizer is built; it returns the modules to keep in eval mode, or None), ``loss_prefixes`` (train only the losses of some stages, e.g.
     ``("rpn/",)``) and ``proposals`` (a proposal source ``get(index)`` for the training set).
     """
 
     def __init__(self, cfg: Config, registries, *, progress: bool = True,
-                 init: Callable[[nn.Module], None] | None = None, loss_prefixes: tuple[str, ...] | None = None,
+                 init: StageInit | None = None, loss_prefixes: tuple[str, ...] | None = None,
                  proposals=None):
         self.cfg, self.registries, self.progress = cfg, registries, progress
         self.loss_prefixes = loss_prefixes
@@ -124,8 +127,7 @@ class Trainer:
         names = adopt_class_names(cfg, self.dataset)
         resolve_frozen_bn(cfg)
         model = build_detector(cfg.model, self.registries, len(names), names).to(self.device)
-        if init is not None:
-            init(model)
+        self.fixed: tuple[nn.Module, ...] = tuple(init(model) or ()) if init is not None else ()
         if proposals is not None:
             self.dataset.proposals = proposals
         else:
@@ -214,10 +216,9 @@ class Trainer:
 
     def _set_train_mode(self) -> None:
         self.ddp.train()
-        for module in self.model.modules():
+        for module in self.fixed:
             # Parts a staged schedule keeps fixed run as at test time (batch-norm statistics unchanged).
-            if getattr(module, "detkit_frozen", False):
-                module.eval()
+            module.eval()
 
     def step(self) -> dict[str, Tensor]:
         """One SGD step on the next batch; returns its loss dict (``loss_prefixes`` applied)."""
@@ -285,7 +286,7 @@ class Trainer:
 
 
 def train_stage(cfg: Config, registries, resume: str | bool | None = None, progress: bool = True, *,
-                init: Callable[[nn.Module], None] | None = None, loss_prefixes: tuple[str, ...] | None = None,
+                init: StageInit | None = None, loss_prefixes: tuple[str, ...] | None = None,
                 proposals=None) -> dict:
     """One stage of SGD (a :class:`Trainer` run); returns ``{"checkpoint", "metrics", "model"}``."""
     trainer = Trainer(cfg, registries, progress=progress, init=init, loss_prefixes=loss_prefixes,

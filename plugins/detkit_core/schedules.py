@@ -146,7 +146,7 @@ def train_four_step(cfg: Config, registries, resume=None, progress: bool = True)
     def init3(model):
         model.trunk.load_state_dict(fast2.trunk.state_dict())
         model.proposal_generator.load_state_dict(rpn1.proposal_generator.state_dict())
-        freeze(model.trunk, model.roi_heads)
+        return freeze(model.trunk, model.roi_heads)
 
     step3 = stage_config(cfg, "step3_rpn", iters[2])
     step3.model.backbone.weights = None  # the trunk comes from step 2
@@ -157,7 +157,7 @@ def train_four_step(cfg: Config, registries, resume=None, progress: bool = True)
     def init4(model):
         model.trunk.load_state_dict(fast2.trunk.state_dict())
         model.roi_heads.load_state_dict(fast2.roi_heads.state_dict())
-        freeze(model.trunk, model.proposal_generator)
+        return freeze(model.trunk, model.proposal_generator)
 
     step4 = copy.deepcopy(step2)
     step4.train = stage_config(cfg, "step4_fast_rcnn", iters[3]).train
