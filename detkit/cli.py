@@ -210,17 +210,19 @@ def cmd_infer(args) -> int:
     return 0
 
 
-def _selective_search(cfg):
-    """The config's selective search proposal source (``detkit proposals`` computes and evaluates its boxes)."""
+def _dataset_proposal_source(cfg, registries):
+    """The config's proposal source, which must keep boxes per dataset (registered with ``per_dataset=True``,
+    as selective search is): ``detkit proposals`` computes and evaluates those boxes without a model."""
     from detkit.config import ConfigError
-    from detkit.models.precomputed import SelectiveSearchProposals
 
     part = cfg.model.proposal_generator
-    if part.name != "selective_search":
-        raise ConfigError(f"detkit proposals computes selective search boxes, and model.proposal_generator.name is "
-                          f"{part.name!r}: give a config whose proposal generator is selective_search (e.g. "
-                          f"configs/fast_rcnn_tiny_synth.yaml) or --set model.proposal_generator=selective_search")
-    return SelectiveSearchProposals(part.settings)
+    entry = registries.proposal_generators.get(part.name)
+    if not entry.info.get("per_dataset"):
+        raise ConfigError(f"detkit proposals computes the boxes a proposal source keeps per dataset (selective "
+                          f"search), and model.proposal_generator.name is {part.name!r}: give a config whose "
+                          f"proposal generator is selective_search (e.g. configs/fast_rcnn_tiny_synth.yaml) or "
+                          f"--set model.proposal_generator=selective_search")
+    return entry.builder(part.settings, in_channels=None, stride=None)
 
 
 def _proposal_cache(source, dataset, key: str, args):
@@ -240,7 +242,7 @@ def cmd_proposals_compute(args) -> int:
 
     registries = _registries()
     cfg = load_config(args.config, args.overrides, registries)
-    source = _selective_search(cfg)
+    source = _dataset_proposal_source(cfg, registries)
     keys = ["train", "test"] if args.split == "both" else [args.split]
     datasets = [(key, build_dataset(getattr(cfg.data, key), registries, key)) for key in keys]  # all checked first
     for key, dataset in datasets:
@@ -273,7 +275,7 @@ def cmd_proposals_eval(args) -> int:
 
     registries = _registries()
     cfg = load_config(args.config, args.overrides, registries)
-    source = _selective_search(cfg)
+    source = _dataset_proposal_source(cfg, registries)
     dataset = build_dataset(getattr(cfg.data, args.split), registries, args.split)
     gt = []
     for i in range(len(dataset)):
@@ -283,7 +285,8 @@ def cmd_proposals_eval(args) -> int:
         raise ConfigError(f"data.{args.split}: {dataset.source} has no ground-truth boxes (crowd and difficult "
                           f"ones aside); recall is undefined")
     cache = _proposal_cache(source, dataset, args.split, args)
-    results = {f"selective_search ({source.cfg.mode})":
+    mode = getattr(cfg.model.proposal_generator.settings, "mode", None)
+    results = {cfg.model.proposal_generator.name + (f" ({mode})" if mode else ""):
                proposal_recall(gt, [cache.get(i) for i in range(len(cache))])}
     if args.checkpoint:
         proposals = _rpn_proposals(args.checkpoint, dataset, registries, _device(args.device), not args.no_progress)

@@ -40,7 +40,9 @@ def detkit_register_proposal_generators(register):
     targets | None, given | None, phase | None) -> (proposals list[Tensor[N_i, 4]], losses dict)``, boxes in
     resized-image pixels; ``given`` are the boxes the batch carried, rescaled to the resized images by the
     detector; ``propose(images)`` makes boxes from the original images (None: the source needs features);
-    ``dataset_proposals(dataset, ...)`` keeps boxes per dataset (None: it keeps none)."""
+    ``dataset_proposals(dataset, ...)`` keeps boxes per dataset (None: it keeps none). A source registered with
+    ``per_dataset=True`` keeps them and builds without a trunk (``in_channels=None, stride=None``), so
+    ``detkit proposals compute / eval`` can fill and score its caches."""
 
 
 @hookspec

@@ -15,7 +15,7 @@ def _rpn(settings, in_channels: int, stride: int):
     return RegionProposalNetwork(settings, in_channels, stride)
 
 
-def _selective_search(settings, in_channels: int, stride: int):
+def _selective_search(settings, in_channels: int | None, stride: int | None):
     from detkit.models.precomputed import SelectiveSearchProposals
 
     return SelectiveSearchProposals(settings)
@@ -134,7 +134,7 @@ def detkit_register_proposal_generators(register):
     from detkit.models.rpn import RPNSettings
 
     register("rpn", _rpn, settings=RPNSettings, paper="Faster R-CNN, Sec. 3.1")
-    register("selective_search", _selective_search, settings=SelectiveSearchSettings,
+    register("selective_search", _selective_search, settings=SelectiveSearchSettings, per_dataset=True,
              paper="Uijlings et al. 2013 (cached per dataset)")
     register("precomputed", _precomputed, settings=PrecomputedSettings,
              paper="boxes from a proposal cache (4-step training)")
