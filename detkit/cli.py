@@ -41,6 +41,8 @@ def _device(name: str | None):
 
 
 def cmd_list(args) -> int:
+    import dataclasses
+
     registries = _registries()
     kinds = [args.kind] if args.kind else registries.kinds
     for kind in kinds:
@@ -50,6 +52,8 @@ def cmd_list(args) -> int:
             extra = ""
             if kind == "backbones":
                 extra = _backbone_facts(entry)
+            if entry.settings is not None:  # the part's config keys (detkit config show prints their values)
+                extra = f"keys=[{', '.join(f.name for f in dataclasses.fields(entry.settings))}] "
             info = ", ".join(f"{k}={v}" for k, v in entry.info.items())
             print(f"  {entry.name:<28} plugin={entry.plugin:<12} {extra}{info}")
     return 0

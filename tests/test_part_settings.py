@@ -66,6 +66,8 @@ def test_readme_extractor_is_configured_validated_shown_and_trained(mixpool, tmp
     path = write_config(tmp_path, {"name": "mix_pool", "mix": 0.25})
     capsys.readouterr()
 
+    assert main(["list", "roi_extractors"]) == 0
+    assert re.search(r"mix_pool +plugin=mixpool +keys=\[output_size, mix\]", capsys.readouterr().out)
     assert main(["config", "show", str(path)]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)["model"]
     assert shown["roi_extractor"] == {"name": "mix_pool", "output_size": None, "mix": 0.25}
