@@ -1,12 +1,16 @@
-"""The built-in synthetic dataset and video: determinism, loadability in both layouts, content, the video."""
+"""The built-in synthetic dataset and video: determinism, loadability in both layouts, content, the variants,
+the video."""
+import hashlib
 import json
+import re
 
 import cv2
 import numpy as np
 import pytest
 
 from detkit.data import COCODataset, VOCDataset
-from detkit.data.synth import CLASSES, COLOURS, render, synthesize, synthesize_video
+from detkit.cli import main
+from detkit.data.synth import CLASSES, COLOURS, VARIANTS, render, synthesize, synthesize_video
 
 SIZE = (96, 128)
 
@@ -112,6 +116,66 @@ def test_bad_arguments_are_named(tmp_path):
         synthesize(str(tmp_path), "yolo", 2, seed=0)
     with pytest.raises(ValueError, match="num_images=0"):
         synthesize(str(tmp_path), "coco", 0, seed=0)
+    with pytest.raises(ValueError, match="variant 'tiny': expected one of 'default', 'small'"):
+        synthesize(str(tmp_path), "coco", 2, seed=0, variant="tiny")
+
+
+def test_default_variant_is_unchanged(tmp_path):
+    """Golden runs and every test above depend on the default images: digests recorded before there were
+    variants (pixels rather than PNG bytes, which depend on the PNG encoder's version)."""
+    digest = hashlib.sha256()
+    for i in range(4):
+        image, boxes, labels = render(np.random.default_rng([0, i]), np.random.default_rng([0, i, 1]), *SIZE)
+        digest.update(image.tobytes() + boxes.tobytes() + labels.tobytes())
+    assert digest.hexdigest() == "f1d195ecb2bbcf9f06d2d791efde31fb5626fdf757389ad761cfa6ac3df4934e"
+    synthesize(str(tmp_path / "a"), "coco", 4, seed=0, image_size=SIZE)
+    synthesize(str(tmp_path / "b"), "coco", 4, seed=0, image_size=SIZE, variant="default")
+    gt = (tmp_path / "a" / "annotations.json").read_bytes()
+    assert hashlib.sha256(gt).hexdigest() == "13b1ca5a6318d2bb34d2a2d647047ca535ad0dc06ebd0f99fd2a4b13680e26e3"
+    assert (tmp_path / "b" / "annotations.json").read_bytes() == gt and "info" not in json.loads(gt)
+    for i in range(4):
+        name = f"{i:06d}.png"
+        assert (tmp_path / "a" / "images" / name).read_bytes() == (tmp_path / "b" / "images" / name).read_bytes()
+
+
+def test_small_variant_is_deterministic_and_records_itself(tmp_path):
+    a, b = (synthesize(str(tmp_path / n), "coco", 3, seed=2, image_size=SIZE, variant="small") for n in "ab")
+    assert a == b and a["variant"] == "small"
+    for name in ["annotations.json"] + [f"images/{i:06d}.png" for i in range(3)]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert json.loads((tmp_path / "a" / "annotations.json").read_text())["info"]["variant"] == "small"
+    synthesize(str(tmp_path / "default"), "coco", 3, seed=2, image_size=SIZE)
+    assert (tmp_path / "a" / "images" / "000000.png").read_bytes() != \
+        (tmp_path / "default" / "images" / "000000.png").read_bytes()
+
+
+def test_small_variant_objects_are_mostly_small_and_many(tmp_path):
+    """At 240x320 nearly every object is COCO-small (box area < 32^2), with about 25 per image; the default
+    variant has about 3, mostly medium or large."""
+    synthesize(str(tmp_path), "coco", 6, seed=0, variant="small")
+    ds = COCODataset(str(tmp_path / "images"), str(tmp_path / "annotations.json"))
+    boxes = [ds.annotations(i)["boxes"] for i in range(len(ds))]
+    areas = np.concatenate([(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) for b in boxes])
+    assert np.mean(areas < 32 ** 2) >= 0.8 and np.mean([len(b) for b in boxes]) >= 15
+    labels = np.concatenate([ds.annotations(i)["labels"] for i in range(len(ds))])
+    assert set(labels.tolist()) == {1, 2, 3, 4, 5}
+    all_boxes = np.concatenate(boxes)
+    assert (all_boxes[:, :2] >= 0).all() and (all_boxes[:, 2] <= 320).all() and (all_boxes[:, 3] <= 240).all()
+
+
+def test_cli_accepts_every_variant_and_names_them_for_an_unknown_one(tmp_path, capsys):
+    """The CLI lists the variants itself (importing them would import torch): it must list exactly these."""
+    for name in VARIANTS:
+        assert main(["data", "synth", "--out", str(tmp_path / name), "--variant", name, "--num-images", "2",
+                     "--size", "96x128"]) == 0
+        assert f"variant {name}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "small" / "annotations.json").read_text())["info"]["variant"] == "small"
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "synth", "--out", str(tmp_path / "x"), "--variant", "tiny"])
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and "invalid choice: 'tiny'" in message
+    assert re.findall(r"[\w-]+", message.split("choose from")[1]) == list(VARIANTS)
+    assert not (tmp_path / "x").exists()
 
 
 def test_video_has_the_requested_frames_and_no_temp_file(tmp_path):

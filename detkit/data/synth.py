@@ -12,12 +12,18 @@ colours). An object is annotated when at least 40% of its pixels stay visible
 tight box of its whole (amodal) shape, cut at the image border. About 5% of
 the images have no objects. Output is deterministic for a seed (byte-identical
 PNGs): 300 images of 240x320 take about 3 s on one core.
+
+The ``small`` variant draws the same classes the same way, but 15-40 objects per image at 2.5% to 10% of the
+shorter side (6-24 px at 240x320, nearly all "small" by COCO's area < 32^2), with outlines and occluders
+scaled to match: the case where a Feature Pyramid Network should beat a detector on one coarse feature map.
+A variant is data (``SynthVariant``), not branches in the renderer.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -26,6 +32,34 @@ CLASSES = ("circle", "square", "triangle", "star", "cross")
 COLOURS = ((220, 40, 40), (40, 190, 60), (50, 70, 220), (235, 215, 40), (210, 50, 210))  # RGB
 MIN_VISIBLE = 0.4
 SWAPPED_COLOUR = 0.15  # fraction of objects in another class's colour
+
+
+@dataclass(frozen=True)
+class SynthVariant:
+    """The layout knobs of one variant. Sizes are fractions of the shorter image side; counts are
+    ``[low, high)`` ranges as ``Generator.integers`` draws them."""
+
+    object_scale: tuple[float, float]  # sqrt of an object's unrotated box area
+    objects: tuple[int, int]  # objects drawn per image, before the occlusion rule drops some
+    empty: float  # fraction of the images without objects
+    centre_margin: float  # object centres stay this fraction of the width (height) away from the border
+    min_pixels: int  # an object with fewer pixels inside the image is not drawn
+    outline_scale: tuple[float, float]  # distractor outlines of the object shapes
+    outlines: tuple[int, int]
+    occluder_scale: tuple[float, float]  # semi-axes of the clutter ellipses drawn over the objects
+    occluders: tuple[int, int]
+
+
+VARIANTS = {
+    "default": SynthVariant(object_scale=(0.08, 0.5), objects=(1, 7), empty=0.05, centre_margin=0.1, min_pixels=16,
+                            outline_scale=(0.08, 0.3), outlines=(0, 3), occluder_scale=(0.03, 0.12),
+                            occluders=(0, 4)),
+    # A 6 px star covers about 10 pixels, hence the lower pixel floor; the small margin lets some objects be
+    # cut at the border as in the default variant.
+    "small": SynthVariant(object_scale=(0.025, 0.1), objects=(15, 41), empty=0.05, centre_margin=0.02,
+                          min_pixels=8, outline_scale=(0.025, 0.1), outlines=(2, 9), occluder_scale=(0.01, 0.05),
+                          occluders=(2, 11)),
+}
 
 
 def _unit_polygon(kind: str) -> np.ndarray:
@@ -79,41 +113,56 @@ def _jitter(rng: np.random.Generator, label: int) -> tuple[int, int, int]:
     return tuple(int(np.clip(c + rng.integers(-45, 46), 0, 255)) for c in COLOURS[label])
 
 
-def _distractor_outlines(rng: np.random.Generator, img: np.ndarray) -> None:
+def _distractor_outlines(rng: np.random.Generator, img: np.ndarray, variant: SynthVariant) -> None:
     """Object shapes as thin outlines in off colours: shape alone is not a sufficient cue either."""
     h, w = img.shape[:2]
-    for _ in range(rng.integers(0, 3)):
+    for _ in range(rng.integers(*variant.outlines)):
         kind = CLASSES[rng.integers(len(CLASSES))]
-        s = rng.uniform(0.08, 0.3) * min(h, w)
+        s = rng.uniform(*variant.outline_scale) * min(h, w)
         pts = _place(kind, rng.uniform(0, w), rng.uniform(0, h), s, s, rng.uniform(-0.3, 0.3))
         colour = tuple(int(v) for v in rng.uniform(20, 120, 3))
         cv2.polylines(img, [pts], True, colour, 1, cv2.LINE_AA, shift=4)
 
 
-def render(rng: np.random.Generator, swap_rng: np.random.Generator, h: int,
-           w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _polygon_pixels(pts: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ys, xs)`` in row-major order of the pixels of an ``h`` x ``w`` image that ``cv2.fillPoly`` sets for
+    ``pts`` ((K, 2) int32 with 4 fractional bits).
+
+    Rasterized in the polygon's bounding window, moved by whole pixels, which sets the same pixels: a
+    full-image mask per object would dominate the time of an image with dozens of small objects.
+    """
+    x0, y0 = np.maximum((pts.min(0) >> 4) - 1, 0)
+    x1, y1 = np.minimum((pts.max(0) >> 4) + 2, (w, h))
+    mask = np.zeros((max(y1 - y0, 0), max(x1 - x0, 0)), np.uint8)
+    if mask.size:
+        cv2.fillPoly(mask, [pts - np.array([x0, y0], np.int32) * 16], 1, cv2.LINE_8, shift=4)
+    ys, xs = np.nonzero(mask)
+    return ys + y0, xs + x0
+
+
+def render(rng: np.random.Generator, swap_rng: np.random.Generator, h: int, w: int,
+           variant: SynthVariant = VARIANTS["default"]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image ``(H, W, 3)`` uint8 RGB and its annotations ``(boxes (N, 4) float32 xyxy, labels (N,) in 0..4)``.
 
     ``rng`` draws the layout; ``swap_rng`` only which objects wear another class's colour (a stream of its own,
-    so that the layout of an image does not depend on the swaps).
+    so that the layout of an image does not depend on the swaps). ``variant`` sets the sizes and counts.
     """
     img = _background(rng, h, w)
-    _distractor_outlines(rng, img)
-    n = 0 if rng.random() < 0.05 else int(rng.integers(1, 7))
+    _distractor_outlines(rng, img, variant)
+    n = 0 if rng.random() < variant.empty else int(rng.integers(*variant.objects))
     owner = np.full((h, w), -1, np.int32)
     areas, labels, boxes = [], [], []
     short = min(h, w)
     for k in range(n):
         label = int(rng.integers(len(CLASSES)))
-        size = rng.uniform(0.08, 0.5) * short
+        size = rng.uniform(*variant.object_scale) * short
         ratio = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
         ow, oh = size * np.sqrt(ratio), size / np.sqrt(ratio)
-        cx, cy = rng.uniform(0.1 * w, 0.9 * w), rng.uniform(0.1 * h, 0.9 * h)
+        m = variant.centre_margin
+        cx, cy = rng.uniform(m * w, (1 - m) * w), rng.uniform(m * h, (1 - m) * h)
         pts = _place(CLASSES[label], cx, cy, ow, oh, rng.uniform(-0.25, 0.25))
-        mask = np.zeros((h, w), np.uint8)
-        cv2.fillPoly(mask, [pts], 1, cv2.LINE_8, shift=4)
-        ys, xs = np.nonzero(mask)
-        if len(xs) < 16:
+        ys, xs = _polygon_pixels(pts, h, w)
+        if len(xs) < variant.min_pixels:
             continue
         colour_of = label
         if swap_rng.random() < SWAPPED_COLOUR:
@@ -126,14 +175,15 @@ def render(rng: np.random.Generator, swap_rng: np.random.Generator, h: int,
         labels.append(label)
         boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
     # Occluders in front: clutter drawn over the objects.
-    for _ in range(rng.integers(0, 4)):
+    for _ in range(rng.integers(*variant.occluders)):
         colour = tuple(int(v) for v in rng.uniform(30, 200, 3))
         centre = (int(rng.uniform(0, w)), int(rng.uniform(0, h)))
-        axes = (int(rng.uniform(0.03, 0.12) * short), int(rng.uniform(0.03, 0.12) * short))
+        axes = (int(rng.uniform(*variant.occluder_scale) * short), int(rng.uniform(*variant.occluder_scale) * short))
         mask = np.zeros((h, w), np.uint8)
         cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
-        img[mask > 0] = colour
-        owner[mask > 0] = -1
+        hidden = mask > 0
+        img[hidden] = colour
+        owner[hidden] = -1
     visible = np.bincount(owner[owner >= 0].ravel(), minlength=len(areas)) if areas else np.zeros(0)
     keep = [i for i in range(len(areas)) if visible[i] >= MIN_VISIBLE * areas[i]]
     return img, np.array([boxes[i] for i in keep], np.float32).reshape(-1, 4), np.array([labels[i] for i in keep],
@@ -155,16 +205,21 @@ def _write_text_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: tuple[int, int] = (240, 320)) -> dict:
-    """Write ``num_images`` PNG images of ``image_size`` (h, w) with their annotations.
+def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: tuple[int, int] = (240, 320),
+               variant: str = "default") -> dict:
+    """Write ``num_images`` PNG images of ``image_size`` (h, w) with their annotations, drawn as ``variant``
+    (a name in VARIANTS) says.
 
-    ``fmt="coco"``: ``images/`` and ``annotations.json`` (category ids 1..5 in the order of CLASSES).
+    ``fmt="coco"``: ``images/`` and ``annotations.json`` (category ids 1..5 in the order of CLASSES; a variant
+    other than ``default`` is recorded as ``info.variant``).
     ``fmt="voc"``: ``JPEGImages/``, ``Annotations/*.xml`` (1-based VOC coordinates) and
     ``ImageSets/Main/{train,val,trainval,test}.txt``, where trainval and test list every image and
     train/val partition them (every fifth image is val). Image i is drawn from ``default_rng([seed, i])``
     (its colour swaps from ``default_rng([seed, i, 1])``), so the output is byte-identical for a seed.
-    Returns ``{"images", "objects", "per_class", "classes", "format"}``.
+    Returns ``{"images", "objects", "per_class", "classes", "format", "variant"}``.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r}: expected one of {', '.join(map(repr, VARIANTS))}")
     if seed < 0:
         raise ValueError(f"seed={seed}: expected a non-negative integer")
     if fmt not in ("coco", "voc"):
@@ -185,7 +240,8 @@ def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: t
     n_objects = 0
     per_class = np.zeros(len(CLASSES), np.int64)
     for i in range(num_images):
-        img, boxes, labels = render(np.random.default_rng([seed, i]), np.random.default_rng([seed, i, 1]), h, w)
+        img, boxes, labels = render(np.random.default_rng([seed, i]), np.random.default_rng([seed, i, 1]), h, w,
+                                    VARIANTS[variant])
         name = f"{i:06d}"
         _write_png(os.path.join(img_dir, name + ".png"), img)
         n_objects += len(boxes)
@@ -208,8 +264,10 @@ def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: t
                                f"<height>{h}</height><depth>3</depth></size>{objects}</annotation>\n")
     if fmt == "coco":
         categories = [{"id": k + 1, "name": n} for k, n in enumerate(CLASSES)]
+        # The default variant writes no info, so that its files stay byte-identical to those of before variants.
+        info = {} if variant == "default" else {"info": {"description": "detkit synthetic dataset", "variant": variant}}
         _write_text_atomic(os.path.join(out_dir, "annotations.json"),
-                           json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+                           json.dumps({**info, "images": images, "annotations": annotations, "categories": categories}))
     else:
         # trainval and test list every image; train and val partition them (every fifth image is val),
         # so that neither is empty as long as there are two images.
@@ -220,7 +278,7 @@ def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: t
             _write_text_atomic(os.path.join(out_dir, "ImageSets", "Main", f"{split}.txt"),
                                "".join(n + "\n" for n in listed))
     return {"images": num_images, "objects": n_objects, "per_class": dict(zip(CLASSES, per_class.tolist())),
-            "classes": list(CLASSES), "format": fmt}
+            "classes": list(CLASSES), "format": fmt, "variant": variant}
 
 
 def synthesize_video(path: str, frames: int, seed: int, fps: int = 12, size: tuple[int, int] = (240, 320)) -> None:
