@@ -83,6 +83,38 @@ class DetectionParts:
     stages: list[nn.Module] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One feature map a backbone exposes (timm's ``feature_info``, Detectron2's ``output_shape()``): the
+    output of a stage, ``channels`` deep at ``stride`` (input pixels per feature-map cell)."""
+
+    name: str
+    channels: int
+    stride: int
+
+
+@dataclass
+class FeatureStages:
+    """The backbone's convolutional body as stages applied one after the other to the image batch, each
+    stage's output a feature map a neck may read (FPN reads the last map at each stride 4, 8, 16, 32).
+
+    stages: modules sharing parameters with the classifier, in input-to-output order; ``stages[i]`` maps
+        the output of ``stages[i - 1]`` (the image for i = 0) to the map ``info[i]`` describes.
+    info: one :class:`FeatureInfo` per stage.
+    """
+
+    stages: list[nn.Module]
+    info: list[FeatureInfo]
+
+    def __post_init__(self):
+        if len(self.stages) != len(self.info) or not self.stages:
+            raise ValueError(f"FeatureStages: {len(self.stages)} stages but {len(self.info)} FeatureInfo entries")
+
+    def last_at_each_stride(self) -> dict[int, int]:
+        """stride -> index of the last stage whose output has that stride."""
+        return {info.stride: i for i, info in enumerate(self.info)}
+
+
 class Backbone(nn.Module):
     """Base class of every registered backbone.
 
@@ -99,6 +131,12 @@ class Backbone(nn.Module):
     def detection_parts(self) -> DetectionParts:
         raise NotImplementedError(f"{type(self).__name__} does not define detection_parts()")
 
+    def feature_stages(self) -> FeatureStages:
+        """The conv body as stages with declared channels and strides (for necks such as FPN). The stages
+        share parameters with the classifier and cover the network up to its last convolutional map
+        (stride 32 for ImageNet forms), including what :meth:`detection_parts` puts in the RoI head."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no feature stages (feature_stages())")
+
     def classification_loss(self, outputs, targets: torch.Tensor) -> torch.Tensor:
         """Loss of ``forward``'s outputs against class indices ``targets (B,)``."""
         return nn.functional.cross_entropy(outputs, targets)
@@ -114,17 +152,10 @@ class Backbone(nn.Module):
         ImageNet checkpoint into a model with another number of classes).
         Returns the names of parameters that were not in the file.
         """
+        from detkit.checkpoint import read_state_dict
+
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"pretrained weights file not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for a bad file
-            raise ValueError(f"{path}: not a readable torch state dict ({exc})") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
+        state = read_state_dict(path, "pretrained weights file")
         state = self.remap_state_dict(dict(state))
         own = self.state_dict()
         skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]

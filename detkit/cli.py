@@ -92,6 +92,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from detkit.checkpoint import save_checkpoint
+    from detkit.config import ConfigError, to_dict
+    from detkit.convert import from_torchvision, torchvision_config
+
+    if os.path.exists(args.output) and not args.overwrite:
+        raise ConfigError(f"--output {args.output} exists; give another path or --overwrite")
+    model, cfg, names, cat_ids = from_torchvision(args.weights, _registries(),
+                                                  torchvision_config(args.min_size, args.max_size))
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    save_checkpoint(args.output, model_state=model.state_dict(), config=to_dict(cfg), iteration=0,
+                    class_names=names, cat_ids=cat_ids)
+    print(f"{args.weights}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(names)} classes "
+          f"-> {args.output}")
+    return 0
+
+
 def _eval_results_file(args, registries) -> int:
     """Score a COCO-format results file produced elsewhere against a dataset."""
     import json
@@ -226,7 +243,7 @@ def _dataset_proposal_source(cfg, registries):
                           f"search), and model.proposal_generator.name is {part.name!r}: give a config whose "
                           f"proposal generator is selective_search (e.g. configs/fast_rcnn_tiny_synth.yaml) or "
                           f"--set model.proposal_generator=selective_search")
-    return entry.builder(part.settings, in_channels=None, stride=None)
+    return entry.builder(part.settings, in_channels=None, strides=None)
 
 
 def _proposal_cache(source, dataset, key: str, args):
@@ -311,8 +328,8 @@ def cmd_synth(args) -> int:
     from detkit.data.synth import synthesize
 
     h, w = _size(args.size)
-    synthesize(args.out, args.format, args.num_images, args.seed, image_size=(h, w))
-    print(f"wrote {args.num_images} images ({args.format}) to {args.out}")
+    synthesize(args.out, args.format, args.num_images, args.seed, image_size=(h, w), variant=args.variant)
+    print(f"wrote {args.num_images} images ({args.format}, variant {args.variant}) to {args.out}")
     return 0
 
 
@@ -367,6 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("config")
     _add_set(ps)
     ps.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("convert", help="import another toolkit's detection weights as a detkit checkpoint")
+    p.add_argument("source", choices=["torchvision"], help="torchvision: a fasterrcnn_resnet50_fpn state dict")
+    p.add_argument("weights", help="the state dict file (nothing is downloaded)")
+    p.add_argument("--output", required=True, help="the detkit checkpoint to write")
+    p.add_argument("--min-size", type=int, default=800, help="shorter image side (torchvision's min_size)")
+    p.add_argument("--max-size", type=int, default=1333, help="longer side cap (torchvision's max_size)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="train a detector from a config")
     p.add_argument("config")
@@ -452,6 +478,10 @@ def _add_data_commands(sub) -> None:
     ps.add_argument("--num-images", type=int, default=200)
     ps.add_argument("--seed", type=int, default=0)
     ps.add_argument("--size", default="240x320", help="HEIGHTxWIDTH")
+    # The names of detkit.data.synth.VARIANTS, listed here because importing it would import torch (detkit.data)
+    # for every command; tests/test_synth.py checks that the two agree.
+    ps.add_argument("--variant", choices=["default", "small"], default="default",
+                    help="small: 15-40 objects per image, nearly all COCO-small (for FPN vs single-map detectors)")
     ps.set_defaults(func=cmd_synth)
     ps = dsub.add_parser("synth-video", help="generate a synthetic video of the built-in classes")
     ps.add_argument("--out", required=True)

@@ -97,8 +97,8 @@ class TransformConfig:
 
 
 #: the model's part sections: config key -> registry kind
-PART_KINDS = {"proposal_generator": "proposal_generators", "roi_extractor": "roi_extractors",
-              "box_predictor": "heads"}
+PART_KINDS = {"neck": "necks", "proposal_generator": "proposal_generators", "roi_extractor": "roi_extractors",
+              "box_head": "box_heads", "box_predictor": "heads"}
 
 
 @dataclass
@@ -109,10 +109,12 @@ class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     # The registered parts, each a section {name: ..., <that part's settings>} (`detkit list` names them,
     # `detkit config show` prints their resolved settings).
+    neck: PartConfig | None = None  # e.g. {name: fpn}: feature maps of several strides; None: the trunk's one map
     proposal_generator: PartConfig = field(default_factory=lambda: PartConfig("rpn"))  # rpn | selective_search | ...
     roi_extractor: PartConfig = field(default_factory=lambda: PartConfig("roi_pool"))
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
-    box_predictor: PartConfig = field(default_factory=lambda: PartConfig("softmax_box"))  # on the RoI head's vectors
+    box_head: PartConfig = field(default_factory=lambda: PartConfig("backbone"))  # backbone (fc6/fc7, res5) | two_fc | ...
+    box_predictor: PartConfig = field(default_factory=lambda: PartConfig("softmax_box"))  # on the box head's vectors
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 
@@ -251,15 +253,17 @@ def _closest(key: str, valid: list[str], parent: str = "") -> str:
 def _build_dataclass(cls: type, data: dict, path: str, source: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    defaults = {f.name: f.default_factory() for f in dataclasses.fields(cls)
-                if f.default_factory is not dataclasses.MISSING}
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
         if key not in hints:
             raise ConfigError(f"{source}: unknown key {full!r}{_closest(str(key), names, path)}")
-        if hints[key] is PartConfig:
-            kwargs[key] = _part(value, defaults[key].name, full, source)
+        if PartConfig in (hints[key], *typing.get_args(hints[key])):  # a part section (or None, if optional)
+            optional = hints[key] is not PartConfig
+            kwargs[key] = None if optional and value is None else _part(
+                value, getattr(defaults[key], "name", None), full, source)
         else:
             kwargs[key] = _convert(value, hints[key], full, source)
     return cls(**kwargs)
@@ -276,6 +280,8 @@ def _part(value: Any, default_name: str, path: str, source: str) -> PartConfig:
                           f"got {value!r}")
     settings = copy.deepcopy(value)
     name = settings.pop("name", default_name)
+    if name is None:
+        raise ConfigError(f"{source}: {path}.name: missing (a registered name chooses the part)")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{source}: {path}.name: expected a registered name, got {name!r}")
     return PartConfig(name, settings)
@@ -295,6 +301,8 @@ def bind_parts(cfg: Config | ModelConfig, registries, source: str = "config") ->
     model = cfg.model if isinstance(cfg, Config) else cfg
     for key, kind in PART_KINDS.items():
         part = getattr(model, key)
+        if part is None:  # an optional part left out (model.neck)
+            continue
         try:
             entry = registries.kind(kind).get(part.name)
         except UnknownNameError as exc:

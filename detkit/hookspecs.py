@@ -34,28 +34,51 @@ def detkit_register_backbones(register):
 
 
 @hookspec
+def detkit_register_necks(register):
+    """Register necks (FPN), between the backbone's stages and the heads (config ``model.neck``):
+    ``builder(settings, stages: detkit.backbones.FeatureStages, backbone: str) -> nn.Module`` with
+    ``in_indices`` (the stages whose outputs it reads, increasing), ``out_info`` (a
+    :class:`~detkit.backbones.FeatureInfo` per map it returns, finest first) and ``roi_levels`` (how many of
+    those maps, from the finest, the RoI extractor pools from; the rest serve the proposal generator only);
+    ``forward(list of the stages' outputs) -> list[Tensor]``. Refuse a backbone whose stages do not fit
+    with a ``ConfigError`` naming what is missing."""
+
+
+@hookspec
 def detkit_register_proposal_generators(register):
-    """Register proposal sources (RPN, selective search, ...): ``builder(settings, in_channels: int, stride: int)
-    -> detkit.models.proposal_source.ProposalSource``: ``forward(images: ImageList, features (B, C, H, W),
+    """Register proposal sources (RPN, selective search, ...): ``builder(settings, in_channels: int,
+    strides: list[int]) -> detkit.models.proposal_source.ProposalSource`` (``strides``: one per feature map,
+    several with a neck): ``forward(images: ImageList, features (B, C, H, W) or a list of maps finest first,
     targets | None, given | None, phase | None) -> (proposals list[Tensor[N_i, 4]], losses dict)``, boxes in
     resized-image pixels; ``given`` are the boxes the batch carried, rescaled to the resized images by the
     detector; ``propose(images)`` makes boxes from the original images (None: the source needs features);
     ``dataset_proposals(dataset, ...)`` keeps boxes per dataset (None: it keeps none). A source registered with
-    ``per_dataset=True`` keeps them and builds without a trunk (``in_channels=None, stride=None``), so
+    ``per_dataset=True`` keeps them and builds without a trunk (``in_channels=None, strides=None``), so
     ``detkit proposals compute / eval`` can fill and score its caches."""
 
 
 @hookspec
 def detkit_register_roi_extractors(register):
     """Register RoI feature extractors (RoI pooling, RoIAlign, SPP, warp): ``builder(settings, output_size: int,
-    stride: int, trunk: nn.Module, input_size: int) -> nn.Module`` (``output_size``: the pooled grid the
-    backbone's RoI head expects; ``trunk`` and ``input_size``: the backbone's CNN and classifier input side)
-    mapping ``(features (B, C, H, W), proposals list[Tensor[N_i, 4]] (resized-image pixels), image_sizes)``
+    strides: list[int], trunk: nn.Module, input_size: int) -> nn.Module`` (``output_size``: the pooled grid
+    the backbone's RoI head expects; ``strides``: of the maps to pool from, one without a neck, the neck's
+    ``roi_levels`` with one; ``trunk`` and ``input_size``: the backbone's CNN and classifier input side;
+    ``detkit.ops.roi.LevelPooling`` assigns regions to pyramid levels) mapping ``(features (B, C, H, W) or a
+    list of maps, proposals list[Tensor[N_i, 4]] (resized-image pixels), image_sizes)``
     to ``(sum N_i, C, S, S)`` and giving ``out_features(C) -> int``, the length of one region's flattened
     output. Declarations: ``produces="vector"`` for an extractor whose output is a flat ``(sum N_i, D)``
     vector (the RoI head's first fully connected layer is then rebuilt for D, as for SPP; default "grid");
     ``consumes="image"`` for one that cuts windows from the normalised images and runs ``trunk`` itself
     (R-CNN's warp; built by the ``rcnn`` assembly; default "features")."""
+
+
+@hookspec
+def detkit_register_box_heads(register):
+    """Register box heads, the layers between the pooled regions and the box predictor (config
+    ``model.box_head``; ``backbone``, the default, is the backbone's own RoI head: fc6/fc7, res5):
+    ``builder(settings, pooled_shape: tuple, backbone_head: nn.Module, head_channels: int)
+    -> (module, out_features)``: ``pooled_shape`` is one region's ``(C, S, S)`` grid, or ``(D,)`` for an
+    extractor that produces vectors; the module maps ``(R, *pooled_shape)`` to ``(R, out_features)``."""
 
 
 @hookspec

@@ -35,8 +35,10 @@ EXTRA_ENV = "DETKIT_PLUGINS"
 #: hook name -> registry kind (the word used by ``detkit list KIND`` and in configs)
 KINDS = {
     "detkit_register_backbones": "backbones",
+    "detkit_register_necks": "necks",
     "detkit_register_proposal_generators": "proposal_generators",
     "detkit_register_roi_extractors": "roi_extractors",
+    "detkit_register_box_heads": "box_heads",
     "detkit_register_heads": "heads",
     "detkit_register_detectors": "detectors",
     "detkit_register_datasets": "datasets",

@@ -64,7 +64,61 @@ def check_backbone_contract(model: nn.Module, x: torch.Tensor, num_classes: int 
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is not None:
         assert first_conv.weight.grad is not None and first_conv.weight.grad.abs().sum() > 0
+    check_feature_stages(model, x)
     return parts, feats
+
+
+def check_feature_stages(model: nn.Module, x: torch.Tensor) -> None:
+    """The feature maps the backbone declares (``feature_stages()``) against real outputs: each stage's
+    channels, and its stride (growing the input by two of the largest strides grows a stride-s map by
+    2 * top / s cells); the stages share the classifier's parameters and include the whole trunk."""
+    try:
+        stages = model.feature_stages()
+    except NotImplementedError:
+        # Only a backbone that exposes no trunk stages either (timm's forward_intermediates fallback).
+        assert not model.detection_parts().stages, f"{type(model).__name__} declares no feature stages"
+        return
+    model.eval()
+    own = {id(p) for p in model.parameters()}
+    stage_params = {id(p) for st in stages.stages for p in st.parameters()}
+    assert stage_params <= own, "feature stages must share the classifier's parameters"
+    assert {id(p) for p in model.detection_parts().trunk.parameters()} <= stage_params
+    strides = [info.stride for info in stages.info]
+    assert strides == sorted(strides), f"strides must not decrease: {strides}"
+    top = strides[-1]
+    side = max(x.shape[-1], 3 * top)  # the deepest map at least a few cells
+    a = torch.randn(1, x.shape[1], side, side)
+    b = torch.zeros(1, x.shape[1], side + 2 * top, side + 2 * top)
+    maps = []
+    with torch.no_grad():
+        for stage, info in zip(stages.stages, stages.info):
+            a, b = stage(a), stage(b)
+            maps.append(a)
+            assert a.shape[1] == info.channels, (info, tuple(a.shape))
+            grown = 2 * top // info.stride
+            assert (b.shape[-2] - a.shape[-2], b.shape[-1] - a.shape[-1]) == (grown, grown), \
+                (info, tuple(a.shape), tuple(b.shape))
+    check_fpn(stages, maps)
+
+
+def check_fpn(stages, maps: list[torch.Tensor]) -> None:
+    """An FPN on the declared stages: P2-P5 at the sides of C2-C5 and P6 half of P5, for a backbone with maps
+    at strides 4-32; otherwise refused with the strides it lacks."""
+    from detkit.config import ConfigError
+    from detkit.models.fpn import FeatureBody, FeaturePyramid, FPNSettings
+
+    settings = FPNSettings(out_channels=8)
+    if not {4, 8, 16, 32} <= {info.stride for info in stages.info}:
+        with pytest.raises(ConfigError, match="has no map at stride"):
+            FeaturePyramid(stages, settings)
+        return
+    fpn = FeaturePyramid(stages, settings).eval()
+    assert [info.stride for info in fpn.out_info] == [4, 8, 16, 32, 64] and fpn.roi_levels == 4
+    assert FeatureBody(stages, fpn.in_indices).indices == fpn.in_indices
+    with torch.no_grad():
+        out = fpn([maps[i] for i in fpn.in_indices])
+    assert [tuple(p.shape[1:]) for p in out[:4]] == [(8, *maps[i].shape[-2:]) for i in fpn.in_indices]
+    assert tuple(out[4].shape[-2:]) == tuple((s + 1) // 2 for s in out[3].shape[-2:])
 
 
 def test_every_registered_backbone_has_one_contract_test():

@@ -99,7 +99,7 @@ def test_roi_pool_matches_reference():
     g = np.random.default_rng(5)
     feat = g.normal(size=(1, 3, 12, 16))
     rois = [np.array([[3.0, 5.0, 100.0, 90.0], [0.0, 0.0, 255.0, 191.0], [40.0, 40.0, 41.0, 41.0]])]
-    ext = RoIPoolExtractor(output_size=4, stride=16)
+    ext = RoIPoolExtractor(output_size=4, strides=16)
     got = ext(torch.tensor(feat), [torch.tensor(r) for r in rois]).numpy()
     for k, roi in enumerate(rois[0]):
         np.testing.assert_allclose(got[k], ref_roi_pool(feat[0], roi, 4, 1 / 16), rtol=1e-12)
@@ -111,7 +111,7 @@ def test_roi_align_is_exact_on_linear_features():
     h, w = 20, 24
     ys, xs = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
     feat = torch.tensor((2.0 * xs - 3.0 * ys + 1.0)[None, None])
-    ext = RoIAlignExtractor(output_size=2, stride=1, sampling_ratio=2, aligned=True)
+    ext = RoIAlignExtractor(output_size=2, strides=1, sampling_ratio=2, aligned=True)
     roi = torch.tensor([[4.0, 6.0, 12.0, 14.0]], dtype=torch.float64)
     got = ext(feat, [roi])[0, 0].numpy()
     centres_x = 4 + np.array([2.0, 6.0])

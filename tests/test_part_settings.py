@@ -99,3 +99,22 @@ def test_readme_extractor_is_configured_validated_shown_and_trained(mixpool, tmp
     expected = 0.25 * roi_pool(features, boxes, extractor.output_size, 1 / 16) + \
         0.75 * roi_align(features, boxes, extractor.output_size, 1 / 16, 2, True)
     torch.testing.assert_close(pooled, expected)
+
+
+def test_readme_extractor_pools_from_a_feature_pyramid(mixpool):
+    """The README's extractor derives from LevelPooling, so it takes an FPN neck too."""
+    from detkit.config import from_dict
+    from detkit.models.assembly import build_detector
+
+    reg = get_registries(get_plugin_manager())
+    cfg = from_dict({"model": {
+        "backbone": {"name": "tiny", "args": {"widths": [8, 8, 16, 16, 16], "hidden": 16}},
+        "neck": {"name": "fpn", "in_strides": [4, 8, 16], "out_channels": 8},
+        "proposal_generator": {"name": "rpn", "anchors": {"sizes": [16, 32, 64, 128]}, "min_size": 1},
+        "roi_extractor": {"name": "mix_pool", "mix": 0.25}, "box_head": {"name": "two_fc", "fc_dim": 16},
+        "transform": {"min_size": 64, "max_size": 96}}}).model
+    model = build_detector(cfg, reg, 2, ["a", "b"]).train()
+    assert model.roi_heads.roi_extractor.strides == [4, 8, 16]
+    losses = model([torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)],
+                   [{"boxes": torch.tensor([[4.0, 4, 40, 30]]), "labels": torch.tensor([1])}])
+    sum(losses.values()).backward()

@@ -13,7 +13,7 @@ from detkit.ops.warp import context_padded_boxes, warp_regions
 
 @pytest.mark.parametrize("levels", [[6, 3, 2, 1], [4, 2, 1], [1]])
 def test_spp_output_size_is_fixed_for_any_window(levels):
-    spp = SpatialPyramidPool(levels, stride=16)
+    spp = SpatialPyramidPool(levels, strides=16)
     features = torch.randn(2, 5, 20, 30)
     # Windows from sub-cell to whole-image, thin and wide: one vector length for all.
     boxes = [torch.tensor([[0, 0, 8, 8], [10, 20, 300, 40], [0, 0, 480, 320.]]),
@@ -23,7 +23,7 @@ def test_spp_output_size_is_fixed_for_any_window(levels):
 
 
 def test_spp_one_by_one_level_is_the_max_over_the_window():
-    spp = SpatialPyramidPool([1], stride=1)
+    spp = SpatialPyramidPool([1], strides=1)
     features = torch.arange(2 * 6 * 8, dtype=torch.float32).view(1, 2, 6, 8)
     out = spp(features, [torch.tensor([[2, 1, 5, 3.]])])  # columns 2..5, rows 1..3
     assert torch.equal(out[0], features[0, :, 1:4, 2:6].amax(dim=(1, 2)))
@@ -202,5 +202,5 @@ def test_windows_smaller_than_a_pixel_still_give_features():
     degenerate = [torch.tensor([[5.0, 5.0, 5.0, 5.0], [7.0, 7.0, 7.2, 7.1]])]
     windows = warp_regions(image, degenerate, warp_size=8, context_padding=1)
     assert windows.shape == (2, 3, 8, 8) and torch.isfinite(windows).all()
-    pooled = SpatialPyramidPool([2, 1], stride=4)(torch.rand(1, 4, 5, 5), degenerate)
+    pooled = SpatialPyramidPool([2, 1], strides=4)(torch.rand(1, 4, 5, 5), degenerate)
     assert pooled.shape == (2, 4 * 5) and torch.isfinite(pooled).all()

@@ -41,7 +41,7 @@ def test_seeded_draw_is_uniform():
 
 def test_an_image_draws_the_same_anchors_in_any_batch():
     rpn = make_rpn(batch_size_per_image=16, positive_fraction=0.5)
-    n = rpn.anchor_generator.grid_anchors((6, 6)).shape[0]
+    n = rpn.anchor_generators[0].grid_anchors((6, 6)).shape[0]
     a, b = random_labels(n, 0), random_labels(n, 1)
     torch.manual_seed(0)
     pos_ab, neg_ab = rpn.sample(torch.stack([a, b]), [{"sample_seed": 7}, {"sample_seed": 8}])
@@ -55,7 +55,7 @@ def test_an_image_draws_the_same_anchors_in_any_batch():
 
 def test_without_sample_seed_the_global_rng_draws():
     rpn = make_rpn(batch_size_per_image=16, positive_fraction=0.5)
-    labels = random_labels(rpn.anchor_generator.grid_anchors((6, 6)).shape[0], 0)
+    labels = random_labels(rpn.anchor_generators[0].grid_anchors((6, 6)).shape[0], 0)
     torch.manual_seed(3)
     pos, neg = rpn.sample(labels[None], [{}])
     torch.manual_seed(3)

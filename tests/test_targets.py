@@ -16,7 +16,7 @@ def make_rpn(**kw):
 
 def test_rpn_labels_follow_paper_rules():
     rpn = make_rpn()
-    anchors = rpn.anchor_generator.grid_anchors((6, 6))
+    anchors = rpn.anchor_generators[0].grid_anchors((6, 6))
     gt = torch.tensor([[20.0, 20.0, 52.0, 52.0], [56.0, 56.0, 72.0, 72.0]])  # second: small, IoU < 0.7 with all
     labels, matched = rpn.assign_targets(anchors, [{"boxes": gt}], [(96, 96)])
     labels, matched = labels[0], matched[0]
@@ -34,7 +34,7 @@ def test_rpn_labels_follow_paper_rules():
 
 def test_rpn_straddle_disabled_keeps_border_anchors():
     rpn = make_rpn(straddle_thresh=-1.0)
-    anchors = rpn.anchor_generator.grid_anchors((4, 4))
+    anchors = rpn.anchor_generators[0].grid_anchors((4, 4))
     labels, _ = rpn.assign_targets(anchors, [{"boxes": torch.zeros(0, 4)}], [(64, 64)])
     assert (labels == 0).all()  # no gt: everything is negative, nothing ignored
 
@@ -45,7 +45,7 @@ def test_rpn_small_corner_box_gets_an_inside_positive_anchor(corner):
     # top left, crosses the border. Matched against all anchors, that one took the box's low-quality match
     # and was then ignored, leaving the box no positive at all; the best inside anchor must be positive.
     rpn = make_rpn()
-    anchors = rpn.anchor_generator.grid_anchors((6, 6))
+    anchors = rpn.anchor_generators[0].grid_anchors((6, 6))
     x0, y0 = corner[0] * (96 - 14), corner[1] * (96 - 14)
     gt = torch.tensor([[x0, y0, x0 + 14.0, y0 + 14.0]])
     iou = box_iou(gt, anchors)[0]
@@ -65,7 +65,7 @@ def test_rpn_small_corner_box_gets_an_inside_positive_anchor(corner):
 
 def test_rpn_sampling_and_loss_counts():
     rpn = make_rpn(batch_size_per_image=16, positive_fraction=0.5)
-    anchors = rpn.anchor_generator.grid_anchors((6, 6))
+    anchors = rpn.anchor_generators[0].grid_anchors((6, 6))
     labels = torch.zeros(1, anchors.shape[0])
     labels[0, :3] = 1
     pos, neg = rpn.sampler(labels[0])

@@ -11,12 +11,15 @@ the whole CNN: R-CNN's warp, which then owns the trunk, so it has an assembly of
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from detkit.config import ConfigError, ModelConfig, bind_parts, check_kwargs
 from detkit.models.detector import TwoStageDetector
+from detkit.models.fpn import FeatureBody, WithNeck
 from detkit.models.roi_heads import RoIHeads
 from detkit.models.transform import DetectionTransform
 
@@ -55,26 +58,66 @@ def build_backbone(cfg: ModelConfig, registries, num_classes: int = 1000):
     return backbone
 
 
+@dataclass
+class Body:
+    """What the heads are built on: ``trunk`` maps the image batch to one map (a Tensor) or, with a neck, to
+    a list of maps finest first, all ``channels`` deep, of ``strides``; the RoI extractor pools from the
+    first ``roi_levels`` of them."""
+
+    trunk: nn.Module
+    channels: int
+    strides: list[int]
+    roi_levels: int
+
+
 def backbone_parts(cfg: ModelConfig, registries):
-    """The backbone and its detection parts, with batch norm frozen and the first ``freeze_at`` stages
+    """The backbone, its detection parts and the body the heads are built on (the trunk, or the backbone's
+    feature stages and the configured neck), with batch norm frozen and the first ``freeze_at`` stages
     fixed as the config says."""
     backbone = build_backbone(cfg, registries)
     parts = backbone.detection_parts()
+    if cfg.neck is None:
+        body = Body(parts.trunk, parts.out_channels, [parts.stride], 1)
+        _fix(cfg, [parts.trunk, parts.roi_head], parts.stages)
+        return backbone, parts, body
+    body_module, neck = _neck(cfg, registries, backbone)
+    _fix(cfg, [body_module.stages, parts.roi_head], list(body_module.stages))
+    channels = sorted({info.channels for info in neck.out_info})
+    if len(channels) != 1:
+        raise ConfigError(f"model.neck.name={cfg.neck.name!r}: its maps have {channels} channels; the heads are "
+                          f"shared across levels and need one width")
+    body = Body(WithNeck(body_module, neck), channels[0], [info.stride for info in neck.out_info], neck.roi_levels)
+    return backbone, parts, body
+
+
+def _neck(cfg: ModelConfig, registries, backbone) -> tuple[FeatureBody, nn.Module]:
+    entry = registries.necks.get(cfg.neck.name)
+    try:
+        stages = backbone.feature_stages()
+    except NotImplementedError as exc:
+        raise ConfigError(f"model.neck.name={cfg.neck.name!r}: backbone {cfg.backbone.name!r} cannot take a "
+                          f"neck: {exc}") from None
+    neck = entry.builder(cfg.neck.settings, stages=stages, backbone=f"backbone {cfg.backbone.name!r}")
+    return FeatureBody(stages, neck.in_indices), neck
+
+
+def _fix(cfg: ModelConfig, containers: list[nn.Module], stages: list[nn.Module]) -> None:
+    """Frozen batch norm in ``containers`` (``model.backbone.frozen_bn``) and no gradients for the first
+    ``model.backbone.freeze_at`` of ``stages``."""
     frozen_bn = cfg.backbone.frozen_bn if cfg.backbone.frozen_bn is not None else bool(cfg.backbone.weights)
     if frozen_bn:
-        freeze_batchnorm(parts.trunk)
-        freeze_batchnorm(parts.roi_head)
-    freeze_at = len(parts.stages) if cfg.backbone.freeze_at < 0 else cfg.backbone.freeze_at
-    if freeze_at > len(parts.stages):
+        for module in containers:
+            freeze_batchnorm(module)
+    freeze_at = len(stages) if cfg.backbone.freeze_at < 0 else cfg.backbone.freeze_at
+    if freeze_at > len(stages):
         raise ConfigError(f"model.backbone.freeze_at={cfg.backbone.freeze_at}: backbone {cfg.backbone.name!r} "
-                          f"has only {len(parts.stages)} trunk stages")
-    for stage in parts.stages[:freeze_at]:
+                          f"has only {len(stages)} {'feature' if cfg.neck else 'trunk'} stages")
+    for stage in stages[:freeze_at]:
         for p in stage.parameters():
             p.requires_grad_(False)
-    return backbone, parts
 
 
-def build_roi_extractor(cfg: ModelConfig, registries, backbone, parts, consumes: str) -> nn.Module:
+def build_roi_extractor(cfg: ModelConfig, registries, backbone, parts, body: Body, consumes: str) -> nn.Module:
     """The configured RoI extractor, which must consume what this assembly hands it (``consumes``)."""
     entry = registries.roi_extractors.get(cfg.roi_extractor.name)
     declared = entry.info.get("consumes", "features")
@@ -84,69 +127,85 @@ def build_roi_extractor(cfg: ModelConfig, registries, backbone, parts, consumes:
             f"{cfg.detector!r} hands its extractor {consumes}"
             + (" (R-CNN's warp runs the whole CNN per window: model.detector: rcnn)" if declared == "image" else ""))
     defaults = backbone.defaults
-    return entry.builder(cfg.roi_extractor.settings, output_size=defaults.roi_output_size, stride=parts.stride,
-                         trunk=parts.trunk, input_size=defaults.input_size[-1])
+    return entry.builder(cfg.roi_extractor.settings, output_size=defaults.roi_output_size,
+                         strides=body.strides[: body.roi_levels], trunk=parts.trunk,
+                         input_size=defaults.input_size[-1])
 
 
-def compose(cfg: ModelConfig, num_classes: int, registries, class_names, backbone, parts, extractor: nn.Module,
-            trunk: nn.Module, stride: int) -> TwoStageDetector:
-    """The detector from its parts: ``trunk`` (of ``stride``) feeds the proposal source and ``extractor``;
-    the backbone's RoI head and the configured box predictor classify the extracted regions."""
-    box_head = parts.roi_head
-    if registries.roi_extractors.get(cfg.roi_extractor.name).info.get("produces", "grid") == "vector":
-        box_head = _fit_first_linear(box_head, extractor.out_features(parts.out_channels), cfg)
+def compose(cfg: ModelConfig, num_classes: int, registries, class_names, backbone, parts, body: Body,
+            extractor: nn.Module) -> TwoStageDetector:
+    """The detector from its parts: ``body`` feeds the proposal source and ``extractor``; the configured box
+    head (by default the backbone's RoI head) and box predictor classify the extracted regions."""
+    grid = registries.roi_extractors.get(cfg.roi_extractor.name).info.get("produces", "grid") == "grid"
+    pooled_shape = (body.channels, *extractor.output_size) if grid else (extractor.out_features(body.channels),)
+    box_head, head_features = registries.box_heads.get(cfg.box_head.name).builder(
+        cfg.box_head.settings, pooled_shape=pooled_shape, backbone_head=parts.roi_head,
+        head_in_channels=parts.out_channels, head_channels=parts.head_channels)
     defaults, t = backbone.defaults, cfg.transform
     transform = DetectionTransform(
         t.min_size, t.max_size, t.mean or list(defaults.mean), t.std or list(defaults.std),
-        t.size_divisible or stride, in_channels=defaults.input_size[0],
+        t.size_divisible or max(body.strides), in_channels=defaults.input_size[0],
     )
     source = registries.proposal_generators.get(cfg.proposal_generator.name)
-    proposal_generator = source.builder(cfg.proposal_generator.settings, in_channels=parts.out_channels, stride=stride)
+    proposal_generator = source.builder(cfg.proposal_generator.settings, in_channels=body.channels,
+                                        strides=body.strides)
     predictor = registries.heads.get(cfg.box_predictor.name).builder(
-        cfg.box_predictor.settings, in_features=parts.head_channels, num_classes=num_classes,
-        pooled_features=extractor.out_features(parts.out_channels),
-        box_coder_weights=tuple(cfg.roi_heads.box_coder_weights))
+        cfg.box_predictor.settings, in_features=head_features, num_classes=num_classes,
+        pooled_features=math.prod(pooled_shape), box_coder_weights=tuple(cfg.roi_heads.box_coder_weights))
     roi_heads = RoIHeads(cfg.roi_heads, extractor, box_head, predictor, num_classes)
-    detector = TwoStageDetector(transform, trunk, proposal_generator, roi_heads, class_names)
+    detector = TwoStageDetector(transform, body.trunk, proposal_generator, roi_heads, class_names)
     detector.test_scales = list(t.test_scales or [])
     return detector
 
 
 def build_two_stage(cfg: ModelConfig, num_classes: int, registries, class_names=None) -> TwoStageDetector:
-    """Any proposal source, RoI extractor on the trunk's features, and box predictor (Fast and Faster
-    R-CNN, SPP-net)."""
-    backbone, parts = backbone_parts(cfg, registries)
-    extractor = build_roi_extractor(cfg, registries, backbone, parts, consumes="features")
-    return compose(cfg, num_classes, registries, class_names, backbone, parts, extractor, parts.trunk, parts.stride)
+    """Any proposal source, RoI extractor on the trunk's (or the neck's) features, box head and box
+    predictor (Fast and Faster R-CNN, SPP-net, with or without FPN)."""
+    backbone, parts, body = backbone_parts(cfg, registries)
+    extractor = build_roi_extractor(cfg, registries, backbone, parts, body, consumes="features")
+    return compose(cfg, num_classes, registries, class_names, backbone, parts, body, extractor)
 
 
 def build_rcnn(cfg: ModelConfig, num_classes: int, registries, class_names=None) -> TwoStageDetector:
     """R-CNN (Girshick et al. 2014, Sec. 2.1): the extractor cuts each window from the image and passes it
     through the whole CNN, so it owns the trunk; the detector's own trunk is the identity (its "features"
     are the normalised images, of stride 1)."""
-    backbone, parts = backbone_parts(cfg, registries)
-    extractor = build_roi_extractor(cfg, registries, backbone, parts, consumes="image")
-    return compose(cfg, num_classes, registries, class_names, backbone, parts, extractor, nn.Identity(), 1)
+    if cfg.neck is not None:
+        raise ConfigError(f"model.neck.name={cfg.neck.name!r}: R-CNN runs the whole CNN on each warped window; "
+                          f"it takes no neck")
+    backbone, parts, body = backbone_parts(cfg, registries)
+    extractor = build_roi_extractor(cfg, registries, backbone, parts, body, consumes="image")
+    windows = Body(nn.Identity(), body.channels, [1], 1)
+    return compose(cfg, num_classes, registries, class_names, backbone, parts, windows, extractor)
 
 
-def _fit_first_linear(box_head: nn.Module, in_features: int, cfg: ModelConfig) -> nn.Module:
-    """SPP changes the length of the pooled vector: the RoI head's first fully connected layer (fc6) is
-    rebuilt for it (and so starts untrained) when its input size differs."""
-    first = next((m for m in box_head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+def backbone_box_head(pooled_shape: tuple[int, ...], backbone_head: nn.Module, head_in_channels: int,
+                      head_channels: int) -> tuple[nn.Module, int]:
+    """The backbone's own RoI head on regions of ``pooled_shape``: as it is on a ``(C, S, S)`` grid of its
+    trunk's width; on a flat vector (SPP) with its first fully connected layer (fc6) rebuilt for that length
+    (so it starts untrained) when the length differs."""
+    if len(pooled_shape) == 3:
+        if pooled_shape[0] != head_in_channels:
+            raise ConfigError(f"model.box_head.name='backbone': the backbone's RoI head takes {head_in_channels}-"
+                              f"channel regions, the neck gives {pooled_shape[0]}; use a light box head "
+                              f"(model.box_head: two_fc)")
+        return backbone_head, head_channels
+    (in_features,) = pooled_shape
+    first = next((m for m in backbone_head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
     if not isinstance(first, nn.Linear):
-        raise ConfigError(f"model.roi_extractor.name={cfg.roi_extractor.name!r} pools a flat vector, but the RoI "
-                          f"head of backbone {cfg.backbone.name!r} starts with "
-                          f"{type(first).__name__ if first is not None else 'no layer'}, not a fully connected layer")
+        raise ConfigError(f"model.roi_extractor pools a flat vector, but the backbone's RoI head starts with "
+                          f"{type(first).__name__ if first is not None else 'no layer'}, not a fully connected "
+                          f"layer (use model.box_head: two_fc)")
     if first.in_features == in_features:
-        return box_head
-    for module in box_head.modules():
+        return backbone_head, head_channels
+    for module in backbone_head.modules():
         for name, child in module.named_children():
             if child is first:
                 setattr(module, name, nn.Linear(in_features, first.out_features, bias=first.bias is not None))
                 log.info("RoI head: %s rebuilt as %d -> %d for the pooled vector", name, in_features,
                          first.out_features)
-                return box_head
-    raise ConfigError(f"model.backbone.name={cfg.backbone.name!r}: could not rebuild the RoI head's first layer")
+                return backbone_head, head_channels
+    raise ConfigError("model.box_head.name='backbone': could not rebuild the RoI head's first layer")
 
 
 def build_detector(cfg: ModelConfig, registries, num_classes: int | None = None, class_names=None) -> nn.Module:

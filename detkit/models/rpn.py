@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import nms
 
+from detkit.config import ConfigError
 from detkit.models.proposal_source import ProposalSource
 from detkit.models.transform import ImageList
-from detkit.ops import AnchorGenerator, BalancedSampler, BoxCoder, Matcher, box_iou, clip_boxes, remove_small_boxes
+from detkit.ops import (AnchorGenerator, BalancedSampler, BoxCoder, Matcher, batched_nms, box_iou, clip_boxes,
+                        remove_small_boxes)
 
 
 #: Which sampler a per-image generator serves (its seed is ``sample_seed * 4 + stream``).
@@ -61,6 +63,27 @@ def sample_balanced(labels: Tensor, generators: list[torch.Generator],
             torch.zeros_like(is_neg).scatter_(1, neg_idx, neg_take))
 
 
+def _top_n_per_level(scores: Tensor, counts: list[int], n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``n`` best anchors of each level at once: ``scores (B, A_total)`` (levels of ``counts`` anchors one
+    after the other) are laid out ``(B, L, max count)`` with -inf padding, so one ``topk`` serves every
+    level. Returns scores, anchor indices and level indices, each ``(B, L * k)`` (padding scores -inf)."""
+    b, levels = scores.shape[0], len(counts)
+    device = scores.device
+    sizes = torch.tensor(counts, device=device)
+    starts = torch.cumsum(sizes, 0) - sizes
+    level = torch.repeat_interleave(torch.arange(levels, device=device), sizes, output_size=sum(counts))
+    position = torch.arange(sum(counts), device=device) - starts[level]
+    width = max(counts)
+    padded = scores.new_full((b, levels, width), float("-inf"))
+    padded[:, level, position] = scores
+    k = min(n, width)
+    top_scores, top_pos = padded.topk(k, dim=2)
+    # A padded slot's index is clamped onto a real anchor; its -inf score marks it for removal.
+    top_idx = (starts[:, None] + top_pos).clamp(max=scores.shape[1] - 1)
+    top_levels = torch.arange(levels, device=device)[:, None].expand(levels, k)
+    return top_scores.reshape(b, -1), top_idx.reshape(b, -1), top_levels.reshape(1, -1).expand(b, -1)
+
+
 class RPNHead(nn.Module):
     """``features (B, C, H, W)`` -> ``objectness (B, A, H, W)``, ``deltas (B, 4A, H, W)``."""
 
@@ -83,6 +106,8 @@ class RPNHead(nn.Module):
 class AnchorSettings:
     sizes: list[float] = field(default_factory=lambda: [128.0, 256.0, 512.0])
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    offset: float = 0.5  # centres at (i + offset) * stride: 0.5 the cell's centre; torchvision and Detectron2 use 0
+    round: bool = False  # whole-pixel cell anchors, as torchvision's
 
 
 @dataclass
@@ -107,12 +132,25 @@ class RPNSettings:
 
 
 class RegionProposalNetwork(ProposalSource):
-    def __init__(self, cfg: RPNSettings, in_channels: int, stride: int):
+    """The RPN on one feature map of stride ``strides[0]`` (the paper's), or on a feature pyramid (FPN Sec.
+    4.1: one head shared by every level, one anchor size per level with every aspect ratio, the pre-NMS
+    top-N taken per level and NMS per level, the post-NMS top-N over all levels of an image)."""
+
+    def __init__(self, cfg: RPNSettings, in_channels: int, strides: int | list[int]):
         super().__init__()
         self.cfg = cfg
-        self.anchor_generator = AnchorGenerator(cfg.anchors.sizes, cfg.anchors.aspect_ratios, stride)
+        strides = [int(strides)] if isinstance(strides, int) else [int(s) for s in strides]
+        sizes, ratios, a = cfg.anchors.sizes, cfg.anchors.aspect_ratios, cfg.anchors
+        if len(strides) == 1:
+            self.anchor_generators = [AnchorGenerator(sizes, ratios, strides[0], a.offset, a.round)]
+        elif len(sizes) == len(strides):
+            self.anchor_generators = [AnchorGenerator([size], ratios, stride, a.offset, a.round)
+                                      for size, stride in zip(sizes, strides)]
+        else:
+            raise ConfigError(f"model.proposal_generator.anchors.sizes={list(sizes)}: a feature pyramid of "
+                             f"{len(strides)} levels (strides {strides}) takes one anchor size per level")
         self.head = RPNHead(in_channels, cfg.conv_channels or in_channels,
-                            self.anchor_generator.num_anchors_per_location)
+                            self.anchor_generators[0].num_anchors_per_location)
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         self.matcher = Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, allow_low_quality_matches=True)
         self.sampler = BalancedSampler(cfg.batch_size_per_image, cfg.positive_fraction)
@@ -122,15 +160,9 @@ class RegionProposalNetwork(ProposalSource):
         """Returns ``(proposals: list[Tensor[N_i, 4]], losses)`` in resized-image pixels; losses are empty at
         inference. ``given`` proposals are not used: the RPN makes its own. ``phase`` ("train" | "test")
         chooses the pre/post-NMS top-N; None: by the module's mode."""
-        objectness, deltas = self.head(features)
-        b, a, h, w = objectness.shape
-        # (B, A, H, W) -> (B, H*W*A), matching the anchor generator's position-major order.
-        objectness = objectness.permute(0, 2, 3, 1).reshape(b, -1)
-        deltas = deltas.view(b, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4)
-        anchors = self.anchor_generator.grid_anchors((h, w), dtype=deltas.dtype, device=deltas.device)
-
+        objectness, deltas, anchors, counts = self.predict(features)
         phase = phase or ("train" if self.training else "test")
-        proposals = self.filter_proposals(deltas.detach(), anchors, objectness.detach(), images, phase)
+        proposals = self.filter_proposals(deltas.detach(), anchors, objectness.detach(), images, phase, counts)
 
         losses = {}
         if self.training:
@@ -141,25 +173,57 @@ class RegionProposalNetwork(ProposalSource):
             losses = self.compute_loss(objectness, deltas, anchors, labels, matched_gt, pos, neg)
         return proposals, losses
 
+    def predict(self, features: Tensor | list[Tensor]) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+        """The head on each map: ``objectness (B, A_total)``, ``deltas (B, A_total, 4)``, ``anchors (A_total, 4)``
+        (levels one after the other, each position-major) and the number of anchors of each level."""
+        maps = [features] if isinstance(features, Tensor) else list(features)
+        if len(maps) != len(self.anchor_generators):
+            raise ValueError(f"the RPN was built for {len(self.anchor_generators)} feature maps, got {len(maps)}")
+        objectness, deltas, anchors = [], [], []
+        for level, generator in zip(maps, self.anchor_generators):
+            obj, delta = self.head(level)
+            b, a, h, w = obj.shape
+            # (B, A, H, W) -> (B, H*W*A), matching the anchor generator's position-major order.
+            objectness.append(obj.permute(0, 2, 3, 1).reshape(b, -1))
+            deltas.append(delta.view(b, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4))
+            anchors.append(generator.grid_anchors((h, w), dtype=delta.dtype, device=delta.device))
+        counts = [len(a) for a in anchors]
+        if len(maps) == 1:
+            return objectness[0], deltas[0], anchors[0], counts
+        return torch.cat(objectness, 1), torch.cat(deltas, 1), torch.cat(anchors), counts
+
     def filter_proposals(self, deltas: Tensor, anchors: Tensor, scores: Tensor, images: ImageList,
-                         phase: str = "test") -> list[Tensor]:
+                         phase: str = "test", counts: list[int] | None = None) -> list[Tensor]:
         """Top-N anchors by objectness, decode, clip, drop small boxes, NMS, top-N again; per image.
 
-        deltas ``(B, A_total, 4)``, anchors ``(A_total, 4)``, scores ``(B, A_total)``. Only the top-N
-        anchors are decoded (the rest could never survive). ``phase``: the training or the test top-N.
+        deltas ``(B, A_total, 4)``, anchors ``(A_total, 4)``, scores ``(B, A_total)``; ``counts``: anchors per
+        pyramid level (None: one level). Only the top-N anchors are decoded (the rest could never survive).
+        ``phase``: the training or the test top-N. Over several levels the pre-NMS top-N is per level and NMS
+        runs per level (batched), as in FPN.
         """
         pre_n = self.cfg.pre_nms_top_n_train if phase == "train" else self.cfg.pre_nms_top_n_test
         post_n = self.cfg.post_nms_top_n_train if phase == "train" else self.cfg.post_nms_top_n_test
-        k = min(pre_n, scores.shape[1])
-        top_scores, top_idx = scores.topk(k, dim=1)
+        if counts is None or len(counts) == 1:
+            k = min(pre_n, scores.shape[1])
+            top_scores, top_idx = scores.topk(k, dim=1)
+            top_levels = None
+        else:
+            top_scores, top_idx, top_levels = _top_n_per_level(scores, counts, pre_n)
         top_deltas = torch.gather(deltas, 1, top_idx[..., None].expand(-1, -1, 4))
-        top_boxes = self.box_coder.decode(top_deltas.reshape(-1, 4), anchors[top_idx.reshape(-1)]).view(-1, k, 4)
+        top_boxes = self.box_coder.decode(top_deltas.reshape(-1, 4), anchors[top_idx.reshape(-1)])
+        top_boxes = top_boxes.view(*top_idx.shape, 4)
         result = []
-        for img_boxes, img_scores, size, scale in zip(top_boxes, top_scores, images.image_sizes, images.scales):
+        for i, (img_boxes, img_scores, size, scale) in enumerate(zip(top_boxes, top_scores, images.image_sizes,
+                                                                     images.scales)):
             img_boxes = clip_boxes(img_boxes, size)
             keep = remove_small_boxes(img_boxes, self.cfg.min_size * scale)
-            img_boxes, img_scores = img_boxes[keep], img_scores[keep]
-            keep = nms(img_boxes, img_scores, self.cfg.nms_thresh)[:post_n]
+            if top_levels is None:
+                img_boxes, img_scores = img_boxes[keep], img_scores[keep]
+                keep = nms(img_boxes, img_scores, self.cfg.nms_thresh)[:post_n]
+            else:
+                keep = keep[torch.isfinite(img_scores[keep])]  # padding of the levels with fewer anchors
+                img_boxes, img_scores, levels = img_boxes[keep], img_scores[keep], top_levels[i][keep]
+                keep = batched_nms(img_boxes, img_scores, levels, self.cfg.nms_thresh)[:post_n]
             result.append(img_boxes[keep])
         return result
 

@@ -18,7 +18,7 @@ class AnchorGenerator:
     """
 
     def __init__(self, sizes: list[float] = (128.0, 256.0, 512.0), aspect_ratios: list[float] = (0.5, 1.0, 2.0),
-                 stride: int = 16):
+                 stride: int = 16, offset: float = 0.5, round_cells: bool = False):
         if not sizes or not aspect_ratios:
             raise ValueError("anchor sizes and aspect_ratios must not be empty")
         if any(s <= 0 for s in sizes) or any(r <= 0 for r in aspect_ratios):
@@ -26,6 +26,8 @@ class AnchorGenerator:
         self.sizes = [float(s) for s in sizes]
         self.aspect_ratios = [float(r) for r in aspect_ratios]
         self.stride = int(stride)
+        self.offset = float(offset)  # anchor centres at (i + offset) * stride: 0.5 the cell centre, 0 its corner
+        self.round_cells = bool(round_cells)  # torchvision rounds the cell anchors to whole pixels
         self._cache: dict[tuple, Tensor] = {}
 
     @property
@@ -40,7 +42,8 @@ class AnchorGenerator:
         w_ratio = 1.0 / h_ratio
         ws = (w_ratio[:, None] * sizes[None, :]).reshape(-1)
         hs = (h_ratio[:, None] * sizes[None, :]).reshape(-1)
-        return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).to(dtype=dtype, device=device)
+        cells = torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+        return (cells.round() if self.round_cells else cells).to(dtype=dtype, device=device)
 
     def grid_anchors(self, feature_size: tuple[int, int], dtype=torch.float32, device=None) -> Tensor:
         key = (tuple(feature_size), dtype, str(device))
@@ -48,9 +51,9 @@ class AnchorGenerator:
         if cached is not None:
             return cached
         h, w = feature_size
-        # Anchor centres sit at the centre of each stride cell.
-        shifts_x = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) * self.stride
-        shifts_y = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) * self.stride
+        # Anchor centres sit at the centre of each stride cell by default (offset 0.5).
+        shifts_x = (torch.arange(w, dtype=torch.float32, device=device) + self.offset) * self.stride
+        shifts_y = (torch.arange(h, dtype=torch.float32, device=device) + self.offset) * self.stride
         sy, sx = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
         shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, 1, 4)
         anchors = (shifts + self.cell_anchors(torch.float32, device)[None]).reshape(-1, 4).to(dtype)

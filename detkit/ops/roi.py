@@ -46,27 +46,67 @@ class GridExtractor(nn.Module):
         return channels * self.output_size[0] * self.output_size[1]
 
 
-class RoIPoolExtractor(GridExtractor):
-    def __init__(self, output_size: int = 7, stride: int = 16):
+def assign_levels(boxes: Tensor, strides: list[int], k0: int = 4, canonical: float = 224.0) -> Tensor:
+    """The FPN paper's Eq. 1 (Lin et al. 2017, Sec. 4.2): a box of w x h input pixels goes to level
+    ``k = floor(k0 + log2(sqrt(w h) / 224))``, clamped to the pyramid; returns the index into ``strides``
+    (consecutive powers of two, finest first) of each box of ``boxes (K, 4)``."""
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0)
+    k_min, k_max = strides[0].bit_length() - 1, strides[-1].bit_length() - 1
+    # The 1e-6 is torchvision's (LevelMapper): a box exactly at a level boundary goes to the coarser level.
+    k = torch.floor(k0 + torch.log2(torch.sqrt(area) / canonical) + 1e-6)  # area 0: -inf, clamped below
+    return (k.clamp(k_min, k_max) - k_min).to(torch.int64)
+
+
+class LevelPooling(nn.Module):
+    """Pooling regions from one feature map of stride ``strides[0]``, or from a pyramid (a list of maps,
+    finest first), each region from the level :func:`assign_levels` gives it; the first ``len(strides)``
+    maps are pooled (a neck's extra coarse maps serve the RPN only). Subclasses give
+    ``pool(features (B, C, H, W), boxes, spatial_scale)``, ``boxes`` per image or ``(K, 5)`` rows."""
+
+    def __init__(self, strides: int | list[int]):
         super().__init__()
+        self.strides = [int(strides)] if isinstance(strides, int) else [int(s) for s in strides]
+        if len(self.strides) > 1 and any(b != 2 * a for a, b in zip(self.strides, self.strides[1:])):
+            raise ValueError(f"RoI pooling over a pyramid needs strides doubling level to level, got {self.strides}")
+        self.spatial_scale = 1.0 / self.strides[0]
+
+    def pool(self, features: Tensor, boxes, spatial_scale: float) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, features: Tensor | list[Tensor], proposals: list[Tensor], image_sizes=None) -> Tensor:
+        if isinstance(features, Tensor) or len(self.strides) == 1:
+            single = _kernel_dtype(features if isinstance(features, Tensor) else features[0])
+            return self.pool(single, [p.to(single.dtype) for p in proposals], self.spatial_scale)
+        maps = [_kernel_dtype(f) for f in features[: len(self.strides)]]
+        rois = torch.cat([torch.cat([p.new_full((len(p), 1), i), p], 1) for i, p in enumerate(proposals)])
+        rois = rois.to(maps[0].dtype)
+        levels = assign_levels(rois[:, 1:], self.strides)
+        out = None
+        for k, level in enumerate(maps):
+            rows = torch.nonzero(levels == k).squeeze(1)
+            pooled = self.pool(level, rois[rows], 1.0 / self.strides[k])
+            if out is None:
+                out = pooled.new_zeros((rois.shape[0], *pooled.shape[1:]))
+            out[rows] = pooled
+        return out
+
+
+class RoIPoolExtractor(LevelPooling, GridExtractor):
+    def __init__(self, output_size: int = 7, strides: int | list[int] = 16):
+        super().__init__(strides)
         self.output_size = (int(output_size), int(output_size))
-        self.spatial_scale = 1.0 / stride
 
-    def forward(self, features: Tensor, proposals: list[Tensor], image_sizes=None) -> Tensor:
-        features = _kernel_dtype(features)
-        return roi_pool(features, [p.to(features.dtype) for p in proposals], self.output_size, self.spatial_scale)
+    def pool(self, features: Tensor, boxes, spatial_scale: float) -> Tensor:
+        return roi_pool(features, boxes, self.output_size, spatial_scale)
 
 
-class RoIAlignExtractor(GridExtractor):
-    def __init__(self, output_size: int = 7, stride: int = 16, sampling_ratio: int = 0, aligned: bool = False):
-        super().__init__()
+class RoIAlignExtractor(LevelPooling, GridExtractor):
+    def __init__(self, output_size: int = 7, strides: int | list[int] = 16, sampling_ratio: int = 0,
+                 aligned: bool = False):
+        super().__init__(strides)
         self.output_size = (int(output_size), int(output_size))
-        self.spatial_scale = 1.0 / stride
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
 
-    def forward(self, features: Tensor, proposals: list[Tensor], image_sizes=None) -> Tensor:
-        features = _kernel_dtype(features)
-        return roi_align(features, [p.to(features.dtype) for p in proposals], self.output_size,
-                         self.spatial_scale, self.sampling_ratio, self.aligned)
-
+    def pool(self, features: Tensor, boxes, spatial_scale: float) -> Tensor:
+        return roi_align(features, boxes, self.output_size, spatial_scale, self.sampling_ratio, self.aligned)

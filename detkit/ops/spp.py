@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.ops import roi_pool
 
-from detkit.ops.roi import _kernel_dtype
+from detkit.ops.roi import LevelPooling
 
 
 @dataclass
@@ -25,27 +25,24 @@ class SPPSettings:
     levels: list[int] = field(default_factory=lambda: [6, 3, 2, 1])  # pyramid levels l (l x l bins each)
 
 
-class SpatialPyramidPool(nn.Module):
+class SpatialPyramidPool(LevelPooling):
     """``features (B, C, H, W)``, ``proposals list[Tensor[N_i, 4]]`` (input-image xyxy) -> ``(sum N_i, C * sum l^2)``.
 
     The output is a flat vector per window, level by level (coarse-to-fine order
-    follows ``levels``), each level channel-major as a flattened ``(C, l, l)`` block.
+    follows ``levels``), each level channel-major as a flattened ``(C, l, l)`` block. Over a feature
+    pyramid (a neck), each window is pooled from the map the FPN rule assigns it.
     """
 
-    def __init__(self, levels: list[int] | tuple[int, ...] = (6, 3, 2, 1), stride: int = 16):
-        super().__init__()
+    def __init__(self, levels: list[int] | tuple[int, ...] = (6, 3, 2, 1), strides: int | list[int] = 16):
+        super().__init__(strides)
         levels = [int(v) for v in levels]
         if not levels or any(v < 1 for v in levels):
             raise ValueError(f"model.roi_extractor.levels={levels}: expected positive integers")
         self.levels = levels
-        self.spatial_scale = 1.0 / stride
 
     def out_features(self, channels: int) -> int:
         """Length of the pooled vector for a ``channels``-channel feature map."""
         return channels * sum(v * v for v in self.levels)
 
-    def forward(self, features: Tensor, proposals: list[Tensor], image_sizes=None) -> Tensor:
-        features = _kernel_dtype(features)
-        boxes = [p.to(features.dtype) for p in proposals]
-        pooled = [roi_pool(features, boxes, (v, v), self.spatial_scale).flatten(1) for v in self.levels]
-        return torch.cat(pooled, dim=1)
+    def pool(self, features: Tensor, boxes, spatial_scale: float) -> Tensor:
+        return torch.cat([roi_pool(features, boxes, (v, v), spatial_scale).flatten(1) for v in self.levels], dim=1)

@@ -9,16 +9,21 @@ CaffeNet and VGG: RoI pooling takes the place of the last pooling layer, so the
 trunk is the convolutional layers before it and the RoI head is what follows it
 up to, not including, the classifier layer (the fully connected layers; for the
 all-convolutional NIN, its class-map block without the class-specific 1x1
-convolution, then global pooling; for the PReLU-nets, SPP and fc1-fc2).
+convolution, then global pooling; for the PReLU-nets, SPP and fc1-fc2). For necks
+(FPN), each network also exposes its whole convolutional body, RoI-head convolutions
+included, as one stage per stride (:func:`stride_stages`).
 """
 from __future__ import annotations
+
+from itertools import takewhile
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkit.backbones import (INCEPTION_MEAN, INCEPTION_STD, Backbone, BackboneDefaults, DetectionParts, Variant,
-                              init_weights, kaiming_normal_init, normal_init)
+from detkit.backbones import (INCEPTION_MEAN, INCEPTION_STD, Backbone, BackboneDefaults, DetectionParts, FeatureInfo,
+                              FeatureStages, Variant, init_weights, kaiming_normal_init, normal_init)
 
 
 def _fc_head(in_features: int, widths: list[int], dropout: float) -> nn.Sequential:
@@ -45,6 +50,41 @@ def stages_at_convolutions(layers: list[nn.Module]) -> list[nn.Module]:
             stages.append([])
         stages[-1].append(m)
     return [nn.Sequential(*s) for s in stages]
+
+
+def stride_stages(layers: Sequence[nn.Module], names: Sequence[str] | None = None) -> FeatureStages:
+    """Split a feed-forward convolutional body (existing modules, input to output) into one stage per stride.
+
+    A stage starts at each subsampling layer (a convolution or pooling of stride > 1), so its output is the
+    deepest map at its stride, the one FPN reads. Channels and strides are read from the layers: a layer's
+    ``out_channels`` (convolutions, fire modules) or a :class:`Maxout`'s pieces, and its ``stride``. A stage
+    is named after the layer its output comes from: ``conv{n}`` for the n-th weighted layer (a fire module
+    is ``fire{n}``, the paper's numbering), ``pool{n}`` for the pooling after it (Caffe's names: AlexNet's
+    pool5); ``names`` overrides them.
+    """
+    stages: list[list[nn.Module]] = []
+    ends: list[tuple[int, int, str]] = []  # (channels, stride, name) after each stage
+    channels, stride, weighted, name = 0, 1, 0, ""
+    for m in layers:
+        step = getattr(m, "stride", 1)  # convolutions and pooling; 1 for the rest
+        step = step if isinstance(step, int) else step[0]
+        if not stages or step > 1:
+            stages.append([])
+            ends.append((0, 0, ""))
+        stride *= step
+        channels = channels // m.pieces if isinstance(m, Maxout) else getattr(m, "out_channels", channels)
+        if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+            name = f"pool{weighted}"
+        elif any(isinstance(q, nn.Conv2d) for q in m.modules()):
+            weighted += 1
+            name = f"{'conv' if isinstance(m, nn.Conv2d) else type(m).__name__.lower()}{weighted}"
+        stages[-1].append(m)
+        ends[-1] = (channels, stride, name)
+    names = [n for _, _, n in ends] if names is None else list(names)
+    if len(names) != len(stages):
+        raise ValueError(f"stride_stages: {len(stages)} stages but {len(names)} names {names}")
+    return FeatureStages([nn.Sequential(*st) for st in stages],
+                         [FeatureInfo(n, c, s) for n, (c, s, _) in zip(names, ends)])
 
 
 class SequentialBackbone(Backbone):
@@ -79,6 +119,15 @@ class SequentialBackbone(Backbone):
                               roi_head=nn.Sequential(*layers[cut + 1:], *self.head),
                               out_channels=self._out_channels, stride=self._stride,
                               head_channels=self._head_channels, stages=stages_at_convolutions(trunk_layers))
+
+    def feature_stages(self) -> FeatureStages:
+        """One stage per stride of ``features`` and of the convolutions that open ``head`` (LeNet-5's C5),
+        last pooling included: the small CNN conv1 (stride 1), conv2 (2), pool2 (4); LeNet-5 conv1 = C1 (6
+        channels, 1), conv2 = C3 (16, 2), conv3 = C5 (120, 4); CaffeNet conv1 (96, 4), conv2 (256, 8),
+        conv5 (256, 16), pool5 (256, 32); ZFNet conv1 (96, 2), pool1 (96, 4), conv2 (256, 8), conv5 (256, 16),
+        pool5 (256, 32). ``avgpool`` (the classifier's fixed grid) is left out."""
+        convs = takewhile(lambda m: not isinstance(m, nn.Flatten), self.head)
+        return stride_stages([*self.features, *convs])
 
 
 # ----------------------------------------------------------------------------- small CNN and LeNet-5
@@ -201,6 +250,10 @@ class AlexNetTV(Backbone):
                               roi_head=nn.Sequential(nn.Flatten(1), *list(self.classifier)[:-1]),
                               out_channels=256, stride=16, head_channels=4096, stages=stages_at_convolutions(layers))
 
+    def feature_stages(self) -> FeatureStages:
+        """``features`` by stride: conv1 (64 channels, stride 4), conv2 (192, 8), conv5 (256, 16), pool5 (256, 32)."""
+        return stride_stages(self.features)
+
 
 # ----------------------------------------------------------------------------- Network in Network, Maxout
 
@@ -247,6 +300,15 @@ class NIN(Backbone):
         head = nn.Sequential(*layers[cut + 1:], *list(self.classifier)[:-2], self.gap, self.flatten)
         return DetectionParts(trunk=nn.Sequential(*trunk_layers), roi_head=head, out_channels=self._out_channels,
                               stride=self._stride, head_channels=self._head_channels, stages=stages)
+
+    def feature_stages(self) -> FeatureStages:
+        """One stage per mlpconv layer, each with the pooling (and dropout) before it; the class-map layer
+        without its class-specific 1x1 convolution is the last: ImageNet mlpconv1 (96 channels, stride 4),
+        mlpconv2 (256, 8), mlpconv3 (384, 16), mlpconv4 (1024, 32); CIFAR-10 mlpconv1 (96, 1), mlpconv2
+        (192, 2), mlpconv3 (192, 4)."""
+        body = [*self.features, *list(self.classifier)[:-2]]
+        mlpconvs = sum(isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) for m in body)
+        return stride_stages(body, names=[f"mlpconv{i}" for i in range(1, mlpconvs + 1)])
 
 
 def nin(num_classes: int = 1000, dropout: float = 0.5) -> NIN:
@@ -317,6 +379,11 @@ class MaxoutCNN(Backbone):
         return DetectionParts(trunk=nn.Sequential(*layers), roi_head=self.head, out_channels=192, stride=4,
                               head_channels=500, stages=stages_at_convolutions(layers))
 
+    def feature_stages(self) -> FeatureStages:
+        """``features`` by stride (dropouts kept where they are): conv1 (96 channels, stride 1), conv2 (192, 2),
+        conv3 (192, 4), pool3 (192, 8)."""
+        return stride_stages(self.features)
+
 
 # ----------------------------------------------------------------------------- PReLU-nets
 
@@ -379,6 +446,12 @@ class PReLUNet(Backbone):
         head = nn.Sequential(self.spp, *list(self.classifier)[:-1])
         return DetectionParts(trunk=self.features, roi_head=head, out_channels=self._out_channels, stride=16,
                               head_channels=4096, stages=stages)
+
+    def feature_stages(self) -> FeatureStages:
+        """``features`` by stride, each stage from the pooling before it: conv1 (96 channels, stride 2), then
+        the 56, 28 and 14 pixel stages (strides 4, 8, 16; widths as given, e.g. model A conv6, conv11,
+        conv16 of 256, 512, 512). The network has no stride-32 map (SPP follows)."""
+        return stride_stages(self.features)
 
 
 # ----------------------------------------------------------------------------- the variants

@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from detkit.backbones import Backbone, BackboneDefaults, DetectionParts, Variant, init_weights
+from detkit.backbones import Backbone, BackboneDefaults, DetectionParts, FeatureStages, Variant, init_weights
+
+from detkit_classic.early import stride_stages
 
 
 class Fire(nn.Module):
@@ -23,6 +25,7 @@ class Fire(nn.Module):
         self.expand1x1_activation = nn.ReLU(inplace=True)
         self.expand3x3 = nn.Conv2d(squeeze, e3, 3, padding=1)
         self.expand3x3_activation = nn.ReLU(inplace=True)
+        self.out_channels = e1 + e3
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.squeeze_activation(self.squeeze(x))
@@ -72,6 +75,12 @@ class SqueezeNet(Backbone):
         head = nn.Sequential(layers[-1], nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         return DetectionParts(trunk=nn.Sequential(*trunk_layers), roi_head=head, out_channels=512, stride=16,
                               head_channels=512, stages=stages)
+
+    def feature_stages(self) -> FeatureStages:
+        """``features`` by stride, each stage from the max pooling before it, fire9 (in the RoI head) last:
+        1.0 conv1 (96 channels, stride 2), fire4 (256, 4), fire8 (512, 8), fire9 (512, 16); 1.1 conv1 (64, 2),
+        fire3 (128, 4), fire5 (256, 8), fire9 (512, 16). conv10 is the classifier; there is no stride-32 map."""
+        return stride_stages(self.features)
 
 
 PAPER = "Iandola et al. 2016"

@@ -5,14 +5,17 @@ the last three blocks), D (VGG-16) and E (VGG-19), and batch-normalised forms;
 parameter names follow torchvision (``features.N``, ``classifier.N``), so its
 checkpoints load as they are. Detection (Fast R-CNN Sec. 4): the trunk is
 conv1_1..conv5_3 without pool5 (stride 16, 512 channels) and the RoI head is
-fc6/fc7 on 7x7 RoI-pooled features.
+fc6/fc7 on 7x7 RoI-pooled features. For necks, the feature stages are the five
+conv blocks and pool5 (strides 1 to 16, then 32: pool5 is C5).
 """
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from detkit.backbones import (Backbone, BackboneDefaults, DetectionParts, Variant, init_weights, kaiming_normal_init,
-                              normal_init)
+from detkit.backbones import (Backbone, BackboneDefaults, DetectionParts, FeatureStages, Variant, init_weights,
+                              kaiming_normal_init, normal_init)
+
+from detkit_classic.early import stride_stages
 
 # Numbers are 3x3 conv widths, "1:N" a 1x1 conv of width N, "M" max pooling, "L" local response normalisation.
 CONFIGS: dict[str, list] = {
@@ -71,6 +74,13 @@ class VGG(Backbone):
         fc67 = nn.Sequential(nn.Flatten(1), *list(self.classifier)[:-1])
         return DetectionParts(trunk=nn.Sequential(*stages), roi_head=fc67, out_channels=512, stride=16,
                               head_channels=4096, stages=stages)
+
+    def feature_stages(self) -> FeatureStages:
+        """One stage per conv block, each from the pooling before it, so each ends with the deepest map at its
+        stride: conv1 (64 channels, stride 1), conv2 (128, 2), conv3 (256, 4), conv4 (512, 8), conv5 (512,
+        16), pool5 (512, 32). FPN reads conv3_3 as C2, conv4_3 as C3, conv5_3 as C4 (the Fast R-CNN
+        trunk's map) and pool5 as C5 (VGG-16's names)."""
+        return stride_stages(self.features, names=["conv1", "conv2", "conv3", "conv4", "conv5", "pool5"])
 
 
 PAPER = "Simonyan & Zisserman 2015"

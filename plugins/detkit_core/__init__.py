@@ -9,40 +9,46 @@ from __future__ import annotations
 from detkit.hookspecs import hookimpl
 
 
-def _rpn(settings, in_channels: int, stride: int):
+def _rpn(settings, in_channels: int, strides: list[int]):
     from detkit.models.rpn import RegionProposalNetwork
 
-    return RegionProposalNetwork(settings, in_channels, stride)
+    return RegionProposalNetwork(settings, in_channels, strides)
 
 
-def _selective_search(settings, in_channels: int | None, stride: int | None):
+def _selective_search(settings, in_channels: int | None, strides: list[int] | None):
     from detkit.models.precomputed import SelectiveSearchProposals
 
     return SelectiveSearchProposals(settings)
 
 
-def _precomputed(settings, in_channels: int, stride: int):
+def _precomputed(settings, in_channels: int, strides: list[int]):
     from detkit.models.precomputed import PrecomputedProposals
 
     return PrecomputedProposals(settings.top_k)
 
 
-def _roi_pool(settings, output_size: int, stride: int, **_):
+def _fpn(settings, stages, backbone: str):
+    from detkit.models.fpn import FeaturePyramid
+
+    return FeaturePyramid(stages, settings, backbone)
+
+
+def _roi_pool(settings, output_size: int, strides: list[int], **_):
     from detkit.ops import RoIPoolExtractor
 
-    return RoIPoolExtractor(settings.output_size or output_size, stride)
+    return RoIPoolExtractor(settings.output_size or output_size, strides)
 
 
-def _roi_align(settings, output_size: int, stride: int, **_):
+def _roi_align(settings, output_size: int, strides: list[int], **_):
     from detkit.ops import RoIAlignExtractor
 
-    return RoIAlignExtractor(settings.output_size or output_size, stride, settings.sampling_ratio, settings.aligned)
+    return RoIAlignExtractor(settings.output_size or output_size, strides, settings.sampling_ratio, settings.aligned)
 
 
-def _spp(settings, stride: int, **_):
+def _spp(settings, strides: list[int], **_):
     from detkit.ops.spp import SpatialPyramidPool
 
-    return SpatialPyramidPool(settings.levels, stride)
+    return SpatialPyramidPool(settings.levels, strides)
 
 
 def _warp(settings, output_size: int, trunk, input_size: int, **_):
@@ -50,6 +56,32 @@ def _warp(settings, output_size: int, trunk, input_size: int, **_):
 
     return WarpExtractor(trunk, settings.output_size or output_size, settings.warp_size or input_size,
                          settings.context_padding, settings.warp_batch)
+
+
+def _backbone_head(settings, pooled_shape: tuple, backbone_head, head_in_channels: int, head_channels: int):
+    from detkit.models.assembly import backbone_box_head
+
+    return backbone_box_head(pooled_shape, backbone_head, head_in_channels, head_channels)
+
+
+def _two_fc(settings, pooled_shape: tuple, **_):
+    import math
+
+    from detkit.models.box_heads import TwoFCHead
+
+    head = TwoFCHead(math.prod(pooled_shape), settings.fc_dim)
+    return head, head.out_features
+
+
+def _conv_fc(settings, pooled_shape: tuple, **_):
+    from detkit.config import ConfigError
+    from detkit.models.box_heads import ConvFCHead
+
+    if len(pooled_shape) != 3:
+        raise ConfigError(f"model.box_head.name='conv_fc' convolves a pooled grid; the RoI extractor gives flat "
+                          f"vectors of {pooled_shape[0]} (use two_fc)")
+    head = ConvFCHead(pooled_shape[0], pooled_shape[1:], settings)
+    return head, head.out_features
 
 
 def _softmax_box(settings, in_features: int, num_classes: int, **_):
@@ -129,6 +161,13 @@ def _svm_posthoc(cfg, registries, resume=None, progress: bool = True) -> dict:
 
 
 @hookimpl
+def detkit_register_necks(register):
+    from detkit.models.fpn import FPNSettings
+
+    register("fpn", _fpn, settings=FPNSettings, paper="Lin et al. 2017 (Feature Pyramid Networks)")
+
+
+@hookimpl
 def detkit_register_proposal_generators(register):
     from detkit.models.precomputed import PrecomputedSettings, SelectiveSearchSettings
     from detkit.models.rpn import RPNSettings
@@ -150,6 +189,15 @@ def detkit_register_roi_extractors(register):
     register("roi_align", _roi_align, settings=RoIAlignSettings, paper="Mask R-CNN, Sec. 3")
     register("spp", _spp, settings=SPPSettings, produces="vector", paper="SPP-net, Sec. 2.3")
     register("warp", _warp, settings=WarpSettings, consumes="image", paper="R-CNN, Sec. 2.1 and Appendix A")
+
+
+@hookimpl
+def detkit_register_box_heads(register):
+    from detkit.models.box_heads import ConvFCSettings, TwoFCSettings
+
+    register("backbone", _backbone_head, paper="the backbone's own RoI head (VGG fc6/fc7, ResNet res5)")
+    register("two_fc", _two_fc, settings=TwoFCSettings, paper="FPN, Sec. 4.2 (2 x 1024-d fc)")
+    register("conv_fc", _conv_fc, settings=ConvFCSettings, paper="Detectron2's 4conv1fc")
 
 
 @hookimpl

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
-from detkit.backbones import (CIFAR_DEFAULTS, Backbone, BackboneDefaults, DetectionParts, Variant, init_weights,
-                              kaiming_normal_init)
+from detkit.backbones import (CIFAR_DEFAULTS, Backbone, BackboneDefaults, DetectionParts, FeatureInfo, FeatureStages,
+                              Variant, init_weights, kaiming_normal_init)
 
 
 class DenseLayer(nn.Module):
@@ -115,10 +115,12 @@ class DenseNet(Backbone):
         channels = num_init_features
         self.num_blocks = len(block_config)
         self.transition_channels: list[int] = []
+        self.block_channels: list[int] = []
         for i, n in enumerate(block_config):
             self.features.add_module(f"denseblock{i + 1}",
                                      DenseBlock(n, channels, bn_size, growth_rate, drop_rate, memory_efficient))
             channels += n * growth_rate
+            self.block_channels.append(channels)
             if i != len(block_config) - 1:
                 out = int(channels * compression)
                 self.features.add_module(f"transition{i + 1}", Transition(channels, out))
@@ -147,6 +149,21 @@ class DenseNet(Backbone):
         stride = (1 if self.cifar else 4) * 2 ** (n - 2)
         return DetectionParts(trunk=nn.Sequential(*stages), roi_head=head, out_channels=self.transition_channels[-1],
                               stride=stride, head_channels=self.final_channels, stages=stages)
+
+    def feature_stages(self) -> FeatureStages:
+        """One stage per dense block, ending at the block's output before its transition (torchvision's and
+        Detectron2's cut): ``denseblock1`` (the stem and block 1, stride 4; CIFAR: 1), then ``denseblock{i}``
+        (transition i - 1, whose pooling halves the map, and block i), the last one with the final BN.
+        DenseNet-121: 256, 512, 1024, 1024 channels at strides 4, 8, 16, 32."""
+        f, n = self.features, self.num_blocks
+        stages, info = [], []
+        for i in range(1, n + 1):
+            names = self.stem_names if i == 1 else [f"transition{i - 1}"]
+            names = [*names, f"denseblock{i}"] + ([f"norm{n + 1}"] if i == n else [])
+            stages.append(nn.Sequential(*(getattr(f, name) for name in names)))
+            info.append(FeatureInfo(f"denseblock{i}", self.block_channels[i - 1],
+                                    (1 if self.cifar else 4) * 2 ** (i - 1)))
+        return FeatureStages(stages, info)
 
     def remap_state_dict(self, state: dict) -> dict:
         """torchvision's early densenet checkpoints name ``denselayer1.norm1`` as ``denselayer1.norm.1``

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from detkit.backbones import CIFAR_DEFAULTS, Backbone, BackboneDefaults, DetectionParts, Variant
+from detkit.backbones import (CIFAR_DEFAULTS, Backbone, BackboneDefaults, DetectionParts, FeatureInfo, FeatureStages,
+                              Variant)
 
 PAPER_DROPOUT = (0.0, 0.1, 0.2, 0.3, 0.4)
 
@@ -217,6 +218,18 @@ class FractalNet(Backbone):
         stages += [nn.Sequential(b, p) for b, p in zip(self.blocks[:-2], self.pools)] + [self.blocks[-2]]
         return DetectionParts(trunk=trunk, roi_head=head, out_channels=self.widths[-2], stride=stride,
                               head_channels=self.widths[-1], stages=stages)
+
+    def feature_stages(self) -> FeatureStages:
+        """One stage per fractal block, ending at the block's output (the pooling after it starts the next
+        stage): ``block1`` (the stem and block 1), ..., ``block{B}``. fractalnet34: 64, 128, 256, 512 channels
+        at strides 4, 8, 16, 32; fractalnet_cifar: 64, 128, 256, 512, 512 at 1, 2, 4, 8, 16 (the 2x2 pooling
+        after its last block feeds only the global average pooling, so it is no stage). Each stage draws its
+        own drop-path in training, as the detection trunk and RoI head do."""
+        layers = self._layers()
+        ends = [layers.index(block) + 1 for block in self.blocks]
+        stages = [self._sequence(layers[start:end]) for start, end in zip([0, *ends], ends)]
+        info = [FeatureInfo(f"block{i + 1}", w, (1 if self.cifar else 4) * 2 ** i) for i, w in enumerate(self.widths)]
+        return FeatureStages(stages, info)
 
 
 PAPER = "Larsson et al. 2017"

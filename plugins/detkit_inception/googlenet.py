@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkit.backbones import Backbone, DetectionParts, init_weights, trunc_normal_init
+from detkit.backbones import Backbone, DetectionParts, FeatureInfo, FeatureStages, init_weights, trunc_normal_init
 
 
 class BasicConv2d(nn.Module):
@@ -191,6 +191,20 @@ class GoogLeNet(Backbone):
                               out_channels=self.inception4e.out_channels, stride=16,
                               head_channels=self.final_channels, stages=stages)
 
+    def feature_stages(self) -> FeatureStages:
+        """One stage per resolution, each ending before the next max pooling halves the map: ``conv1``
+        (stride 2, 64 channels), ``conv3`` (4, 192), ``inception3b`` (8, 480), ``inception4e`` (16, 832),
+        ``inception5b`` (32, 1024); each stage after the first begins with that pooling."""
+        stages = [self.conv1, nn.Sequential(self.maxpool1, self.norm1, self.conv2, self.conv3, self.norm2),
+                  nn.Sequential(self.maxpool2, self.inception3a, self.inception3b),
+                  nn.Sequential(self.maxpool3, *(getattr(self, f"inception4{k}") for k in "abcde")),
+                  nn.Sequential(self.maxpool4, self.inception5a, self.inception5b)]
+        info = [FeatureInfo("conv1", 64, 2), FeatureInfo("conv3", 192, 4),
+                FeatureInfo("inception3b", self.inception3b.out_channels, 8),
+                FeatureInfo("inception4e", self.inception4e.out_channels, 16),
+                FeatureInfo("inception5b", self.final_channels, 32)]
+        return FeatureStages(stages, info)
+
 
 # ----------------------------------------------------------------------------- BN-Inception
 
@@ -271,3 +285,16 @@ class BNInception(Backbone):
         head = nn.Sequential(*self._mods(["4e", "5a", "5b"]), self.avgpool, nn.Flatten(1))
         return DetectionParts(trunk=nn.Sequential(*stages), roi_head=head, out_channels=self.channels["4d"],
                               stride=16, head_channels=self.channels["5b"], stages=stages)
+
+    def feature_stages(self) -> FeatureStages:
+        """One stage per resolution, each ending before the next reduction (a max pooling, or the stride-2
+        modules 3c and 4e, which then start the next stage): ``conv1`` (stride 2, 64 channels), ``conv2``
+        (4, 192), ``inception3b`` (8, 320), ``inception4d`` (16, 608), ``inception5b`` (32, 1024)."""
+        stages = [self.conv1, nn.Sequential(self.pool1, self.conv2_reduce, self.conv2),
+                  nn.Sequential(self.pool2, *self._mods(["3a", "3b"])),
+                  nn.Sequential(*self._mods(["3c", "4a", "4b", "4c", "4d"])),
+                  nn.Sequential(*self._mods(["4e", "5a", "5b"]))]
+        info = [FeatureInfo("conv1", 64, 2), FeatureInfo("conv2", 192, 4),
+                FeatureInfo("inception3b", self.channels["3b"], 8), FeatureInfo("inception4d", self.channels["4d"], 16),
+                FeatureInfo("inception5b", self.channels["5b"], 32)]
+        return FeatureStages(stages, info)

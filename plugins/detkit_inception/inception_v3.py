@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkit.backbones import Backbone, DetectionParts, init_weights, trunc_normal_init
+from detkit.backbones import Backbone, DetectionParts, FeatureInfo, FeatureStages, init_weights, trunc_normal_init
 from detkit_inception.googlenet import BasicConv2d
 
 BC = BasicConv2d
@@ -217,3 +217,16 @@ class InceptionV3(Backbone):
         stages = [self._stem(), self._grid35(), self._grid17()]
         return DetectionParts(trunk=nn.Sequential(*stages), roi_head=self._head(), out_channels=768, stride=16,
                               head_channels=2048, stages=stages)
+
+    def feature_stages(self) -> FeatureStages:
+        """One stage per resolution, each ending before the next grid reduction (as timm's ``feature_info``):
+        ``Conv2d_2b_3x3`` (stride 2, 64 channels), ``Conv2d_4a_3x3`` (4, 192), ``Mixed_5d`` (8, 288),
+        ``Mixed_6e`` (16, 768), ``Mixed_7c`` (32, 2048). Unpadded convolutions shave the borders (299 -> 8
+        at stride 32); the auxiliary classifier is no stage."""
+        stages = [nn.Sequential(self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3),
+                  nn.Sequential(self.maxpool1, self.Conv2d_3b_1x1, self.Conv2d_4a_3x3),
+                  nn.Sequential(self.maxpool2, *self._grid35()), self._grid17(),
+                  nn.Sequential(self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)]
+        info = [FeatureInfo("Conv2d_2b_3x3", 64, 2), FeatureInfo("Conv2d_4a_3x3", 192, 4),
+                FeatureInfo("Mixed_5d", 288, 8), FeatureInfo("Mixed_6e", 768, 16), FeatureInfo("Mixed_7c", 2048, 32)]
+        return FeatureStages(stages, info)

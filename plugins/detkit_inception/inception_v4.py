@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from detkit.backbones import Backbone, DetectionParts
+from detkit.backbones import Backbone, DetectionParts, FeatureInfo, FeatureStages
 from detkit_inception.googlenet import BasicConv2d
 
 
@@ -66,6 +66,12 @@ def avg_proj(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.AvgPool2d(3, 1, 1, count_include_pad=False), conv(cin, cout, 1))
 
 
+#: a stem's feature maps, one per resolution: (index in the stem after the layer that ends it, channels) at
+#: strides 2, 4 and 8 (147x147, 71x71 and 35x35 for a 299x299 input)
+StemMaps = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+STEM_V4_MAPS: StemMaps = ((1, 64), (3, 192), (4, 384))
+
+
 def stem_v4() -> nn.Sequential:
     """Fig. 3: 299x299x3 -> 35x35x384."""
     return nn.Sequential(
@@ -74,6 +80,9 @@ def stem_v4() -> nn.Sequential:
         Branches(chain(160, (64, 1), (96, 3, 1, True)),
                  chain(160, (64, 1), (64, (7, 1)), (64, (1, 7)), (96, 3, 1, True))),
         Branches(conv(192, 192, 3, 2, True), nn.MaxPool2d(3, 2)))
+
+
+STEM_RESNET_V1_MAPS: StemMaps = ((3, 64), (6, 192), (7, 256))
 
 
 def stem_resnet_v1() -> nn.Sequential:
@@ -129,12 +138,13 @@ class InceptionNet(Backbone):
     """Stem -> 35x35 blocks -> Reduction-A -> 17x17 blocks -> Reduction-B -> 8x8 blocks -> pool -> fc.
 
     images (B, 3, H, W), H, W >= 75 -> logits (B, num_classes). ``channels17`` / ``channels8``: widths of
-    the 17x17 and the final 8x8 grid (the trunk's out_channels and the RoI head's head_channels).
+    the 17x17 and the final 8x8 grid (the trunk's out_channels and the RoI head's head_channels);
+    ``stem_maps``: where the stem's resolutions end (:data:`StemMaps`).
     """
 
     def __init__(self, stem: nn.Module, grid35: list[nn.Module], reduce_a: nn.Module, grid17: list[nn.Module],
                  reduce_b: nn.Module, grid8: list[nn.Module], channels17: int, channels8: int, num_classes: int,
-                 dropout: float):
+                 dropout: float, stem_maps: StemMaps):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"{type(self).__name__}: num_classes must be >= 1, got {num_classes}")
@@ -148,6 +158,7 @@ class InceptionNet(Backbone):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(channels8, num_classes)
         self.channels17, self.channels8 = channels17, channels8
+        self.stem_maps = stem_maps
 
     def _head(self) -> nn.Sequential:
         return nn.Sequential(self.reduction_b, self.grid8, self.avgpool, nn.Flatten(1))
@@ -161,6 +172,19 @@ class InceptionNet(Backbone):
         return DetectionParts(trunk=nn.Sequential(*stages), roi_head=self._head(), out_channels=self.channels17,
                               stride=16, head_channels=self.channels8, stages=stages)
 
+    def feature_stages(self) -> FeatureStages:
+        """One stage per resolution, each ending before the next grid reduction (which starts the next
+        stage): ``grid147`` and ``grid71`` (the stem's parts at strides 2 and 4, 64 and 192 channels),
+        ``grid35`` (the rest of the stem and the 35x35 blocks, stride 8), ``grid17`` (Reduction-A and the
+        17x17 blocks, 16), ``grid8`` (Reduction-B and the 8x8 blocks, 32); the names are the grid sides of a
+        299x299 input, which unpadded convolutions make smaller than 299 / stride."""
+        (end2, c2), (end4, c4), (end8, c8) = self.stem_maps
+        stages = [self.stem[:end2], self.stem[end2:end4], nn.Sequential(self.stem[end4:end8], self.grid35),
+                  nn.Sequential(self.reduction_a, self.grid17), nn.Sequential(self.reduction_b, self.grid8)]
+        info = [FeatureInfo("grid147", c2, 2), FeatureInfo("grid71", c4, 4), FeatureInfo("grid35", c8, 8),
+                FeatureInfo("grid17", self.channels17, 16), FeatureInfo("grid8", self.channels8, 32)]
+        return FeatureStages(stages, info)
+
 
 def inception_v4(num_classes: int = 1000, dropout: float = 0.2) -> InceptionNet:
     """Inception-v4 (Fig. 9; 42,679,816 parameters): no residual connections, dropout keeps 0.8."""
@@ -168,7 +192,7 @@ def inception_v4(num_classes: int = 1000, dropout: float = 0.2) -> InceptionNet:
                         chain(1024, (256, 1), (256, (1, 7)), (320, (7, 1)), (320, 3, 2, True)))
     return InceptionNet(stem_v4(), [inception_a() for _ in range(4)], reduction_a(384, 192, 224, 256, 384),
                         [inception_b() for _ in range(7)], reduce_b, [InceptionC() for _ in range(3)],
-                        1024, 1536, num_classes, dropout)
+                        1024, 1536, num_classes, dropout, STEM_V4_MAPS)
 
 
 def inception_resnet_v1(num_classes: int = 1000, dropout: float = 0.2) -> InceptionNet:
@@ -183,7 +207,7 @@ def inception_resnet_v1(num_classes: int = 1000, dropout: float = 0.2) -> Incept
                         chain(896, (256, 1), (256, 3, 2, True)), chain(896, (256, 1), (256, 3), (256, 3, 2, True)))
     return InceptionNet(stem_resnet_v1(), [block_a() for _ in range(5)], reduction_a(256, 192, 192, 256, 384),
                         [block_b() for _ in range(10)], reduce_b, [block_c(i == 4) for i in range(5)],
-                        896, 1792, num_classes, dropout)
+                        896, 1792, num_classes, dropout, STEM_RESNET_V1_MAPS)
 
 
 def _inception_resnet_v2_paper(num_classes: int, dropout: float) -> InceptionNet:
@@ -197,7 +221,10 @@ def _inception_resnet_v2_paper(num_classes: int, dropout: float) -> InceptionNet
                         chain(1152, (256, 1), (288, 3, 2, True)), chain(1152, (256, 1), (288, 3), (320, 3, 2, True)))
     return InceptionNet(stem_v4(), [block_a() for _ in range(5)], reduction_a(384, 256, 256, 384, 384),
                         [block_b() for _ in range(10)], reduce_b, [block_c(i == 4) for i in range(5)],
-                        1152, 2144, num_classes, dropout)
+                        1152, 2144, num_classes, dropout, STEM_V4_MAPS)
+
+
+STEM_SLIM_MAPS: StemMaps = ((1, 64), (3, 192), (5, 320))
 
 
 def stem_slim() -> nn.Sequential:
@@ -223,7 +250,7 @@ def _inception_resnet_v2_slim(num_classes: int, dropout: float) -> InceptionNet:
                         chain(1088, (256, 1), (288, 3), (320, 3, 2, True)), nn.MaxPool2d(3, 2))
     grid8 = [block_c() for _ in range(9)] + [block_c(scale=1.0, last=True), conv(2080, 1536, 1)]
     return InceptionNet(stem_slim(), [block_a() for _ in range(10)], reduce_a, [block_b() for _ in range(20)],
-                        reduce_b, grid8, 1088, 1536, num_classes, dropout)
+                        reduce_b, grid8, 1088, 1536, num_classes, dropout, STEM_SLIM_MAPS)
 
 
 def inception_resnet_v2(num_classes: int = 1000, dropout: float = 0.2, layout: str = "slim") -> InceptionNet:

@@ -31,7 +31,8 @@ Parameter names follow torchvision (``conv1``, ``bn1``, ``layer1``.., ``fc``), s
 Detection (ResNet paper, Appendix A; Detectron's C4): the trunk is conv1..conv4_x (stride 16) and the RoI
 head conv5_x plus global average pooling on 14x14 pooled regions. The CIFAR forms have only three
 stages; their trunk is the whole convolutional part (stride 4, the deepest map) and the RoI head the
-final BN-ReLU and global average pooling.
+final BN-ReLU and global average pooling. For necks (Feature Pyramid Networks read C2..C5),
+``feature_stages`` exposes the stem and every stage, res5 included, with their channels and strides.
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkit.backbones import (CIFAR_DEFAULTS, Backbone, BackboneDefaults, DetectionParts, Variant, init_weights,
-                              kaiming_normal_init)
+from detkit.backbones import (CIFAR_DEFAULTS, Backbone, BackboneDefaults, DetectionParts, FeatureInfo,
+                              FeatureStages, Variant, init_weights, kaiming_normal_init)
 
 SHORTCUTS = ("A", "B", "C")
 PAPER_SURVIVAL = 0.5  # Huang et al. 2016, Sec. 4: p_L = 0.5 throughout
@@ -325,10 +326,13 @@ class ResNet(Backbone):
             layers.append(self.maxpool)
         return nn.Sequential(*layers)
 
+    def _final_activation(self) -> list[nn.Module]:
+        """A pre-activation net's BN-ReLU after its last unit (none for post-activation units)."""
+        return [self.bn_final, nn.ReLU()] if self.bn_final is not None else []
+
     def _post(self) -> list[nn.Module]:
         """Layers after the last stage, up to the classifier: (B, C, h, w) -> (B, C)."""
-        post = [self.bn_final, nn.ReLU()] if self.bn_final is not None else []
-        return post + [self.avgpool, nn.Flatten(1)]
+        return self._final_activation() + [self.avgpool, nn.Flatten(1)]
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._stem()(x)
@@ -345,6 +349,32 @@ class ResNet(Backbone):
         return DetectionParts(trunk=nn.Sequential(*stages), roi_head=nn.Sequential(*rest, *self._post()),
                               out_channels=self.stage_channels[2], stride=4 if self.cifar else 16,
                               head_channels=self.stage_channels[-1], stages=stages)
+
+    def feature_stages(self) -> FeatureStages:
+        """The stem and every stage, applied in turn to images (B, 3, H, W), each output a feature map:
+
+        - ImageNet forms: "stem" (conv1-BN-ReLU-max pool, ``stem_width`` channels, stride 4), then
+          "res2".."res5" (``layer1``..``layer4``; strides 4, 8, 16, 32; 64-128-256-512 channels with basic
+          blocks, 256-512-1024-2048 with bottlenecks): C2..C5 of a Feature Pyramid Network. res5 is the C4
+          cut's RoI head, here a feature stage.
+        - CIFAR forms: "stem" (the 3x3 conv, bare in the pre-activation forms; 16 channels, stride 1), then
+          "res2".."res4" (``layer1``..``layer3``; strides 1, 2, 4; ``widths`` times the block's expansion).
+
+        The stages are the classifier's own modules (no copies); global pooling and ``fc`` are left out.
+        """
+        stages = [self._stem(), *self._stages()]
+        final = self._final_activation()
+        if final:
+            # A pre-activation unit ends at its addition (He et al. 2016b, Fig. 4e): each stage's output is
+            # normalised and activated by the next unit's own BN-ReLU, the last stage's only by this final
+            # BN-ReLU before pooling. It belongs to the last stage, so that the deepest map is the activated one
+            # the classifier pools, as a post-activation ResNet's last stage ends activated too.
+            stages[-1] = nn.Sequential(stages[-1], *final)
+        stem_stride = 1 if self.cifar else 4
+        names = ["stem"] + [f"res{i + 2}" for i in range(len(self.stage_names))]
+        channels = [self.conv1.out_channels, *self.stage_channels]
+        strides = [stem_stride] + [stem_stride * 2 ** i for i in range(len(self.stage_names))]
+        return FeatureStages(stages, [FeatureInfo(*row) for row in zip(names, channels, strides)])
 
 
 # ----------------------------------------------------------------------------- the variants

@@ -36,7 +36,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from detkit.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneDefaults, DetectionParts
+from detkit.backbones import (IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneDefaults, DetectionParts, FeatureInfo,
+                              FeatureStages)
 from detkit.hookspecs import hookimpl
 
 PREFIX = "timm/"
@@ -215,6 +216,22 @@ class TimmBackbone(Backbone):
     def remap_state_dict(self, state: dict) -> dict:
         """A timm checkpoint names the model's own parameters; here they live under ``model.``."""
         return {k if k.startswith(("model.", "roi_fallback.")) else f"model.{k}": v for k, v in state.items()}
+
+    def feature_stages(self) -> FeatureStages:
+        """Sequential models: the children grouped at every feature module of ``feature_info`` (the trunk's
+        stages, then the rest up to the deepest map), one stage per declared map. Other models expose none."""
+        if not self.sequential:
+            raise NotImplementedError(f"{PREFIX}{self.timm_name}: not a chain of modules, so no feature stages "
+                                      f"(only forward_intermediates)")
+        mods = module_list(self.model, [f["module"] for f in self.features])
+        names = [n for n, _ in mods]
+        found = [f for f in self.features if f["module"] in names]  # maps inside a child end with that child
+        stages, start = [], 0
+        for f in found:
+            end = names.index(f["module"]) + 1
+            stages.append(nn.Sequential(*(m for _, m in mods[start:end])))
+            start = end
+        return FeatureStages(stages, [FeatureInfo(f["module"], f["num_chs"], f["reduction"]) for f in found])
 
     def detection_parts(self) -> DetectionParts:
         if self.sequential:

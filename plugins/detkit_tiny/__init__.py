@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from detkit.backbones import Backbone, BackboneDefaults, DetectionParts, Variant, register_variants
+from detkit.backbones import (Backbone, BackboneDefaults, DetectionParts, FeatureInfo, FeatureStages, Variant,
+                              register_variants)
 from detkit.hookspecs import hookimpl
 
 
@@ -35,6 +36,7 @@ class TinyNet(Backbone):
                                 nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
         self.classifier = nn.Linear(hidden, num_classes)
         self.out_channels = w[4]
+        self.widths = w
         self.hidden = hidden
 
     def forward(self, x: Tensor) -> Tensor:
@@ -45,6 +47,12 @@ class TinyNet(Backbone):
         stages = [self.stem, self.stage2, self.stage3, self.stage4, self.stage5]
         return DetectionParts(trunk=nn.Sequential(*stages), roi_head=self.fc, out_channels=self.out_channels,
                               stride=16, head_channels=self.hidden, stages=stages)
+
+    def feature_stages(self) -> FeatureStages:
+        """Every stage's output (strides 2, 4, 8, 16, 16): FPN reads strides 4-16 of it."""
+        stages = [self.stem, self.stage2, self.stage3, self.stage4, self.stage5]
+        names, strides = ["stem", "stage2", "stage3", "stage4", "stage5"], [2, 4, 8, 16, 16]
+        return FeatureStages(stages, [FeatureInfo(n, c, s) for n, c, s in zip(names, self.widths, strides)])
 
 
 VARIANTS: list[Variant] = [
