@@ -126,6 +126,22 @@ def test_each_roi_extractor_trains_and_detects_on_the_device(registries, detecto
         assert len(det["boxes"]) > 0  # score_thresh 0: every image keeps detections
 
 
+def test_fpn_with_a_light_head_trains_and_detects_on_the_device(registries):
+    model = detector(registries, neck={"name": "fpn", "in_strides": [4, 8, 16], "out_channels": 16},
+                     proposal_generator={"anchors": {"sizes": [16, 32, 64, 128]}, "straddle_thresh": -1.0},
+                     box_head={"name": "two_fc", "fc_dim": 32}).to(DEVICE)
+    images, targets = batch(DEVICE)
+    model.train()
+    losses = model(images, targets)
+    assert all(v.device.type == DEVICE.type and torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    assert model.trunk.neck.lateral[0].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        dets = model(images)
+    assert all(d["boxes"].device.type == DEVICE.type and len(d["boxes"]) > 0 for d in dets)
+
+
 def test_detections_agree_between_cpu_and_cuda(registries):
     model = detector(registries, seed=3).eval()
     images, _ = batch(CPU, n=1, seed=4)
