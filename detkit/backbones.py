@@ -152,7 +152,7 @@ class Backbone(nn.Module):
         ImageNet checkpoint into a model with another number of classes).
         Returns the names of parameters that were not in the file.
         """
-        from detkit.checkpoint import read_state_dict
+        from detkit.state_dict import read_state_dict
 
         path = os.fspath(path)
         state = read_state_dict(path, "pretrained weights file")

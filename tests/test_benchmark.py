@@ -51,7 +51,7 @@ def test_centred_anchors_equal_detkit_anchors_and_stock_ones_are_shifted(registr
     stride = [torch.tensor(16), torch.tensor(16)]
     gen = theirs.rpn.anchor_generator
     gen.set_cell_anchors(torch.float32, CPU)
-    expected = ours.proposal_generator.anchor_generator.grid_anchors(grid)
+    expected = ours.proposal_generator.anchor_generators[0].grid_anchors(grid)
     assert torch.equal(gen.grid_anchors([grid], [stride])[0], expected)
     _, stock = benchmark.build_pair(benchmark.Setup(image_size=image_list_size), registries)
     stock.rpn.anchor_generator.set_cell_anchors(torch.float32, CPU)
@@ -70,6 +70,29 @@ def test_same_anchors_give_the_same_detections(registries):
     assert a["rpn_objectness_max_abs_diff"] == 0.0 and a["rpn_deltas_max_abs_diff"] == 0.0
     assert a["top_proposal_iou"] > 0.999 and a["top_detection_iou"] > 0.999
     assert a["top_score_abs_diff"] < 1e-5 and a["top_label_agree"] == 1.0 and a["matched_fraction"] == 1.0
+
+
+TINY_FPN = (["0", "1", "2", "pool"], ((16.0,), (32.0,), (64.0,), (128.0,)), 32)  # no stride-32 map: C2-C4
+R18_FPN = (["0", "1", "2", "3", "pool"], ((16.0,), (32.0,), (64.0,), (128.0,), (256.0,)), 64)
+
+
+@pytest.mark.parametrize("backbone, anchors, names, sizes, padding", [
+    ("tiny", "torchvision", *TINY_FPN), ("tiny", "detkit", *TINY_FPN), ("resnet18", "torchvision", *R18_FPN)])
+def test_fpn_pair_shares_the_pyramid_and_gives_the_same_detections(registries, backbone, anchors, names, sizes,
+                                                                   padding):
+    torch.manual_seed(0)
+    setup = benchmark.Setup(backbone=backbone, image_size=(64, 64), neck="fpn", anchors=anchors)
+    ours, theirs = benchmark.build_pair(setup, registries)
+    assert theirs.backbone.body is ours.trunk and theirs.roi_heads.box_head is ours.roi_heads.box_head
+    assert theirs.backbone.map_names == names and theirs.roi_heads.box_roi_pool.featmap_names == names[:-1]
+    assert theirs.rpn.anchor_generator.sizes == sizes
+    assert theirs.roi_heads.box_roi_pool.output_size == (7, 7) and ours.roi_heads.box_head[1].out_features == 1024
+    assert theirs.transform.size_divisible == ours.transform.size_divisible == padding
+    images, _ = benchmark.synthetic_batch(setup, 1, CPU, seed=3)
+    a = benchmark.agreement(ours, theirs, images)  # the same anchor placement in both
+    assert a["rpn_objectness_max_abs_diff"] == 0.0 and a["rpn_deltas_max_abs_diff"] == 0.0
+    assert a["top_detection_iou"] == pytest.approx(1.0) and a["matched_fraction"] == 1.0
+    assert a["detection_box_max_abs_diff"] < 1e-4 and a["detection_labels_equal"] == 1.0
 
 
 def test_run_reports_throughputs_ratios_and_memory(registries):
@@ -100,6 +123,20 @@ def test_cli_writes_json_and_rejects_bad_sizes(tmp_path, capsys):
         tool.main(["faster_rcnn", "--image-size", "48by64"])
     assert "expected HxW" in capsys.readouterr().err
     assert tool.main(["faster_rcnn", "--backbone", "no_such_net", "--no-loader"]) == 2
+
+
+def test_cli_with_fpn_names_the_neck_in_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert _tool().main(["faster_rcnn", "--neck", "fpn", "--image-size", "48x64", "--batch-sizes", "1",
+                         "--train-batch", "1", "--iters", "1", "--warmup", "0", "--device", "cpu", "--no-loader",
+                         "--markdown", "--output", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["setup"]["neck"] == "fpn" and r["setup"]["anchor_sizes"] == [16.0, 32.0, 64.0, 128.0]
+    assert r["agreement"]["detection_box_max_abs_diff"] < 1e-4 and r["agreement"]["detection_labels_equal"] == 1.0
+    text = capsys.readouterr().out
+    assert "| tiny + fpn | 48x64 | cpu | none | infer b1 (img/s) |" in text and "- tiny + fpn: RPN" in text
+    with pytest.raises(ValueError, match="Setup.neck: expected None or 'fpn'"):
+        benchmark.Setup(neck="bifpn")
 
 
 def test_loader_throughput_is_positive(registries):

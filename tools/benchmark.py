@@ -4,6 +4,7 @@
 faster_rcnn: detkit's Faster R-CNN against torchvision's FasterRCNN built around the same modules and
 weights, timed in the same process with interleaved runs (see detkit/benchmark.py). Prints throughputs
 and ratios detkit / torchvision (> 1: detkit faster); ``--markdown`` prints a docs/benchmarks.md section.
+``--neck fpn`` compares R50-FPN-style models (FPN P2-P6, two-fc box head, one anchor size per level).
 pipelines: R-CNN, SPP-net, Fast R-CNN and Faster R-CNN checkpoints on the same test images: proposal,
 convolution, region-wise and total time per image and mAP, in the form of the Faster R-CNN paper's
 timing table (see detkit/pipeline_benchmark.py).
@@ -53,8 +54,13 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast for both models")
     f.add_argument("--channels-last", action="store_true")
     f.add_argument("--compile", action="store_true", help="torch.compile the trunk (shared by both models)")
+    f.add_argument("--neck", choices=["fpn"], default=None,
+                   help="fpn: R50-FPN-style models (as torchvision's fasterrcnn_resnet50_fpn): an FPN on the "
+                        "backbone's maps at strides 4-32 plus a max-pooled level, a two-fc 1024 box head on 7x7 "
+                        "RoIAlign, one anchor size per level (16, 32, ... px); default: the trunk's one map")
     f.add_argument("--anchors", choices=["torchvision", "detkit"], default="torchvision",
-                   help="torchvision's stock anchors (default) or detkit's cell-centred ones in both")
+                   help="torchvision's stock anchors (default; with --neck fpn detkit uses them too) or "
+                        "detkit's cell-centred ones in both")
     f.add_argument("--no-loader", action="store_true", help="skip the data-loader throughput measurement")
     f.add_argument("--output", help="write the results as JSON to this path")
     f.add_argument("--markdown", action="store_true", help="print a section for docs/benchmarks.md")
@@ -213,6 +219,12 @@ def faster_rcnn(args: argparse.Namespace) -> int:
         if name not in registries.backbones:
             print(f"--backbone: {name!r} is not a registered backbone", file=sys.stderr)
             return 2
+        if args.neck:
+            try:
+                benchmark.pyramid_in_strides(name, registries)
+            except ValueError as exc:
+                print(f"--backbone {name} --neck {args.neck}: {exc}", file=sys.stderr)
+                return 2
     if args.iters < 1 or args.warmup < 0 or args.train_batch < 1:
         print(f"--iters {args.iters} / --warmup {args.warmup} / --train-batch {args.train_batch}: expected "
               f"iters >= 1, warmup >= 0, train batch >= 1", file=sys.stderr)
@@ -220,15 +232,15 @@ def faster_rcnn(args: argparse.Namespace) -> int:
     torch.backends.cudnn.benchmark = device.type == "cuda"
     results = []
     for name in names:
-        setup = benchmark.Setup(backbone=name, image_size=args.image_size, anchors=args.anchors)
+        setup = benchmark.Setup(backbone=name, image_size=args.image_size, anchors=args.anchors, neck=args.neck)
         r = benchmark.run(setup, registries, device, tuple(args.batch_sizes), args.train_batch, args.warmup,
                           args.iters, args.amp, args.channels_last, args.compile)
         results.append(r)
         inference = ", ".join(f"b{bs} {v['detkit']:.2f} vs {v['torchvision']:.2f} img/s (ratio {v['ratio']:.2f})"
                               for bs, v in r["inference"].items())
         t = r["train"]
-        print(f"{name}: inference {inference}; train {t['detkit']:.2f} vs {t['torchvision']:.2f} it/s "
-              f"(ratio {t['ratio']:.2f}); peak memory MiB {r['memory']}; agreement {r['agreement']}", flush=True)
+        print(f"{benchmark.model_name(r['setup'])}: inference {inference}; train {t['detkit']:.2f} vs "
+              f"{t['torchvision']:.2f} it/s (ratio {t['ratio']:.2f}); peak memory MiB {r['memory']}; agreement {r['agreement']}", flush=True)
     loader_ips = None
     if not args.no_loader:
         loader_ips = benchmark.loader_throughput(registries, image_size=args.image_size)
