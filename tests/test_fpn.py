@@ -178,3 +178,24 @@ def test_torchvision_fasterrcnn_resnet50_fpn_weights_give_the_same_detections(tm
         torch.testing.assert_close(ours["scores"], theirs["scores"], atol=max(tol / 100, 1e-6), rtol=0)
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     assert main(["convert", "torchvision", str(tmp_path / "other.pth"), "--output", str(tmp_path / "x.pth")]) == 2
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "vgg11", "densenet121", "googlenet", "alexnet_tv"])
+def test_a_short_fpn_training_run_per_family(registries, backbone):
+    """One backbone per family with maps at strides 4-32: FPN P2-P6, two_fc head, two SGD steps lower
+    nothing to NaN and move the neck's weights."""
+    torch.manual_seed(0)
+    cfg = model_cfg(backbone={"name": backbone}, neck={"name": "fpn", "out_channels": 16},
+                    proposal_generator={**RPN, "anchors": {"sizes": [16, 32, 64, 128, 256]}},
+                    transform={"min_size": 128, "max_size": 128})
+    model = build_detector(cfg, registries, 3, ["a", "b", "c"]).train()
+    assert [g.stride for g in model.proposal_generator.anchor_generators] == [4, 8, 16, 32, 64]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    before = model.trunk.neck.output[0].weight.detach().clone()
+    for _ in range(2):
+        losses = model(IMAGES[:1], TARGETS[:1])
+        assert all(torch.isfinite(v) for v in losses.values()), losses
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+    assert not torch.equal(before, model.trunk.neck.output[0].weight)
