@@ -252,21 +252,25 @@ def _closest(key: str, valid: list[str], parent: str = "") -> str:
 
 def _build_dataclass(cls: type, data: dict, path: str, source: str):
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
         if key not in hints:
-            raise ConfigError(f"{source}: unknown key {full!r}{_closest(str(key), names, path)}")
+            raise ConfigError(f"{source}: unknown key {full!r}{_closest(str(key), list(fields), path)}")
         if PartConfig in (hints[key], *typing.get_args(hints[key])):  # a part section (or None, if optional)
             optional = hints[key] is not PartConfig
             kwargs[key] = None if optional and value is None else _part(
-                value, getattr(defaults[key], "name", None), full, source)
+                value, _default_part_name(fields[key]), full, source)
         else:
             kwargs[key] = _convert(value, hints[key], full, source)
     return cls(**kwargs)
+
+
+def _default_part_name(f: dataclasses.Field) -> str | None:
+    """The name of the part a part field chooses by default (None for an optional part left out)."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return getattr(default, "name", None)
 
 
 def _part(value: Any, default_name: str, path: str, source: str) -> PartConfig:

@@ -13,6 +13,7 @@ sample's draw does not depend on which process or batch it lands in.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -63,16 +64,24 @@ def sample_balanced(labels: Tensor, generators: list[torch.Generator],
             torch.zeros_like(is_neg).scatter_(1, neg_idx, neg_take))
 
 
+@functools.lru_cache(maxsize=16)
+def _level_layout(counts: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """For levels of ``counts`` anchors one after the other: each level's first index ``(L,)``, and each
+    anchor's level and position within it ``(A_total,)``. Cached per image size, as the anchors are: made
+    once, no host-to-device copy on every step."""
+    sizes = torch.tensor(counts, device=device)
+    starts = torch.cumsum(sizes, 0) - sizes
+    level = torch.repeat_interleave(torch.arange(len(counts), device=device), sizes, output_size=sum(counts))
+    return starts, level, torch.arange(sum(counts), device=device) - starts[level]
+
+
 def _top_n_per_level(scores: Tensor, counts: list[int], n: int) -> tuple[Tensor, Tensor, Tensor]:
     """The ``n`` best anchors of each level at once: ``scores (B, A_total)`` (levels of ``counts`` anchors one
     after the other) are laid out ``(B, L, max count)`` with -inf padding, so one ``topk`` serves every
     level. Returns scores, anchor indices and level indices, each ``(B, L * k)`` (padding scores -inf)."""
     b, levels = scores.shape[0], len(counts)
     device = scores.device
-    sizes = torch.tensor(counts, device=device)
-    starts = torch.cumsum(sizes, 0) - sizes
-    level = torch.repeat_interleave(torch.arange(levels, device=device), sizes, output_size=sum(counts))
-    position = torch.arange(sum(counts), device=device) - starts[level]
+    starts, level, position = _level_layout(tuple(counts), device)
     width = max(counts)
     padded = scores.new_full((b, levels, width), float("-inf"))
     padded[:, level, position] = scores
@@ -140,15 +149,15 @@ class RegionProposalNetwork(ProposalSource):
         super().__init__()
         self.cfg = cfg
         strides = [int(strides)] if isinstance(strides, int) else [int(s) for s in strides]
-        sizes, ratios, a = cfg.anchors.sizes, cfg.anchors.aspect_ratios, cfg.anchors
+        a = cfg.anchors
         if len(strides) == 1:
-            self.anchor_generators = [AnchorGenerator(sizes, ratios, strides[0], a.offset, a.round)]
-        elif len(sizes) == len(strides):
-            self.anchor_generators = [AnchorGenerator([size], ratios, stride, a.offset, a.round)
-                                      for size, stride in zip(sizes, strides)]
+            self.anchor_generators = [AnchorGenerator(a.sizes, a.aspect_ratios, strides[0], a.offset, a.round)]
+        elif len(a.sizes) == len(strides):
+            self.anchor_generators = [AnchorGenerator([size], a.aspect_ratios, stride, a.offset, a.round)
+                                      for size, stride in zip(a.sizes, strides)]
         else:
-            raise ConfigError(f"model.proposal_generator.anchors.sizes={list(sizes)}: a feature pyramid of "
-                             f"{len(strides)} levels (strides {strides}) takes one anchor size per level")
+            raise ConfigError(f"model.proposal_generator.anchors.sizes={list(a.sizes)}: a feature pyramid of "
+                              f"{len(strides)} levels (strides {strides}) takes one anchor size per level")
         self.head = RPNHead(in_channels, cfg.conv_channels or in_channels,
                             self.anchor_generators[0].num_anchors_per_location)
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
