@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import roi_align, roi_pool
+from torchvision.ops import roi_align as tv_roi_align, roi_pool
+
+from .sparse_roi_align import roi_align as sparse_roi_align
 
 
 def _kernel_dtype(features: Tensor) -> Tensor:
@@ -34,6 +36,9 @@ class RoIAlignSettings:
     output_size: int | None = None  # None: the backbone's (14 for ResNet C4, whose res5 halves it)
     sampling_ratio: int = 0  # bilinear samples per bin side; 0: adaptive (ceil(bin size))
     aligned: bool = False  # half-pixel offset (Detectron2's ROIAlignV2)
+    # On the CPU in float32/64: pool as a multithreaded sparse product (ops/sparse_roi_align.py; same
+    # results to float rounding, several times faster to train); false: torchvision's kernel everywhere.
+    cpu_sparse: bool = True
 
 
 class GridExtractor(nn.Module):
@@ -102,11 +107,13 @@ class RoIPoolExtractor(LevelPooling, GridExtractor):
 
 class RoIAlignExtractor(LevelPooling, GridExtractor):
     def __init__(self, output_size: int = 7, strides: int | list[int] = 16, sampling_ratio: int = 0,
-                 aligned: bool = False):
+                 aligned: bool = False, cpu_sparse: bool = True):
         super().__init__(strides)
         self.output_size = (int(output_size), int(output_size))
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
+        self.cpu_sparse = cpu_sparse
 
     def pool(self, features: Tensor, boxes, spatial_scale: float) -> Tensor:
-        return roi_align(features, boxes, self.output_size, spatial_scale, self.sampling_ratio, self.aligned)
+        kernel = sparse_roi_align if self.cpu_sparse else tv_roi_align
+        return kernel(features, boxes, self.output_size, spatial_scale, self.sampling_ratio, self.aligned)

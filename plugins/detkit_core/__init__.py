@@ -42,7 +42,8 @@ def _roi_pool(settings, output_size: int, strides: list[int], **_):
 def _roi_align(settings, output_size: int, strides: list[int], **_):
     from detkit.ops import RoIAlignExtractor
 
-    return RoIAlignExtractor(settings.output_size or output_size, strides, settings.sampling_ratio, settings.aligned)
+    return RoIAlignExtractor(settings.output_size or output_size, strides, settings.sampling_ratio, settings.aligned,
+                             settings.cpu_sparse)
 
 
 def _spp(settings, strides: list[int], **_):
