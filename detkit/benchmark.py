@@ -53,7 +53,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
-from detkit.config import ModelConfig, PartConfig
+from detkit.config import Config, ConfigError, ModelConfig, PartConfig, apply_overrides, from_dict, to_dict
 from detkit.devices import autocast
 from detkit.models.assembly import build_backbone, build_detector
 from detkit.models.roi_heads import SoftmaxBoxHead
@@ -235,10 +235,16 @@ def copy_head_weights(ours: nn.Module, theirs: FasterRCNN) -> None:
     theirs.roi_heads.box_predictor.load_state_dict(ours.roi_heads.predictor.state_dict())
 
 
-def build_pair(setup: Setup, registries) -> tuple[nn.Module, FasterRCNN]:
-    """detkit's Faster R-CNN for ``setup`` and a torchvision FasterRCNN sharing its trunk and RoI head
-    and holding copies of its RPN head and box predictor."""
-    cfg = detkit_config(setup, pyramid_in_strides(setup.backbone, registries) if setup.neck else None)
+def setup_config(setup: Setup, registries) -> ModelConfig:
+    """detkit's model config for ``setup`` (:func:`detkit_config` with the backbone's pyramid strides)."""
+    return detkit_config(setup, pyramid_in_strides(setup.backbone, registries) if setup.neck else None)
+
+
+def build_pair(setup: Setup, registries, cfg: ModelConfig | None = None) -> tuple[nn.Module, FasterRCNN]:
+    """detkit's Faster R-CNN for ``setup`` (built from ``cfg``, default :func:`setup_config`) and a
+    torchvision FasterRCNN sharing its trunk and RoI head and holding copies of its RPN head and box
+    predictor."""
+    cfg = cfg or setup_config(setup, registries)
     ours = build_detector(cfg, registries, setup.num_classes)
     rpn, heads, tf = ours.proposal_generator, ours.roi_heads, ours.transform
     if not isinstance(heads.predictor, SoftmaxBoxHead) or not isinstance(heads.predictor.dropout, nn.Identity):
@@ -280,6 +286,39 @@ def build_pair(setup: Setup, registries) -> tuple[nn.Module, FasterRCNN]:
     theirs.transform.size_divisible = tf.size_divisible
     copy_head_weights(ours, theirs)
     return ours, theirs
+
+
+@dataclass
+class Tuned:
+    """detkit at settings of its own, for inference beside the two at the same settings (each side at its
+    best: torchvision keeps its defaults). Same weights; ``overrides`` are ``model.*`` config overrides
+    that leave every weight's shape alone (e.g. ``model.proposal_generator.post_nms_top_n_test=300``)."""
+
+    overrides: tuple[str, ...] = ()
+    channels_last: bool = False
+    compile: bool = False
+
+
+def tuned_model(setup: Setup, registries, cfg: ModelConfig, weights: nn.Module, tuned: Tuned) -> nn.Module:
+    """detkit's detector for ``cfg`` with ``tuned``'s overrides, holding ``weights``' parameters (a copy),
+    in eval mode; channels-last and compiled trunk as ``tuned`` asks."""
+    bad = [o for o in tuned.overrides if not o.startswith("model.")]
+    if bad:
+        raise ConfigError(f"tuned settings: {bad[0]!r}: expected a model.* override (KEY=VALUE)")
+    data = apply_overrides(to_dict(Config(model=cfg)), list(tuned.overrides))
+    model = build_detector(from_dict(data, "tuned settings").model, registries, setup.num_classes)
+    try:
+        model.load_state_dict(weights.state_dict())
+    except RuntimeError as exc:
+        raise ConfigError(f"tuned settings {list(tuned.overrides)} change the model's weights: "
+                          f"{str(exc).splitlines()[0]}") from exc
+    model.eval()
+    if tuned.channels_last:
+        model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    if tuned.compile:
+        model.trunk.compile()
+    return model
 
 
 def synthetic_batch(setup: Setup, n: int, device: torch.device, seed: int = 0) -> tuple[list[Tensor], list[dict]]:
@@ -441,7 +480,7 @@ def _peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
 
 def run(setup: Setup, registries, device: torch.device, batch_sizes: tuple[int, ...] = (1, 8),
         train_batch: int = 2, warmup: int = 2, iters: int = 5, amp: str = "none",
-        channels_last: bool = False, compile_trunk: bool = False) -> dict:
+        channels_last: bool = False, compile_trunk: bool = False, tuned: Tuned | None = None) -> dict:
     """Time inference at each of ``batch_sizes`` and training steps at ``train_batch`` for both detectors.
 
     Returns ``{"setup", "inference": {bs: {"detkit", "torchvision", "ratio"}} (images/s),
@@ -449,12 +488,15 @@ def run(setup: Setup, registries, device: torch.device, batch_sizes: tuple[int, 
     "memory": {"train" | "inference": {"detkit", "torchvision"}} (MiB; see ``memory_kind``),
     "memory_kind", "agreement"}``; ratios are detkit / torchvision (> 1: detkit faster).
     ``compile_trunk`` compiles the trunk (``torch.compile``), which both detectors share, so both run it
-    compiled; the warm-up runs absorb the compilation.
+    compiled; the warm-up runs absorb the compilation. ``tuned``: a third detector, detkit at its own
+    settings (:class:`Tuned`), is timed for inference too: ``inference[bs]["tuned"]`` and
+    ``["tuned_ratio"]`` (against torchvision at the same settings, i.e. its defaults).
     """
     if any(b < 1 for b in batch_sizes) or train_batch < 1:
         raise ValueError(f"batch sizes must be >= 1, got batch_sizes={list(batch_sizes)}, train_batch={train_batch}")
     torch.manual_seed(0)
-    ours, theirs = build_pair(setup, registries)
+    cfg = setup_config(setup, registries)
+    ours, theirs = build_pair(setup, registries, cfg)
     ours.to(device)
     theirs.to(device)
     if channels_last:
@@ -465,11 +507,15 @@ def run(setup: Setup, registries, device: torch.device, batch_sizes: tuple[int, 
     if compile_trunk:
         ours.trunk.compile()  # in place; torchvision's TrunkAsBackbone holds the same module
     models = {"detkit": ours, "torchvision": theirs}
+    timed = dict(models)
+    if tuned is not None:
+        timed["tuned"] = tuned_model(setup, registries, cfg, ours, tuned).to(device)
     sizes = [float(s) for g in ours.proposal_generator.anchor_generators for s in g.sizes]
     result: dict = {
         "setup": asdict(setup) | {"anchor_sizes": sizes, "device": str(device), "amp": amp,
                                   "channels_last": channels_last, "compile": compile_trunk,
-                                  "warmup": warmup, "iters": iters, "train_batch": train_batch},
+                                  "warmup": warmup, "iters": iters, "train_batch": train_batch,
+                                  "tuned": None if tuned is None else asdict(tuned)},
         "inference": {}, "memory": {"inference": {}, "train": {}},
         "memory_kind": ("CUDA max_memory_allocated" if device.type == "cuda"
                         else "peak RSS growth of the process during one call"),
@@ -486,9 +532,11 @@ def run(setup: Setup, registries, device: torch.device, batch_sizes: tuple[int, 
             with torch.no_grad(), autocast(device, amp):
                 model(images)
 
-        t = time_interleaved({k: (lambda m=m: infer(m)) for k, m in models.items()}, warmup, iters, device)
-        result["inference"][bs] = {k: bs / v for k, v in t.items()}
-        result["inference"][bs]["ratio"] = result["inference"][bs]["detkit"] / result["inference"][bs]["torchvision"]
+        t = time_interleaved({k: (lambda m=m: infer(m)) for k, m in timed.items()}, warmup, iters, device)
+        ips = result["inference"][bs] = {k: bs / v for k, v in t.items()}
+        ips["ratio"] = ips["detkit"] / ips["torchvision"]
+        if tuned is not None:
+            ips["tuned_ratio"] = ips["tuned"] / ips["torchvision"]
     big = max(batch_sizes)
     images, _ = synthetic_batch(setup, big, device)
     for k, m in models.items():
@@ -579,9 +627,18 @@ def markdown(results: list[dict], loader_ips: float | None, command: str) -> str
         for bs, v in r["inference"].items():
             lines.append(f"{prefix} infer b{bs} (img/s) | {v['detkit']:.2f} | {v['torchvision']:.2f} | "
                          f"**{v['ratio']:.2f}** |")
+            if "tuned" in v:
+                lines.append(f"{prefix} infer b{bs}, detkit tuned (img/s) | {v['tuned']:.2f} | "
+                             f"{v['torchvision']:.2f} | **{v['tuned_ratio']:.2f}** |")
         t = r["train"]
         lines.append(f"{prefix} train b{s['train_batch']} (it/s) | {t['detkit']:.2f} | {t['torchvision']:.2f} | "
                      f"**{t['ratio']:.2f}** |")
+    for r in results:
+        if r["setup"].get("tuned"):
+            t = r["setup"]["tuned"]
+            lines += ["", f"detkit tuned ({model_name(r['setup'])}): {', '.join(t['overrides']) or 'same settings'}"
+                          f"{', channels-last' if t['channels_last'] else ''}{', compiled trunk' if t['compile'] else ''}"
+                          f"; torchvision at its defaults (the same settings as the first rows)."]
     lines += ["", f"Peak memory (MiB, {results[0]['memory_kind']}):", "",
               "| backbone | phase | detkit | torchvision |", "| --- | --- | --- | --- |"]
     for r in results:

@@ -158,3 +158,25 @@ def test_pipelines_times_untrained_configs_and_rejects_bad_entries(tmp_path, cap
     assert "missing.yaml is not a file" in capsys.readouterr().err
     assert tool.main(["pipelines", "no-equals-sign", "--synthetic", "64x96"]) == 2
     assert tool.main(["pipelines", f"Fast={config}", "--images", "0"]) == 2
+
+
+def test_tuned_detkit_is_timed_beside_torchvision_and_bad_tuned_settings_exit_2(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    common = ["faster_rcnn", "--neck", "fpn", "--image-size", "48x64", "--batch-sizes", "1", "--train-batch", "1",
+              "--iters", "1", "--warmup", "0", "--device", "cpu", "--no-loader"]
+    assert _tool().main([*common, "--tuned-set", "model.proposal_generator.post_nms_top_n_test=50",
+                         "--tuned-channels-last", "--markdown", "--output", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["setup"]["tuned"] == {"overrides": ["model.proposal_generator.post_nms_top_n_test=50"],
+                                   "channels_last": True, "compile": False}
+    v = r["inference"]["1"]
+    assert v["tuned"] > 0 and v["tuned_ratio"] == pytest.approx(v["tuned"] / v["torchvision"])
+    text = capsys.readouterr().out
+    assert "| tiny + fpn | 48x64 | cpu | none | infer b1, detkit tuned (img/s) |" in text
+    assert "detkit tuned (tiny + fpn): model.proposal_generator.post_nms_top_n_test=50, channels-last" in text
+    # An override that changes a weight's shape, one outside model.*, a misspelt key: exit 2, named.
+    for bad, says in (("model.box_head.fc_dim=64", "change the model's weights"),
+                      ("train.lr=0.1", "expected a model.* override"),
+                      ("model.proposal_generator.post_nms_top_n_tst=5", "post_nms_top_n_test")):
+        assert _tool().main([*common, "--tuned-set", bad]) == 2
+        assert says in capsys.readouterr().err

@@ -61,6 +61,12 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--anchors", choices=["torchvision", "detkit"], default="torchvision",
                    help="torchvision's stock anchors (default; with --neck fpn detkit uses them too) or "
                         "detkit's cell-centred ones in both")
+    f.add_argument("--tuned-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="also time detkit's inference at settings of its own (model.* overrides that keep the "
+                        "weights, e.g. model.proposal_generator.post_nms_top_n_test=300; repeatable), against "
+                        "torchvision at its defaults")
+    f.add_argument("--tuned-channels-last", action="store_true", help="the tuned detkit in channels-last")
+    f.add_argument("--tuned-compile", action="store_true", help="the tuned detkit with its trunk compiled")
     f.add_argument("--no-loader", action="store_true", help="skip the data-loader throughput measurement")
     f.add_argument("--output", help="write the results as JSON to this path")
     f.add_argument("--markdown", action="store_true", help="print a section for docs/benchmarks.md")
@@ -209,6 +215,7 @@ def faster_rcnn(args: argparse.Namespace) -> int:
     import torch
 
     from detkit import benchmark
+    from detkit.config import ConfigError
     from detkit.devices import resolve_device
     from detkit.plugins import get_registries
 
@@ -229,14 +236,22 @@ def faster_rcnn(args: argparse.Namespace) -> int:
         print(f"--iters {args.iters} / --warmup {args.warmup} / --train-batch {args.train_batch}: expected "
               f"iters >= 1, warmup >= 0, train batch >= 1", file=sys.stderr)
         return 2
+    tuned = None
+    if args.tuned_set or args.tuned_channels_last or args.tuned_compile:
+        tuned = benchmark.Tuned(tuple(args.tuned_set), args.tuned_channels_last, args.tuned_compile)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     results = []
     for name in names:
         setup = benchmark.Setup(backbone=name, image_size=args.image_size, anchors=args.anchors, neck=args.neck)
-        r = benchmark.run(setup, registries, device, tuple(args.batch_sizes), args.train_batch, args.warmup,
-                          args.iters, args.amp, args.channels_last, args.compile)
+        try:
+            r = benchmark.run(setup, registries, device, tuple(args.batch_sizes), args.train_batch, args.warmup,
+                              args.iters, args.amp, args.channels_last, args.compile, tuned)
+        except ConfigError as exc:
+            print(f"--tuned-set: {exc}", file=sys.stderr)
+            return 2
         results.append(r)
-        inference = ", ".join(f"b{bs} {v['detkit']:.2f} vs {v['torchvision']:.2f} img/s (ratio {v['ratio']:.2f})"
+        inference = ", ".join(f"b{bs} {v['detkit']:.2f} vs {v['torchvision']:.2f} img/s (ratio {v['ratio']:.2f}"
+                              + (f"; tuned {v['tuned']:.2f}, ratio {v['tuned_ratio']:.2f})" if tuned else ")")
                               for bs, v in r["inference"].items())
         t = r["train"]
         print(f"{benchmark.model_name(r['setup'])}: inference {inference}; train {t['detkit']:.2f} vs "
