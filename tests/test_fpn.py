@@ -181,6 +181,50 @@ def test_torchvision_fasterrcnn_resnet50_fpn_weights_give_the_same_detections(tm
         torch.testing.assert_close(ours["scores"], theirs["scores"], atol=max(tol / 100, 1e-6), rtol=0)
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     assert main(["convert", "torchvision", str(tmp_path / "other.pth"), "--output", str(tmp_path / "x.pth")]) == 2
+    _eval_on_coco_subset(out, model, list(ckpt["class_names"]), tmp_path, main)
+
+
+def _eval_on_coco_subset(checkpoint, model, names, tmp_path, main):
+    """`detkit eval` of the converted 91-slot COCO model on a COCO json with two of COCO's 80 classes
+    (their own ids; two the model detects on these images) and "person": labels are matched by name,
+    only those classes are scored."""
+    import json
+
+    import cv2
+    import numpy as np
+
+    (tmp_path / "images").mkdir()
+    gray = [np.random.default_rng(i).integers(0, 255, (256, 384, 1), dtype=np.uint8).repeat(3, 2) for i in range(2)]
+    for i, image in enumerate(gray):
+        cv2.imwrite(str(tmp_path / "images" / f"{i}.png"), image)
+    with torch.no_grad():
+        labels = model([torch.from_numpy(gray[0]).permute(2, 0, 1).float() / 255])[0]["labels"]
+    found, counts = labels.unique(return_counts=True)
+    kept = found[counts.argsort(descending=True)][:2].tolist()  # torchvision's label k is COCO category id k
+    categories = [{"id": 1, "name": "person"}] + [{"id": k, "name": names[k - 1]} for k in kept if k != 1]
+    gt = {"images": [{"id": i + 1, "file_name": f"{i}.png", "width": 384, "height": 256} for i in range(2)],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": categories[-1]["id"], "bbox": [10, 20, 50, 40],
+                           "area": 2000,
+                           "iscrowd": 0}], "categories": categories}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    args = ["eval", str(checkpoint), "--data", str(tmp_path / "gt.json"), "--images", str(tmp_path / "images"),
+            "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "ev")]) == 0
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert results and {r["category_id"] for r in results} <= {c["id"] for c in categories}
+    assert set(kept) <= {r["category_id"] for r in results if r["image_id"] == 1} <= {1, *kept}  # others dropped
+    categories.append({"id": 99, "name": "unicorn"})
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    assert main([*args, "--output", str(tmp_path / "ev2")]) == 2  # a class the model does not have
+
+
+def test_label_categories_match_classes_by_name():
+    from detkit.evaluation.runner import label_categories
+
+    assert label_categories(["a", "b"], ["a", "b"], [7, 9]) == [7, 9]
+    assert label_categories(["a", "N/A", "b", "c"], ["c", "a"], [5, 6]) == [6, None, None, 5]
+    with pytest.raises(ConfigError, match=r"\['z'\] are not among the model's 2 classes"):
+        label_categories(["a", "b"], ["a", "z"], [1, 2])
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "vgg11", "densenet121", "googlenet", "alexnet_tv"])

@@ -53,26 +53,43 @@ def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, ou
         dataset = build_dataset(cfg.data.test, registries, "test")
     if len(dataset) == 0:
         raise ConfigError("data.test: the dataset has no images")
-    names = cfg.model.class_names or []
-    if list(dataset.class_names) != list(names):
-        raise ConfigError(f"the evaluation dataset's classes {list(dataset.class_names)} differ from the model's "
-                          f"{list(names)}")
+    cat_ids = label_categories(list(cfg.model.class_names or []), list(dataset.class_names), list(dataset.cat_ids))
     attach_proposals(dataset, model, progress, info)
     predictions = predict_dataset(model, dataset, device, batch_size=1, num_workers=cfg.data.num_workers,
                                   progress=progress and info.is_main, shard=(info.rank, info.world_size))
     predictions = [p for part in gather_objects(predictions, info) for p in part]
     if not info.is_main:
         return None
-    results = _coco_results(predictions, cfg.eval.score_thresh, list(dataset.cat_ids))
-    return score_and_write(dataset, results, out_dir, cfg.eval.metric, cfg.eval.backend, list(names))
+    results = _coco_results(predictions, cfg.eval.score_thresh, cat_ids)
+    return score_and_write(dataset, results, out_dir, cfg.eval.metric, cfg.eval.backend, list(dataset.class_names))
 
 
-def _coco_results(predictions: list[dict], score_thresh: float | None, cat_ids: list[int]) -> list[dict]:
+def label_categories(model_names: list[str], dataset_names: list[str], dataset_cat_ids: list[int]) -> list[int | None]:
+    """The dataset's category id of each model label ``1..K`` (``[k - 1]``), matched by class name, None
+    for a model class the dataset does not have (its detections are not scored): a model trained on more
+    classes (torchvision's 91-slot COCO layout against an 80-class COCO json) evaluates on the shared ones.
+    Raises ConfigError naming the dataset classes the model lacks."""
+    if model_names == dataset_names:
+        return list(dataset_cat_ids)
+    missing = [n for n in dataset_names if n not in model_names]
+    if missing:
+        raise ConfigError(f"the evaluation dataset's classes {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+                          f"are not among the model's {len(model_names)} classes {model_names[:10]}"
+                          f"{' ...' if len(model_names) > 10 else ''} (classes are matched by name)")
+    ids = dict(zip(dataset_names, dataset_cat_ids))
+    return [ids.get(name) for name in model_names]
+
+
+def _coco_results(predictions: list[dict], score_thresh: float | None, cat_ids: list[int | None]) -> list[dict]:
+    """COCO result entries of ``predictions``, above ``score_thresh``, labels mapped by ``cat_ids``
+    (:func:`label_categories`; labels mapped to None are dropped)."""
+    scored = torch.tensor([c is not None for c in [None, *cat_ids]])
     results = []
     for det in predictions:
+        keep = scored[det["labels"].long().clamp(0, len(cat_ids))]
         if score_thresh is not None:
-            keep = det["scores"] >= score_thresh
-            det = {k: (v[keep] if torch.is_tensor(v) else v) for k, v in det.items()}
+            keep &= det["scores"] >= score_thresh
+        det = {k: (v[keep] if torch.is_tensor(v) else v) for k, v in det.items()}
         results.extend(detections_to_coco_results(det["image_id"], det, cat_ids))
     return results
 
