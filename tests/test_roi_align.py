@@ -83,3 +83,13 @@ def test_extractor_kernel_switch():
     sparse = RoIAlignExtractor(7, [4, 8], 2, True, cpu_sparse=True)
     plain = RoIAlignExtractor(7, [4, 8], 2, True, cpu_sparse=False)
     torch.testing.assert_close(sparse(features, proposals), plain(features, proposals), rtol=0, atol=1e-5)
+
+
+def test_under_cpu_autocast_the_product_stays_float32():
+    features = torch.randn(N, C, H, W, requires_grad=True)
+    boxes = _boxes(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = roi_align(features, boxes, 7, 0.125, 2, True)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    torch.testing.assert_close(out, tv_roi_align(features, boxes, 7, 0.125, 2, True), rtol=0, atol=1e-5)

@@ -50,7 +50,8 @@ def _axis_weights(start: Tensor, size: Tensor, length: int, bins: int, grid: Ten
     pos = start[:, None, None] + step * bin_size + (sample + 0.5) * bin_size / g.clamp(min=1)
     valid = (pos >= -1.0) & (pos <= length) & (sample < g)
     pos = pos.clamp(min=0)
-    low = pos.floor().to(torch.int64).clamp(max=length - 1)
+    # A non-finite box (a diverged proposal) weighs 0 (valid is false) and its index is kept in range.
+    low = torch.nan_to_num(pos.floor(), nan=0.0, posinf=length - 1).to(torch.int64).clamp(0, length - 1)
     at_edge = low >= length - 1
     high = torch.where(at_edge, low, low + 1)
     frac = torch.where(at_edge, torch.zeros_like(pos), pos - low.to(pos.dtype))
@@ -119,13 +120,15 @@ class _SparseRoIAlign(torch.autograd.Function):
         matrix = sampling_matrix(rois.to(features.dtype), (n, h, w), output_size, spatial_scale,
                                  sampling_ratio, aligned)
         ctx.matrix, ctx.shape = matrix, features.shape
-        pooled = (matrix @ _channels_last_rows(features)).view(len(rois), *output_size, c)
+        with torch.autocast("cpu", enabled=False):  # CPU autocast would cast the product to bfloat16
+            pooled = (matrix @ _channels_last_rows(features)).view(len(rois), *output_size, c)
         return pooled.permute(0, 3, 1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         n, c, h, w = ctx.shape
-        grad_rows = transpose_csr(ctx.matrix) @ _channels_last_rows(grad)
+        with torch.autocast("cpu", enabled=False):
+            grad_rows = transpose_csr(ctx.matrix) @ _channels_last_rows(grad.to(ctx.matrix.dtype))
         grad_features = grad_rows.view(n, h, w, c).permute(0, 3, 1, 2).contiguous()
         return grad_features, None, None, None, None, None
 
