@@ -37,7 +37,7 @@ demo: $(STAMP)
 	$(BIN)/detkit data synth --out $(DEMO_DIR)/data/train --format coco --num-images 400 --seed 0
 	$(BIN)/detkit data synth --out $(DEMO_DIR)/data/val --format coco --num-images 60 --seed 1
 	$(BIN)/detkit data synth-video --out $(DEMO_DIR)/data/demo.mp4 --frames 48 --seed 2
-	$(BIN)/python tools/train.py configs/faster_rcnn_tiny_fpn_synth.yaml --set train.work_dir=$(DEMO_DIR)
+	$(BIN)/python tools/train.py configs/faster_rcnn_tiny_fpn_synth.yaml --set train.work_dir=$(DEMO_DIR) --overwrite
 	$(BIN)/python tools/eval.py $(DEMO_DIR)/final.pth --output $(DEMO_DIR)/eval
 	$(BIN)/python tools/infer.py $(DEMO_DIR)/final.pth $(DEMO_DIR)/data/val/images --output $(DEMO_DIR)/infer_images
 	$(BIN)/python tools/infer.py $(DEMO_DIR)/final.pth $(DEMO_DIR)/data/demo.mp4 --output $(DEMO_DIR)/infer_video

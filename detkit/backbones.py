@@ -23,6 +23,7 @@ families' hand-written loops over ``modules()``.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,6 +31,8 @@ from typing import Any, Callable, Iterable, Mapping, Union
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 #: per-channel statistics of RGB images scaled to [0, 1]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -148,27 +151,63 @@ class Backbone(nn.Module):
     def load_pretrained(self, path: str | os.PathLike, strict: bool = False) -> list[str]:
         """Load a torchvision-format state dict from a local file.
 
-        The classifier layer is skipped when its shape differs (a 1000-class
-        ImageNet checkpoint into a model with another number of classes).
-        Returns the names of parameters that were not in the file.
+        A tensor whose shape differs is skipped when it is the classifier's (a 1000-class ImageNet checkpoint
+        into a model with another number of classes): one the detector does not use, or one that differs in
+        its first dimension alone. Raises WeightsError (a ValueError naming the file and the first mismatches)
+        when a tensor of the trunk or the RoI head differs in another dimension (weights of another depth or
+        width), or when no trunk parameter is in the file (weights of another architecture).
+        Logs the counts of loaded, missing, unexpected and skipped tensors. Returns the names of the
+        model's tensors that were not loaded.
         """
-        from detkit.state_dict import read_state_dict
+        from detkit.state_dict import WeightsError, read_state_dict
 
         path = os.fspath(path)
-        state = read_state_dict(path, "pretrained weights file")
-        state = self.remap_state_dict(dict(state))
+        state = self.remap_state_dict(dict(read_state_dict(path, "pretrained weights file")))
         own = self.state_dict()
-        skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-        for k in skipped:
-            state.pop(k)
+        used, trunk = self._detection_parameter_names()
+        skipped = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+        wrong = [k for k in skipped if k in used]  # a wrapper of the whole classifier (timm) holds its fc too
+        if any(own[k].dim() != state[k].dim() or own[k].shape[1:] != state[k].shape[1:] for k in wrong):
+            shapes = ", ".join(f"{k} (file {list(state[k].shape)}, model {list(own[k].shape)})" for k in wrong[:4])
+            raise WeightsError(f"{path}: {len(wrong)} tensors of the trunk or RoI head have other shapes than "
+                               f"{type(self).__name__}'s: {shapes}{', ...' if len(wrong) > 4 else ''}; weights of "
+                               f"another variant (depth, width) of the architecture?")
+        loadable = {k: v for k, v in state.items() if k in own and k not in skipped}
+        if trunk and not any(k in loadable for k in trunk):
+            raise WeightsError(f"{path}: none of the {len(trunk)} trunk parameters of {type(self).__name__} is in "
+                               f"the file (it holds {len(state)} tensors such as {_names(state)}; the backbone's "
+                               f"are named like {_names(trunk)}): weights of another architecture?")
         unexpected = [k for k in state if k not in own]
         if unexpected and strict:
             raise ValueError(f"{path}: {len(unexpected)} keys not in {type(self).__name__}, e.g. {unexpected[:3]}")
-        result = self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-        missing = list(result.missing_keys)
+        missing = list(self.load_state_dict(loadable, strict=False).missing_keys)
         if strict and [m for m in missing if not any(m.startswith(s.rsplit('.', 1)[0]) for s in skipped)]:
             raise ValueError(f"{path}: missing {len(missing)} keys, e.g. {missing[:3]}")
+        lost = [k for k in trunk if k not in loadable]
+        (log.warning if lost else log.info)(
+            "%s: loaded %d of %d tensors of %s (%d missing%s, %d unexpected, %d skipped for their shape%s)", path,
+            len(loadable), len(own), type(self).__name__, len(missing),
+            f", {len(lost)} of them in the trunk: {_names(lost)}" if lost else "", len(unexpected), len(skipped),
+            f": {_names(skipped)}" if skipped else "")
         return missing
+
+    def _detection_parameter_names(self) -> tuple[set[str], list[str]]:
+        """The names of the parameters the detector uses (the trunk's and the RoI head's) and of the trunk's;
+        every parameter when the backbone defines no detection parts."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        try:
+            with torch.random.fork_rng(devices=[]):  # a part built here must not shift later random draws
+                parts = self.detection_parts()
+        except NotImplementedError:
+            return set(names.values()), list(names.values())
+        trunk = [names[id(p)] for p in parts.trunk.parameters() if id(p) in names]
+        head = [names[id(p)] for p in parts.roi_head.parameters() if id(p) in names]
+        return set(trunk) | set(head), trunk
+
+
+def _names(keys: Iterable[str], shown: int = 3) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:shown]) + (", ..." if len(keys) > shown else "")
 
 
 def count_parameters(module: nn.Module) -> int:

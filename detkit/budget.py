@@ -175,7 +175,8 @@ def seconds_per_iteration(clock: dict[int, float]) -> float:
 def train_detkit(spec: Spec, cfg: Config, registries) -> tuple[nn.Module, dict[int, float]]:
     """Train ``cfg`` (a :func:`run_config` of a detkit spec) by its schedule; returns the model and the clock
     (``{iteration: seconds since the loop started}``) read from its training log."""
-    model = train(cfg, registries, progress=False)["model"]
+    # overwrite: the calibration run of the same spec left its final.pth in this work dir.
+    model = train(cfg, registries, progress=False, overwrite=True)["model"]
     with open(os.path.join(cfg.train.work_dir, "log.jsonl"), encoding="utf-8") as f:
         clock = {r["iter"]: r["time"] for r in map(json.loads, filter(str.strip, f))}
     return model, clock

@@ -3,31 +3,74 @@
 A checkpoint alone is enough for ``detkit infer`` and ``detkit eval``: it holds
 the resolved config and the class list next to the weights. Files are written to
 a temporary name in the same directory and renamed, so an interrupted save never
-leaves a half-written file or clobbers the previous one. Loading uses
-``torch.load(weights_only=True)``: nothing in a checkpoint can execute code.
+leaves a half-written file or clobbers the previous one (a kill during the write leaves
+a ``.tmp-*.pth`` beside it, which the next training run in that directory removes:
+:func:`remove_stale_temporaries`). Loading uses ``torch.load(weights_only=True)``:
+nothing in a checkpoint can execute code. Weights holding a NaN or an infinity are
+never written, and a checkpoint holding them (from an older detkit) is refused.
 """
 from __future__ import annotations
 
+import glob
 import os
-import tempfile
-from typing import Any
+import uuid
+from typing import Any, Mapping
 
 import torch
 
+from detkit.state_dict import WeightsError, load_tensors
+
 FORMAT = "detkit-checkpoint"
 FORMAT_VERSION = 1
+#: the temporary names :func:`atomic_torch_save` writes to before the rename
+TEMPORARY_PATTERN = ".tmp-*.pth"
 
 
 class CheckpointError(ValueError):
     """A file that is not a (readable) detkit checkpoint."""
 
 
+class NonFiniteCheckpointError(CheckpointError):
+    """A checkpoint (to read or to write) whose weights hold NaN or infinite values."""
+
+
+def nonfinite_tensors(state: Mapping[str, Any]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` holding a NaN or an infinity, in order (one host
+    read for all of them)."""
+    names = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(state[k]).all().to(state[names[0]].device) for k in names]).tolist()
+    return [k for k, ok in zip(names, finite) if not ok]
+
+
+def describe_tensors(bad: list[str], total: int, shown: int = 5) -> str:
+    """``"49 of 56 tensors: a, b, c, d, e, ..."``."""
+    more = ", ..." if len(bad) > shown else ""
+    return f"{len(bad)} of {total} tensors: {', '.join(bad[:shown])}{more}"
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Remove the ``.tmp-*.pth`` files an interrupted checkpoint write left in ``directory``; returns them.
+    Call it only where no other process is writing checkpoints to the directory (at the start of a run)."""
+    removed = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(directory), TEMPORARY_PATTERN))):
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
+
+
 def atomic_torch_save(obj: Any, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    # A fresh name opened with "x": created with the permissions of every other output (0666 less the
+    # umask, 0644 usually), not mkstemp's 0600, which the rename would keep.
+    tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}.pth")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -42,7 +85,12 @@ def save_checkpoint(path: str, *, model_state: dict, config: dict, iteration: in
                     cat_ids: list[int], optimizer_state: dict | None = None, rng_state: dict | None = None,
                     samples_seen: int | None = None, world_size: int = 1, scaler_state: dict | None = None) -> None:
     """Write a checkpoint atomically. ``scaler_state`` is the fp16 gradient scaler's ``state_dict()``
-    (empty for a disabled scaler); checkpoints written before it was saved have no ``"scaler"`` key."""
+    (empty for a disabled scaler); checkpoints written before it was saved have no ``"scaler"`` key.
+    Raises NonFiniteCheckpointError, writing nothing, when a weight of ``model_state`` is NaN or infinite."""
+    bad = nonfinite_tensors(model_state)
+    if bad:
+        raise NonFiniteCheckpointError(f"{path}: not written: the weights hold non-finite values "
+                                       f"({describe_tensors(bad, len(model_state))})")
     atomic_torch_save(
         {
             "format": FORMAT,
@@ -63,15 +111,15 @@ def save_checkpoint(path: str, *, model_state: dict, config: dict, iteration: in
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
-    """Read and validate a detkit checkpoint; errors name the file and what is wrong."""
+    """Read and validate a detkit checkpoint; errors (CheckpointError) name the file and what is wrong. A
+    checkpoint whose weights hold NaN or infinite values is refused (NonFiniteCheckpointError)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors all mean "not a checkpoint we can read"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable detkit checkpoint ({first[:200]})") from None
+        ckpt = load_tensors(path, "detkit checkpoint", map_location)
+    except WeightsError as exc:
+        raise CheckpointError(str(exc)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: not a detkit checkpoint (no '{FORMAT}' marker; a plain state dict or another tool's file?)"
@@ -81,6 +129,14 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     for key in ("config", "model", "class_names"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: detkit checkpoint is missing {key!r}")
+    if not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: the checkpoint's 'model' is a {type(ckpt['model']).__name__}, not a state dict")
+    bad = nonfinite_tensors(ckpt["model"])
+    if bad:
+        raise NonFiniteCheckpointError(
+            f"{path}: the checkpoint's weights hold non-finite values ({describe_tensors(bad, len(ckpt['model']))})"
+            f": it was saved by a training run that diverged, and eval, infer and --resume refuse it; use an earlier "
+            f"checkpoint of that run, or train again with a lower train.lr or with train.clip_grad_norm")
     return ckpt
 
 

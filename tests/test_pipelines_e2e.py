@@ -139,10 +139,11 @@ def test_four_step_keeps_each_step_and_one_shared_trunk(trained, workspace):
     assert trunk and all(torch.equal(final[k], step2[k]) for k in trunk)  # the shared trunk is step 2's
     assert all(torch.equal(final[k], step3[k]) for k in final if k.startswith("proposal_generator."))
     assert all(torch.equal(step3[k], step2[k]) for k in trunk)  # step 3 kept it fixed
-    # Running again finds every step done and only reassembles.
+    # Running again with --resume finds every step done and only reassembles (without it: refused).
     config = workspace / "four_step.yaml"
     before = os.path.getmtime(workspace / "four_step" / "step1_rpn" / "final.pth")
-    assert main(["train", str(config), "--no-progress", "--set", "train.eval_at_end=false"]) == 0
+    assert main(["train", str(config), "--no-progress", "--set", "train.eval_at_end=false"]) == 2
+    assert main(["train", str(config), "--no-progress", "--resume", "--set", "train.eval_at_end=false"]) == 0
     assert os.path.getmtime(workspace / "four_step" / "step1_rpn" / "final.pth") == before
 
 

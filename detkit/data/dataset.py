@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from detkit.data.images import read_image
+from detkit.data.images import ImageReadError, read_image
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,29 @@ class DetectionDataset(torch.utils.data.Dataset):
         r = self.records[index]
         return {"boxes": r.boxes, "labels": r.labels, "difficult": r.difficult, "iscrowd": r.iscrowd}
 
+    def missing_image_files(self) -> list[tuple[int, str, str]]:
+        """``(image id, file, reason)`` of each image whose file is missing, not a file or empty: one ``stat``
+        per image, nothing decoded (cheap enough to run before training)."""
+        missing = []
+        for r in self.records:
+            try:
+                info = os.stat(r.file_name)
+            except OSError as exc:
+                missing.append((r.id, r.file_name, "not found" if isinstance(exc, FileNotFoundError)
+                                else f"cannot be read ({exc.strerror or exc})"))
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                missing.append((r.id, r.file_name, "not a file"))
+            elif info.st_size == 0:
+                missing.append((r.id, r.file_name, "empty"))
+        return missing
+
     def __getitem__(self, index: int):
         r = self.records[index]
-        image = read_image(r.file_name)
+        try:
+            image = read_image(r.file_name)
+        except ImageReadError as exc:  # the file is in the message already; add which entry of the dataset
+            raise ImageReadError(f"image id {r.id} of {self.source}: {exc}") from None
         h, w = image.shape[:2]
         boxes, labels, difficult = r.boxes, r.labels, r.difficult
         if (h, w) != (r.height, r.width):

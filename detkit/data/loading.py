@@ -13,7 +13,8 @@ from typing import Iterator
 import torch
 
 from detkit.config import ConfigError, DataConfig, check_kwargs
-from detkit.data.images import to_chw_tensor
+from detkit.data.dataset import DatasetError
+from detkit.data.images import ImageReadError, to_chw_tensor
 
 #: keyword arguments detkit hands a dataset builder; a config may not set them
 RESERVED_DATASET_KEYS = ("transform", "skip_empty", "build_dataset")
@@ -58,23 +59,78 @@ def to_tensor_batch(batch) -> tuple[list[torch.Tensor], list[dict], list[torch.T
     return images, targets, (None if any(p is None for p in proposals) else proposals)
 
 
+def build_checked_dataset(spec: dict | None, registries, key: str, transform=None, skip_empty: bool = False):
+    """:func:`build_dataset`, its errors prefixed with ``data.<key>``, and :func:`check_image_files`: for a
+    dataset about to be trained or evaluated on, checked before the expensive work starts."""
+    try:
+        dataset = build_dataset(spec, registries, key, transform=transform, skip_empty=skip_empty)
+    except (DatasetError, FileNotFoundError, NotADirectoryError) as exc:
+        if str(exc).startswith(f"data.{key}"):
+            raise
+        raise type(exc)(f"data.{key}: {exc}") from None
+    check_image_files(dataset, key)
+    return dataset
+
+
+def check_image_files(dataset, key: str, shown: int = 5) -> None:
+    """Raise DatasetError naming the first ``shown`` images of ``dataset`` (``data.<key>``) whose file is
+    missing or empty (existence and size only, nothing decoded; a dataset without ``missing_image_files``,
+    one that does not read image files by name, is not checked)."""
+    check = getattr(dataset, "missing_image_files", None)
+    missing = check() if check is not None else []
+    if not missing:
+        return
+    listed = "; ".join(f"image id {image_id}: {path} ({reason})" for image_id, path, reason in missing[:shown])
+    more = f"; and {len(missing) - shown} more" if len(missing) > shown else ""
+    raise DatasetError(f"data.{key}: {len(missing)} of {len(dataset)} image files are missing or empty "
+                       f"({getattr(dataset, 'source', key)}): {listed}{more}. Fix the images directory of data.{key} "
+                       f"or remove those images from its annotations")
+
+
 class PositionSeeded(torch.utils.data.Dataset):
     """Takes ``(index, seed)`` pairs so a sample's augmentation depends only on its stream position; the
-    target gets the seed as ``sample_seed``, for the detector's anchor and RoI samplers."""
+    target gets the seed as ``sample_seed``, for the detector's anchor and RoI samplers.
 
-    def __init__(self, dataset):
+    With ``skip_unreadable``, an image that cannot be read (ImageReadError) is skipped: the next of
+    ``indices`` (cyclically) that can be read takes its place, with the same seed, so the batch keeps its size
+    and the stream stays a function of the positions; the target lists what was skipped under
+    ``"unreadable"`` (``{"image_id", "file_name", "error"}`` each) for the trainer to report and count.
+    """
+
+    def __init__(self, dataset, indices: list[int] | None = None, skip_unreadable: bool = False):
         self.dataset = dataset
+        self.skip_unreadable = skip_unreadable
+        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+        self._order = {index: k for k, index in enumerate(self.indices)}
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, item):
         index, seed = item
+        if not self.skip_unreadable:
+            image, target = self._sample(index, seed)
+            return image, {**target, "sample_seed": seed}
+        unreadable = []
+        start = self._order.get(index, 0)
+        for k in range(len(self.indices)):
+            candidate = index if k == 0 else self.indices[(start + k) % len(self.indices)]
+            try:
+                image, target = self._sample(candidate, seed)
+            except ImageReadError as exc:
+                info = self.dataset.image_info(candidate)
+                unreadable.append({"image_id": info["id"], "file_name": info["file_name"], "error": str(exc)})
+                continue
+            extra = {"unreadable": unreadable} if unreadable else {}
+            return image, {**target, "sample_seed": seed, **extra}
+        raise ImageReadError(f"none of the {len(self.indices)} training images could be read; the first: "
+                             f"{unreadable[0]['error']}")
+
+    def _sample(self, index: int, seed: int):
         transform = getattr(self.dataset, "transform", None)
         if transform is not None and hasattr(transform, "set_seed"):
             transform.set_seed(seed)
-        image, target = self.dataset[index]
-        return image, {**target, "sample_seed": seed}
+        return self.dataset[index]
 
 
 class StreamBatchSampler(torch.utils.data.Sampler):
@@ -141,15 +197,17 @@ class StreamBatchSampler(torch.utils.data.Sampler):
 
 
 def training_loader(dataset, data: DataConfig, seed: int, start_position: int = 0, rank: int = 0,
-                    world_size: int = 1, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                    world_size: int = 1, pin_memory: bool = False,
+                    skip_unreadable: bool = False) -> torch.utils.data.DataLoader:
     """This process's slice of the training stream of ``dataset`` from ``start_position`` on, as batches
-    ``(images: list[Tensor[3, H, W] uint8], targets: list[dict])`` with each target's ``sample_seed``."""
+    ``(images: list[Tensor[3, H, W] uint8], targets: list[dict])`` with each target's ``sample_seed``
+    (``skip_unreadable``: see :class:`PositionSeeded`)."""
     indices = getattr(dataset, "train_indices", None) or list(range(len(dataset)))
     groups = None
     if data.group_by_aspect_ratio:
         groups = [int(dataset.image_info(i)["width"] >= dataset.image_info(i)["height"]) for i in indices]
     return torch.utils.data.DataLoader(
-        PositionSeeded(dataset),
+        PositionSeeded(dataset, indices, skip_unreadable),
         batch_sampler=StreamBatchSampler(indices, data.batch_size, seed, start_position, rank, world_size,
                                          groups),
         num_workers=data.num_workers,

@@ -1,7 +1,8 @@
 """The training loop and the hooks that hang on it (Detectron2's ``SimpleTrainer`` shape).
 
-The loop only counts iterations and calls ``step()``; logging, the progress bar and periodic checkpoints
-are hooks, called after every step with the iteration just completed and its loss dict.
+The loop only counts iterations and calls ``step()``; the check for non-finite losses, logging, the
+progress bar and periodic checkpoints are hooks, called after every step with the iteration just completed
+and its loss dict.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import time
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from detkit.checkpoint import describe_tensors, nonfinite_tensors
 from detkit.distributed import mean_over_ranks
 
 
@@ -46,10 +49,96 @@ def train_loop(step: Callable[[], dict[str, Tensor]], start_iter: int, max_iters
             hook.after_train()
 
 
+class TrainingDiverged(FloatingPointError):
+    """Training produced a non-finite loss or weight; the message names the iteration, the losses and the last
+    checkpoint written before it."""
+
+
+def is_logging_iteration(done: int, trainer) -> bool:
+    """Every ``train.log_period`` iterations, the first one of the run and the last."""
+    tcfg = trainer.cfg.train
+    return done % tcfg.log_period == 0 or done == tcfg.max_iters or done == trainer.start_iter + 1
+
+
+def is_checkpoint_iteration(done: int, trainer) -> bool:
+    """Every ``train.checkpoint_period`` iterations before the last (whose checkpoint is ``final.pth``)."""
+    tcfg = trainer.cfg.train
+    return bool(tcfg.checkpoint_period) and done % tcfg.checkpoint_period == 0 and done < tcfg.max_iters
+
+
+class FiniteGuard(Hook):
+    """Stops training at a non-finite loss, which every iteration is checked for without a host read: each
+    step's losses fold into tensors on their device (the first iteration with a non-finite loss, and its
+    losses), read on logging iterations and, with the weights, before every checkpoint (:meth:`check`; the
+    trainer calls it before ``final.pth``). It must run before the hooks that log or save.
+
+    Under ``torchrun`` every rank calls :meth:`check` on the same iterations (it reduces over the ranks).
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.first_bad: Tensor | None = None  # the first iteration with a non-finite loss; 0 while there is none
+        self.bad_losses: dict[str, Tensor] = {}  # that iteration's losses
+
+    def after_step(self, done: int, losses: dict[str, Tensor]) -> None:
+        values = [v.detach().float() for v in losses.values()]
+        if not values:
+            return
+        finite = torch.isfinite(torch.stack(values)).all()
+        if self.first_bad is None:
+            self.first_bad = torch.zeros((), dtype=torch.int64, device=values[0].device)
+        first = ~finite & (self.first_bad == 0)
+        self.first_bad = torch.where(first, torch.full_like(self.first_bad, done), self.first_bad)
+        for name, value in zip(losses, values):
+            previous = self.bad_losses.get(name)
+            if previous is None:
+                previous = torch.full_like(value, math.nan)
+            self.bad_losses[name] = torch.where(first, value, previous)
+        checkpoint = is_checkpoint_iteration(done, self.trainer)
+        if checkpoint or is_logging_iteration(done, self.trainer):
+            self.check(done, weights=checkpoint)
+
+    def check(self, done: int, weights: bool = False) -> None:
+        """Raise TrainingDiverged if a loss so far was non-finite or (``weights``) a weight is now."""
+        info = self.trainer.info
+        first = 0
+        if self.first_bad is not None:
+            mark = torch.where(self.first_bad > 0, self.first_bad, torch.full_like(self.first_bad, 2**62))
+            if info.enabled:  # the earliest iteration any rank saw
+                dist.all_reduce(mark, op=dist.ReduceOp.MIN)
+            first = int(mark)  # the host read
+            first = first if first < 2**62 else 0
+        bad_weights = nonfinite_tensors(self.trainer.model.state_dict()) if weights and not first else []
+        if first or bad_weights:
+            raise TrainingDiverged(self.message(done, first, bad_weights))
+
+    def message(self, done: int, first: int, bad_weights: list[str]) -> str:
+        trainer = self.trainer
+        tcfg = trainer.cfg.train
+        if first:
+            mine = self.first_bad is not None and int(self.first_bad) == first
+            losses = {k: float(v) for k, v in self.bad_losses.items()} if mine else {}
+            losses["total"] = sum(losses.values()) if losses else math.nan
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in losses.items()) if mine else "on another process"
+            what = f"the loss is not finite at iteration {first} ({shown})"
+            if first != done:
+                what += f", found at iteration {done}"
+        else:
+            total = len(trainer.model.state_dict())
+            what = (f"at iteration {done} the weights hold non-finite values ({describe_tensors(bad_weights, total)})"
+                    f" although the losses were finite")
+        last = trainer.last_checkpoint
+        saved = (f"the last good checkpoint is {last} (`--resume` continues from it)" if last else
+                 f"there is no good checkpoint to resume from (train.checkpoint_period={tcfg.checkpoint_period})")
+        return (f"training diverged: {what}. Nothing from then on was saved; {saved}. Lower train.lr (now "
+                f"{tcfg.lr:g}), set train.clip_grad_norm or a longer train.warmup_iters, or check the data.")
+
+
 class TrainingLog(Hook):
     """On logging iterations (every ``train.log_period``, the first and the last): the losses of the global
     batch (the mean over the ranks, as one process with that batch would log them), their total and the
-    learning rate, to ``log.jsonl`` (rank 0) and the progress bar; a non-finite total stops training.
+    learning rate, to ``log.jsonl`` (rank 0) and the progress bar. (The :class:`FiniteGuard` before it has
+    stopped training at a non-finite loss.)
 
     Host reads (which sync the GPU) happen only on logging iterations.
     """
@@ -72,8 +161,7 @@ class TrainingLog(Hook):
             self.file = open(self.path, "a", encoding="utf-8")
 
     def after_step(self, done: int, losses: dict[str, Tensor]) -> None:
-        tcfg = self.trainer.cfg.train
-        if done % tcfg.log_period == 0 or done == tcfg.max_iters or done == self.trainer.start_iter + 1:
+        if is_logging_iteration(done, self.trainer):
             self._log(done, losses, self.trainer.lr)
         if self.bar is not None:
             self.bar.update(1)
@@ -82,9 +170,6 @@ class TrainingLog(Hook):
         means = mean_over_ranks(torch.stack([v.detach().float() for v in losses.values()]), self.trainer.info)
         values = dict(zip(losses, means.tolist()))
         values["total"] = sum(values.values())
-        if not math.isfinite(values["total"]):
-            raise FloatingPointError(f"iteration {done}: loss is {values} (lower train.lr or set "
-                                     f"train.clip_grad_norm)")
         if self.file is not None:
             record = {"iter": done, "lr": lr, **values, "time": round(time.time() - self.t0, 3)}
             self.file.write(json.dumps(record) + "\n")
@@ -102,13 +187,12 @@ class TrainingLog(Hook):
 
 class PeriodicCheckpoint(Hook):
     """``iter_NNNNNNN.pth`` every ``train.checkpoint_period`` iterations (rank 0; the last one is
-    ``final.pth``, written by the trainer)."""
+    ``final.pth``, written by the trainer), after the :class:`FiniteGuard` checked the losses and weights."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def after_step(self, done: int, losses: dict[str, Tensor]) -> None:
-        trainer, tcfg = self.trainer, self.trainer.cfg.train
-        if (trainer.info.is_main and tcfg.checkpoint_period and done % tcfg.checkpoint_period == 0
-                and done < tcfg.max_iters):
-            trainer.save_checkpoint(os.path.join(tcfg.work_dir, f"iter_{done:07d}.pth"), done)
+        trainer = self.trainer
+        if trainer.info.is_main and is_checkpoint_iteration(done, trainer):
+            trainer.save_checkpoint(os.path.join(trainer.cfg.train.work_dir, f"iter_{done:07d}.pth"), done)

@@ -14,6 +14,7 @@ from operator import attrgetter
 
 from detkit.config import Config, ConfigError, ModelConfig, bind_parts
 from detkit.plugins import Entry, UnknownNameError
+from detkit.training.preflight import check_before_training
 
 #: the config keys that choose the model's parts by registered name, with the registry of each
 MODEL_PARTS = (
@@ -61,12 +62,16 @@ def _schedule(registries, name: str, reason: str) -> Entry:
         raise ConfigError(f"{reason}: {exc}") from None
 
 
-def train(cfg: Config, registries, resume: str | bool | None = None, progress: bool = True) -> dict:
+def train(cfg: Config, registries, resume: str | bool | None = None, progress: bool = True,
+          overwrite: bool = False) -> dict:
     """Train the configured detector by its schedule; returns ``{"checkpoint": path, "metrics": dict | None,
-    "model": nn.Module}``; the model's part sections are checked first."""
+    "model": nn.Module}``. The model's part sections, the paths of the config and the work directory are
+    checked first (:mod:`detkit.training.preflight`): a work directory holding a finished run is refused
+    unless ``resume`` continues it or ``overwrite`` removes its files first."""
     bind_parts(cfg, registries)
     schedule, reason = resolve_schedule(cfg, registries)
     if schedule.info.get("single_process") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(f"{reason}: this schedule trains in stages in one process; run it without torchrun "
                           f"(each step may still use a GPU)")
+    check_before_training(cfg, registries, resume, overwrite)
     return schedule.builder(cfg, registries, resume=resume, progress=progress)

@@ -44,22 +44,26 @@ import json
 import logging
 import os
 import random
+import re
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detkit.checkpoint import load_checkpoint, save_checkpoint
+from detkit.checkpoint import (CheckpointError, NonFiniteCheckpointError, load_checkpoint, remove_stale_temporaries,
+                               save_checkpoint)
 from detkit.config import Config, ConfigError, dump, to_dict
-from detkit.data.loading import build_dataset, training_loader
+from detkit.data.dataset import DatasetError
+from detkit.data.loading import build_checked_dataset, training_loader
 from detkit.data.transforms import build_transform
 from detkit.devices import autocast, resolve_device
 from detkit.distributed import DistInfo, barrier, init_from_env, shutdown
 from detkit.evaluation.runner import evaluate
 from detkit.models.assembly import build_detector
 from detkit.proposals.attach import attach_proposals
-from detkit.training.loop import PeriodicCheckpoint, TrainingLog, train_loop
+from detkit.state_dict import WeightsError
+from detkit.training.loop import FiniteGuard, PeriodicCheckpoint, TrainingLog, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,9 @@ class Trainer:
         self._batches = None  # this process's batches of the training stream
         self.lr = 0.0  # the learning rate of the last step
         self.log_path = os.path.join(cfg.train.work_dir, "log.jsonl")
+        self.guard = FiniteGuard(self)  # stops at a non-finite loss; checks the weights before each checkpoint
+        self.last_checkpoint: str | None = None  # the newest checkpoint of this run (written or resumed from)
+        self.unreadable: dict[str, dict] = {}  # training images skipped as unreadable, by file
 
     # -------------------------------------------------------------------------------------------- build
 
@@ -106,6 +113,8 @@ class Trainer:
             device = torch.device("cuda", info.local_rank)
         if info.is_main:
             os.makedirs(tcfg.work_dir, exist_ok=True)
+            for path in remove_stale_temporaries(tcfg.work_dir):
+                log.info("removed %s, left by a checkpoint write that was interrupted", path)
         seed_everything(tcfg.seed + info.rank)
         return device, info
 
@@ -116,8 +125,8 @@ class Trainer:
                                         color_jitter=aug.color_jitter)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        dataset = build_dataset(cfg.data.train, self.registries, "train", transform=transform,
-                                skip_empty=cfg.data.skip_empty)
+        dataset = build_checked_dataset(cfg.data.train, self.registries, "train", transform=transform,
+                                        skip_empty=cfg.data.skip_empty)
         if len(dataset) == 0:
             raise ConfigError("data.train: the dataset has no images")
         return dataset
@@ -126,7 +135,10 @@ class Trainer:
         cfg, tcfg = self.cfg, self.cfg.train
         names = adopt_class_names(cfg, self.dataset)
         resolve_frozen_bn(cfg)
-        model = build_detector(cfg.model, self.registries, len(names), names).to(self.device)
+        try:
+            model = build_detector(cfg.model, self.registries, len(names), names).to(self.device)
+        except WeightsError as exc:
+            raise ConfigError(f"model.backbone.weights: {exc}") from None
         self.fixed: tuple[nn.Module, ...] = tuple(init(model) or ()) if init is not None else ()
         if proposals is not None:
             self.dataset.proposals = proposals
@@ -157,24 +169,20 @@ class Trainer:
         self._wrap_distributed()
         self._prepare_work_dir()
         loader = training_loader(self.dataset, self.cfg.data, tcfg.seed, self.position, self.info.rank,
-                                 self.info.world_size, pin_memory=self.device.type == "cuda")
+                                 self.info.world_size, pin_memory=self.device.type == "cuda", skip_unreadable=True)
         self.scheduler = self._build_scheduler()
         self._set_train_mode()
         self._batches = iter(loader)
-        train_loop(self.step, self.start_iter, tcfg.max_iters, [TrainingLog(self, self.log_path),
+        train_loop(self.step, self.start_iter, tcfg.max_iters, [self.guard, TrainingLog(self, self.log_path),
                                                                 PeriodicCheckpoint(self)])
         return self.finish()
 
     def resume(self, resume: str | bool | None) -> None:
         """Load weights, optimizer and scaler state, the iteration, the stream position and (with as many
         processes as before) the RNG state of a checkpoint."""
-        work_dir = self.cfg.train.work_dir
-        path = find_last_checkpoint(work_dir) if resume is True else (resume or None)
-        if resume and path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {work_dir}")
-        if not path:
+        if not resume:
             return
-        ckpt = load_checkpoint(path, map_location=self.device)
+        path, ckpt = self._checkpoint_to_resume(resume)
         self.model.load_state_dict(ckpt["model"])
         if ckpt.get("optimizer"):
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -185,7 +193,26 @@ class Trainer:
         self.position = ckpt.get("samples_seen", self.start_iter * self.cfg.data.batch_size)
         if ckpt.get("world_size", 1) == self.info.world_size:
             _set_rng_state(ckpt.get("rng"))
+        self.last_checkpoint = path
         log.info("resumed from %s at iteration %d (%d samples seen)", path, self.start_iter, self.position)
+
+    def _checkpoint_to_resume(self, resume: str | bool) -> tuple[str, dict]:
+        """The checkpoint ``resume`` names, or (``True``) the newest in ``train.work_dir`` whose weights are
+        finite: one holding NaN or infinite weights (written by an older detkit) is skipped, with a warning."""
+        if resume is not True:
+            return resume, load_checkpoint(resume, map_location=self.device)
+        work_dir = self.cfg.train.work_dir
+        candidates = run_checkpoints(work_dir)
+        if not candidates:
+            raise FileNotFoundError(f"--resume: no checkpoint in {work_dir}")
+        for path in candidates:
+            try:
+                return path, load_checkpoint(path, map_location=self.device)
+            except NonFiniteCheckpointError as exc:
+                log.warning("--resume skips %s", exc)
+        raise CheckpointError(f"--resume: every checkpoint in {work_dir} holds non-finite weights "
+                              f"({', '.join(os.path.basename(p) for p in candidates)}); train afresh with "
+                              f"--overwrite or into another train.work_dir")
 
     def _wrap_distributed(self) -> None:
         if not self.info.enabled:
@@ -242,6 +269,7 @@ class Trainer:
 
     def _to_device(self, batch) -> tuple[list[Tensor], list[dict], list[Tensor] | None]:
         images, targets, proposals = batch
+        self._count_unreadable(targets)
         device = self.device
         images = [img.to(device, non_blocking=True) for img in images]
         if proposals is not None:
@@ -250,6 +278,21 @@ class Trainer:
                     "labels": t["labels"].to(device, non_blocking=True),
                     "sample_seed": t["sample_seed"]} for t in targets]
         return images, targets, proposals
+
+    def _count_unreadable(self, targets: list[dict]) -> None:
+        """Report each training image skipped as unreadable (once), and stop past ``train.max_bad_images``."""
+        for record in (r for t in targets for r in t.get("unreadable", ())):
+            if record["file_name"] not in self.unreadable:
+                self.unreadable[record["file_name"]] = record
+                log.warning("skipped an unreadable training image (the next one takes its place): %s",
+                            record["error"])
+        limit = self.cfg.train.max_bad_images
+        if len(self.unreadable) > limit:
+            records = list(self.unreadable.values())
+            listed = "; ".join(f"image id {r['image_id']}: {r['file_name']}" for r in records[:5])
+            raise DatasetError(f"data.train: {len(records)} training images could not be read, more than "
+                               f"train.max_bad_images={limit} allows ({listed}{'; ...' if len(records) > 5 else ''});"
+                               f" repair or remove them, or raise train.max_bad_images")
 
     # -------------------------------------------------------------------------------------------- results
 
@@ -260,11 +303,17 @@ class Trainer:
                         optimizer_state=self.optimizer.state_dict(), rng_state=_rng_state(),
                         samples_seen=self.position + (iteration - self.start_iter) * global_batch,
                         world_size=self.info.world_size, scaler_state=self.scaler.state_dict())
+        self.last_checkpoint = path
 
     def finish(self) -> dict:
         """``final.pth`` and the training curves (rank 0), then the evaluation; ends the process group."""
         work_dir = self.cfg.train.work_dir
         final = os.path.join(work_dir, "final.pth")
+        self.guard.check(self.cfg.train.max_iters, weights=True)
+        if self.unreadable:
+            log.warning("skipped %d unreadable training images (train.max_bad_images=%d): %s", len(self.unreadable),
+                        self.cfg.train.max_bad_images, ", ".join(f"image id {r['image_id']} ({r['file_name']})"
+                                                                 for r in self.unreadable.values()))
         if self.info.is_main:
             self.save_checkpoint(final, self.cfg.train.max_iters)
             log.info("saved %s", final)
@@ -346,16 +395,19 @@ def _set_rng_state(state: dict | None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def run_checkpoints(work_dir: str) -> list[str]:
+    """The checkpoints of the run in ``work_dir``, newest first: ``final.pth``, then ``iter_*.pth`` from the
+    highest iteration down."""
+    if not os.path.isdir(work_dir):
+        return []
+    iters = sorted((int(m.group(1)), n) for n in os.listdir(work_dir) if (m := re.fullmatch(r"iter_(\d+)\.pth", n)))
+    names = (["final.pth"] if os.path.isfile(os.path.join(work_dir, "final.pth")) else []) + [n for _, n in iters[::-1]]
+    return [os.path.join(work_dir, n) for n in names]
+
+
 def find_last_checkpoint(work_dir: str) -> str | None:
     """``final.pth`` in ``work_dir``, else its ``iter_*.pth`` of the highest iteration, else None."""
-    if not os.path.isdir(work_dir):
-        return None
-    names = [n for n in os.listdir(work_dir) if n.startswith("iter_") and n.endswith(".pth")]
-    if os.path.isfile(os.path.join(work_dir, "final.pth")):
-        return os.path.join(work_dir, "final.pth")
-    if not names:
-        return None
-    return os.path.join(work_dir, max(names, key=lambda n: int(n[5:-4])))
+    return next(iter(run_checkpoints(work_dir)), None)
 
 
 def _truncate_log(path: str, last_iter: int) -> None:

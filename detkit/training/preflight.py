@@ -1,0 +1,81 @@
+"""What is checked before a training run builds anything: the paths of the config and its work directory.
+
+A run should fail in its first second, not after hours: the pretrained weights file, the test set (when
+the run ends with an evaluation: its annotations and that every image file exists and is non-empty; the
+training set is checked the same way by the trainer, before it builds the model) and the work directory,
+which must be writable and must not hold a finished run unless ``--resume`` continues it or
+``--overwrite`` replaces it. Temporaries that an interrupted checkpoint write left behind are removed.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+
+from detkit.checkpoint import TEMPORARY_PATTERN, remove_stale_temporaries
+from detkit.config import Config, ConfigError
+from detkit.data.loading import build_checked_dataset
+from detkit.media import check_input_file, check_output_dir
+
+log = logging.getLogger(__name__)
+
+#: the files a run writes in its work directory (and a staged schedule in each stage's), which
+#: ``--overwrite`` removes so that the old run's checkpoints, log and metrics are not mixed with the new ones
+RUN_FILES = ("final.pth", "iter_*.pth", TEMPORARY_PATTERN, "log.jsonl", "metrics.json", "results.json")
+
+
+def check_before_training(cfg: Config, registries, resume: str | bool | None, overwrite: bool) -> None:
+    """Raise ConfigError, MediaError (a path) or the dataset's own error for a config whose run cannot
+    succeed; prepare the work directory (see the module doc). Every process of a ``torchrun`` job calls it;
+    only rank 0 removes files."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in train.work_dir and --overwrite replaces it: give one of them")
+    check_weights_file(cfg.model.backbone.weights)
+    prepare_work_dir(cfg.train.work_dir, resume, overwrite)
+    if cfg.train.eval_at_end and cfg.data.test:
+        build_checked_dataset(cfg.data.test, registries, "test")
+
+
+def check_weights_file(path: str | None) -> None:
+    """``model.backbone.weights``, when given, must be a readable, non-empty local file (its contents are
+    checked when the backbone loads it)."""
+    if not path:
+        return
+    check_input_file(path, "model.backbone.weights")
+    if os.path.getsize(path) == 0:
+        raise ConfigError(f"model.backbone.weights: {path}: the file is empty")
+
+
+def prepare_work_dir(work_dir: str, resume: str | bool | None, overwrite: bool) -> None:
+    """Refuse a work directory holding a finished run (unless resumed or overwritten), clear it with
+    ``overwrite``, remove stale temporaries, and check that it can be written (or created)."""
+    check_output_dir(work_dir, "train.work_dir")
+    final = os.path.join(work_dir, "final.pth")
+    if os.path.isfile(final) and not resume and not overwrite:
+        raise ConfigError(f"train.work_dir={work_dir} holds a finished run ({final}); training again would overwrite "
+                          f"it and mix the two runs' checkpoints. Continue that run with --resume (e.g. after raising "
+                          f"train.max_iters), train into another directory with --set train.work_dir=NEW_DIR, or "
+                          f"replace the old run with --overwrite")
+    if int(os.environ.get("RANK", "0")) == 0 and os.path.isdir(work_dir):
+        if overwrite:
+            removed = clear_run(work_dir)
+            if removed:
+                log.info("--overwrite: removed %d files of the earlier run in %s", len(removed), work_dir)
+        for path in remove_stale_temporaries(work_dir):
+            log.info("removed %s, left by a checkpoint write that was interrupted", path)
+
+
+def clear_run(work_dir: str) -> list[str]:
+    """Remove the :data:`RUN_FILES` of the run in ``work_dir`` and of each subdirectory holding checkpoints
+    (a staged schedule's stages); returns the removed paths. Nothing else (data, caches) is touched."""
+    def has_checkpoints(directory: str) -> bool:
+        return any(glob.glob(os.path.join(glob.escape(directory), p)) for p in ("final.pth", "iter_*.pth"))
+
+    stages = [entry.path for entry in os.scandir(work_dir) if entry.is_dir() and has_checkpoints(entry.path)]
+    removed = []
+    for directory in [work_dir, *sorted(stages)]:
+        for pattern in RUN_FILES:
+            for path in sorted(glob.glob(os.path.join(glob.escape(directory), pattern))):
+                os.remove(path)
+                removed.append(path)
+    return removed
