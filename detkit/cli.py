@@ -22,12 +22,14 @@ def _add_set(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
 
 
-def _registries():
-    from detkit.plugins import get_registries
+def _registries(report: bool = True):
+    """The registries; each plugin that was skipped is reported once, as one line (``report``: on stderr)."""
+    from detkit.plugins import collected_plugin_warnings, get_registries
 
-    registries = get_registries()
-    for name, err in registries.load_errors.items():
-        print(f"warning: plugin {name!r} failed to load: {err}", file=sys.stderr)
+    with collected_plugin_warnings() as messages:
+        registries = get_registries()
+    for message in messages if report else ():
+        print(f"warning: {message}", file=sys.stderr)
     return registries
 
 
@@ -43,6 +45,11 @@ def _device(name: str | None):
 def cmd_list(args) -> int:
     import dataclasses
 
+    if args.kind == "plugins":  # every plugin: what it registered, or why it was skipped
+        from detkit.plugins import format_plugins
+
+        print(format_plugins(_registries(report=False)), end="")
+        return 0
     registries = _registries()
     kinds = [args.kind] if args.kind else registries.kinds
     for kind in kinds:
@@ -87,7 +94,7 @@ def cmd_train(args) -> int:
     registries = _registries()
     cfg = load_config(args.config, args.overrides, registries)
     result = train(cfg, registries, resume=args.resume if args.resume != "" else True,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, overwrite=args.overwrite)
     print(f"checkpoint: {result['checkpoint']}")
     return 0
 
@@ -116,6 +123,7 @@ def _eval_results_file(args, registries) -> int:
     from detkit.config import ConfigError
     from detkit.data.loading import build_dataset
     from detkit.evaluation.runner import score_and_write
+    from detkit.media import check_output_dir
 
     spec = _data_spec(args.dataset or args.data, args)
     if spec is None:
@@ -132,6 +140,7 @@ def _eval_results_file(args, registries) -> int:
                                                 <= set(r) for r in results):
         raise ConfigError(f"{args.results}: expected a COCO results list of {{image_id, category_id, bbox, score}}")
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.results)), "eval")
+    check_output_dir(out, "--output")
     try:
         score_and_write(dataset, results, out, args.metric or "coco", "faster_coco_eval", list(dataset.class_names),
                         write_results=False)
@@ -141,7 +150,9 @@ def _eval_results_file(args, registries) -> int:
     return 0
 
 
-def _data_spec(spec: str | None, args) -> dict | None:
+def _data_spec(spec: str | None, args, classes: list[str] | None = None) -> dict | None:
+    """The dataset ``--data``/``--dataset`` names; a VOC directory's classes are ``--classes``, else
+    ``classes`` (a checkpoint's), else the 20 VOC classes."""
     import yaml
 
     from detkit.config import ConfigError
@@ -155,6 +166,8 @@ def _data_spec(spec: str | None, args) -> dict | None:
         voc = {"name": "voc", "root": spec, "split": args.split}
         if args.classes:
             voc["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+        elif classes:
+            voc["classes"] = list(classes)
         return voc
     try:
         data = yaml.safe_load(spec)
@@ -191,6 +204,7 @@ def cmd_eval(args) -> int:
     from detkit.checkpoint import model_from_checkpoint
     from detkit.data.loading import build_dataset
     from detkit.evaluation import evaluate
+    from detkit.media import check_output_dir
 
     registries = _registries()
     if args.results:
@@ -199,12 +213,13 @@ def cmd_eval(args) -> int:
         raise argparse.ArgumentTypeError("eval: give a CHECKPOINT, or --results DETS.json with --dataset")
     if args.metric:
         args.overrides.append(f"eval.metric={args.metric}")
-    device = _device(args.device)
-    model, cfg, _ = model_from_checkpoint(args.checkpoint, registries, device, args.overrides)
-    _apply_svd(model, args.svd)
-    spec = _data_spec(args.data, args)
-    dataset = build_dataset(spec or cfg.data.test, registries, "test" if spec is None else "--data")
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    check_output_dir(out, "--output" if args.output else "--output (default: eval/ beside the checkpoint)")
+    device = _device(args.device)
+    model, cfg, ckpt = model_from_checkpoint(args.checkpoint, registries, device, args.overrides)
+    _apply_svd(model, args.svd)
+    spec = _data_spec(args.data, args, list(ckpt["class_names"]))  # a VOC directory: the model's classes
+    dataset = build_dataset(spec or cfg.data.test, registries, "test" if spec is None else "--data")
     evaluate(model, cfg, registries, device, out, dataset=dataset, progress=not args.no_progress)
     print(f"metrics: {os.path.join(out, 'metrics.json')}")
     return 0
@@ -213,8 +228,10 @@ def cmd_eval(args) -> int:
 def cmd_infer(args) -> int:
     from detkit.checkpoint import model_from_checkpoint
     from detkit.inference import run
+    from detkit.media import check_output_dir
 
     registries = _registries()
+    check_output_dir(args.output, "--output")  # before the model is built
     device = _device(args.device)
     model, cfg, ckpt = model_from_checkpoint(args.checkpoint, registries, device, args.overrides)
     _apply_svd(model, args.svd)
@@ -374,8 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("list", help="registered parts and the plugin each came from")
-    p.add_argument("kind", nargs="?", choices=list(KINDS.values()))
+    p = sub.add_parser("list", help="registered parts and the plugin each came from; 'list plugins': every "
+                                    "plugin, its distribution, what it registered or why it failed")
+    p.add_argument("kind", nargs="?", choices=[*KINDS.values(), "plugins"])
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("config", help="config utilities")
@@ -399,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue from CHECKPOINT, or from the newest checkpoint in train.work_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train afresh in a train.work_dir that holds a run: its checkpoints, log and metrics go first")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -501,7 +521,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
                                          FileNotFoundError, NotADirectoryError, argparse.ArgumentTypeError]
     for module, name in (("detkit.data.images", "ImageReadError"), ("detkit.data.dataset", "DatasetError"),
                          ("detkit.media", "MediaError"), ("detkit.proposals.cache", "ProposalCacheError"),
-                         ("detkit.feature_cache", "FeatureCacheError")):
+                         ("detkit.feature_cache", "FeatureCacheError"), ("detkit.state_dict", "WeightsError"),
+                         ("detkit.training.loop", "TrainingDiverged")):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):

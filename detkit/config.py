@@ -3,9 +3,12 @@
 A config file is plain data. It may name a ``base:`` file (a path relative to itself) whose contents it
 is merged over: mappings merge key by key, anything else replaces (and so does a mapping whose ``name``
 names another component). The merged data is validated against :class:`Config`: an unknown key fails
-with its full path and the closest valid key, a wrong type names the expected type. ``--set a.b=value``
-overrides are parsed as YAML scalars and typed by the schema. Defaults are the settings of the Faster
-R-CNN paper (Ren et al., 2015, Sec. 3.1.3 and 3.3) and Fast R-CNN (Girshick, 2015, Sec. 2.3).
+with its full path and the closest valid key, a wrong type names the expected type, and a number outside
+the range its field declares (:func:`ranged`) names the value and the range. A number may be written in
+any spelling Python's ``float()`` reads (``1e-3``, which YAML 1.1 leaves a string). ``--set a.b=value``
+overrides are parsed as YAML scalars and typed by the schema; a bad value one gave is blamed on it.
+Defaults are the settings of the Faster R-CNN paper (Ren et al., 2015, Sec. 3.1.3 and 3.3) and Fast
+R-CNN (Girshick, 2015, Sec. 2.3).
 
 Parts are chosen by registered name. The model's registered parts own their settings: a section
 ``{name: ..., <keys>}`` (:class:`PartConfig`) is checked by :func:`bind_parts` against the settings
@@ -21,7 +24,9 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import math
 import os
+import re
 import types
 import typing
 import warnings
@@ -35,6 +40,41 @@ class ConfigError(ValueError):
     """Invalid configuration: the message names the file and key path."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric config key accepts: a finite number within the given bounds (``ge``/``gt`` below,
+    ``le``/``lt`` above). A list is checked element by element; None (an optional key left unset) is not
+    checked."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def admits(self, value: float) -> bool:
+        finite = isinstance(value, int) or math.isfinite(value)  # (an int may be too large for math.isfinite)
+        return (finite and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def __str__(self) -> str:
+        lo, hi = (self.ge, "[") if self.ge is not None else (self.gt, "(")
+        up, close = (self.le, "]") if self.le is not None else (self.lt, ")")
+        if lo is not None and up is not None:
+            return f"in {hi}{lo:g}, {up:g}{close}"
+        if lo is not None:
+            return f"{'>=' if hi == '[' else '>'} {lo:g}"
+        return f"{'<=' if close == ']' else '<'} {up:g}" if up is not None else "finite"
+
+
+def ranged(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+           ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field whose value the config loader checks against a :class:`Range` (a part's settings
+    class uses it too): ``lr: float = ranged(0.001, gt=0)``, ``positive_fraction: float = ranged(0.5, ge=0, le=1)``.
+    A value outside fails with the key, the value and the range."""
+    return field(default=default, default_factory=default_factory,
+                 metadata={"range": Range(ge=ge, gt=gt, le=le, lt=lt)})
+
+
 # ----------------------------------------------------------------------------- schema
 
 
@@ -42,7 +82,8 @@ class ConfigError(ValueError):
 class BackboneConfig:
     name: str = "tiny"
     weights: str | None = None  # local torchvision-format state dict; nothing is downloaded
-    freeze_at: int = 0  # freeze the first k trunk stages; -1: the whole trunk (SPP-net fine-tunes fc only)
+    # freeze the first k trunk stages; -1: the whole trunk (SPP-net fine-tunes fc only)
+    freeze_at: int = ranged(0, ge=-1)
     frozen_bn: bool | None = None  # None: frozen when `weights` is given, trainable otherwise
     args: dict = field(default_factory=dict)  # extra keyword arguments of the variant's builder
 
@@ -70,30 +111,31 @@ class RoIHeadsConfig:
     """The second stage's own settings (torchvision's ``RoIHeads``, Detectron2's ``ROI_HEADS``): training
     samples (Fast R-CNN Sec. 2.3), box targets and loss (Eq. 1-3), test-time post-processing."""
 
-    batch_size_per_image: int = 128
-    positive_fraction: float = 0.25
-    fg_iou_thresh: float = 0.5
-    bg_iou_thresh_hi: float = 0.5
-    bg_iou_thresh_lo: float = 0.1
+    batch_size_per_image: int = ranged(128, ge=1)
+    positive_fraction: float = ranged(0.25, ge=0, le=1)
+    fg_iou_thresh: float = ranged(0.5, ge=0, le=1)
+    bg_iou_thresh_hi: float = ranged(0.5, ge=0, le=1)
+    bg_iou_thresh_lo: float = ranged(0.1, ge=0, le=1)
     add_gt_as_proposals: bool = True
-    box_coder_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
-    box_loss_weight: float = 1.0
-    smooth_l1_beta: float = 1.0
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.3
-    detections_per_img: int = 100
+    box_coder_weights: list[float] = ranged(default_factory=lambda: [10.0, 10.0, 5.0, 5.0], gt=0)
+    box_loss_weight: float = ranged(1.0, ge=0)
+    smooth_l1_beta: float = ranged(1.0, ge=0)
+    score_thresh: float = 0.05  # any number: the SVM predictor's scores are margins, not probabilities
+    nms_thresh: float = ranged(0.3, ge=0, le=1)
+    detections_per_img: int = ranged(100, ge=1)
 
 
 @dataclass
 class TransformConfig:
-    min_size: int | list[int] = 600  # a list: drawn per image in training (multi-scale)
-    max_size: int = 1000
+    # a list: drawn per image in training (multi-scale); 0: the image's own size (R-CNN warps from it)
+    min_size: int | list[int] = ranged(600, ge=0)
+    max_size: int = ranged(1000, ge=1)
     mean: list[float] | None = None  # None: the backbone's
-    std: list[float] | None = None
-    size_divisible: int | None = None  # None: the backbone's stride
+    std: list[float] | None = ranged(None, gt=0)
+    size_divisible: int | None = ranged(None, ge=1)  # None: the backbone's stride
     # Multi-scale testing (SPP-net Sec. 3.2, Fast R-CNN Sec. 5.2): features at each shorter side; every
     # region is pooled from the scale at which its area is closest to 224 x 224. None: min_size only.
-    test_scales: list[int] | None = None
+    test_scales: list[int] | None = ranged(None, ge=1)
 
 
 #: the model's part sections: config key -> registry kind
@@ -104,7 +146,7 @@ PART_KINDS = {"neck": "necks", "proposal_generator": "proposal_generators", "roi
 @dataclass
 class ModelConfig:
     detector: str = "faster_rcnn"
-    num_classes: int | None = None  # object classes without background; None: from the training set
+    num_classes: int | None = ranged(None, ge=1)  # object classes without background; None: from the training set
     class_names: list[str] | None = None  # filled from the training set when training
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     # The registered parts, each a section {name: ..., <that part's settings>} (`detkit list` names them,
@@ -120,10 +162,11 @@ class ModelConfig:
 
 @dataclass
 class AugmentConfig:
-    hflip: float = 0.5  # probability of a horizontal flip (Faster R-CNN paper: flipped images)
-    scale: list[float] | None = None  # [lo, hi]: zoom the content by a factor drawn from it (image size kept)
-    crop: float = 0.0  # probability of a random crop that keeps every box whole
-    color_jitter: float = 0.0  # probability of brightness/contrast/saturation/hue jitter
+    hflip: float = ranged(0.5, ge=0, le=1)  # probability of a horizontal flip (Faster R-CNN: flipped images)
+    # [lo, hi]: zoom the content by a factor drawn from it (image size kept)
+    scale: list[float] | None = ranged(None, gt=0)
+    crop: float = ranged(0.0, ge=0, le=1)  # probability of a random crop that keeps every box whole
+    color_jitter: float = ranged(0.0, ge=0, le=1)  # probability of brightness/contrast/saturation/hue jitter
 
 
 @dataclass
@@ -132,8 +175,8 @@ class DataConfig:
     train: dict | None = None
     test: dict | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    batch_size: int = 1  # images per iteration (Faster R-CNN end-to-end: 1)
-    num_workers: int = 2
+    batch_size: int = ranged(1, ge=1)  # images per iteration (Faster R-CNN end-to-end: 1)
+    num_workers: int = ranged(2, ge=0)
     skip_empty: bool = True  # training skips images with no objects
     group_by_aspect_ratio: bool = False  # batches of only landscape or only portrait images
 
@@ -141,19 +184,19 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     work_dir: str = "work_dirs/run"
-    max_iters: int = 80000
-    lr: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 0.0005
-    warmup_iters: int = 0
-    warmup_factor: float = 0.001
-    steps: list[int] = field(default_factory=lambda: [60000])
-    gamma: float = 0.1
-    clip_grad_norm: float | None = None
-    checkpoint_period: int = 5000
-    log_period: int = 20
+    max_iters: int = ranged(80000, ge=1)
+    lr: float = ranged(0.001, gt=0)
+    momentum: float = ranged(0.9, ge=0, le=1)
+    weight_decay: float = ranged(0.0005, ge=0)
+    warmup_iters: int = ranged(0, ge=0)
+    warmup_factor: float = ranged(0.001, ge=0, le=1)
+    steps: list[int] = ranged(default_factory=lambda: [60000], ge=0)
+    gamma: float = ranged(0.1, gt=0)
+    clip_grad_norm: float | None = ranged(None, gt=0)
+    checkpoint_period: int = ranged(5000, ge=0)  # 0: no periodic checkpoints (final.pth only)
+    log_period: int = ranged(20, ge=1)
     eval_at_end: bool = True
-    seed: int = 0
+    seed: int = ranged(0, ge=0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "none"  # none | bf16 | fp16 (fp16 with a gradient scaler)
     channels_last: bool = False
@@ -166,7 +209,10 @@ class TrainConfig:
     # (Sec. 3.2, 4-step), with four_step_iters iterations per step and the learning rate divided by 10 at
     # three quarters of each step (py-faster-rcnn's schedule).
     schedule: str = "end_to_end"
-    four_step_iters: list[int] = field(default_factory=lambda: [80000, 40000, 80000, 40000])
+    four_step_iters: list[int] = ranged(default_factory=lambda: [80000, 40000, 80000, 40000], ge=1)
+    # Training images that cannot be decoded are skipped (named in the log, counted at the end) up to this
+    # many; one more stops training. Missing or empty files stop it before the first iteration.
+    max_bad_images: int = ranged(10, ge=0)
 
 
 @dataclass
@@ -203,8 +249,51 @@ def _type_name(tp: Any) -> str:
     )
 
 
-def _convert(value: Any, tp: Any, path: str, source: str) -> Any:
-    """Check ``value`` against type ``tp`` and return it converted (int -> float, ...)."""
+class Origin:
+    """Where a config's values came from: a file (or a checkpoint's embedded config) and the ``--set``
+    overrides applied over it. ``str()`` is the file; :meth:`of` names what gave the key at a path."""
+
+    def __init__(self, file: str, overrides: list[tuple[list[str], str]]):
+        self.file = file
+        self.overrides = list(overrides)
+
+    def of(self, path: str) -> str:
+        """``--set KEY=VALUE`` for a key that override wrote (the last one covering ``path`` wins, as it was
+        applied last), else the file."""
+        keys = re.sub(r"\[\d+\]", "", path).split(".")
+        for override_keys, text in reversed(self.overrides):
+            if keys[: len(override_keys)] == override_keys:
+                return f"--set {text}"
+        return self.file
+
+    def __str__(self) -> str:
+        return self.file
+
+
+def _at(source: str | Origin, path: str) -> str:
+    """The source to name in a message about the key at ``path``."""
+    return source.of(path) if isinstance(source, Origin) else str(source)
+
+
+def _number(value: Any) -> int | float | None:
+    """``value`` as a number, or None (bools are not numbers). A string is read as Python reads numbers:
+    YAML 1.1 reads ``1e-3``, ``1E4`` and ``5e+2`` as strings, and users write them."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                return parse(value)
+            except ValueError:
+                pass
+    return None
+
+
+def _convert(value: Any, tp: Any, path: str, source: str | Origin) -> Any:
+    """Check ``value`` against type ``tp`` and return it converted: int -> float, any spelling ``float()``
+    reads -> float (NaN is no value), an integral number or spelling -> int ("1e3" -> 1000, "2.5" fails)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         errors = []
@@ -213,7 +302,7 @@ def _convert(value: Any, tp: Any, path: str, source: str) -> Any:
                 return _convert(value, arg, path, source)
             except ConfigError as exc:
                 errors.append(exc)
-        raise ConfigError(f"{source}: {path}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{_at(source, path)}: {path}: expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:
             return None
@@ -228,11 +317,19 @@ def _convert(value: Any, tp: Any, path: str, source: str) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        number = _number(value)
+        if isinstance(number, int):
+            return number
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = _number(value)
+        try:
+            number = None if number is None else float(number)
+        except OverflowError:  # an integer beyond the float range
+            number = None
+        if number is not None and not math.isnan(number):
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -241,7 +338,21 @@ def _convert(value: Any, tp: Any, path: str, source: str) -> Any:
             return copy.deepcopy(value)
     elif tp is Any:
         return value
-    raise ConfigError(f"{source}: {path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{_at(source, path)}: {path}: expected {_type_name(tp)}, got {value!r} "
+                      f"({type(value).__name__})")
+
+
+def _check_range(f: dataclasses.Field, value: Any, path: str, source: str | Origin) -> None:
+    """Fail naming the key, the value and the allowed range when a number of ``value`` (a number, or a list
+    of them) lies outside the range the field declares (:func:`ranged`)."""
+    bounds = f.metadata.get("range")
+    if bounds is None or value is None:
+        return
+    for i, v in enumerate(value if isinstance(value, list) else [value]):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not bounds.admits(v):
+            key = f"{path}[{i}]" if isinstance(value, list) else path
+            kind = "an integer" if isinstance(v, int) else "a number"
+            raise ConfigError(f"{_at(source, key)}: {key}={v!r}: expected {kind} {bounds}")
 
 
 def _closest(key: str, valid: list[str], parent: str = "") -> str:
@@ -250,20 +361,21 @@ def _closest(key: str, valid: list[str], parent: str = "") -> str:
     return f"; did you mean {prefix + close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
 
 
-def _build_dataclass(cls: type, data: dict, path: str, source: str):
+def _build_dataclass(cls: type, data: dict, path: str, source: str | Origin):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
         if key not in hints:
-            raise ConfigError(f"{source}: unknown key {full!r}{_closest(str(key), list(fields), path)}")
+            raise ConfigError(f"{_at(source, full)}: unknown key {full!r}{_closest(str(key), list(fields), path)}")
         if PartConfig in (hints[key], *typing.get_args(hints[key])):  # a part section (or None, if optional)
             optional = hints[key] is not PartConfig
             kwargs[key] = None if optional and value is None else _part(
                 value, _default_part_name(fields[key]), full, source)
         else:
             kwargs[key] = _convert(value, hints[key], full, source)
+            _check_range(fields[key], kwargs[key], full, source)
     return cls(**kwargs)
 
 
@@ -273,21 +385,21 @@ def _default_part_name(f: dataclasses.Field) -> str | None:
     return getattr(default, "name", None)
 
 
-def _part(value: Any, default_name: str, path: str, source: str) -> PartConfig:
+def _part(value: Any, default_name: str, path: str, source: str | Origin) -> PartConfig:
     """A part section: a registered name, or ``{name: ..., <settings>}`` (no ``name``: the default part)."""
     if isinstance(value, PartConfig):
         return copy.deepcopy(value)
     if isinstance(value, str):
         value = {"name": value}
     if not isinstance(value, dict):
-        raise ConfigError(f"{source}: {path}: expected a registered name or a mapping {{name: ..., <its settings>}}, "
-                          f"got {value!r}")
+        raise ConfigError(f"{_at(source, path)}: {path}: expected a registered name or a mapping "
+                          f"{{name: ..., <its settings>}}, got {value!r}")
     settings = copy.deepcopy(value)
     name = settings.pop("name", default_name)
     if name is None:
-        raise ConfigError(f"{source}: {path}.name: missing (a registered name chooses the part)")
+        raise ConfigError(f"{_at(source, path)}: {path}.name: missing (a registered name chooses the part)")
     if not isinstance(name, str) or not name:
-        raise ConfigError(f"{source}: {path}.name: expected a registered name, got {name!r}")
+        raise ConfigError(f"{_at(source, path + '.name')}: {path}.name: expected a registered name, got {name!r}")
     return PartConfig(name, settings)
 
 
@@ -296,13 +408,18 @@ class NoSettings:
     """The settings of a part registered without a settings class: it takes no config keys."""
 
 
-def bind_parts(cfg: Config | ModelConfig, registries, source: str = "config") -> Config | ModelConfig:
+def bind_parts(cfg: Config | ModelConfig, registries, source: str | Origin = "config") -> Config | ModelConfig:
     """Validate each part section of the model against the settings class its part was registered with
-    (unknown keys get the closest valid key, wrong types the expected type) and replace the given keys by
-    that class's instance, defaults filled in. Bound sections are left as they are. Returns ``cfg``."""
+    (unknown keys get the closest valid key, wrong types the expected type, numbers out of range the range)
+    and replace the given keys by that class's instance, defaults filled in. Bound sections are left as they
+    are. A key a ``--set`` override gave is blamed on it (:func:`from_dict` keeps the overrides of
+    :func:`apply_overrides`' data). Returns ``cfg``."""
     from detkit.plugins import UnknownNameError
 
     model = cfg.model if isinstance(cfg, Config) else cfg
+    given = getattr(cfg, "_origin", None)
+    if isinstance(given, Origin) and not isinstance(source, Origin):
+        source = Origin(str(source), given.overrides)
     for key, kind in PART_KINDS.items():
         part = getattr(model, key)
         if part is None:  # an optional part left out (model.neck)
@@ -310,7 +427,7 @@ def bind_parts(cfg: Config | ModelConfig, registries, source: str = "config") ->
         try:
             entry = registries.kind(kind).get(part.name)
         except UnknownNameError as exc:
-            raise ConfigError(f"{source}: model.{key}.name: {exc}") from None
+            raise ConfigError(f"{_at(source, f'model.{key}.name')}: model.{key}.name: {exc}") from None
         cls = entry.settings or NoSettings
         if part.bound:
             if not isinstance(part.settings, cls):
@@ -319,8 +436,8 @@ def bind_parts(cfg: Config | ModelConfig, registries, source: str = "config") ->
             continue
         _drop_shared_legacy_keys(key, part, cls, source)
         if cls is NoSettings and part.settings:
-            raise ConfigError(f"{source}: model.{key}: {kind[:-1]} {part.name!r} takes no settings, got "
-                              f"{', '.join(map(repr, part.settings))}")
+            raise ConfigError(f"{_at(source, f'model.{key}')}: model.{key}: {kind[:-1]} {part.name!r} takes no "
+                              f"settings, got {', '.join(map(repr, part.settings))}")
         part.settings = _build_dataclass(cls, part.settings, f"model.{key}", source)
     return cfg
 
@@ -400,8 +517,22 @@ def _field_type(cls: Any, keys: list[str]) -> Any:
     return tp
 
 
+class _Overridden(dict):
+    """Config data with ``--set`` overrides applied; ``overrides`` lists ``(key path, "KEY=VALUE")`` in the
+    order applied, so that :func:`from_dict` blames a bad value on the override that gave it, not the file."""
+
+    overrides: list[tuple[list[str], str]]
+
+
+yaml.SafeDumper.add_representer(_Overridden, yaml.SafeDumper.represent_dict)  # it dumps as the mapping it is
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    data = copy.deepcopy(data)
+    """``data`` (not modified) with each ``KEY.PATH=VALUE`` of ``overrides`` set in turn (values parsed as
+    YAML scalars); the result remembers which keys the overrides gave (see :class:`_Overridden`)."""
+    previous = list(data.overrides) if isinstance(data, _Overridden) else []
+    data = _Overridden(copy.deepcopy(data))
+    data.overrides = previous
     for text in overrides:
         keys, value = parse_override(text)
         tp = _field_type(Config, keys)
@@ -420,13 +551,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if isinstance(value, str) and isinstance(old, dict) and old.get("name") == value:
             continue  # the part that is already chosen, with its settings
         node[keys[-1]] = value
+        data.overrides.append((keys, text.strip()))
     return data
 
 
 def from_dict(data: dict, source: str = "<config>") -> Config:
+    """``data`` validated into a :class:`Config`; messages name ``source`` and the key path (or the ``--set``
+    override that gave the key, for data from :func:`apply_overrides`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
-    return _build_dataclass(Config, migrate_legacy(data, source), "", source)
+    given = data.overrides if isinstance(data, _Overridden) else []
+    origin = Origin(str(source), given) if given else source
+    cfg = _build_dataclass(Config, migrate_legacy(data, str(source)), "", origin)
+    if given:
+        cfg._origin = origin  # for bind_parts, which checks the parts' own keys later
+    return cfg
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None, registries=None) -> Config:

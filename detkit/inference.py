@@ -4,7 +4,8 @@ Writes annotated pictures (class name and score on each box), an annotated
 video with the input's frame count and frame rate, and the detections as a
 COCO-format results JSON (``results.json``, category ids as in the training
 set) next to ``images.json``, which maps the results' image ids to files or frame
-indices. An unreadable image in a folder is reported and skipped; nothing
+indices. An unreadable image in a folder (a dangling link included) is reported
+and skipped, and a folder of which no image can be read is an error; nothing
 already written is overwritten half-way (all outputs are written atomically).
 """
 from __future__ import annotations
@@ -38,78 +39,111 @@ def _filter(det: dict, score_thr: float) -> dict:
 def run(model: nn.Module, class_names: list[str], cat_ids: list[int], input_spec: str, output_dir: str,
         device: torch.device, score_thr: float = 0.5, max_frames: int | None = None,
         progress: bool = True) -> dict:
-    """Run on ``input_spec`` (image, folder, video file or webcam index); returns a summary dict."""
-    from detkit.data.images import ImageReadError, read_image
+    """Run on ``input_spec`` (image, folder, video file or webcam index); returns a summary dict
+    ``{"kind", "outputs", "detections", "images", "skipped"}``.
+
+    Raises MediaError when ``output_dir`` cannot be written (checked first) and when no image of a folder
+    could be read (an unreadable image among readable ones is skipped and listed in ``"skipped"``).
+    """
     from detkit.evaluation import detections_to_coco_results
-    from detkit.media import (VideoSink, classify_input, list_images, open_video, write_image_atomic,
-                              write_json_atomic)
+    from detkit.media import check_output_dir, classify_input, write_json_atomic
     from detkit.visualize import draw_detections
 
     kind = classify_input(input_spec)
+    check_output_dir(output_dir, "--output")
     os.makedirs(output_dir, exist_ok=True)
-    results: list[dict] = []
-    images_meta: list[dict] = []
-    written: list[str] = []
-    skipped: list[str] = []
     model.eval()
 
-    def annotate(image, det):
+    def detect_and_draw(image_id: int, image: np.ndarray, results: list[dict]) -> np.ndarray:
+        det = _filter(detect(model, image, device), score_thr)
+        results.extend(detections_to_coco_results(image_id, det, cat_ids))
         return draw_detections(image, det["boxes"].numpy(), det["scores"].numpy(), det["labels"].numpy(),
                                class_names, score_thr=score_thr)
 
     if kind in ("image", "folder"):
-        paths = [Path(input_spec)] if kind == "image" else list_images(input_spec)
-        iterator = paths
-        if progress and len(paths) > 1:
-            from tqdm import tqdm
-
-            iterator = tqdm(paths, desc="infer", dynamic_ncols=True, mininterval=1.0)
-        for image_id, path in enumerate(iterator):
-            try:
-                image = read_image(path)
-            except ImageReadError as exc:
-                if kind == "image":
-                    raise
-                log.warning("skipping %s", exc)
-                skipped.append(str(path))
-                continue
-            det = _filter(detect(model, image, device), score_thr)
-            out = os.path.join(output_dir, Path(path).stem + "_det" + (Path(path).suffix.lower() or ".png"))
-            write_image_atomic(out, annotate(image, det))
-            written.append(out)
-            images_meta.append({"id": image_id, "file_name": str(path), "height": image.shape[0],
-                                "width": image.shape[1]})
-            results.extend(detections_to_coco_results(image_id, det, cat_ids))
+        done = _run_images(input_spec, kind, output_dir, detect_and_draw, progress)
     else:
-        source = open_video(input_spec)
-        name = f"webcam{input_spec}" if kind == "webcam" else Path(input_spec).stem
-        out = os.path.join(output_dir, name + "_det.mp4")
-        total = source.frame_count if source.frame_count and source.frame_count > 0 else None
-        bar = None
-        if progress:
-            from tqdm import tqdm
+        done = _run_video(input_spec, kind, output_dir, detect_and_draw, max_frames, progress)
+    write_json_atomic(os.path.join(output_dir, "results.json"), done["results"])
+    write_json_atomic(os.path.join(output_dir, "images.json"), done["images"])
+    return {"kind": kind, "outputs": done["written"], "detections": len(done["results"]),
+            "images": len(done["images"]), "skipped": done["skipped"]}
 
-            bar = tqdm(total=total, desc="infer", dynamic_ncols=True, mininterval=1.0)
-        frames = 0
+
+def _read(path: Path) -> np.ndarray:
+    """The image at ``path`` (see ``read_image``); a symbolic link whose target is missing is named as such."""
+    from detkit.data.images import ImageReadError, read_image
+
+    if path.is_symlink() and not path.exists():
+        raise ImageReadError(f"{path}: a link to {os.readlink(path)}, which does not exist")
+    return read_image(path)
+
+
+def _run_images(input_spec: str, kind: str, output_dir: str, detect_and_draw, progress: bool) -> dict:
+    """An image, or every image of a folder: unreadable ones are logged and skipped, unless none can be read."""
+    from detkit.data.images import ImageReadError
+    from detkit.media import MediaError, list_images, write_image_atomic
+
+    paths = [Path(input_spec)] if kind == "image" else list_images(input_spec)
+    iterator = paths
+    if progress and len(paths) > 1:
+        from tqdm import tqdm
+
+        iterator = tqdm(paths, desc="infer", dynamic_ncols=True, mininterval=1.0)
+    done: dict = {"results": [], "images": [], "written": [], "skipped": []}
+    reasons = []
+    for image_id, path in enumerate(iterator):
         try:
-            with VideoSink(out, source.fps, source.size) as sink:
-                for frame in source:
-                    det = _filter(detect(model, frame, device), score_thr)
-                    sink.write(annotate(frame, det))
-                    images_meta.append({"id": frames, "file_name": f"{input_spec}#frame={frames}",
-                                        "height": frame.shape[0], "width": frame.shape[1]})
-                    results.extend(detections_to_coco_results(frames, det, cat_ids))
-                    frames += 1
-                    if bar is not None:
-                        bar.update(1)
-                    if max_frames is not None and frames >= max_frames:
-                        break
-        finally:
-            source.close()
-            if bar is not None:
-                bar.close()
-        written.append(out)
-    write_json_atomic(os.path.join(output_dir, "results.json"), results)
-    write_json_atomic(os.path.join(output_dir, "images.json"), images_meta)
-    return {"kind": kind, "outputs": written, "detections": len(results), "images": len(images_meta),
-            "skipped": skipped}
+            image = _read(path)
+        except ImageReadError as exc:
+            if kind == "image":
+                raise
+            log.warning("skipping %s", exc)
+            done["skipped"].append(str(path))
+            reasons.append(str(exc))
+            continue
+        out = os.path.join(output_dir, Path(path).stem + "_det" + (Path(path).suffix.lower() or ".png"))
+        write_image_atomic(out, detect_and_draw(image_id, image, done["results"]))
+        done["written"].append(out)
+        done["images"].append({"id": image_id, "file_name": str(path), "height": image.shape[0],
+                               "width": image.shape[1]})
+    if not done["images"]:
+        more = f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""
+        raise MediaError(f"{input_spec}: none of its {len(paths)} images could be read, so nothing was detected "
+                         f"or written: {'; '.join(reasons[:3])}{more}")
+    return done
+
+
+def _run_video(input_spec: str, kind: str, output_dir: str, detect_and_draw, max_frames: int | None,
+               progress: bool) -> dict:
+    """Every frame of a video file or webcam (up to ``max_frames``), annotated into ``<name>_det.mp4``."""
+    from detkit.media import VideoSink, open_video
+
+    source = open_video(input_spec)
+    name = f"webcam{input_spec}" if kind == "webcam" else Path(input_spec).stem
+    out = os.path.join(output_dir, name + "_det.mp4")
+    total = source.frame_count if source.frame_count and source.frame_count > 0 else None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="infer", dynamic_ncols=True, mininterval=1.0)
+    done: dict = {"results": [], "images": [], "written": [], "skipped": []}
+    frames = 0
+    try:
+        with VideoSink(out, source.fps, source.size) as sink:
+            for frame in source:
+                sink.write(detect_and_draw(frames, frame, done["results"]))
+                done["images"].append({"id": frames, "file_name": f"{input_spec}#frame={frames}",
+                                       "height": frame.shape[0], "width": frame.shape[1]})
+                frames += 1
+                if bar is not None:
+                    bar.update(1)
+                if max_frames is not None and frames >= max_frames:
+                    break
+    finally:
+        source.close()
+        if bar is not None:
+            bar.close()
+    done["written"].append(out)
+    return done

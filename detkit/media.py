@@ -2,7 +2,9 @@
 
 This is the I/O edge of ``detkit infer``: it decides what kind of input a
 command-line spec names, yields RGB frames from videos and webcams through
-OpenCV, and writes every output atomically. An output is written to a hidden
+OpenCV (whose own log lines are silenced: detkit reports what went wrong, naming
+the file), checks before any work that an output folder can be written and an
+input file read, and writes every output atomically. An output is written to a hidden
 temporary file in its own directory and ``os.replace``d onto its name only when
 complete, so an interrupted run never leaves a half-written file and never
 clobbers an earlier result. (No paper section: this is plumbing around the detector.)
@@ -12,12 +14,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import cv2
-import numpy as np
+# FFmpeg (inside OpenCV) prints its own complaints about a bad video ("moov atom not found") unless told
+# not to, when OpenCV first opens a video; detkit reports every failure itself, naming the file.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+
+import cv2  # noqa: E402  (after the environment it reads)
+import numpy as np  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,62 @@ DEFAULT_FPS = 25.0
 
 class MediaError(ValueError):
     """An input or output that cannot be read or written as what it claims to be; the message names it."""
+
+
+@contextmanager
+def quiet_opencv() -> Iterator[None]:
+    """OpenCV's own log lines ("[ WARN:0@0.1] global cap.cpp ...") silenced while the block runs: around a
+    bad video they would interleave with detkit's message, which names the file and the problem."""
+    previous = cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(previous)
+
+
+def check_output_dir(path: str | os.PathLike, what: str) -> None:
+    """Fail now, before any work, when ``path`` cannot be (or become) a folder this process writes into: a
+    file there or on the way to it, or a folder without write permission (tried with a temporary file, which
+    is gone at once). No folder is created: the command creates it when it writes.
+
+    Raises:
+        MediaError: naming ``what`` (``--output``, ``train.work_dir``), the path and the reason.
+    """
+    path = os.path.abspath(os.fspath(path))
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        kind = "a link to a missing target" if os.path.islink(existing) and not os.path.exists(existing) else "a file"
+        where = f"it is {kind}" if existing == path else f"{existing} is {kind}"
+        raise MediaError(f"{what} {path}: cannot write outputs there: {where}, not a folder (give a folder path)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise MediaError(f"{what} {path}: cannot write outputs there: {existing} is not writable "
+                         f"({exc.strerror or exc}); give a folder you can write to") from None
+
+
+def check_input_file(path: str | os.PathLike, what: str) -> None:
+    """Fail now when ``path`` is not a regular file this process can read (missing, a folder, a dangling
+    link, no permission); reading what is in it is the reader's job.
+
+    Raises:
+        MediaError: naming ``what`` (``model.backbone.weights``), the path and the reason.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise MediaError(f"{what}: {path} is a folder; expected a file")
+    if not os.path.isfile(path):
+        dangling = os.path.islink(path)
+        reason = f"a link to {os.readlink(path)}, which does not exist" if dangling else "no such file"
+        raise MediaError(f"{what}: {path}: {reason}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise MediaError(f"{what}: {path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _is_webcam(spec: str) -> bool:
@@ -59,18 +123,21 @@ def classify_input(spec: str | os.PathLike) -> str:
         return "image"
     if suffix in VIDEO_EXTENSIONS:
         return "video"
-    capture = cv2.VideoCapture(str(path))
-    try:
-        if capture.isOpened():
-            return "video"
-    finally:
-        capture.release()
+    with quiet_opencv():
+        capture = cv2.VideoCapture(str(path))
+        try:
+            if capture.isOpened():
+                return "video"
+        finally:
+            capture.release()
     raise MediaError(f"{spec}: not an image ({', '.join(IMAGE_EXTENSIONS)}), a video or a folder, and OpenCV "
                      f"cannot open it as a video")
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """The image files directly inside ``folder``, sorted by name (hidden files such as ``._x.jpg`` skipped).
+    A symbolic link with an image name whose target is missing is listed too, so that reading it reports it
+    as the unreadable file it is rather than its being skipped in silence.
 
     Raises:
         FileNotFoundError / NotADirectoryError: ``folder`` is missing or not a directory.
@@ -82,7 +149,8 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         raise NotADirectoryError(f"not a folder: {folder}")
     paths = sorted(p for p in folder.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+                   if (p.is_file() or (p.is_symlink() and not p.exists())) and not p.name.startswith(".")
+                   and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise MediaError(f"{folder}: no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return paths
@@ -106,12 +174,14 @@ class VideoSource:
         what = f"webcam {self.spec}" if is_cam else self.spec
         if not is_cam and not Path(self.spec).is_file():
             raise FileNotFoundError(f"video not found: {self.spec}")
-        self.capture = cv2.VideoCapture(int(self.spec) if is_cam else self.spec)
+        with quiet_opencv():
+            self.capture = cv2.VideoCapture(int(self.spec) if is_cam else self.spec)
         if not self.capture.isOpened():
             self.capture.release()
             raise MediaError(f"{what}: cannot be opened as a video")
         # Decode the first frame now so a corrupt file fails here, with its name, not mid-run.
-        ok, frame = self.capture.read()
+        with quiet_opencv():
+            ok, frame = self.capture.read()
         if not ok or frame is None:
             self.capture.release()
             raise MediaError(f"{what}: no decodable video frame (corrupt or unsupported video)")
@@ -130,7 +200,8 @@ class VideoSource:
             frame, self._first = self._first, None
             yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
         while True:
-            ok, frame = self.capture.read()
+            with quiet_opencv():
+                ok, frame = self.capture.read()
             if not ok or frame is None:
                 return
             yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
@@ -195,7 +266,8 @@ class VideoSink:
                              f"use one of {', '.join(FOURCC)}")
         self.frames = 0
         self._tmp = _temp_beside(self.path, ext)
-        self._writer = cv2.VideoWriter(self._tmp, cv2.VideoWriter_fourcc(*FOURCC[ext]), float(fps), self.size)
+        with quiet_opencv():
+            self._writer = cv2.VideoWriter(self._tmp, cv2.VideoWriter_fourcc(*FOURCC[ext]), float(fps), self.size)
         if not self._writer.isOpened():
             self._writer.release()
             _remove_quietly(self._tmp)

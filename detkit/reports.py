@@ -133,7 +133,8 @@ def plot_errors(breakdown: dict, path: str) -> None:
 
 def write_gallery(dataset, gt: dict, results: list[dict], f1: dict, path: str, worst: bool, n: int = 6,
                   score_thr: float = 0.5) -> None:
-    """A grid of ``n`` images: detections (left) beside ground truth (right)."""
+    """A grid of ``n`` images: detections scoring at least ``score_thr`` (left, tagged "name score") beside the
+    ground truth (right, tagged with the class name only)."""
     import cv2
 
     from detkit.media import write_image_atomic
@@ -153,8 +154,7 @@ def write_gallery(dataset, gt: dict, results: list[dict], f1: dict, path: str, w
         d = by_image[image_id]
         det = draw_detections(image, [_xyxy(r["bbox"]) for r in d], [r["score"] for r in d],
                               [label_of[r["category_id"]] for r in d], names, score_thr)
-        truth = draw_detections(image, target["boxes"].numpy(), np.ones(len(target["labels"])),
-                                target["labels"].numpy(), names)
+        truth = draw_detections(image, target["boxes"].numpy(), None, target["labels"].numpy(), names)  # no scores
         pair = np.concatenate([det, np.full((image.shape[0], 4, 3), 255, np.uint8), truth], 1)
         cv2.putText(pair, f"id {image_id} F1 {f1[image_id]:.2f}", (3, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
                     (255, 255, 255), 1, cv2.LINE_AA)

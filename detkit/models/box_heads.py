@@ -12,23 +12,23 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from detkit.config import ConfigError
+from detkit.config import ConfigError, ranged
 
 
 @dataclass
 class TwoFCSettings:
     """The ``two_fc`` box head's config keys."""
 
-    fc_dim: int = 1024
+    fc_dim: int = ranged(1024, ge=1)
 
 
 @dataclass
 class ConvFCSettings:
     """The ``conv_fc`` box head's config keys."""
 
-    num_conv: int = 4
-    conv_dim: int = 256
-    fc_dim: int = 1024
+    num_conv: int = ranged(4, ge=1)
+    conv_dim: int = ranged(256, ge=1)
+    fc_dim: int = ranged(1024, ge=1)
     norm: bool = False  # batch norm after each convolution (Detectron2's GN/BN variants)
 
 

@@ -10,22 +10,22 @@ maps built from the backbone (``roi_levels``), the RPN from all of them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkit.backbones import FeatureInfo, FeatureStages
-from detkit.config import ConfigError
+from detkit.config import ConfigError, ranged
 
 
 @dataclass
 class FPNSettings:
     """The ``fpn`` neck's config keys."""
 
-    in_strides: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # C2-C5: the maps read, by stride
-    out_channels: int = 256
-    extra_levels: int = 1  # P6 (and beyond) by stride-2 max pooling of the top map, for the RPN only
+    in_strides: list[int] = ranged(default_factory=lambda: [4, 8, 16, 32], ge=1)  # C2-C5: the maps read, by stride
+    out_channels: int = ranged(256, ge=1)
+    extra_levels: int = ranged(1, ge=0)  # P6 (and beyond) by stride-2 max pooling of the top map, for the RPN only
 
 
 class FeatureBody(nn.Module):

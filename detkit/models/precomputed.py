@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from detkit.config import ConfigError
+from detkit.config import ConfigError, ranged
 from detkit.models.proposal_source import ProposalSource
 
 
@@ -20,7 +20,7 @@ from detkit.models.proposal_source import ProposalSource
 class PrecomputedSettings:
     """The ``precomputed`` proposal source's config keys."""
 
-    top_k: int | None = 2000  # boxes per image handed on (the cache's order is kept); None: all
+    top_k: int | None = ranged(2000, ge=1)  # boxes per image handed on (the cache's order is kept); None: all
 
 
 @dataclass
@@ -28,11 +28,11 @@ class SelectiveSearchSettings:
     """The ``selective_search`` proposal source's config keys (R-CNN Sec. 2.1: ~2000 boxes per image)."""
 
     mode: str = "fast"  # fast | quality | rcnn (the R-CNN paper's fast-mode settings)
-    max_side: int | None = 500  # the search runs on the image shrunk to this longer side; None: full size
-    min_size: float = 0.0  # drop proposals narrower or shorter than this (original-image pixels)
-    top_k: int = 2000
+    max_side: int | None = ranged(500, ge=1)  # the search runs on the image shrunk to this longer side; None: full size
+    min_size: float = ranged(0.0, ge=0)  # drop proposals narrower or shorter than this (original-image pixels)
+    top_k: int = ranged(2000, ge=1)
     cache_dir: str = "work_dirs/proposals"  # one sub-directory per dataset and settings
-    num_workers: int | None = None  # processes computing the cache; None: all cores
+    num_workers: int | None = ranged(None, ge=0)  # processes computing the cache (0 or 1: this one); None: all cores
 
 
 class PrecomputedProposals(ProposalSource):

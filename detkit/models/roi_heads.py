@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkit.config import RoIHeadsConfig
+from detkit.config import RoIHeadsConfig, ranged
 from detkit.models.rpn import ROI_STREAM, sample_balanced, sample_generators
 from detkit.ops import BalancedSampler, BoxCoder, Matcher, batched_nms, box_iou, clip_boxes, remove_small_boxes
 
@@ -41,7 +41,7 @@ class BoxPredictor(nn.Module):
 class SoftmaxBoxSettings:
     """The ``softmax_box`` predictor's config keys."""
 
-    dropout: float = 0.0  # dropout on the head's input vectors
+    dropout: float = ranged(0.0, ge=0, lt=1)  # dropout on the head's input vectors
 
 
 class SoftmaxBoxHead(BoxPredictor):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import nms
 
-from detkit.config import ConfigError
+from detkit.config import ConfigError, ranged
 from detkit.models.proposal_source import ProposalSource
 from detkit.models.transform import ImageList
 from detkit.ops import (AnchorGenerator, BalancedSampler, BoxCoder, Matcher, batched_nms, box_iou, clip_boxes,
@@ -113,9 +113,10 @@ class RPNHead(nn.Module):
 
 @dataclass
 class AnchorSettings:
-    sizes: list[float] = field(default_factory=lambda: [128.0, 256.0, 512.0])
-    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    offset: float = 0.5  # centres at (i + offset) * stride: 0.5 the cell's centre; torchvision and Detectron2 use 0
+    sizes: list[float] = ranged(default_factory=lambda: [128.0, 256.0, 512.0], gt=0)
+    aspect_ratios: list[float] = ranged(default_factory=lambda: [0.5, 1.0, 2.0], gt=0)
+    # centres at (i + offset) * stride: 0.5 the cell's centre; torchvision and Detectron2 use 0
+    offset: float = ranged(0.5, ge=0, le=1)
     round: bool = False  # whole-pixel cell anchors, as torchvision's
 
 
@@ -123,20 +124,20 @@ class AnchorSettings:
 class RPNSettings:
     """The ``rpn`` proposal generator's config keys (Faster R-CNN Sec. 3.1.3 and 3.3 as defaults)."""
 
-    conv_channels: int | None = None  # None: the trunk's channels (512 for VGG-16, as in the paper)
-    fg_iou_thresh: float = 0.7
-    bg_iou_thresh: float = 0.3
-    batch_size_per_image: int = 256
-    positive_fraction: float = 0.5
-    pre_nms_top_n_train: int = 12000
-    post_nms_top_n_train: int = 2000
-    pre_nms_top_n_test: int = 6000
-    post_nms_top_n_test: int = 300
-    nms_thresh: float = 0.7
-    min_size: float = 16.0  # in original-image pixels
+    conv_channels: int | None = ranged(None, ge=1)  # None: the trunk's channels (512 for VGG-16, as in the paper)
+    fg_iou_thresh: float = ranged(0.7, ge=0, le=1)
+    bg_iou_thresh: float = ranged(0.3, ge=0, le=1)
+    batch_size_per_image: int = ranged(256, ge=1)
+    positive_fraction: float = ranged(0.5, ge=0, le=1)
+    pre_nms_top_n_train: int = ranged(12000, ge=1)
+    post_nms_top_n_train: int = ranged(2000, ge=1)
+    pre_nms_top_n_test: int = ranged(6000, ge=1)
+    post_nms_top_n_test: int = ranged(300, ge=1)
+    nms_thresh: float = ranged(0.7, ge=0, le=1)
+    min_size: float = ranged(16.0, ge=0)  # in original-image pixels
     straddle_thresh: float = 0.0  # anchors crossing the border by more are ignored in training; <0 keeps all
-    box_loss_weight: float = 1.0
-    smooth_l1_beta: float = 1.0 / 9.0
+    box_loss_weight: float = ranged(1.0, ge=0)
+    smooth_l1_beta: float = ranged(1.0 / 9.0, ge=0)
     anchors: AnchorSettings = field(default_factory=AnchorSettings)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from detkit.config import ranged
 from detkit.data.images import to_chw_tensor
 from detkit.feature_cache import FeatureCache, FeatureCacheError
 from detkit.models.roi_heads import BoxPredictor
@@ -46,20 +47,20 @@ class SVMSettings:
     """The ``svm`` box predictor's config keys: the R-CNN post-hoc classifiers (Sec. 2.3, Appendix B) and box
     regressor (Appendix C)."""
 
-    C: float = 0.001  # liblinear's C, as in R-CNN
-    positive_weight: float = 2.0
-    bias_multiplier: float = 10.0
-    neg_iou: float = 0.3  # negatives: IoU < 0.3 with every ground truth of the class
+    C: float = ranged(0.001, gt=0)  # liblinear's C, as in R-CNN
+    positive_weight: float = ranged(2.0, gt=0)
+    bias_multiplier: float = ranged(10.0, gt=0)
+    neg_iou: float = ranged(0.3, ge=0, le=1)  # negatives: IoU < 0.3 with every ground truth of the class
     hard_thresh: float = -1.0001  # negatives scoring above this are hard
     evict_thresh: float = -1.2  # cached negatives scoring below this are dropped after a retrain
-    retrain_limit: int = 2000  # retrain a class's SVM once this many new hard negatives were mined
-    rounds: int = 1  # passes of hard-negative mining over the training set
-    max_iter: int = 10000  # liblinear iterations per fit
-    tol: float = 0.1  # liblinear's default stopping tolerance for the dual solver, as R-CNN ran it
+    retrain_limit: int = ranged(2000, ge=1)  # retrain a class's SVM once this many new hard negatives were mined
+    rounds: int = ranged(1, ge=1)  # passes of hard-negative mining over the training set
+    max_iter: int = ranged(10000, ge=1)  # liblinear iterations per fit
+    tol: float = ranged(0.1, gt=0)  # liblinear's default stopping tolerance for the dual solver, as R-CNN ran it
     cache_dtype: str = "float32"  # float16 halves the feature cache (R-CNN's VOC cache is hundreds of GB)
-    feature_norm: float = 20.0  # features are scaled so their mean L2 norm is this
-    ridge_lambda: float = 1000.0
-    ridge_min_iou: float = 0.6  # box regression learns from proposals with IoU > 0.6
+    feature_norm: float = ranged(20.0, gt=0)  # features are scaled so their mean L2 norm is this
+    ridge_lambda: float = ranged(1000.0, ge=0)
+    ridge_min_iou: float = ranged(0.6, ge=0, le=1)  # box regression learns from proposals with IoU > 0.6
 
 
 class SVMBoxHead(BoxPredictor):

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align as tv_roi_align, roi_pool
 
+from detkit.config import ranged
+
 from .sparse_roi_align import roi_align as sparse_roi_align
 
 
@@ -26,15 +28,15 @@ def _kernel_dtype(features: Tensor) -> Tensor:
 class RoIPoolSettings:
     """The ``roi_pool`` extractor's config keys."""
 
-    output_size: int | None = None  # side of the pooled grid; None: the backbone's (7 for VGG-16)
+    output_size: int | None = ranged(None, ge=1)  # side of the pooled grid; None: the backbone's (7 for VGG-16)
 
 
 @dataclass
 class RoIAlignSettings:
     """The ``roi_align`` extractor's config keys (Mask R-CNN Sec. 3)."""
 
-    output_size: int | None = None  # None: the backbone's (14 for ResNet C4, whose res5 halves it)
-    sampling_ratio: int = 0  # bilinear samples per bin side; 0: adaptive (ceil(bin size))
+    output_size: int | None = ranged(None, ge=1)  # None: the backbone's (14 for ResNet C4, whose res5 halves it)
+    sampling_ratio: int = ranged(0, ge=0)  # bilinear samples per bin side; 0: adaptive (ceil(bin size))
     aligned: bool = False  # half-pixel offset (Detectron2's ROIAlignV2)
     # On the CPU in float32/64: pool as a multithreaded sparse product (ops/sparse_roi_align.py; same
     # results to float rounding, several times faster to train); false: torchvision's kernel everywhere.

@@ -9,12 +9,13 @@ vector of ``C * sum(l^2)`` numbers, whatever the window's size. RoI pooling
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torchvision.ops import roi_pool
 
+from detkit.config import ranged
 from detkit.ops.roi import LevelPooling
 
 
@@ -22,7 +23,7 @@ from detkit.ops.roi import LevelPooling
 class SPPSettings:
     """The ``spp`` extractor's config keys."""
 
-    levels: list[int] = field(default_factory=lambda: [6, 3, 2, 1])  # pyramid levels l (l x l bins each)
+    levels: list[int] = ranged(default_factory=lambda: [6, 3, 2, 1], ge=1)  # pyramid levels l (l x l bins each)
 
 
 class SpatialPyramidPool(LevelPooling):

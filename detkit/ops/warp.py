@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from detkit.config import ranged
 from detkit.ops.roi import GridExtractor, _kernel_dtype
 
 
@@ -47,10 +48,11 @@ def warp_regions(images: Tensor, proposals: list[Tensor], warp_size: int, contex
 class WarpSettings:
     """The ``warp`` extractor's config keys (R-CNN Appendix A)."""
 
-    output_size: int | None = None  # the pool5 grid the RoI head expects; None: the backbone's
-    context_padding: int = 16  # pixels of context around the box at the warped size
-    warp_size: int | None = None  # side of the warped window; None: the backbone's input size (227 for AlexNet)
-    warp_batch: int = 128  # windows through the CNN at a time (bounds memory)
+    output_size: int | None = ranged(None, ge=1)  # the pool5 grid the RoI head expects; None: the backbone's
+    context_padding: int = ranged(16, ge=0)  # pixels of context around the box at the warped size
+    # side of the warped window; None: the backbone's input size (227 for AlexNet)
+    warp_size: int | None = ranged(None, ge=1)
+    warp_batch: int = ranged(128, ge=1)  # windows through the CNN at a time (bounds memory)
 
 
 class WarpExtractor(GridExtractor):
