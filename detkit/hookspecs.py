@@ -14,8 +14,12 @@ Backbones and datasets take their keys as builder keyword arguments instead (``m
 ``data.train``). ``info`` is metadata shown by ``detkit list`` (for example ``family="resnet"``) and
 declarations the host reads: a model part whose training needs a schedule of its own declares it
 (``schedule="svm_posthoc"``, see :func:`detkit_register_schedules`); an RoI extractor declares what it
-consumes and produces (see :func:`detkit_register_roi_extractors`). The host owns the names: registering
-a name twice raises and names both plugins.
+consumes and produces (see :func:`detkit_register_roi_extractors`). The host owns the names: a
+plugin's hooks are called, its registrations checked as a whole, and a plugin that fails (its hook raises,
+registers an invalid part or a name twice, or a name a built-in plugin provides; a hook function whose name
+matches no hook below, or a ``detkit_register_*`` function without ``@hookimpl``) is skipped with none of
+its parts kept and reported by name with the reason (``detkit list plugins``). A name two third-party
+plugins register is an error, naming both, for the command that asks for it.
 
 A third-party plugin is an importable module with ``@hookimpl`` functions and
 one ``[project.entry-points.detkit]`` line in its package metadata.
@@ -30,7 +34,18 @@ hookimpl = pluggy.HookimplMarker("detkit")
 
 @hookspec
 def detkit_register_backbones(register):
-    """Register backbones: ``builder(num_classes=..., **kwargs) -> detkit.backbones.Backbone``."""
+    """Register backbones: ``builder(num_classes=1000, **args) -> detkit.backbones.Backbone``.
+
+    ``args`` are the keys of ``model.backbone.args``, checked against the builder's signature (an unknown key
+    is a config error), so give every option a default: ``detkit list`` builds each backbone with no
+    arguments (on the meta device) to count its parameters. The model is a complete classifier whose
+    ``detection_parts()`` says how a detector cuts it (:class:`detkit.backbones.DetectionParts`: trunk,
+    stride, channels, RoI head, the trunk's ``stages`` that ``model.backbone.freeze_at`` counts) and whose
+    ``defaults`` (:class:`detkit.backbones.BackboneDefaults`: input size, mean/std, RoI grid) the detector
+    uses; ``feature_stages()`` (optional) lets a neck (FPN) read its stages. ``info``: ``family=`` and
+    ``paper=`` are shown by ``detkit list backbones``; the one key detkit acts on is ``schedule=`` (as for
+    every part, see :func:`detkit_register_schedules`). A family of variants registers its table with
+    :func:`detkit.backbones.register_variants`."""
 
 
 @hookspec

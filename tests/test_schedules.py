@@ -7,7 +7,7 @@ import pytest
 import detkit_core
 from detkit.config import ConfigError, from_dict
 from detkit.hookspecs import hookimpl
-from detkit.plugins import PluginError, get_plugin_manager, get_registries
+from detkit.plugins import PluginWarning, get_plugin_manager, get_registries
 from detkit.training import declared_schedules, resolve_schedule, train
 
 SVM = {"model": {"box_predictor": {"name": "svm"}}}
@@ -34,7 +34,7 @@ def test_unknown_schedule_names_the_key_and_the_closest_name(registries):
         _schedule({"train": {"schedule": "four_stp"}}, registries)
 
 
-def test_duplicate_schedule_names_both_plugins():
+def test_duplicate_schedule_names_both_plugins_and_skips_the_third_party_one():
     dup = types.ModuleType("dup_schedules")
 
     @hookimpl
@@ -42,8 +42,10 @@ def test_duplicate_schedule_names_both_plugins():
         register("four_step", lambda cfg, registries, resume=None, progress=True: {})
 
     dup.detkit_register_schedules = detkit_register_schedules
-    with pytest.raises(PluginError, match=r"duplicate schedule name 'four_step'.*'dup_schedules'"):
-        get_registries(get_plugin_manager(plugins=[dup]))
+    with pytest.warns(PluginWarning, match=r"'dup_schedules' failed.*schedule 'four_step', which built-in plugin "
+                                           r"'core' provides"):
+        registries = get_registries(get_plugin_manager(plugins=[dup]))
+    assert registries.schedules.get("four_step").plugin == "core"
 
 
 def test_staged_schedules_refuse_torchrun(registries, monkeypatch):
