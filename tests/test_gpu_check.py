@@ -20,8 +20,8 @@ def test_dry_run_writes_the_report_and_json(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["failed_tests"] == [] and report["failed_steps"] == []
     steps = {s["name"]: s for s in report["steps"]}
-    assert list(steps) == ["env", "cuda_tests", "bench_fp32", "bench_bf16", "pipelines_fp32", "bench_bf16_cl",
-                           "pipelines_bf16", "bench_best"]
+    assert list(steps) == ["env", "cuda_tests", "bench_fp32", "bench_fpn_fp32", "bench_bf16", "pipelines_fp32",
+                           "bench_bf16_cl", "pipelines_bf16", "bench_best"]
     assert steps["env"]["result"]["ops"]["nms_equal_to_cpu"] is True
     tests = steps["cuda_tests"]["result"]["tests"]
     # On the CPU the CUDA tests run with DETKIT_CUDA_TESTS_DEVICE=cpu; only the CUDA-only ones skip.
@@ -30,10 +30,11 @@ def test_dry_run_writes_the_report_and_json(tmp_path):
     assert {n for n, o in outcomes.items() if o == "skipped"} == {
         "test_host_device_syncs_per_training_step", "test_one_process_nccl_ddp_matches_plain_training"}
     assert "cpu_cuda_top10_box_max_abs_diff_px" in steps["cuda_tests"]["result"]["figures"]
-    for name in ("bench_fp32", "bench_bf16", "bench_bf16_cl", "bench_best"):
+    for name in ("bench_fp32", "bench_fpn_fp32", "bench_bf16", "bench_bf16_cl", "bench_best"):
         (result,) = steps[name]["result"]["results"]
         assert result["train"]["detkit"] > 0 and result["inference"]["1"]["ratio"] > 0
     assert steps["bench_best"]["result"]["results"][0]["setup"]["compile"] is True
+    assert steps["bench_fpn_fp32"]["result"]["results"][0]["setup"]["neck"] == "fpn"
     rows = steps["pipelines_fp32"]["result"]["rows"]
     assert [r["name"] for r in rows] == ["R-CNN", "SPP-net", "Fast R-CNN", "Faster R-CNN"]
     assert all(r["seconds"]["total"] > 0 and r["untrained"] for r in rows)
@@ -42,6 +43,7 @@ def test_dry_run_writes_the_report_and_json(tmp_path):
     for heading in ("## Steps", "## Tests marked cuda", "## Faster R-CNN: detkit against torchvision",
                     "## The lineage per image"):
         assert heading in text
+    assert "| tiny + fpn (96x128) | fpn_fp32 |" in text
     assert not (out / ".steps").exists()
 
     # A second run does not overwrite the report without being asked.

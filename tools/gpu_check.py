@@ -13,7 +13,8 @@ default; a step that would start with under 20 s left is skipped and reported so
    measure come into the report.
 3. ``bench_*``: ``tools/benchmark.py faster_rcnn`` against torchvision for the tiny, VGG-16 and ResNet-50
    (C4) backbones at 600x1000: fp32, bf16, bf16 + channels-last, and bf16 + channels-last + compiled
-   trunk (VGG-16); inference batch 1 and 8, training batch 2, peak CUDA memory.
+   trunk (VGG-16); R50-FPN (``--neck fpn``, as ``fasterrcnn_resnet50_fpn``) in fp32; inference batch 1
+   and 8, training batch 2, peak CUDA memory.
 4. ``pipelines_*``: ``tools/benchmark.py pipelines`` for R-CNN, SPP-net, Fast R-CNN and Faster R-CNN with
    VGG-16 on synthetic 375x500 images (VOC's typical size; each method resizes as its paper did),
    untrained weights (time per image only), in the form of the Faster R-CNN paper's timing table, in
@@ -148,13 +149,17 @@ def plan(args: argparse.Namespace, tmp: str) -> list[Step]:
         size, backbones, batches, reps = "96x128", ["tiny"], ["--batch-sizes", "1,2", "--train-batch", "1"], \
             ["--iters", "1", "--warmup", "0"]
         compile_backbone, pipeline_configs, synth, images = "tiny", QUICK_PIPELINE_CONFIGS, "96x128", ["1", "0"]
+        fpn_backbone = "tiny"
     else:
         size, backbones, batches, reps = "600x1000", ["tiny", "vgg16", "resnet50"], \
             ["--batch-sizes", "1,8", "--train-batch", "2"], ["--iters", "10", "--warmup", "3"]
         compile_backbone, pipeline_configs, synth, images = "vgg16", PIPELINE_CONFIGS, "375x500", ["3", "1"]
+        fpn_backbone = "resnet50"
     common = ["faster_rcnn", "--image-size", size, *batches, *reps, "--no-loader", *dev]
     for name, extra, budget, title, chosen in [
             ("bench_fp32", [], 100, "fp32", backbones),
+            ("bench_fpn_fp32", ["--neck", "fpn"], 90, "FPN (R50-FPN as fasterrcnn_resnet50_fpn), fp32",
+             [fpn_backbone]),
             ("bench_bf16", ["--amp", "bf16"], 80, "bf16", backbones),
             ("pipelines_fp32", None, 100, "fp32", None),
             ("bench_bf16_cl", ["--amp", "bf16", "--channels-last"], 80, "bf16 + channels-last", backbones),
@@ -243,6 +248,12 @@ def collect(steps: list[Step], tmp: str) -> None:
 # ----------------------------------------------------------------------------- report
 
 
+def _model(setup: dict) -> str:
+    from detkit.benchmark import model_name
+
+    return model_name(setup)
+
+
 def _bench_rows(steps: list[Step]) -> list[str]:
     runs = [r for s in steps if s.name.startswith("bench_") and s.result for r in s.result["results"]]
     if not runs:
@@ -264,7 +275,7 @@ def _bench_rows(steps: list[Step]) -> list[str]:
             cells.append(f"{t['detkit']:.2f} / {t['torchvision']:.2f} / **{t['ratio']:.2f}**")
             mem = r["memory"]
             settings = step.name.removeprefix("bench_")
-            lines.append(f"| {s['backbone']} ({s['image_size'][0]}x{s['image_size'][1]}) | {settings} | "
+            lines.append(f"| {_model(s)} ({s['image_size'][0]}x{s['image_size'][1]}) | {settings} | "
                          + " | ".join(cells) + f" | {mem['inference']['detkit']:.0f} / "
                          f"{mem['inference']['torchvision']:.0f} | {mem['train']['detkit']:.0f} / "
                          f"{mem['train']['torchvision']:.0f} |")
@@ -274,7 +285,7 @@ def _bench_rows(steps: list[Step]) -> list[str]:
 def best_vs_default(steps: list[Step]) -> list[dict]:
     """detkit with its best settings (the fastest of the bf16 / channels-last / compile runs) against
     torchvision at fp32 defaults, per backbone and phase."""
-    by_step = {s.name: {r["setup"]["backbone"]: r for r in s.result["results"]}
+    by_step = {s.name: {_model(r["setup"]): r for r in s.result["results"]}
                for s in steps if s.name.startswith("bench_") and s.result}
     base = by_step.get("bench_fp32", {})
     rows = []
