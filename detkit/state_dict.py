@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -38,7 +39,9 @@ def load_tensors(path: str, what: str, map_location: str | torch.device = "cpu")
     if not head:
         raise WeightsError(f"{path}: not a {what}: the file is empty")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a file's pickle protocol: the message below says more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # zip, pickle and torch errors all mean "not a file torch wrote for us"
         error = exc
     refused = _refused_global(str(error))

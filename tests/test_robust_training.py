@@ -4,8 +4,10 @@ weights that fit nothing, stale temporaries, and files that are not checkpoints.
 import json
 import logging
 import os
+import pickle
 import shutil
 import types
+import warnings
 import zipfile
 
 import pytest
@@ -394,4 +396,12 @@ def test_files_that_are_not_checkpoints_say_what_they_are_not(tmp_path, capsys):
     # the same words for a pretrained weights file
     with pytest.raises(WeightsError, match="evil.pth: not a pretrained weights file: it is a pickle that asks for"):
         read_state_dict(evil, "pretrained weights file")
+    assert not marker.exists()
+    # A plain pickle (protocol 4, not torch's format): refused without torch's own protocol warning.
+    plain = tmp_path / "plain.pth"
+    plain.write_bytes(pickle.dumps(RunsCode(marker), protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(WeightsError, match="plain.pth: not a state dict: it is a pickle that asks for"):
+            read_state_dict(plain, "state dict")
     assert not marker.exists()
