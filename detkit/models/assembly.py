@@ -53,8 +53,7 @@ def build_backbone(cfg: ModelConfig, registries, num_classes: int = 1000):
     check_kwargs(entry.builder, {"num_classes": num_classes, **cfg.backbone.args}, "model.backbone.args")
     backbone = entry.builder(num_classes=num_classes, **cfg.backbone.args)
     if cfg.backbone.weights:
-        missing = backbone.load_pretrained(cfg.backbone.weights)
-        log.info("loaded backbone weights from %s (%d parameters not in the file)", cfg.backbone.weights, len(missing))
+        backbone.load_pretrained(cfg.backbone.weights)  # logs what it loaded, missed and skipped
     return backbone
 
 

@@ -13,7 +13,7 @@ from torchvision.ops import roi_align as tv_roi_align, roi_pool
 
 from detkit.config import ranged
 
-from .sparse_roi_align import roi_align as sparse_roi_align
+from .sparse_roi_align import as_rois, roi_align as sparse_roi_align
 
 
 def _kernel_dtype(features: Tensor) -> Tensor:
@@ -85,8 +85,7 @@ class LevelPooling(nn.Module):
             single = _kernel_dtype(features if isinstance(features, Tensor) else features[0])
             return self.pool(single, [p.to(single.dtype) for p in proposals], self.spatial_scale)
         maps = [_kernel_dtype(f) for f in features[: len(self.strides)]]
-        rois = torch.cat([torch.cat([p.new_full((len(p), 1), i), p], 1) for i, p in enumerate(proposals)])
-        rois = rois.to(maps[0].dtype)
+        rois = as_rois(proposals, maps[0]).to(maps[0].dtype)
         levels = assign_levels(rois[:, 1:], self.strides)
         out = None
         for k, level in enumerate(maps):

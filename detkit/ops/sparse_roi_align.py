@@ -133,8 +133,9 @@ class _SparseRoIAlign(torch.autograd.Function):
         return grad_features, None, None, None, None, None
 
 
-def _as_rois(boxes: Tensor | list[Tensor], like: Tensor) -> Tensor:
-    """torchvision's box argument (``(K, 5)`` rows, or xyxy per image) as ``(K, 5)`` rows."""
+def as_rois(boxes: Tensor | list[Tensor], like: Tensor) -> Tensor:
+    """torchvision's box argument (``(K, 5)`` rows, or xyxy per image) as ``(K, 5)`` rows (batch index,
+    x1, y1, x2, y2); ``like`` gives the dtype and device when there are no images."""
     if isinstance(boxes, Tensor):
         return boxes
     return torch.cat([torch.cat([b.new_full((len(b), 1), i), b], 1) for i, b in enumerate(boxes)]
@@ -148,7 +149,7 @@ def roi_align(features: Tensor, boxes: Tensor | list[Tensor], output_size: int |
     if not use_sparse(features):
         return tv_roi_align(features, boxes, output_size, spatial_scale, sampling_ratio, aligned)
     size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    rois = _as_rois(boxes, features)
+    rois = as_rois(boxes, features)
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(f"roi_align: boxes must be (K, 5) rows or a list of (K_i, 4), got {tuple(rois.shape)}")
     return _SparseRoIAlign.apply(features, rois.detach(), size, float(spatial_scale), int(sampling_ratio),

@@ -78,22 +78,21 @@ class FiniteGuard(Hook):
     def __init__(self, trainer):
         self.trainer = trainer
         self.first_bad: Tensor | None = None  # the first iteration with a non-finite loss; 0 while there is none
-        self.bad_losses: dict[str, Tensor] = {}  # that iteration's losses
+        self.bad_values: Tensor | None = None  # that iteration's losses, in the order of ``self.names``
+        self.names: list[str] = []
 
     def after_step(self, done: int, losses: dict[str, Tensor]) -> None:
-        values = [v.detach().float() for v in losses.values()]
-        if not values:
+        if not losses:
             return
-        finite = torch.isfinite(torch.stack(values)).all()
+        values = torch.stack([v.detach().float() for v in losses.values()])
         if self.first_bad is None:
-            self.first_bad = torch.zeros((), dtype=torch.int64, device=values[0].device)
-        first = ~finite & (self.first_bad == 0)
+            self.first_bad = torch.zeros((), dtype=torch.int64, device=values.device)
+        if list(losses) != self.names:  # the first step (a run's loss names stay the same)
+            self.names = list(losses)
+            self.bad_values = torch.full_like(values, math.nan)
+        first = ~torch.isfinite(values).all() & (self.first_bad == 0)
         self.first_bad = torch.where(first, torch.full_like(self.first_bad, done), self.first_bad)
-        for name, value in zip(losses, values):
-            previous = self.bad_losses.get(name)
-            if previous is None:
-                previous = torch.full_like(value, math.nan)
-            self.bad_losses[name] = torch.where(first, value, previous)
+        self.bad_values = torch.where(first, values, self.bad_values)
         checkpoint = is_checkpoint_iteration(done, self.trainer)
         if checkpoint or is_logging_iteration(done, self.trainer):
             self.check(done, weights=checkpoint)
@@ -117,7 +116,7 @@ class FiniteGuard(Hook):
         tcfg = trainer.cfg.train
         if first:
             mine = self.first_bad is not None and int(self.first_bad) == first
-            losses = {k: float(v) for k, v in self.bad_losses.items()} if mine else {}
+            losses = dict(zip(self.names, self.bad_values.tolist())) if mine else {}
             losses["total"] = sum(losses.values()) if losses else math.nan
             shown = ", ".join(f"{k}={v:.4g}" for k, v in losses.items()) if mine else "on another process"
             what = f"the loss is not finite at iteration {first} ({shown})"
