@@ -83,9 +83,11 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 def save_checkpoint(path: str, *, model_state: dict, config: dict, iteration: int, class_names: list[str],
                     cat_ids: list[int], optimizer_state: dict | None = None, rng_state: dict | None = None,
-                    samples_seen: int | None = None, world_size: int = 1, scaler_state: dict | None = None) -> None:
+                    samples_seen: int | None = None, world_size: int = 1, scaler_state: dict | None = None,
+                    extra: dict | None = None) -> None:
     """Write a checkpoint atomically. ``scaler_state`` is the fp16 gradient scaler's ``state_dict()``
     (empty for a disabled scaler); checkpoints written before it was saved have no ``"scaler"`` key.
+    ``extra``: more top-level entries (a classifier's ``"task": "classification"``).
     Raises NonFiniteCheckpointError, writing nothing, when a weight of ``model_state`` is NaN or infinite."""
     bad = nonfinite_tensors(model_state)
     if bad:
@@ -105,14 +107,22 @@ def save_checkpoint(path: str, *, model_state: dict, config: dict, iteration: in
             "scaler": scaler_state,
             "samples_seen": samples_seen,
             "world_size": int(world_size),
+            **(extra or {}),
         },
         path,
     )
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
+#: what each kind of checkpoint is for, for the message when one is given to the other's commands
+TASK_COMMANDS = {"detection": "a detector (detkit train; use it with detkit eval / infer / train --resume)",
+                 "classification": "a classifier (detkit pretrain; use it with detkit eval-cls / pretrain --resume, "
+                                   "and its backbone.pth as model.backbone.weights)"}
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu", task: str | None = None) -> dict:
     """Read and validate a detkit checkpoint; errors (CheckpointError) name the file and what is wrong. A
-    checkpoint whose weights hold NaN or infinite values is refused (NonFiniteCheckpointError)."""
+    checkpoint whose weights hold NaN or infinite values is refused (NonFiniteCheckpointError); with ``task``
+    (``detection`` or ``classification``), so is a checkpoint of the other task."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -131,6 +141,10 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
             raise CheckpointError(f"{path}: detkit checkpoint is missing {key!r}")
     if not isinstance(ckpt["model"], dict):
         raise CheckpointError(f"{path}: the checkpoint's 'model' is a {type(ckpt['model']).__name__}, not a state dict")
+    kind = ckpt.get("task", "detection")
+    if task is not None and kind != task:
+        raise CheckpointError(f"{path}: this checkpoint holds {TASK_COMMANDS.get(kind, kind)}, not "
+                              f"{TASK_COMMANDS.get(task, task).split(' (')[0]}")
     bad = nonfinite_tensors(ckpt["model"])
     if bad:
         raise NonFiniteCheckpointError(
@@ -146,7 +160,7 @@ def model_from_checkpoint(path: str, registries, device: torch.device, overrides
     from detkit.config import apply_overrides, bind_parts, from_dict
     from detkit.models.assembly import build_detector
 
-    ckpt = load_checkpoint(path, map_location="cpu")
+    ckpt = load_checkpoint(path, map_location="cpu", task="detection")
     data = apply_overrides(ckpt["config"], overrides or [])
     source = f"{path} (embedded config)"
     cfg = bind_parts(from_dict(data, source=source), registries, source)

@@ -190,6 +190,9 @@ class TrainConfig:
     weight_decay: float = ranged(0.0005, ge=0)
     warmup_iters: int = ranged(0, ge=0)
     warmup_factor: float = ranged(0.001, ge=0, le=1)
+    # step: x gamma at each of `steps` (the detection papers'); cosine: half a cosine from lr to 0 over max_iters
+    # (Loshchilov & Hutter 2017), after the warmup
+    lr_schedule: str = "step"
     steps: list[int] = ranged(default_factory=lambda: [60000], ge=0)
     gamma: float = ranged(0.1, gt=0)
     clip_grad_norm: float | None = ranged(None, gt=0)
@@ -228,6 +231,68 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- classification (detkit pretrain)
+
+
+@dataclass
+class ClassifierBackboneConfig:
+    name: str = "tiny"
+    weights: str | None = None  # a local state dict to start from (torchvision naming), e.g. an earlier backbone.pth
+    args: dict = field(default_factory=dict)  # keyword arguments of the variant's builder (aux_logits, dropout, ...)
+
+
+@dataclass
+class ClassifierModelConfig:
+    backbone: ClassifierBackboneConfig = field(default_factory=ClassifierBackboneConfig)
+    num_classes: int | None = ranged(None, ge=1)  # None: the training set's classes
+    class_names: list[str] | None = None  # filled from the training set
+    input_size: int | None = ranged(None, ge=8)  # side of the square input; None: the backbone's design input
+    mean: list[float] | None = None  # None: the backbone's
+    std: list[float] | None = ranged(None, gt=0)
+
+
+@dataclass
+class ClassifierAugmentConfig:
+    # resized: a crop of a random area fraction (`area`) and aspect ratio (`ratio`), resized to the input (GoogLeNet
+    # Sec. 6, "scale augmentation" of torchvision's recipes); scale_jitter: the shorter side resized to a random
+    # multiple (`scale_jitter`) of the input side, then a random crop (VGG Sec. 3.1: S in [256, 512] for 224);
+    # center: no random crop (the test-time resize and centre crop)
+    crop: str = "resized"
+    area: list[float] = ranged(default_factory=lambda: [0.08, 1.0], gt=0, le=1)
+    ratio: list[float] = ranged(default_factory=lambda: [3 / 4, 4 / 3], gt=0)
+    scale_jitter: list[float] = ranged(default_factory=lambda: [256 / 224, 512 / 224], ge=1)
+    hflip: float = ranged(0.5, ge=0, le=1)  # probability of a horizontal flip
+    color_jitter: float = ranged(0.0, ge=0, le=1)  # strength of brightness/contrast/saturation jitter (0.4: AlexNet-like)
+    test_resize: float = ranged(256 / 224, ge=1)  # shorter side / input side before the test-time centre crop
+
+
+@dataclass
+class ClassifierDataConfig:
+    # A dataset is `{name: <registered classification dataset>, ...its builder's keyword arguments}`
+    # (`detkit list classification_datasets`): image_folder, image_list, digits.
+    train: dict | None = None
+    test: dict | None = None
+    augment: ClassifierAugmentConfig = field(default_factory=ClassifierAugmentConfig)
+    batch_size: int = ranged(64, ge=1)
+    num_workers: int = ranged(2, ge=0)
+
+
+@dataclass
+class ClassifierEvalConfig:
+    period: int = ranged(0, ge=0)  # validation top-1/top-5 every this many iterations (0: at the end only)
+    ten_crop: bool = False  # 10-crop testing (AlexNet Sec. 4.1, GoogLeNet Sec. 7) at the end of training
+
+
+@dataclass
+class ClassifierConfig:
+    """``detkit pretrain``: a backbone trained as a classifier, with the detector's ``train:`` section."""
+
+    model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
+    data: ClassifierDataConfig = field(default_factory=ClassifierDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: ClassifierEvalConfig = field(default_factory=ClassifierEvalConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -527,15 +592,16 @@ class _Overridden(dict):
 yaml.SafeDumper.add_representer(_Overridden, yaml.SafeDumper.represent_dict)  # it dumps as the mapping it is
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: list[str], schema: type = Config) -> dict:
     """``data`` (not modified) with each ``KEY.PATH=VALUE`` of ``overrides`` set in turn (values parsed as
-    YAML scalars); the result remembers which keys the overrides gave (see :class:`_Overridden`)."""
+    YAML scalars, typed by ``schema``); the result remembers which keys the overrides gave (see
+    :class:`_Overridden`)."""
     previous = list(data.overrides) if isinstance(data, _Overridden) else []
     data = _Overridden(copy.deepcopy(data))
     data.overrides = previous
     for text in overrides:
         keys, value = parse_override(text)
-        tp = _field_type(Config, keys)
+        tp = _field_type(schema, keys)
         # "--set train.lr=1" must give a float and "--set model.class_names=a" stays a string list error;
         # a YAML-parsed number for a str field is taken back as its text.
         if tp is str and value is not None and not isinstance(value, str):
@@ -555,25 +621,30 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def from_dict(data: dict, source: str = "<config>") -> Config:
-    """``data`` validated into a :class:`Config`; messages name ``source`` and the key path (or the ``--set``
-    override that gave the key, for data from :func:`apply_overrides`)."""
+def from_dict(data: dict, source: str = "<config>", schema: type = Config) -> Any:
+    """``data`` validated into a ``schema`` (:class:`Config`, or :class:`ClassifierConfig`); messages name
+    ``source`` and the key path (or the ``--set`` override that gave the key, for data from
+    :func:`apply_overrides`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
     given = data.overrides if isinstance(data, _Overridden) else []
     origin = Origin(str(source), given) if given else source
-    cfg = _build_dataclass(Config, migrate_legacy(data, str(source)), "", origin)
+    if schema is Config:
+        data = migrate_legacy(data, str(source))
+    cfg = _build_dataclass(schema, data, "", origin)
     if given:
         cfg._origin = origin  # for bind_parts, which checks the parts' own keys later
     return cfg
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None, registries=None) -> Config:
-    """The config file's merged ``base:`` chain with ``--set`` overrides, validated; with ``registries``, its
-    part sections are also checked against their parts' settings (:func:`bind_parts`)."""
-    data = apply_overrides(load_yaml(path), overrides or [])
-    cfg = from_dict(data, source=os.fspath(path))
-    return bind_parts(cfg, registries, os.fspath(path)) if registries is not None else cfg
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None, registries=None,
+                schema: type = Config) -> Any:
+    """The config file's merged ``base:`` chain with ``--set`` overrides, validated against ``schema``; with
+    ``registries``, a detector config's part sections are also checked against their parts' settings
+    (:func:`bind_parts`)."""
+    data = apply_overrides(load_yaml(path), overrides or [], schema)
+    cfg = from_dict(data, source=os.fspath(path), schema=schema)
+    return bind_parts(cfg, registries, os.fspath(path)) if registries is not None and schema is Config else cfg
 
 
 def to_dict(cfg: Any) -> Any:
@@ -590,7 +661,7 @@ def to_dict(cfg: Any) -> Any:
     return copy.deepcopy(cfg)
 
 
-def dump(cfg: Config) -> str:
+def dump(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
 
 

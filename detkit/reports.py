@@ -14,6 +14,7 @@ Plots use matplotlib's Agg backend (no display needed). Every file is written at
 from __future__ import annotations
 
 import json
+import re
 import os
 from collections import defaultdict
 
@@ -185,22 +186,35 @@ def evaluation_report(dataset, gt: dict, results: list[dict], out_dir: str, clas
 
 
 def plot_training_curves(log_path: str, path: str) -> None:
-    """Loss terms and learning rate against iteration, from a ``log.jsonl``."""
+    """Loss terms and learning rate against iteration, from a ``log.jsonl``; with accuracies in the log
+    (``top1/train``, ``top1/val``, ... of ``detkit pretrain``) a third panel shows them. Validation records
+    (``*/val``, without a learning rate) are plotted at their own iterations."""
     with open(log_path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     if not records:
         return
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    accuracy = [k for k in keys if re.match(r"top\d+/", k)]
+    losses = [k for k in keys if ("/" in k or k == "total") and k not in accuracy]
     plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    iters = [r["iter"] for r in records]
-    for key in [k for k in records[0] if "/" in k or k == "total"]:
-        ax1.plot(iters, [r.get(key, np.nan) for r in records], label=key)
-    ax1.set_ylabel("loss")
-    ax1.set_yscale("log")
-    ax1.legend(fontsize=7)
-    ax1.grid(alpha=0.3)
-    ax2.plot(iters, [r["lr"] for r in records], color="k")
-    ax2.set_ylabel("learning rate")
-    ax2.set_xlabel("iteration")
-    ax2.grid(alpha=0.3)
+    fig, axes = plt.subplots(3 if accuracy else 2, 1, figsize=(7, 8.5 if accuracy else 6), sharex=True)
+    for key in losses:
+        points = [(r["iter"], r[key]) for r in records if key in r]
+        axes[0].plot(*zip(*points), label=key, marker="o" if key.endswith("/val") else None, markersize=3)
+    axes[0].set_ylabel("loss")
+    axes[0].set_yscale("log")
+    steps = [(r["iter"], r["lr"]) for r in records if "lr" in r]
+    axes[1].plot(*zip(*steps), color="k")
+    axes[1].set_ylabel("learning rate")
+    for key in accuracy:
+        points = [(r["iter"], r[key]) for r in records if key in r]
+        axes[2].plot(*zip(*points), label=key, marker="o" if key.endswith("/val") else None, markersize=3)
+    if accuracy:
+        axes[2].set_ylabel("accuracy")
+        axes[2].set_ylim(0, 1.02)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[-1].set_xlabel("iteration")
     _save(fig, path)

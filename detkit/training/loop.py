@@ -169,6 +169,9 @@ class TrainingLog(Hook):
         means = mean_over_ranks(torch.stack([v.detach().float() for v in losses.values()]), self.trainer.info)
         values = dict(zip(losses, means.tolist()))
         values["total"] = sum(values.values())
+        metrics = getattr(self.trainer, "log_metrics", dict)()  # not losses: beside them, outside the total
+        if metrics:
+            values |= dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))
         if self.file is not None:
             record = {"iter": done, "lr": lr, **values, "time": round(time.time() - self.t0, 3)}
             self.file.write(json.dumps(record) + "\n")
