@@ -1,6 +1,6 @@
-"""The ``detkit`` command line: list, config, train, eval, infer, data, summary, proposals.
+"""The ``detkit`` command line: list, config, train, eval, infer, pretrain, eval-cls, data, summary, proposals.
 
-``tools/train.py``, ``tools/eval.py`` and ``tools/infer.py`` are the same
+``tools/train.py``, ``tools/eval.py``, ``tools/infer.py`` and ``tools/pretrain.py`` are the same
 commands. User errors (bad config keys, missing files, unreadable inputs, not a
 checkpoint) end with a one-line message naming the file, key or index and exit
 status 2, never a traceback; ``DETKIT_DEBUG=1`` shows the traceback.
@@ -20,6 +20,17 @@ log = logging.getLogger("detkit")
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of a training command (train, pretrain)."""
+    p.add_argument("config")
+    _add_set(p)
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT, or from the newest checkpoint in train.work_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train afresh in a train.work_dir that holds a run: its checkpoints, log and metrics go first")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def _registries(report: bool = True):
@@ -97,6 +108,77 @@ def cmd_train(args) -> int:
                    progress=not args.no_progress, overwrite=args.overwrite)
     print(f"checkpoint: {result['checkpoint']}")
     return 0
+
+
+def cmd_pretrain(args) -> int:
+    from detkit.classification.trainer import pretrain
+    from detkit.config import ClassifierConfig, load_config
+
+    registries = _registries()
+    cfg = load_config(args.config, args.overrides, schema=ClassifierConfig)
+    result = pretrain(cfg, registries, resume=args.resume if args.resume != "" else True,
+                      progress=not args.no_progress, overwrite=args.overwrite)
+    metrics = result["metrics"]
+    if metrics:
+        print(f"validation: top-1 {metrics['top1']:.4f}, top-{metrics['top5_k']} {metrics['top5']:.4f} "
+              f"({metrics['count']} images)")
+    print(f"checkpoint: {result['checkpoint']}\nbackbone weights: "
+          f"{os.path.join(cfg.train.work_dir, 'backbone.pth')}")
+    return 0
+
+
+def _cls_data_spec(text: str) -> dict:
+    """``--data`` of eval-cls: a class-folder directory, a CSV/JSON list, or a mapping ``{name: ..., ...}``."""
+    import yaml
+
+    from detkit.config import ConfigError
+
+    if os.path.isdir(text):
+        return {"name": "image_folder", "root": text}
+    if os.path.isfile(text) and text.lower().endswith((".csv", ".json")):
+        return {"name": "image_list", "file": text}
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError:
+        spec = None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"--data {text!r}: expected a folder of class folders, a .csv/.json image list, or a "
+                          f"mapping such as '{{name: digits, split: test}}'")
+    return spec
+
+
+def cmd_eval_cls(args) -> int:
+    from detkit.classification.evaluate import classification_metrics, format_metrics, predict, write_report
+    from detkit.classification.model import classifier_from_checkpoint
+    from detkit.classification.loading import build_classification_dataset
+    from detkit.media import check_output_dir
+
+    registries = _registries()
+    model, cfg, _ = classifier_from_checkpoint(args.checkpoint, registries, _device(args.device), args.overrides)
+    out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval_cls")
+    check_output_dir(out, "--output")
+    spec = _cls_data_spec(args.data) if args.data else cfg.data.test
+    dataset = build_classification_dataset(spec, registries, "test")
+    _check_same_classes(dataset.class_names, cfg.model.class_names, args.checkpoint)
+    probs, labels = predict(model, dataset, cfg.model.input_size, cfg.data.augment.test_resize, _device(args.device),
+                            args.batch_size, cfg.data.num_workers, ten_crop=args.ten_crop,
+                            progress=not args.no_progress)
+    metrics = classification_metrics(probs, labels, cfg.model.class_names)
+    metrics["ten_crop"] = bool(args.ten_crop)
+    write_report(metrics, out, f"{cfg.model.backbone.name}: top-1 {metrics['top1']:.1%} "
+                               f"({'10 crops' if args.ten_crop else 'centre crop'})")
+    print(format_metrics(metrics))
+    print(f"report: {os.path.join(out, 'metrics.json')}, {os.path.join(out, 'confusion_matrix.png')}")
+    return 0
+
+
+def _check_same_classes(data_classes: list[str], model_classes: list[str], checkpoint: str) -> None:
+    from detkit.config import ConfigError
+
+    if list(data_classes) != list(model_classes):
+        raise ConfigError(f"--data: its classes ({', '.join(data_classes[:8])}{', ...' if len(data_classes) > 8 else ''}) "
+                          f"are not the {len(model_classes)} classes {checkpoint} was trained on "
+                          f"({', '.join(model_classes[:8])}{', ...' if len(model_classes) > 8 else ''}), in that order")
 
 
 def cmd_convert(args) -> int:
@@ -350,6 +432,19 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_synth_cls(args) -> int:
+    from detkit.config import ConfigError
+    from detkit.data.synth_cls import synthesize_classification
+
+    try:
+        summary = synthesize_classification(args.out, args.per_class, args.val_per_class, args.seed, args.size)
+    except ValueError as exc:
+        raise ConfigError(f"--out {args.out}: {exc}" if args.out in str(exc) else str(exc)) from None
+    print(f"wrote {summary['images']['train']} training and {summary['images']['val']} validation crops of "
+          f"{len(summary['classes'])} classes ({args.size}x{args.size}) to {args.out}/train and {args.out}/val")
+    return 0
+
+
 def cmd_synth_video(args) -> int:
     from detkit.data.synth import synthesize_video
 
@@ -413,13 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="train a detector from a config")
-    p.add_argument("config")
-    _add_set(p)
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
-                   help="continue from CHECKPOINT, or from the newest checkpoint in train.work_dir")
-    p.add_argument("--overwrite", action="store_true",
-                   help="train afresh in a train.work_dir that holds a run: its checkpoints, log and metrics go first")
-    p.add_argument("--no-progress", action="store_true")
+    _add_run_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="COCO or VOC mAP of a checkpoint on its test split or --data, "
@@ -452,6 +541,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _add_set(p)
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("pretrain", help="train a backbone as a classifier (backbone.pth for model.backbone.weights)")
+    _add_run_arguments(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval-cls", help="top-1/top-5, per-class accuracy and confusion matrix of a pretrain "
+                                        "checkpoint on its data.test or --data")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="a folder of class folders, a .csv/.json image list, or a mapping "
+                                  "'{name: digits, split: test}' (default: the config's data.test)")
+    p.add_argument("--ten-crop", action="store_true", help="average the 4 corner, centre and mirrored crops "
+                                                           "(AlexNet Sec. 4.1, GoogLeNet Sec. 7)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--output", help="output directory (default: eval_cls/ next to the checkpoint)")
+    p.add_argument("--device")
+    p.add_argument("--no-progress", action="store_true")
+    _add_set(p)
+    p.set_defaults(func=cmd_eval_cls)
 
     p = sub.add_parser("summary", help="per-layer table (parameters, operations, output volume) of a backbone")
     p.add_argument("name", help="registered backbone name (see detkit list backbones)")
@@ -503,6 +610,13 @@ def _add_data_commands(sub) -> None:
     ps.add_argument("--variant", choices=["default", "small"], default="default",
                     help="small: 15-40 objects per image, nearly all COCO-small (for FPN vs single-map detectors)")
     ps.set_defaults(func=cmd_synth)
+    ps = dsub.add_parser("synth-cls", help="generate the built-in classification crops (class folders train/, val/)")
+    ps.add_argument("--out", required=True)
+    ps.add_argument("--per-class", type=int, default=600, help="training images per class")
+    ps.add_argument("--val-per-class", type=int, default=100, help="validation images per class (0: no val/)")
+    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--size", type=int, default=64, help="side of the square crops in pixels")
+    ps.set_defaults(func=cmd_synth_cls)
     ps = dsub.add_parser("synth-video", help="generate a synthetic video of the built-in classes")
     ps.add_argument("--out", required=True)
     ps.add_argument("--frames", type=int, default=48)

@@ -121,6 +121,13 @@ def detkit_register_datasets(register):
 
 
 @hookspec
+def detkit_register_classification_datasets(register):
+    """Register classification dataset formats for ``detkit pretrain`` and ``detkit eval-cls``:
+    ``builder(**kwargs, transform) -> detkit.classification.datasets.ClassificationDataset`` (images with one
+    label each; ``data.train: {name: ..., <the builder's keyword arguments>}``)."""
+
+
+@hookspec
 def detkit_register_schedules(register):
     """Register training schedules: ``run(cfg: Config, registries, resume: str | bool | None, progress: bool)
     -> {"checkpoint": path, "metrics": dict | None, "model": nn.Module}``. A schedule trains stages with

@@ -54,6 +54,7 @@ KINDS = {
     "detkit_register_heads": "heads",
     "detkit_register_detectors": "detectors",
     "detkit_register_datasets": "datasets",
+    "detkit_register_classification_datasets": "classification_datasets",
     "detkit_register_schedules": "schedules",
 }
 

@@ -18,7 +18,9 @@ from detkit.models.svm import SVMBoxHead
 from detkit.plugins import get_registries
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-PATHS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+# detector configs; configs/pretrain_*.yaml are classifier configs (tests/test_pretrain.py)
+PATHS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
+               if not os.path.basename(p).startswith("pretrain_"))
 CLASSES = ["a", "b", "c"]
 H, W = 96, 128
 REGISTRY = get_registries()

@@ -26,23 +26,29 @@ def build_dataset(spec: dict | None, registries, key: str, transform=None, skip_
     A builder that accepts ``build_dataset`` receives ``build_dataset(spec, key)``, which builds a nested
     dataset mapping from the same registries (``concat``).
     """
-    if not spec:
-        raise ConfigError(f"data.{key}: no dataset configured (expected e.g. {{name: coco, images: DIR, "
-                          f"annotations: FILE}})")
-    spec = dict(spec)
-    name = spec.pop("name", None)
-    if not isinstance(name, str):
-        raise ConfigError(f"data.{key}.name: expected a registered dataset name "
-                          f"({', '.join(registries.datasets)}), got {name!r}")
-    for reserved in RESERVED_DATASET_KEYS:
-        if reserved in spec:
-            raise ConfigError(f"data.{key}.{reserved}: set by detkit, not by the config")
-    entry = registries.datasets.get(name)
+    entry, spec = dataset_entry(spec, registries.datasets, key, "{name: coco, images: DIR, annotations: FILE}",
+                                RESERVED_DATASET_KEYS)
     given = {"transform": transform, "skip_empty": skip_empty}
     if "build_dataset" in inspect.signature(entry.builder).parameters:
         given["build_dataset"] = lambda part, part_key: build_dataset(part, registries, part_key)
     check_kwargs(entry.builder, {**spec, **given}, f"data.{key}")
     return entry.builder(**spec, **given)
+
+
+def dataset_entry(spec: dict | None, registry, key: str, example: str, reserved: tuple[str, ...]):
+    """The registry entry ``data.<key>`` names and the builder's keyword arguments (``spec`` without
+    ``name``); ConfigError for a missing section or name and for keys detkit sets itself (``reserved``)."""
+    if not spec:
+        raise ConfigError(f"data.{key}: no dataset configured (expected e.g. {example}; formats: "
+                          f"{', '.join(registry)})")
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"data.{key}.name: expected a registered dataset name ({', '.join(registry)}), got {name!r}")
+    for word in reserved:
+        if word in spec:
+            raise ConfigError(f"data.{key}.{word}: set by detkit, not by the config")
+    return registry.get(name), spec
 
 
 def to_tensor_batch(batch) -> tuple[list[torch.Tensor], list[dict], list[torch.Tensor] | None]:

@@ -231,6 +231,15 @@ def detkit_register_datasets(register):
 
 
 @hookimpl
+def detkit_register_classification_datasets(register):
+    from detkit.classification import datasets
+
+    register("image_folder", datasets.image_folder, format="root/<class>/<image> (torchvision ImageFolder layout)")
+    register("image_list", datasets.image_list, format="CSV or JSON list of (image, label)")
+    register("digits", datasets.digits, format="scikit-learn's bundled 8x8 handwritten digits (train/test split)")
+
+
+@hookimpl
 def detkit_register_schedules(register):
     register("end_to_end", _end_to_end, default=True,
              paper="one run of SGD; Faster R-CNN Sec. 3.2 (ii), approximate joint training")
