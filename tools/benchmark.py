@@ -8,6 +8,9 @@ and ratios detkit / torchvision (> 1: detkit faster); ``--markdown`` prints a do
 pipelines: R-CNN, SPP-net, Fast R-CNN and Faster R-CNN checkpoints on the same test images: proposal,
 convolution, region-wise and total time per image and mAP, in the form of the Faster R-CNN paper's
 timing table (see detkit/pipeline_benchmark.py).
+pretrain: images/s of ``detkit pretrain``'s training against the plain PyTorch loop of the ImageNet example
+(torchvision ImageFolder, transforms and DataLoader) on the same backbone, data and settings, with interleaved
+runs in one process (see detkit/classification/benchmark.py); ratio detkit / plain (> 1: detkit faster).
 """
 from __future__ import annotations
 
@@ -86,6 +89,17 @@ def parser() -> argparse.ArgumentParser:
                    help="add a truncated-SVD row for every model with fully connected RoI-head layers")
     q.add_argument("--device", default="auto")
     q.add_argument("--output", help="write the results as JSON to this path")
+    c = sub.add_parser("pretrain", help="detkit pretrain vs a plain PyTorch training loop, images/s")
+    c.add_argument("config", help="a detkit pretrain config whose data.train is an image_folder")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. model.backbone.name=resnet18 (repeatable)")
+    c.add_argument("--iters", type=int, default=50, help="timed iterations per run")
+    c.add_argument("--warmup", type=int, default=10,
+                   help="untimed iterations at the start of each run (they absorb the DataLoader workers' "
+                        "start-up; 0: start-up is timed, in both sides)")
+    c.add_argument("--runs", type=int, default=3, help="runs per side, interleaved (the median is reported)")
+    c.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's train.device)")
+    c.add_argument("--json", metavar="FILE", help="write the results as JSON to this path")
     return p
 
 
@@ -270,11 +284,34 @@ def faster_rcnn(args: argparse.Namespace) -> int:
     return 0
 
 
+def pretrain(args: argparse.Namespace) -> int:
+    from detkit.classification.benchmark import load_benchmark_config, run_pretrain_benchmark, table
+    from detkit.config import ConfigError
+    from detkit.data.dataset import DatasetError
+    from detkit.plugins import get_registries
+
+    if args.iters < 1 or args.warmup < 0 or args.runs < 1:
+        print(f"--iters {args.iters} / --warmup {args.warmup} / --runs {args.runs}: expected iters >= 1, "
+              f"warmup >= 0, runs >= 1", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_benchmark_config(args.config, args.set, args.device)
+        result = run_pretrain_benchmark(cfg, get_registries(), args.iters, args.warmup, args.runs)
+    except (ConfigError, DatasetError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"pretrain: {exc}", file=sys.stderr)
+        return 2
+    print(table(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     args.argv = argv
-    return {"faster_rcnn": faster_rcnn, "pipelines": pipelines}[args.command](args)
+    return {"faster_rcnn": faster_rcnn, "pipelines": pipelines, "pretrain": pretrain}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ def build_classification_dataset(spec: dict | None, registries, key: str, transf
 def collate(batch) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """Samples ``(image (S, S, 3) uint8 [or (10, S, S, 3)], {"label", ...})`` -> ``(images (B, 3, S, S)
     uint8 [(B, 10, 3, S, S)], labels (B,), unreadable records)``."""
-    images = torch.from_numpy(np.stack([image for image, _ in batch])).movedim(-1, -3)
+    # Contiguous (B, 3, S, S) (the copy is made in the worker): a plain movedim view would be channels-last in
+    # memory and change the convolutions' layout behind train.channels_last's back.
+    images = torch.from_numpy(np.stack([image for image, _ in batch])).movedim(-1, -3).contiguous()
     labels = torch.tensor([target["label"] for _, target in batch], dtype=torch.int64)
     unreadable = [r for _, target in batch for r in target.get("unreadable", ())]
     return images, labels, unreadable
@@ -46,7 +48,6 @@ def training_batches(dataset, data, seed: int, start_position: int, rank: int, w
         PositionSeeded(dataset, indices, skip_unreadable=True),
         batch_sampler=StreamBatchSampler(indices, data.batch_size, seed, start_position, rank, world_size),
         num_workers=data.num_workers, collate_fn=collate, pin_memory=pin_memory,
-        persistent_workers=data.num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # not the global RNG a resumed run restores
     )
 

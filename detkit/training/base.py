@@ -126,17 +126,33 @@ class SGDTrainer:
     def train(self, resume: str | bool | None = None) -> dict:
         """Resume (``True``: from the newest checkpoint in ``train.work_dir``; a path: from it), train to
         ``train.max_iters`` and evaluate; returns ``{"checkpoint", "metrics", "model"}``."""
+        self.start(resume)
+        try:
+            train_loop(self.step, self.start_iter, self.cfg.train.max_iters,
+                       [self.guard, TrainingLog(self, self.log_path), *self.extra_hooks(), PeriodicCheckpoint(self)])
+        finally:
+            self.close_stream()
+        return self.finish()
+
+    def start(self, resume: str | bool | None = None) -> None:
+        """Everything :meth:`train` does before its first step: resume, DDP, the work directory, the learning
+        rate schedule, training mode and the batches."""
         self.resume(resume)
         self._wrap_distributed()
         self._prepare_work_dir()
-        loader = self._loader()
         self.scheduler = self._build_scheduler()
         self._set_train_mode()
-        self._batches = iter(loader)
-        logger = TrainingLog(self, self.log_path)
-        train_loop(self.step, self.start_iter, self.cfg.train.max_iters,
-                   [self.guard, logger, *self.extra_hooks(), PeriodicCheckpoint(self)])
-        return self.finish()
+        self.open_stream()
+
+    def open_stream(self) -> None:
+        """This process's batches of the training stream from ``self.position`` on, through a new loader (new
+        workers; the loader draws from its own generator, not the RNG state a resume restored)."""
+        self._batches = iter(self._loader())
+
+    def close_stream(self) -> None:
+        """Drop the last reference to the loader's iterator: its workers end now, not when the garbage collector
+        reaches the trainer's reference cycles (the hooks hold the trainer), which waits 5 s per worker."""
+        self._batches = None
 
     def resume(self, resume: str | bool | None) -> None:
         """Load weights, optimizer and scaler state, the iteration, the stream position and (with as many
