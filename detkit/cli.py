@@ -542,6 +542,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_infer)
 
+    p = sub.add_parser("summary", help="per-layer table (parameters, operations, output volume) of a backbone")
+    p.add_argument("name", help="registered backbone name (see detkit list backbones)")
+    p.add_argument("--input-size", help="C,H,W (default: the backbone's input size)")
+    p.set_defaults(func=cmd_summary)
+
+    _add_classification_commands(sub)
+    _add_proposals_commands(sub)
+    _add_data_commands(sub)
+    return parser
+
+
+def _add_classification_commands(sub) -> None:
     p = sub.add_parser("pretrain", help="train a backbone as a classifier (backbone.pth for model.backbone.weights)")
     _add_run_arguments(p)
     p.set_defaults(func=cmd_pretrain)
@@ -560,14 +572,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_eval_cls)
 
-    p = sub.add_parser("summary", help="per-layer table (parameters, operations, output volume) of a backbone")
-    p.add_argument("name", help="registered backbone name (see detkit list backbones)")
-    p.add_argument("--input-size", help="C,H,W (default: the backbone's input size)")
-    p.set_defaults(func=cmd_summary)
-
-    _add_proposals_commands(sub)
-    _add_data_commands(sub)
-    return parser
 
 
 def _add_proposals_commands(sub) -> None:
@@ -612,7 +616,7 @@ def _add_data_commands(sub) -> None:
     ps.set_defaults(func=cmd_synth)
     ps = dsub.add_parser("synth-cls", help="generate the built-in classification crops (class folders train/, val/)")
     ps.add_argument("--out", required=True)
-    ps.add_argument("--per-class", type=int, default=600, help="training images per class")
+    ps.add_argument("--per-class", type=int, default=2000, help="training images per class")
     ps.add_argument("--val-per-class", type=int, default=100, help="validation images per class (0: no val/)")
     ps.add_argument("--seed", type=int, default=0)
     ps.add_argument("--size", type=int, default=64, help="side of the square crops in pixels")

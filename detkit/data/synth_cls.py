@@ -4,10 +4,11 @@ R-CNN (Girshick et al., 2014, section 2.3) pretrains its CNN on image classifica
 warped region proposals. Here the pretraining images are what a detector's region of the synthetic dataset
 looks like: one object of the labelled class roughly centred (its centre up to 15% of the side away from the
 middle), its long side 40-85% of the crop side, aspect ratio 1:2 to 2:1, slightly rotated, colour-jittered and
-15% of the time in another class's colour (so colour alone does not decide the class), on the same textured
-backgrounds with distractor outlines as ``detkit.data.synth``. Around it: 0-2 smaller objects of other classes
+15% of the time in another class's colour (so colour alone does not decide the class), on a window of one of
+``detkit.data.synth``'s textured backgrounds with its distractor outlines, drawn at the detection images' size
+(so the clutter is as dense as a region of a detection image shows it). Around it: 0-2 smaller objects of other classes
 cut by the crop border and behind it (the neighbours a loose proposal catches), and occluder blobs drawn over
-it, redrawn or reduced until at least 60% of its pixels stay visible. The output is an ImageFolder tree
+it (0-3, the detection images' sizes), redrawn or reduced until at least 60% of its pixels stay visible. The output is an ImageFolder tree
 (``train/<class>/00000.png``, ``val/<class>/00000.png``) that torchvision's ``ImageFolder`` reads as is.
 """
 from __future__ import annotations
@@ -182,7 +183,7 @@ def _move_into_place(staging: str, out_dir: str) -> None:
     os.replace(os.path.join(staging, SUMMARY), os.path.join(out_dir, SUMMARY))
 
 
-def synthesize_classification(out_dir: str, per_class: int = 600, val_per_class: int = 100, seed: int = 0,
+def synthesize_classification(out_dir: str, per_class: int = 2000, val_per_class: int = 100, seed: int = 0,
                               size: int = 64) -> dict:
     """Write the ImageFolder tree ``out_dir/{train,val}/<class>/<index>.png`` of ``size`` x ``size`` RGB crops,
     ``per_class`` (``val_per_class``) per class of CLASSES, and ``out_dir/synth_cls.json``; return that summary:
