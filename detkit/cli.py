@@ -154,13 +154,14 @@ def cmd_eval_cls(args) -> int:
     from detkit.media import check_output_dir
 
     registries = _registries()
-    model, cfg, _ = classifier_from_checkpoint(args.checkpoint, registries, _device(args.device), args.overrides)
+    device = _device(args.device)
+    model, cfg, _ = classifier_from_checkpoint(args.checkpoint, registries, device, args.overrides)
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval_cls")
     check_output_dir(out, "--output")
     spec = _cls_data_spec(args.data) if args.data else cfg.data.test
     dataset = build_classification_dataset(spec, registries, "test")
     _check_same_classes(dataset.class_names, cfg.model.class_names, args.checkpoint)
-    probs, labels = predict(model, dataset, cfg.model.input_size, cfg.data.augment.test_resize, _device(args.device),
+    probs, labels = predict(model, dataset, cfg.model.input_size, cfg.data.augment.test_resize, device,
                             args.batch_size, cfg.data.num_workers, ten_crop=args.ten_crop,
                             progress=not args.no_progress)
     metrics = classification_metrics(probs, labels, cfg.model.class_names)

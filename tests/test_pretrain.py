@@ -412,6 +412,13 @@ def test_unknown_schedule_is_refused_before_training(images, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_detection_schedule_is_refused_before_training(images, tmp_path, capsys):
+    config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", folder_spec(images))
+    assert run_pretrain(config, "train.schedule=four_step") == 2
+    assert "train.schedule='four_step': pretraining is one run of SGD" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------- 9. the shipped configs
 
 

@@ -29,7 +29,7 @@ from detkit.config import ClassifierConfig, ConfigError
 from detkit.devices import autocast
 from detkit.distributed import mean_over_ranks
 from detkit.training.base import SGDTrainer, check_train_settings
-from detkit.training.loop import Hook, is_checkpoint_iteration
+from detkit.training.loop import Hook
 from detkit.training.preflight import check_weights_file, prepare_work_dir
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class ClassifierTrainer(SGDTrainer):
 
     def __init__(self, cfg: ClassifierConfig, registries, *, progress: bool = True):
         self.size = 0  # the input side, known once the backbone is built
+        self._test_set = None  # data.test, built at the first validation
         super().__init__(cfg, registries, progress=progress)
         self._hits = torch.zeros(2, device=self.device)  # top-1, top-5 hits since the last log
         self._seen = torch.zeros((), device=self.device)
@@ -110,7 +111,7 @@ class ClassifierTrainer(SGDTrainer):
 
     def validate(self, done: int, ten_crop: bool = False) -> dict:
         """Top-1/top-5 on ``data.test`` (rank 0), appended to the log; training mode restored."""
-        if not hasattr(self, "_test_set"):
+        if self._test_set is None:
             self._test_set = build_classification_dataset(self.cfg.data.test, self.registries, "test")
         probs, labels = predict(self.model, self._test_set, self.size, self.cfg.data.augment.test_resize, self.device,
                                 self.cfg.data.batch_size, self.cfg.data.num_workers, ten_crop=ten_crop)
@@ -163,11 +164,14 @@ def pretrain(cfg: ClassifierConfig, registries, resume: str | bool | None = None
     if resume and overwrite:
         raise ConfigError("--resume continues the run in train.work_dir and --overwrite replaces it: give one of them")
     check_train_settings(cfg.train)
+    if cfg.train.schedule != "end_to_end":
+        raise ConfigError(f"train.schedule={cfg.train.schedule!r}: pretraining is one run of SGD (end_to_end); "
+                          f"the detection schedules do not apply")
     check_weights_file(cfg.model.backbone.weights)
     prepare_work_dir(cfg.train.work_dir, resume, overwrite)
-    if cfg.train.eval_at_end and cfg.data.test or cfg.eval.period and cfg.data.test:
+    if cfg.data.test and (cfg.train.eval_at_end or cfg.eval.period):
         build_classification_dataset(cfg.data.test, registries, "test")
     return ClassifierTrainer(cfg, registries, progress=progress).train(resume)
 
 
-__all__ = ["ClassifierTrainer", "PeriodicValidation", "is_checkpoint_iteration", "pretrain"]
+__all__ = ["ClassifierTrainer", "PeriodicValidation", "pretrain"]
