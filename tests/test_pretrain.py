@@ -412,6 +412,13 @@ def test_unknown_schedule_is_refused_before_training(images, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_input_below_the_backbones_smallest_is_refused(images, tmp_path, capsys):
+    config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", folder_spec(images), backbone="inception_v3",
+                          args={})
+    assert run_pretrain(config, "model.input_size=48") == 2
+    assert "model.input_size=48: inception_v3 takes inputs of at least 75x75" in capsys.readouterr().err
+
+
 def test_detection_schedule_is_refused_before_training(images, tmp_path, capsys):
     config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", folder_spec(images))
     assert run_pretrain(config, "train.schedule=four_step") == 2

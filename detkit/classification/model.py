@@ -71,8 +71,14 @@ def build_classifier(model_cfg, registries, num_classes: int) -> Classifier:
 
 
 def input_side(model_cfg, classifier: Classifier) -> int:
-    """``model.input_size``, else the side of the backbone's design input."""
-    return int(model_cfg.input_size or classifier.backbone.defaults.input_size[-1])
+    """``model.input_size``, else the side of the backbone's design input; ConfigError below the smallest input
+    the backbone takes (its ``min_input_size``: Inception-v3 75, SqueezeNet 64, ...)."""
+    defaults = classifier.backbone.defaults
+    side = int(model_cfg.input_size or defaults.input_size[-1])
+    if side < defaults.min_input_size:
+        raise ConfigError(f"model.input_size={side}: {model_cfg.backbone.name} takes inputs of at least "
+                          f"{defaults.min_input_size}x{defaults.min_input_size}")
+    return side
 
 
 def classifier_from_checkpoint(path: str, registries, device: torch.device, overrides: list[str] | None = None):
