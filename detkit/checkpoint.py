@@ -113,10 +113,11 @@ def save_checkpoint(path: str, *, model_state: dict, config: dict, iteration: in
     )
 
 
-#: what each kind of checkpoint is for, for the message when one is given to the other's commands
-TASK_COMMANDS = {"detection": "a detector (detkit train; use it with detkit eval / infer / train --resume)",
-                 "classification": "a classifier (detkit pretrain; use it with detkit eval-cls / pretrain --resume, "
-                                   "and its backbone.pth as model.backbone.weights)"}
+#: each kind of checkpoint: what it holds, and what to do with it (for the message when one is given to the
+#: other's commands)
+TASKS = {"detection": ("a detector", "detkit train; use it with detkit eval / infer / train --resume"),
+         "classification": ("a classifier", "detkit pretrain; use it with detkit eval-cls / pretrain --resume, "
+                                            "and its backbone.pth as model.backbone.weights")}
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu", task: str | None = None) -> dict:
@@ -143,8 +144,8 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu", task: s
         raise CheckpointError(f"{path}: the checkpoint's 'model' is a {type(ckpt['model']).__name__}, not a state dict")
     kind = ckpt.get("task", "detection")
     if task is not None and kind != task:
-        raise CheckpointError(f"{path}: this checkpoint holds {TASK_COMMANDS.get(kind, kind)}, not "
-                              f"{TASK_COMMANDS.get(task, task).split(' (')[0]}")
+        (held, usage), (wanted, _) = TASKS.get(kind, (kind, "?")), TASKS.get(task, (task, "?"))
+        raise CheckpointError(f"{path}: this checkpoint holds {held} ({usage}), not {wanted}")
     bad = nonfinite_tensors(ckpt["model"])
     if bad:
         raise NonFiniteCheckpointError(

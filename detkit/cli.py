@@ -127,24 +127,29 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def _cls_data_spec(text: str) -> dict:
-    """``--data`` of eval-cls: a class-folder directory, a CSV/JSON list, or a mapping ``{name: ..., ...}``."""
+def _mapping_argument(text: str, expected: str) -> dict:
+    """``--data`` given as a YAML mapping (``{name: ..., ...}``); ConfigError naming what was ``expected``."""
     import yaml
 
     from detkit.config import ConfigError
 
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        data = None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--data {text!r}: expected {expected}")
+    return data
+
+
+def _cls_data_spec(text: str) -> dict:
+    """``--data`` of eval-cls: a class-folder directory, a CSV/JSON list, or a mapping ``{name: ..., ...}``."""
     if os.path.isdir(text):
         return {"name": "image_folder", "root": text}
     if os.path.isfile(text) and text.lower().endswith((".csv", ".json")):
         return {"name": "image_list", "file": text}
-    try:
-        spec = yaml.safe_load(text)
-    except yaml.YAMLError:
-        spec = None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"--data {text!r}: expected a folder of class folders, a .csv/.json image list, or a "
-                          f"mapping such as '{{name: digits, split: test}}'")
-    return spec
+    return _mapping_argument(text, "a folder of class folders, a .csv/.json image list, or a mapping such as "
+                                   "'{name: digits, split: test}'")
 
 
 def cmd_eval_cls(args) -> int:
@@ -236,10 +241,6 @@ def _eval_results_file(args, registries) -> int:
 def _data_spec(spec: str | None, args, classes: list[str] | None = None) -> dict | None:
     """The dataset ``--data``/``--dataset`` names; a VOC directory's classes are ``--classes``, else
     ``classes`` (a checkpoint's), else the 20 VOC classes."""
-    import yaml
-
-    from detkit.config import ConfigError
-
     if not spec:
         return None
     if spec.endswith(".json"):
@@ -252,14 +253,8 @@ def _data_spec(spec: str | None, args, classes: list[str] | None = None) -> dict
         elif classes:
             voc["classes"] = list(classes)
         return voc
-    try:
-        data = yaml.safe_load(spec)
-    except yaml.YAMLError:
-        data = None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--data {spec!r}: expected a COCO json file, a VOC directory (with Annotations/) or "
-                          f"a mapping such as '{{name: coco, images: DIR, annotations: FILE}}'")
-    return data
+    return _mapping_argument(spec, "a COCO json file, a VOC directory (with Annotations/) or a mapping such as "
+                                   "'{name: coco, images: DIR, annotations: FILE}'")
 
 
 def _apply_svd(model, spec: str | None) -> None:

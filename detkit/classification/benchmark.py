@@ -171,13 +171,12 @@ class DetkitLoop:
     def run(self, warmup: int, iters: int) -> tuple[float, int]:
         """``(seconds, images)`` of ``iters`` iterations after ``warmup``, the stream reopened at the position
         the previous runs reached (new workers, as a resumed ``detkit pretrain`` starts them)."""
-        from detkit.training.loop import PeriodicCheckpoint, TrainingLog, train_loop
+        from detkit.training.loop import train_loop
 
         trainer = self.trainer
         trainer.position = self.done * trainer.cfg.data.batch_size
         trainer.open_stream()
-        hooks = [trainer.guard, TrainingLog(trainer, trainer.log_path), *trainer.extra_hooks(),
-                 PeriodicCheckpoint(trainer)]
+        hooks = trainer.hooks()
         train_loop(trainer.step, self.done, self.done + warmup, hooks)
         _sync(trainer.device)
         start = time.perf_counter()

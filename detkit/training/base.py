@@ -128,11 +128,15 @@ class SGDTrainer:
         ``train.max_iters`` and evaluate; returns ``{"checkpoint", "metrics", "model"}``."""
         self.start(resume)
         try:
-            train_loop(self.step, self.start_iter, self.cfg.train.max_iters,
-                       [self.guard, TrainingLog(self, self.log_path), *self.extra_hooks(), PeriodicCheckpoint(self)])
+            train_loop(self.step, self.start_iter, self.cfg.train.max_iters, self.hooks())
         finally:
             self.close_stream()
         return self.finish()
+
+    def hooks(self) -> list[Hook]:
+        """The loop's hooks, in order: the non-finite guard (first: it stops before anything logs or saves), the
+        log, the subclass's, the periodic checkpoint."""
+        return [self.guard, TrainingLog(self, self.log_path), *self.extra_hooks(), PeriodicCheckpoint(self)]
 
     def start(self, resume: str | bool | None = None) -> None:
         """Everything :meth:`train` does before its first step: resume, DDP, the work directory, the learning
