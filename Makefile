@@ -22,7 +22,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,export]'
 	$(BIN)/pip install -q --force-reinstall --no-deps opencv-contrib-python-headless
 	$(BIN)/python -c "import cv2; cv2.ximgproc" 
 	touch $(STAMP)

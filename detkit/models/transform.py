@@ -32,6 +32,12 @@ class ImageList:
                          self.original_sizes)
 
 
+def resized_side(length: int, scale: float) -> int:
+    """A side of ``length`` pixels scaled by ``scale``, rounded half up (not Python's half to even: the
+    exported graph computes ``floor(length * scale + 0.5)``, which ONNX can express)."""
+    return max(1, int(math.floor(length * scale + 0.5)))
+
+
 class DetectionTransform(nn.Module):
     def __init__(self, min_size: int | list[int], max_size: int, mean: list[float], std: list[float],
                  size_divisible: int, in_channels: int = 3):
@@ -77,7 +83,7 @@ class DetectionTransform(nn.Module):
             else:
                 side = self.min_sizes[-1]
             scale = self.scale_for(h, w, side)
-            nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+            nh, nw = resized_side(h, scale), resized_side(w, scale)
             img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
             img = (img - self.mean) / self.std
             resized.append(img)

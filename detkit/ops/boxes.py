@@ -73,19 +73,25 @@ class BoxCoder:
 
         k > 1 is the class-specific case (one box per class per RoI).
         """
-        reference = reference.to(deltas.dtype)
-        wx, wy, ww, wh = self.weights
-        widths = (reference[:, 2] - reference[:, 0])[:, None]
-        heights = (reference[:, 3] - reference[:, 1])[:, None]
-        cx = reference[:, 0, None] + 0.5 * widths
-        cy = reference[:, 1, None] + 0.5 * heights
-        dx = deltas[:, 0::4] / wx
-        dy = deltas[:, 1::4] / wy
-        dw = (deltas[:, 2::4] / ww).clamp(max=self.scale_clamp)
-        dh = (deltas[:, 3::4] / wh).clamp(max=self.scale_clamp)
-        pcx = dx * widths + cx
-        pcy = dy * heights + cy
-        pw = torch.exp(dw) * widths
-        ph = torch.exp(dh) * heights
-        out = torch.stack((pcx - 0.5 * pw, pcy - 0.5 * ph, pcx + 0.5 * pw, pcy + 0.5 * ph), dim=2)
-        return out.reshape(deltas.shape[0], deltas.shape[1])  # explicit: N may be 0 (no proposals)
+        return decode_boxes(deltas, reference, self.weights, self.scale_clamp)
+
+
+def decode_boxes(deltas: Tensor, reference: Tensor, weights: tuple[float, float, float, float],
+                 scale_clamp: float) -> Tensor:
+    """:meth:`BoxCoder.decode` as a free function (TorchScript compiles it inside ``detkit export``'s graph)."""
+    reference = reference.to(deltas.dtype)
+    wx, wy, ww, wh = weights
+    widths = (reference[:, 2] - reference[:, 0])[:, None]
+    heights = (reference[:, 3] - reference[:, 1])[:, None]
+    cx = reference[:, 0, None] + 0.5 * widths
+    cy = reference[:, 1, None] + 0.5 * heights
+    dx = deltas[:, 0::4] / wx
+    dy = deltas[:, 1::4] / wy
+    dw = (deltas[:, 2::4] / ww).clamp(max=scale_clamp)
+    dh = (deltas[:, 3::4] / wh).clamp(max=scale_clamp)
+    pcx = dx * widths + cx
+    pcy = dy * heights + cy
+    pw = torch.exp(dw) * widths
+    ph = torch.exp(dh) * heights
+    out = torch.stack((pcx - 0.5 * pw, pcy - 0.5 * ph, pcx + 0.5 * pw, pcy + 0.5 * ph), dim=2)
+    return out.reshape(deltas.shape[0], deltas.shape[1])  # explicit: N may be 0 (no proposals)

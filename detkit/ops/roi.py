@@ -43,6 +43,19 @@ class RoIAlignSettings:
     cpu_sparse: bool = True
 
 
+@dataclass(frozen=True)
+class PoolingOp:
+    """What an extractor computes on each level, stated as torchvision operators, so that a graph written
+    outside the module (``detkit export``) pools exactly as its ``pool`` does: ``op`` (``roi_align`` or
+    ``roi_pool``) at each of ``sizes``, the grids flattened and concatenated when ``flatten`` (SPP)."""
+
+    op: str
+    sizes: tuple[int, ...]
+    sampling_ratio: int = 0
+    aligned: bool = False
+    flatten: bool = False
+
+
 class GridExtractor(nn.Module):
     """An extractor whose output per region is a ``(C, S, S)`` grid, ``output_size = (S, S)``."""
 
@@ -105,6 +118,9 @@ class RoIPoolExtractor(LevelPooling, GridExtractor):
     def pool(self, features: Tensor, boxes, spatial_scale: float) -> Tensor:
         return roi_pool(features, boxes, self.output_size, spatial_scale)
 
+    def pooling_op(self) -> PoolingOp:
+        return PoolingOp("roi_pool", (self.output_size[0],))
+
 
 class RoIAlignExtractor(LevelPooling, GridExtractor):
     def __init__(self, output_size: int = 7, strides: int | list[int] = 16, sampling_ratio: int = 0,
@@ -118,3 +134,6 @@ class RoIAlignExtractor(LevelPooling, GridExtractor):
     def pool(self, features: Tensor, boxes, spatial_scale: float) -> Tensor:
         kernel = sparse_roi_align if self.cpu_sparse else tv_roi_align
         return kernel(features, boxes, self.output_size, spatial_scale, self.sampling_ratio, self.aligned)
+
+    def pooling_op(self) -> PoolingOp:
+        return PoolingOp("roi_align", (self.output_size[0],), self.sampling_ratio, self.aligned)

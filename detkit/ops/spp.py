@@ -16,7 +16,7 @@ from torch import Tensor
 from torchvision.ops import roi_pool
 
 from detkit.config import ranged
-from detkit.ops.roi import LevelPooling
+from detkit.ops.roi import LevelPooling, PoolingOp
 
 
 @dataclass
@@ -47,3 +47,6 @@ class SpatialPyramidPool(LevelPooling):
 
     def pool(self, features: Tensor, boxes, spatial_scale: float) -> Tensor:
         return torch.cat([roi_pool(features, boxes, (v, v), spatial_scale).flatten(1) for v in self.levels], dim=1)
+
+    def pooling_op(self) -> PoolingOp:
+        return PoolingOp("roi_pool", tuple(self.levels), flatten=True)
