@@ -219,10 +219,31 @@ class TrainConfig:
 
 
 @dataclass
+class TileSettings:
+    """Tiled inference (:mod:`detkit.tiling`, which uses it; it lives here so that the config imports no
+    torch): an image far larger than the network's input is cut into overlapping ``size`` x ``size`` windows
+    at native resolution, each window is detected as an image of its own, and the detections are merged."""
+
+    size: int = ranged(0, ge=0)  # window side in pixels; 0: no tiling (the whole image, resized by the model)
+    overlap: float = ranged(0.2, ge=0, lt=1)  # share of a window its neighbours also cover (>= the objects' size)
+    # nms: of two boxes of one class with IoU >= iou_thresh, the less confident goes; larger: of two with
+    # intersection over the smaller box >= ios_thresh, the smaller goes; ios: such boxes become their union
+    merge: str = "nms"
+    iou_thresh: float = ranged(0.5, ge=0, le=1)
+    ios_thresh: float = ranged(0.6, ge=0, le=1)
+    # a box within this many pixels of a window edge inside the image is cut by it; it is dropped where
+    # another window (or the whole-image pass) sees the object whole (ios_thresh of the cut box inside)
+    edge_margin: float = ranged(2.0, ge=0)
+    batch: int = ranged(4, ge=1)  # windows per forward pass
+    full_image: bool = False  # also the whole image at the model's own size (keeps objects larger than a window)
+
+
+@dataclass
 class EvalConfig:
     metric: str = "coco"  # coco | voc07 (11-point) | voc (VOC2010+ area under the curve)
     backend: str = "faster_coco_eval"  # or pycocotools (COCO metric)
     score_thresh: float | None = None  # None: model.roi_heads.score_thresh
+    tile: TileSettings = field(default_factory=TileSettings)  # size > 0: tiled inference (detkit.tiling)
 
 
 @dataclass

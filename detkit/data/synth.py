@@ -17,6 +17,12 @@ The ``small`` variant draws the same classes the same way, but 15-40 objects per
 shorter side (6-24 px at 240x320, nearly all "small" by COCO's area < 32^2), with outlines and occluders
 scaled to match: the case where a Feature Pyramid Network should beat a detector on one coarse feature map.
 A variant is data (``SynthVariant``), not branches in the renderer.
+
+The ``scene`` variant (``detkit data synth --scene 4000x4000``) is a large image, many times a detector's
+input, covered with objects of 24-64 px at the default variant's count per area (some 700 in 4000x4000) on the
+same background: the images that tiled inference is for (resized whole to the input, their objects shrink to
+a few pixels). Its layout depends on the image size (``SIZED_VARIANTS``). Noise and occluders are drawn in
+bands and windows, so a 4000x4000 scene takes about 2 s and 130 MB (its image and owner map).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ CLASSES = ("circle", "square", "triangle", "star", "cross")
 COLOURS = ((220, 40, 40), (40, 190, 60), (50, 70, 220), (235, 215, 40), (210, 50, 210))  # RGB
 MIN_VISIBLE = 0.4
 SWAPPED_COLOUR = 0.15  # fraction of objects in another class's colour
+_BAND_VALUES = 1 << 20  # background noise values drawn at once (8 MiB of float64)
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,9 @@ class SynthVariant:
     outlines: tuple[int, int]
     occluder_scale: tuple[float, float]  # semi-axes of the clutter ellipses drawn over the objects
     occluders: tuple[int, int]
+    lines: tuple[int, int] = (4, 12)  # background lines, each between two points anywhere in the image
+    blobs: tuple[int, int] = (2, 7)  # background ellipses in muted colours
+    blob_scale: tuple[float, float] = (0.03, 0.15)  # their semi-axes
 
 
 VARIANTS = {
@@ -60,6 +70,52 @@ VARIANTS = {
                           min_pixels=8, outline_scale=(0.025, 0.1), outlines=(2, 9), occluder_scale=(0.01, 0.05),
                           occluders=(2, 11)),
 }
+
+#: A scene's objects in pixels (square root of the unrotated box area): small, but within what the demo detector
+#: learnt (19-120 px on 240x320 images) and finds there; below 24 px its recall is near 0 on its own data too.
+SCENE_OBJECT_PX = (24.0, 64.0)
+_REFERENCE = (240, 320)  # the default image, whose contents a scene repeats per area
+
+
+def scene_variant(h: int, w: int) -> SynthVariant:
+    """The layout of an ``h`` x ``w`` scene far larger than a detector's input (``detkit data synth --scene``):
+    a 240x320 window of it looks like a default image with smaller objects.
+
+    Objects are ``SCENE_OBJECT_PX`` in size, drawn at the default variant's count per area (about 3.5 per
+    240x320, some 700 in a 4000x4000 scene) with the same occlusion rule, so about as crowded; their centres
+    may lie anywhere, so the scene's border cuts some of them, as a tile's border will. Blobs and occluders have the default's sizes in
+    pixels at 240x320 and its count per area; distractor outlines the objects' sizes. A background line joins
+    two random points of the scene as in a default image, and crosses a window with probability about
+    ``(window area + mean length * window perimeter / pi) / scene area`` (Crofton's formula, ignoring the
+    border): enough of them that about 8 cross each window, as in a default image.
+    """
+    if min(h, w) < SCENE_OBJECT_PX[1]:
+        raise ValueError(f"scene size {h}x{w}: expected at least {SCENE_OBJECT_PX[1]:g} px a side "
+                         f"(the largest scene object)")
+    ref_h, ref_w = _REFERENCE
+    per_window = h * w / (ref_h * ref_w)
+    short = min(h, w)
+
+    def count(low: float, high: float) -> tuple[int, int]:  # per reference image -> [low, high) per scene
+        lo = int(round(low * per_window))
+        return lo, max(int(round(high * per_window)), lo + 1)
+
+    def pixels(low: float, high: float) -> tuple[float, float]:
+        return low / short, high / short
+
+    mean_length = 0.37 * float(np.hypot(h, w))  # of a segment between two random points of a rectangle
+    lines = max(8.0, 8 * h * w / (ref_h * ref_w + mean_length * 2 * (ref_h + ref_w) / np.pi)) / per_window
+    default = VARIANTS["default"]
+    return SynthVariant(object_scale=pixels(*SCENE_OBJECT_PX), objects=count(2.5, 4.5), empty=0.0,
+                        centre_margin=0.0, min_pixels=default.min_pixels,
+                        outline_scale=pixels(*SCENE_OBJECT_PX), outlines=count(0.5, 1.5),
+                        occluder_scale=pixels(*(v * ref_h for v in default.occluder_scale)), occluders=count(1, 2),
+                        lines=count(0.5 * lines, 1.5 * lines), blobs=count(2, 6),
+                        blob_scale=pixels(*(v * ref_h for v in default.blob_scale)))
+
+
+#: Variants whose layout depends on the image size: ``name -> f(h, w) -> SynthVariant``.
+SIZED_VARIANTS = {"scene": scene_variant}
 
 
 def _unit_polygon(kind: str) -> np.ndarray:
@@ -90,21 +146,29 @@ def _place(kind: str, cx: float, cy: float, w: float, h: float, angle: float) ->
     return np.round((pts + np.array([cx, cy])) * 16).astype(np.int32)  # 4 fractional bits for cv2
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def _background(rng: np.random.Generator, h: int, w: int, variant: SynthVariant = VARIANTS["default"]) -> np.ndarray:
+    """A colour gradient with pixel noise, lines and blobs ``(h, w, 3)`` uint8.
+
+    The noise is drawn a band of rows at a time: the generator's stream is the same as for one ``(h, w, 3)``
+    draw (so the pixels are too), but a large scene never holds more than one float64 band.
+    """
     base = rng.uniform(60, 200, 3)
     direction = rng.uniform(-1, 1, 3)
-    ramp = np.linspace(-40, 40, w)[None, :, None] * direction[None, None, :]
-    img = base[None, None, :] + ramp + rng.normal(0, 12, (h, w, 3))
-    img = np.clip(img, 0, 255).astype(np.uint8)
-    for _ in range(rng.integers(4, 12)):  # lines
+    row = base[None, None, :] + np.linspace(-40, 40, w)[None, :, None] * direction[None, None, :]
+    img = np.empty((h, w, 3), np.uint8)
+    band = max(1, _BAND_VALUES // (3 * w))
+    for y in range(0, h, band):
+        noise = rng.normal(0, 12, (min(band, h - y), w, 3))
+        img[y:y + band] = np.clip(row + noise, 0, 255).astype(np.uint8)
+    for _ in range(rng.integers(*variant.lines)):
         colour = tuple(int(v) for v in rng.uniform(30, 230, 3))
         p1 = tuple(int(v) for v in rng.uniform(0, 1, 2) * (w, h))
         p2 = tuple(int(v) for v in rng.uniform(0, 1, 2) * (w, h))
         cv2.line(img, p1, p2, colour, int(rng.integers(1, 4)), cv2.LINE_AA)
-    for _ in range(rng.integers(2, 7)):  # blobs in muted colours
+    for _ in range(rng.integers(*variant.blobs)):  # in muted colours
         colour = tuple(int(v) for v in rng.uniform(40, 180, 3))
         centre = tuple(int(v) for v in rng.uniform(0, 1, 2) * (w, h))
-        axes = tuple(int(v) for v in rng.uniform(0.03, 0.15, 2) * min(h, w))
+        axes = tuple(int(v) for v in rng.uniform(*variant.blob_scale, 2) * min(h, w))
         cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1, cv2.LINE_AA)
     return img
 
@@ -124,36 +188,53 @@ def _distractor_outlines(rng: np.random.Generator, img: np.ndarray, variant: Syn
         cv2.polylines(img, [pts], True, colour, 1, cv2.LINE_AA, shift=4)
 
 
-def _polygon_pixels(pts: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(ys, xs)`` in row-major order of the pixels of an ``h`` x ``w`` image that ``cv2.fillPoly`` sets for
-    ``pts`` ((K, 2) int32 with 4 fractional bits).
+def _window_pixels(x0: int, y0: int, x1: int, y1: int, h: int, w: int, draw) -> tuple[np.ndarray, np.ndarray]:
+    """``(ys, xs)`` in row-major order of the pixels of an ``h`` x ``w`` image that ``draw(mask, x0, y0)`` sets
+    in the window ``[x0, x1) x [y0, y1)`` (cut at the image border) of a zero mask whose top left pixel is image
+    pixel ``(x0, y0)``.
 
-    Rasterized in the polygon's bounding window, moved by whole pixels, which sets the same pixels: a
-    full-image mask per object would dominate the time of an image with dozens of small objects.
+    A shape drawn in its bounding window, moved by whole pixels, sets the same pixels as drawn in the whole
+    image: a full-image mask per shape would dominate the time of an image with dozens (a scene: hundreds) of
+    small shapes.
     """
-    x0, y0 = np.maximum((pts.min(0) >> 4) - 1, 0)
-    x1, y1 = np.minimum((pts.max(0) >> 4) + 2, (w, h))
+    x0, y0, x1, y1 = max(int(x0), 0), max(int(y0), 0), min(int(x1), w), min(int(y1), h)
     mask = np.zeros((max(y1 - y0, 0), max(x1 - x0, 0)), np.uint8)
     if mask.size:
-        cv2.fillPoly(mask, [pts - np.array([x0, y0], np.int32) * 16], 1, cv2.LINE_8, shift=4)
+        draw(mask, x0, y0)
     ys, xs = np.nonzero(mask)
     return ys + y0, xs + x0
 
 
-def render(rng: np.random.Generator, swap_rng: np.random.Generator, h: int, w: int,
-           variant: SynthVariant = VARIANTS["default"]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One image ``(H, W, 3)`` uint8 RGB and its annotations ``(boxes (N, 4) float32 xyxy, labels (N,) in 0..4)``.
+def _polygon_pixels(pts: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels ``cv2.fillPoly`` sets for ``pts`` ((K, 2) int32 with 4 fractional bits), as ``(ys, xs)``."""
+    (x0, y0), (x1, y1) = (pts.min(0) >> 4) - 1, (pts.max(0) >> 4) + 2
 
-    ``rng`` draws the layout; ``swap_rng`` only which objects wear another class's colour (a stream of its own,
-    so that the layout of an image does not depend on the swaps). ``variant`` sets the sizes and counts.
-    """
-    img = _background(rng, h, w)
-    _distractor_outlines(rng, img, variant)
+    def draw(mask, dx, dy):
+        cv2.fillPoly(mask, [pts - np.array([dx, dy], np.int32) * 16], 1, cv2.LINE_8, shift=4)
+
+    return _window_pixels(x0, y0, x1, y1, h, w, draw)
+
+
+def _ellipse_pixels(centre: tuple[int, int], axes: tuple[int, int], angle: float, h: int,
+                    w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels a filled ``cv2.ellipse`` (integer ``centre`` and semi-``axes``) sets, as ``(ys, xs)``."""
+    r = max(axes) + 2
+
+    def draw(mask, dx, dy):
+        cv2.ellipse(mask, (centre[0] - dx, centre[1] - dy), axes, angle, 0, 360, 1, -1)
+
+    return _window_pixels(centre[0] - r, centre[1] - r, centre[0] + r + 1, centre[1] + r + 1, h, w, draw)
+
+
+def _draw_objects(rng: np.random.Generator, swap_rng: np.random.Generator, img: np.ndarray, owner: np.ndarray,
+                  variant: SynthVariant) -> tuple[list[int], list[int], list[list[int]]]:
+    """Paint the objects of one image into ``img`` and their indices into ``owner`` ((H, W) int32, -1: none);
+    returns their pixel counts, labels (0..4) and tight boxes (xyxy, whole shape inside the image)."""
+    h, w = owner.shape
     n = 0 if rng.random() < variant.empty else int(rng.integers(*variant.objects))
-    owner = np.full((h, w), -1, np.int32)
     areas, labels, boxes = [], [], []
     short = min(h, w)
-    for k in range(n):
+    for _ in range(n):
         label = int(rng.integers(len(CLASSES)))
         size = rng.uniform(*variant.object_scale) * short
         ratio = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
@@ -170,21 +251,39 @@ def render(rng: np.random.Generator, swap_rng: np.random.Generator, h: int, w: i
         colour = np.array(_jitter(rng, colour_of), np.float32)
         shade = 1.0 + rng.normal(0, 0.06, (len(ys), 1))  # a little texture on the object
         img[ys, xs] = np.clip(colour[None, :] * shade, 0, 255).astype(np.uint8)
-        owner[ys, xs] = k
+        owner[ys, xs] = len(areas)
         areas.append(len(xs))
         labels.append(label)
         boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    # Occluders in front: clutter drawn over the objects.
+    return areas, labels, boxes
+
+
+def _draw_occluders(rng: np.random.Generator, img: np.ndarray, owner: np.ndarray, variant: SynthVariant) -> None:
+    """Clutter ellipses painted over the objects; the pixels they cover belong to no object any more."""
+    h, w = owner.shape
+    short = min(h, w)
     for _ in range(rng.integers(*variant.occluders)):
         colour = tuple(int(v) for v in rng.uniform(30, 200, 3))
         centre = (int(rng.uniform(0, w)), int(rng.uniform(0, h)))
         axes = (int(rng.uniform(*variant.occluder_scale) * short), int(rng.uniform(*variant.occluder_scale) * short))
-        mask = np.zeros((h, w), np.uint8)
-        cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
-        hidden = mask > 0
-        img[hidden] = colour
-        owner[hidden] = -1
-    visible = np.bincount(owner[owner >= 0].ravel(), minlength=len(areas)) if areas else np.zeros(0)
+        ys, xs = _ellipse_pixels(centre, axes, float(rng.uniform(0, 180)), h, w)
+        img[ys, xs] = colour
+        owner[ys, xs] = -1
+
+
+def render(rng: np.random.Generator, swap_rng: np.random.Generator, h: int, w: int,
+           variant: SynthVariant = VARIANTS["default"]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image ``(H, W, 3)`` uint8 RGB and its annotations ``(boxes (N, 4) float32 xyxy, labels (N,) in 0..4)``.
+
+    ``rng`` draws the layout; ``swap_rng`` only which objects wear another class's colour (a stream of its own,
+    so that the layout of an image does not depend on the swaps). ``variant`` sets the sizes and counts.
+    """
+    img = _background(rng, h, w, variant)
+    _distractor_outlines(rng, img, variant)
+    owner = np.full((h, w), -1, np.int32)
+    areas, labels, boxes = _draw_objects(rng, swap_rng, img, owner, variant)
+    _draw_occluders(rng, img, owner, variant)
+    visible = np.bincount(owner[owner >= 0].ravel(), minlength=len(areas))
     keep = [i for i in range(len(areas)) if visible[i] >= MIN_VISIBLE * areas[i]]
     return img, np.array([boxes[i] for i in keep], np.float32).reshape(-1, 4), np.array([labels[i] for i in keep],
                                                                                           np.int64)
@@ -208,7 +307,7 @@ def _write_text_atomic(path: str, text: str) -> None:
 def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: tuple[int, int] = (240, 320),
                variant: str = "default") -> dict:
     """Write ``num_images`` PNG images of ``image_size`` (h, w) with their annotations, drawn as ``variant``
-    (a name in VARIANTS) says.
+    (a name in VARIANTS, or in SIZED_VARIANTS: ``scene``) says.
 
     ``fmt="coco"``: ``images/`` and ``annotations.json`` (category ids 1..5 in the order of CLASSES; a variant
     other than ``default`` is recorded as ``info.variant``).
@@ -218,8 +317,8 @@ def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: t
     (its colour swaps from ``default_rng([seed, i, 1])``), so the output is byte-identical for a seed.
     Returns ``{"images", "objects", "per_class", "classes", "format", "variant"}``.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant {variant!r}: expected one of {', '.join(map(repr, VARIANTS))}")
+    if variant not in VARIANTS and variant not in SIZED_VARIANTS:
+        raise ValueError(f"variant {variant!r}: expected one of {', '.join(map(repr, [*VARIANTS, *SIZED_VARIANTS]))}")
     if seed < 0:
         raise ValueError(f"seed={seed}: expected a non-negative integer")
     if fmt not in ("coco", "voc"):
@@ -229,6 +328,7 @@ def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: t
     h, w = image_size
     if h < 32 or w < 32:
         raise ValueError(f"image size {h}x{w}: expected at least 32x32")
+    layout = VARIANTS[variant] if variant in VARIANTS else SIZED_VARIANTS[variant](h, w)
     if fmt == "coco":
         img_dir = os.path.join(out_dir, "images")
     else:
@@ -241,7 +341,7 @@ def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: t
     per_class = np.zeros(len(CLASSES), np.int64)
     for i in range(num_images):
         img, boxes, labels = render(np.random.default_rng([seed, i]), np.random.default_rng([seed, i, 1]), h, w,
-                                    VARIANTS[variant])
+                                    layout)
         name = f"{i:06d}"
         _write_png(os.path.join(img_dir, name + ".png"), img)
         n_objects += len(boxes)

@@ -14,6 +14,7 @@ from detkit.distributed import DistInfo, gather_objects
 from detkit.evaluation.coco_eval import detections_to_coco_results, evaluate_coco, format_metrics_table
 from detkit.evaluation.voc_eval import evaluate_voc, format_voc_table
 from detkit.proposals.attach import attach_proposals
+from detkit.tiling import tiled
 
 
 @torch.no_grad()
@@ -44,6 +45,7 @@ def predict_dataset(model: nn.Module, dataset, device: torch.device, batch_size:
 def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, out_dir: str,
              dataset=None, progress: bool = True, dist_info: DistInfo | None = None) -> dict | None:
     """COCO-style evaluation on ``data.test`` (or ``dataset``); writes ``metrics.json`` and results JSON.
+    With ``eval.tile.size > 0`` the model sees each image in overlapping windows (:mod:`detkit.tiling`).
 
     Under torch.distributed each rank predicts a shard; rank 0 gathers, scores and
     writes (other ranks return None).
@@ -54,8 +56,12 @@ def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, ou
     if len(dataset) == 0:
         raise ConfigError("data.test: the dataset has no images")
     cat_ids = label_categories(list(cfg.model.class_names or []), list(dataset.class_names), list(dataset.cat_ids))
-    attach_proposals(dataset, model, progress, info)
-    predictions = predict_dataset(model, dataset, device, batch_size=1, num_workers=cfg.data.num_workers,
+    # eval.tile.size > 0: each image in overlapping windows (detkit.tiling); a window's proposals are made from
+    # the window, so per-image proposal caches are not attached.
+    detector = tiled(model, cfg.eval.tile, progress=progress and info.is_main)
+    if detector is model:
+        attach_proposals(dataset, model, progress, info)
+    predictions = predict_dataset(detector, dataset, device, batch_size=1, num_workers=cfg.data.num_workers,
                                   progress=progress and info.is_main, shard=(info.rank, info.world_size))
     predictions = [p for part in gather_objects(predictions, info) for p in part]
     if not info.is_main:
