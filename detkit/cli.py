@@ -204,6 +204,21 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from detkit.export.run import ExportMismatch, export_checkpoint
+
+    try:
+        table = export_checkpoint(args.checkpoint, args.format, args.output, _registries(), images=args.images,
+                                  count=args.num_images, overrides=args.overrides, overwrite=args.overwrite,
+                                  tolerance=args.tolerance)
+    except ExportMismatch as exc:  # not a usage error: the export itself is wrong
+        print(f"detkit export: {exc}", file=sys.stderr)
+        return 1
+    print(table)
+    print(f"wrote {args.output} ({args.format}; verified against the eager model)")
+    return 0
+
+
 def _eval_results_file(args, registries) -> int:
     """Score a COCO-format results file produced elsewhere against a dataset."""
     import json
@@ -257,6 +272,23 @@ def _data_spec(spec: str | None, args, classes: list[str] | None = None) -> dict
                                    "'{name: coco, images: DIR, annotations: FILE}'")
 
 
+def _exported_model(args, model):
+    """``--export FILE``: the exported detector instead of the checkpoint's eager one (the checkpoint still gives
+    the config and the classes)."""
+    if not args.export:
+        return model
+    from detkit.config import ConfigError
+    from detkit.export.formats import load_exported
+
+    if args.svd:
+        raise ConfigError("--svd compresses the eager model's fc layers; an --export file is run as it was written")
+    exported = load_exported(args.export)
+    if exported.class_names and exported.class_names != list(model.class_names or exported.class_names):
+        raise ConfigError(f"--export {args.export}: its classes {exported.class_names} are not the checkpoint's "
+                          f"{model.class_names}")
+    return exported
+
+
 def _apply_svd(model, spec: str | None) -> None:
     """``--svd [RANKS]``: truncated SVD of the RoI head's fully connected layers (Fast R-CNN Sec. 3.1)."""
     if spec is None:
@@ -296,6 +328,7 @@ def cmd_eval(args) -> int:
     device = _device(args.device)
     model, cfg, ckpt = model_from_checkpoint(args.checkpoint, registries, device, args.overrides)
     _apply_svd(model, args.svd)
+    model = _exported_model(args, model)
     spec = _data_spec(args.data, args, list(ckpt["class_names"]))  # a VOC directory: the model's classes
     dataset = build_dataset(spec or cfg.data.test, registries, "test" if spec is None else "--data")
     evaluate(model, cfg, registries, device, out, dataset=dataset, progress=not args.no_progress)
@@ -305,14 +338,22 @@ def cmd_eval(args) -> int:
 
 def cmd_infer(args) -> int:
     from detkit.checkpoint import model_from_checkpoint
+    from detkit.config import TileSettings
     from detkit.inference import run
     from detkit.media import check_output_dir
+    from detkit.tiling import settings_with_options, tiled
 
     registries = _registries()
     check_output_dir(args.output, "--output")  # before the model is built
+    tile_options = {"size": args.tile, "overlap": args.overlap, "merge": args.tile_merge, "batch": args.tile_batch,
+                    "full_image": args.tile_full_image or None}
+    settings_with_options(TileSettings(), tile_options)  # bad options fail before the model is built
     device = _device(args.device)
     model, cfg, ckpt = model_from_checkpoint(args.checkpoint, registries, device, args.overrides)
     _apply_svd(model, args.svd)
+    model = _exported_model(args, model)
+    # the checkpoint's eval.tile (--set eval.tile.size=...), with the --tile options over it
+    model = tiled(model, settings_with_options(cfg.eval.tile, tile_options), progress=not args.no_progress)
     summary = run(model, list(ckpt["class_names"]), list(ckpt["cat_ids"]), args.input, args.output, device,
                   score_thr=args.score_thr, max_frames=args.max_frames, progress=not args.no_progress)
     for path in summary["outputs"][:5]:
@@ -420,11 +461,56 @@ def cmd_proposals_eval(args) -> int:
 
 
 def cmd_synth(args) -> int:
+    from detkit.config import ConfigError
     from detkit.data.synth import synthesize
 
-    h, w = _size(args.size)
-    synthesize(args.out, args.format, args.num_images, args.seed, image_size=(h, w), variant=args.variant)
-    print(f"wrote {args.num_images} images ({args.format}, variant {args.variant}) to {args.out}")
+    variant = args.variant
+    if args.scene:  # a size-dependent layout of its own (detkit.data.synth.scene_variant)
+        if args.variant != "default":
+            raise ConfigError(f"--scene draws its own layout (objects of 24-64 px); it does not combine with "
+                              f"--variant {args.variant}")
+        try:
+            h, w = _size(args.scene)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"--scene {args.scene!r}: expected HEIGHTxWIDTH, e.g. 4000x4000") from None
+        variant = "scene"
+    else:
+        h, w = _size(args.size)
+    try:
+        synthesize(args.out, args.format, args.num_images, args.seed, image_size=(h, w), variant=variant)
+    except ValueError as exc:  # the arguments, named in the message
+        raise ConfigError(str(exc)) from None
+    print(f"wrote {args.num_images} images ({args.format}, variant {variant}) to {args.out}")
+    return 0
+
+
+def cmd_data_tile(args) -> int:
+    from detkit.config import ConfigError
+    from detkit.data.loading import build_dataset, check_image_files
+    from detkit.data.tile import DEFAULT_MIN_VISIBILITY, TileSpec, tile_dataset
+
+    visibility = DEFAULT_MIN_VISIBILITY if args.min_visibility is None else args.min_visibility
+    tiling = TileSpec(args.size, args.overlap, visibility, args.keep_empty)  # the options first, before any reading
+    expected = ("a COCO json, a VOC directory (with Annotations/) or a mapping "
+                "'{name: coco, images: DIR, annotations: FILE}'")
+    if not args.input.lstrip().startswith("{"):
+        if not os.path.exists(args.input):
+            raise ConfigError(f"--in {args.input}: no such file or folder; expected {expected}")
+        if os.path.isdir(args.input) and not os.path.isdir(os.path.join(args.input, "Annotations")):
+            raise ConfigError(f"--in {args.input}: a folder without Annotations/; expected {expected}")
+    spec = _data_spec(args.input, args)
+    dataset = build_dataset(spec, _registries(), "--in")
+    check_image_files(dataset, "--in")
+    fmt = args.format or ("voc" if spec.get("name") == "voc" else "coco")
+    done = tile_dataset(dataset, args.out, tiling, fmt=fmt, split=args.split, overwrite=args.overwrite,
+                        progress=not args.no_progress)
+    print(f"wrote {done['tiles']} tiles of {args.size} px ({fmt}) from {done['images']} images to {args.out}: "
+          f"{done['boxes']} boxes of {done['objects']} objects; {done['skipped_empty']} of {done['empty_tiles']} "
+          f"tiles without objects left out (--keep-empty {args.keep_empty:g})")
+    if done["lost"]:
+        print(f"warning: {done['lost']} of the {done['objects']} objects are in no tile (less than "
+              f"--min-visibility {visibility:g} of each inside any tile: larger than the tiles, or cut everywhere; "
+              f"a larger --size or --overlap keeps them)", file=sys.stderr)
     return 0
 
 
@@ -507,6 +593,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("summary", help="per-layer table (parameters, operations, output volume) of a backbone")
+    p.add_argument("name", help="registered backbone name (see detkit list backbones)")
+    p.add_argument("--input-size", help="C,H,W (default: the backbone's input size)")
+    p.set_defaults(func=cmd_summary)
+
+    _add_detector_commands(sub)
+    _add_classification_commands(sub)
+    _add_proposals_commands(sub)
+    _add_data_commands(sub)
+    return parser
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """What runs in eval and infer: the checkpoint's eager model, compressed (--svd), or an exported file."""
+    p.add_argument("--export", metavar="FILE", help="run this file written by detkit export (.onnx, .ts, .pt2) "
+                                                  "instead of the checkpoint's eager model")
+    p.add_argument("--svd", nargs="?", const="1024,256", metavar="RANKS",
+                   help="truncated SVD of the RoI head's fc layers at these ranks (default: fc6 1024, fc7 256)")
+
+
+def _add_detector_commands(sub) -> None:
+    """eval, infer and export: the commands that run a trained detector."""
     p = sub.add_parser("eval", help="COCO or VOC mAP of a checkpoint on its test split or --data, "
                                     "or of a results file (--results) on --dataset")
     p.add_argument("checkpoint", nargs="?")
@@ -518,8 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split file for a VOC directory given with --data/--dataset")
     p.add_argument("--classes", help="comma-separated class list for a VOC directory (default: the 20 VOC classes)")
     p.add_argument("--output", help="output directory (default: eval/ next to the checkpoint)")
-    p.add_argument("--svd", nargs="?", const="1024,256", metavar="RANKS",
-                   help="truncated SVD of the RoI head's fc layers at these ranks (default: fc6 1024, fc7 256)")
+    _add_model_options(p)
     p.add_argument("--device")
     p.add_argument("--no-progress", action="store_true")
     _add_set(p)
@@ -531,22 +638,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="outputs/infer")
     p.add_argument("--score-thr", type=float, default=0.5)
     p.add_argument("--max-frames", type=int, help="stop after this many frames (videos, webcams)")
-    p.add_argument("--svd", nargs="?", const="1024,256", metavar="RANKS",
-                   help="truncated SVD of the RoI head's fc layers at these ranks (default: fc6 1024, fc7 256)")
+    _add_model_options(p)
+    p.add_argument("--tile", type=int, metavar="SIZE",
+                   help="tiled inference for images far larger than the model's input: SIZE x SIZE windows at "
+                        "native resolution (0: off; default: the checkpoint's eval.tile.size, 0)")
+    p.add_argument("--overlap", type=float, help="share of a window its neighbours also cover, in [0, 1) "
+                                                 "(default 0.2; at least the largest object's share)")
+    p.add_argument("--tile-merge", choices=["nms", "larger", "ios"],
+                   help="how the windows' duplicates merge: nms (default), larger (the larger box of a pair), "
+                        "ios (the union of boxes that cover each other)")
+    p.add_argument("--tile-batch", type=int, metavar="N", help="windows per forward pass (default 4)")
+    p.add_argument("--tile-full-image", action="store_true",
+                   help="also detect on the whole image at the model's size (keeps objects larger than a window)")
     p.add_argument("--device")
     p.add_argument("--no-progress", action="store_true")
     _add_set(p)
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("summary", help="per-layer table (parameters, operations, output volume) of a backbone")
-    p.add_argument("name", help="registered backbone name (see detkit list backbones)")
-    p.add_argument("--input-size", help="C,H,W (default: the backbone's input size)")
-    p.set_defaults(func=cmd_summary)
-
-    _add_classification_commands(sub)
-    _add_proposals_commands(sub)
-    _add_data_commands(sub)
-    return parser
+    p = sub.add_parser("export", help="the whole detector (resize, NMS and all) as ONNX, TorchScript or a torch.export "
+                                      "program with dynamic batch and image size, verified against the eager model")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "exported"],
+                   help="onnx (.onnx; runs in onnxruntime: pip install 'detkit[export]'), torchscript (.ts), "
+                        "exported (.pt2, torch.export)")
+    p.add_argument("--output", required=True, help="the file to write (kept only if its detections match)")
+    p.add_argument("--images", nargs="+", metavar="PATH",
+                   help="image files or folders to verify on (default: the checkpoint's test set)")
+    p.add_argument("--num-images", type=int, default=4, help="how many verification images (default 4)")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest box coordinate difference in pixels for a match (default 1e-3)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    _add_set(p)
+    p.set_defaults(func=cmd_export)
 
 
 def _add_classification_commands(sub) -> None:
@@ -604,12 +727,42 @@ def _add_data_commands(sub) -> None:
     ps.add_argument("--format", choices=["coco", "voc"], default="coco")
     ps.add_argument("--num-images", type=int, default=200)
     ps.add_argument("--seed", type=int, default=0)
-    ps.add_argument("--size", default="240x320", help="HEIGHTxWIDTH")
+    size = ps.add_mutually_exclusive_group()
+    size.add_argument("--size", default="240x320", help="HEIGHTxWIDTH")
+    size.add_argument("--scene", metavar="HEIGHTxWIDTH",
+                      help="large scenes of this size (e.g. 4000x4000; at least 64x64) for tiled inference: objects "
+                           "of 24-64 px, as many per area as the default images have (about 700 in 4000x4000), on "
+                           "the same background; use a few (--num-images 3): each 4000x4000 takes about 2 s and "
+                           "33 MB of PNG")
     # The names of detkit.data.synth.VARIANTS, listed here because importing it would import torch (detkit.data)
     # for every command; tests/test_synth.py checks that the two agree.
     ps.add_argument("--variant", choices=["default", "small"], default="default",
                     help="small: 15-40 objects per image, nearly all COCO-small (for FPN vs single-map detectors)")
     ps.set_defaults(func=cmd_synth)
+    ps = dsub.add_parser("tile", help="cut a dataset of large images into a dataset of overlapping tiles at native "
+                                      "resolution, to train (or evaluate) on them")
+    ps.add_argument("--in", dest="input", required=True, metavar="DATASET",
+                    help="COCO json (images in images/ beside it, or --images), VOC directory (with Annotations/; "
+                         "--split, --classes) or a mapping '{name: coco, images: DIR, annotations: FILE}'")
+    ps.add_argument("--images", help="images directory for a COCO json given with --in")
+    ps.add_argument("--split", default="trainval", help="VOC split to read, and to write for a VOC output")
+    ps.add_argument("--classes", help="comma-separated class list for a VOC directory (default: the 20 VOC classes)")
+    ps.add_argument("--out", required=True, help="output dataset folder (new or empty; see --overwrite)")
+    ps.add_argument("--size", type=int, default=512, help="tile side in pixels, at least 32 (default: 512)")
+    ps.add_argument("--overlap", type=float, default=0.2,
+                    help="fraction of a tile that neighbouring tiles share, in [0, 1) (default: 0.2)")
+    ps.add_argument("--min-visibility", type=float,
+                    help="a tile keeps a box when at least this fraction of its area is inside it, in (0, 1] "
+                         "(default: 0.5: half an object is still recognisable; a smaller piece lies whole in a "
+                         "neighbour when the overlap is at least its size)")
+    ps.add_argument("--keep-empty", type=float, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
+                    help="keep this fraction of the tiles without objects (alone: all of them; default: none, as "
+                         "training skips images without objects and every kept tile has background around its "
+                         "objects; keep them to evaluate on tiles)")
+    ps.add_argument("--format", choices=["coco", "voc"], help="output format (default: the input's)")
+    ps.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ps.add_argument("--no-progress", action="store_true")
+    ps.set_defaults(func=cmd_data_tile)
     ps = dsub.add_parser("synth-cls", help="generate the built-in classification crops (class folders train/, val/)")
     ps.add_argument("--out", required=True)
     ps.add_argument("--per-class", type=int, default=2000, help="training images per class")
@@ -636,7 +789,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     for module, name in (("detkit.data.images", "ImageReadError"), ("detkit.data.dataset", "DatasetError"),
                          ("detkit.media", "MediaError"), ("detkit.proposals.cache", "ProposalCacheError"),
                          ("detkit.feature_cache", "FeatureCacheError"), ("detkit.state_dict", "WeightsError"),
-                         ("detkit.training.loop", "TrainingDiverged")):
+                         ("detkit.training.loop", "TrainingDiverged"), ("detkit.export.graph", "ExportError")):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):

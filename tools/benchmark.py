@@ -100,7 +100,42 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--runs", type=int, default=3, help="runs per side, interleaved (the median is reported)")
     c.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's train.device)")
     c.add_argument("--json", metavar="FILE", help="write the results as JSON to this path")
+    e = sub.add_parser("export", help="exported (ONNX Runtime, TorchScript, torch.export) vs eager detector: "
+                                      "detections, mAP and CPU latency in one process")
+    e.add_argument("models", nargs="+", metavar="CHECKPOINT|CONFIG",
+                   help="checkpoints (mAP measured) or .yaml configs (initial weights: detections and time only)")
+    e.add_argument("--formats", default="onnx,torchscript", help="comma-separated: onnx, torchscript, exported")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for .yaml entries")
+    e.add_argument("--images", type=int, default=20, help="test images the detections are compared on")
+    e.add_argument("--timed", type=int, default=8, help="of those, the images timed one at a time")
+    e.add_argument("--iters", type=int, default=5, help="timed rounds (the median is reported)")
+    e.add_argument("--out", default="work_dirs/export_benchmark", help="folder for the exported files")
+    e.add_argument("--json", metavar="FILE", help="write the results as JSON to this path")
+    e.add_argument("--markdown", action="store_true", help="print a section for docs/benchmarks.md")
     return p
+
+
+def export(args) -> int:
+    import torch
+
+    from detkit.cli import _registries
+    from detkit.export import benchmark
+
+    registries = _registries(report=False)
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    results = []
+    for i, source in enumerate(args.models):
+        model, cfg, names, untrained = _pipeline_model(source, args.set, registries, torch.device("cpu"), None)
+        results.append(benchmark.run(model, cfg, names, not untrained, source, registries,
+                                     os.path.join(args.out, str(i)), formats, args.images, args.timed,
+                                     iters=args.iters))
+        print(json.dumps({k: v for k, v in results[-1].items()}, indent=1))
+    if args.markdown:
+        print(benchmark.markdown(results, "python tools/benchmark.py " + " ".join(args.argv)))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=1)
+    return 0
 
 
 def _pipeline_model(path: str, overrides: list[str], registries, device, class_names: list[str] | None):
@@ -311,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     args.argv = argv
-    return {"faster_rcnn": faster_rcnn, "pipelines": pipelines, "pretrain": pretrain}[args.command](args)
+    return {"faster_rcnn": faster_rcnn, "pipelines": pipelines, "pretrain": pretrain,
+            "export": export}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,14 @@ ONNX as metadata, the two others as an extra file of the archive.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
+import logging
 import os
 import tempfile
-from typing import Callable
+import warnings
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +37,25 @@ INPUT = "images: uint8 (B, 3, H, W) RGB; outputs: boxes (N, 4) xyxy input pixels
 OUTPUT_NAMES = ["boxes", "scores", "labels", "batch_index"]
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """The exporters' progress logs (onnxscript's optimiser logs every rewrite at INFO) and their warnings
+    about torch internals kept from the user's console; errors still propagate."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def dynamic_shapes() -> dict:
     """Batch, height and width symbolic (the shortest side at least 16 pixels)."""
     dim = torch.export.Dim
@@ -40,8 +63,22 @@ def dynamic_shapes() -> dict:
                        3: dim("width", min=16, max=16384)}}
 
 
+def _allow_empty_nms() -> None:
+    """torchvision's fake ``nms`` (the shape rule ``torch.export`` traces with) declares its output size with
+    ``create_unbacked_symint()``, which assumes at least 2 kept boxes: the program then asserts ``kept >= 2``
+    and fails on an image with fewer proposals or detections. Re-registered with a size that may be 0 (only
+    the shape rule changes; the kernel is torchvision's)."""
+    import torchvision  # noqa: F401  (registers torchvision::nms first)
+
+    def nms_shape(dets, scores, iou_threshold):
+        return dets.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.long)
+
+    torch.library.register_fake("torchvision::nms", nms_shape, allow_override=True)
+
+
 def export_program(graph: DetectionGraph, example: Tensor) -> torch.export.ExportedProgram:
     """The graph as a ``torch.export`` program with dynamic batch and size."""
+    _allow_empty_nms()
     with torch.no_grad():
         return torch.export.export(graph, (example,), dynamic_shapes=dynamic_shapes(), strict=False)
 
@@ -56,6 +93,7 @@ def _roi_pool_onnx(input, rois, spatial_scale: float, pooled_height: int, pooled
 def write_onnx(graph: DetectionGraph, example: Tensor, path: str, metadata: dict) -> None:
     import onnx
 
+    _allow_empty_nms()
     with torch.no_grad():
         program = torch.onnx.export(graph, (example,), dynamic_shapes=dynamic_shapes(), dynamo=True,
                                     input_names=["images"], output_names=OUTPUT_NAMES, verbose=False,
@@ -143,6 +181,7 @@ class ExportedDetector:
             start = end
         return results
 
+    @torch.no_grad()
     def detect_batch(self, batch: Tensor) -> list[dict]:
         boxes, scores, labels, index = (torch.as_tensor(t) for t in self._run(batch.cpu()))
         return [{"boxes": boxes[index == i].float(), "scores": scores[index == i].float(),
@@ -167,6 +206,8 @@ def format_of(path: str) -> str:
 
 def load_exported(path: str) -> ExportedDetector:
     """An exported detector from ``path`` (.onnx, .ts/.pt, .pt2); ExportError for a file that is not one."""
+    import torchvision  # noqa: F401  (the files call torchvision::nms and roi_align: registered by the import)
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"exported model not found: {path}")
     fmt = format_of(path)
@@ -206,5 +247,7 @@ def export_detector(model: nn.Module, fmt: str, path: str, example: Tensor, meta
     """Write ``model`` (eval mode, on the CPU) as ``fmt`` to ``path`` (atomically)."""
     if fmt not in WRITERS:
         raise ExportError(f"--format {fmt!r}: expected one of {', '.join(WRITERS)}")
-    graph = DetectionGraph(model).eval()
-    WRITERS[fmt](graph, example, path, {**metadata, "format": fmt, "input": INPUT})
+    # a copy, frozen: the file's outputs carry no autograd history, and the caller's model is left as it was
+    graph = DetectionGraph(copy.deepcopy(model)).eval().requires_grad_(False)
+    with quiet():
+        WRITERS[fmt](graph, example, path, {**metadata, "format": fmt, "input": INPUT})

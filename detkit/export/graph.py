@@ -213,7 +213,12 @@ class DetectionGraph(nn.Module):
         x = self.preprocess(images, nh, nw)
         maps = self.trunk(x)
         rois = self.proposals(maps, batch, nh, nw, scale)
-        scores, deltas = self.classifier(self.pooler(maps, rois))
+        # One zero region more, dropped after the heads: a conv head (ResNet's res5) on a data-dependent number
+        # of regions makes torch.export ask whether that number is 0; with the extra row it never is.
+        pooled = self.pooler(maps, rois)
+        pooled = torch.cat([pooled, pooled.new_zeros((1,) + pooled.shape[1:])])
+        scores, deltas = self.classifier(pooled)
+        scores, deltas = scores[:-1], deltas[:-1]
         boxes, scores, labels, index = self.postprocess(scores, deltas, rois, batch, nh, nw)
         factor = torch.tensor([width / nw, height / nh, width / nw, height / nh], dtype=boxes.dtype,
                               device=boxes.device)

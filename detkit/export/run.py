@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from detkit.export.formats import FORMATS, export_detector, load_exported
 from detkit.export.graph import ExportError, check_exportable
@@ -22,13 +23,20 @@ class ExportMismatch(RuntimeError):
     """The exported file's detections differ from the eager model's (the file was not kept)."""
 
 
-def check_request(fmt: str, output: str, overwrite: bool) -> None:
+def check_request(fmt: str, output: str, overwrite: bool, images: list[str], count: int, tolerance: float) -> None:
     """Everything about the request that can be checked before the model is loaded."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if not tolerance >= 0:  # NaN too
+        raise ExportError(f"--tolerance {tolerance}: expected a distance in pixels >= 0 (default 1e-3)")
+    if count < 1:
+        raise ExportError(f"--num-images {count}: expected at least 1 verification image")
+    for path in images:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--images {path}: no such file or folder")
     suffix = os.path.splitext(output)[1].lower()
     if suffix and suffix != FORMATS[fmt] and not (fmt == "torchscript" and suffix in (".pt", ".torchscript")):
-        raise ExportError(f"--output {output}: a {fmt} file is named *{FORMATS[fmt]} (got {suffix!r})")
+        raise ExportError(f"--output {output}: --format {fmt} writes a *{FORMATS[fmt]} file (got {suffix!r})")
     if os.path.isdir(output):
         raise ExportError(f"--output {output} is a folder; expected a file name ending in {FORMATS[fmt]}")
     if os.path.exists(output) and not overwrite:
@@ -71,10 +79,18 @@ def verification_images(paths: list[str], cfg, registries, count: int) -> list[t
             raise ExportError(f"no --images given and the checkpoint's test set cannot be read ({exc}): "
                               "pass --images FILE_OR_FOLDER to verify the export on") from None
         files = [Path(dataset.image_info(i)["file_name"]) for i in range(min(count, len(dataset)))]
-    files = files[:count] if count > 0 else files
+    files = files[:count]
     if not files:
         raise ExportError("no verification images: pass --images FILE_OR_FOLDER")
-    return [(str(f), to_chw_tensor(read_image(f))) for f in files]
+    samples = [(str(f), to_chw_tensor(read_image(f))) for f in files]
+    if len({tuple(img.shape) for _, img in samples}) == 1:
+        # one size only: add the first image at another size and aspect, so the file's dynamic size is checked
+        name, image = samples[0]
+        h, w = image.shape[1:]
+        size = (max(16, round(h * 0.8)), max(16, round(w * 0.6)))
+        resized = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        samples.append((f"{name} resized to {size[0]}x{size[1]}", resized[0].round().clamp(0, 255).to(torch.uint8)))
+    return samples
 
 
 def export_checkpoint(checkpoint: str, fmt: str, output: str, registries, images: list[str] | None = None,
@@ -83,7 +99,7 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str, registries, images
     """Export and verify; returns the comparison table. Raises ExportMismatch when the detections differ."""
     from detkit.checkpoint import model_from_checkpoint
 
-    check_request(fmt, output, overwrite)
+    check_request(fmt, output, overwrite, list(images or []), count, tolerance)
     model, cfg, ckpt = model_from_checkpoint(checkpoint, registries, torch.device("cpu"), overrides)
     model.eval()
     check_exportable(model)

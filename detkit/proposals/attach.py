@@ -12,9 +12,10 @@ def attach_proposals(dataset, model: nn.Module, progress: bool = True, info: Dis
     """Give ``dataset`` the per-dataset boxes of ``model``'s proposal source
     (:meth:`~detkit.models.proposal_source.ProposalSource.dataset_proposals`), computing the missing ones
     (rank 0 computes, the other ranks wait and read). Does nothing for a source that keeps none (the RPN),
-    or for a dataset that has its proposals already."""
-    source = model.proposal_generator
-    if getattr(dataset, "proposals", None) is not None:
+    or for a dataset that has its proposals already, or for a model without a proposal source of its own
+    (an exported detector: its proposals are inside its graph)."""
+    source = getattr(model, "proposal_generator", None)
+    if source is None or getattr(dataset, "proposals", None) is not None:
         return
     info = info or DistInfo()
     store = source.dataset_proposals(dataset, progress=progress) if info.is_main else None
