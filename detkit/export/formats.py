@@ -9,7 +9,7 @@ program, and reading any of the three back as a detector.
   onnxruntime (``pip install detkit[export]``).
 - ``torchscript`` (``.ts``): the graph's Python compiled by ``torch.jit.script``, with the trunk, the RPN
   head and the box head + predictor traced first (convolutions and fully connected layers, whose traces
-  hold for any input size), so that batch and size stay dynamic; then frozen.
+  hold for any input size), so that batch and size stay dynamic.
 
 Each file carries ``detkit.json`` (class names, COCO category ids, the input it expects, the format):
 ONNX as metadata, the two others as an extra file of the archive.
@@ -139,9 +139,10 @@ def script_graph(graph: DetectionGraph, example: Tensor) -> torch.jit.ScriptModu
     with torch.no_grad():
         for name, module in parts.items():
             setattr(graph, name, torch.jit.trace(module, seen[name], check_trace=False))
-    # frozen (weights and attributes as constants, which the graph optimiser then folds): twice as fast as the
-    # plain scripted module on the CPU. (optimize_for_inference on top writes a file torch.jit.load rejects.)
-    return torch.jit.freeze(torch.jit.script(graph).eval())
+    # Not frozen: torch.jit.freeze folds batch norms into convolutions, which changes the rounding (ResNet-50
+    # with initial weights then drifts by up to 7e-3 px) and was no faster on a quiet CPU (tools/benchmark.py
+    # export); optimize_for_inference writes a file torch.jit.load rejects.
+    return torch.jit.script(graph)
 
 
 def _atomic(path: str, write: Callable[[str], None]) -> None:
