@@ -129,7 +129,7 @@ def export(args) -> int:
         results.append(benchmark.run(model, cfg, names, not untrained, source, registries,
                                      os.path.join(args.out, str(i)), formats, args.images, args.timed,
                                      iters=args.iters))
-        print(json.dumps({k: v for k, v in results[-1].items()}, indent=1))
+        print(json.dumps(results[-1], indent=1))
     if args.markdown:
         print(benchmark.markdown(results, "python tools/benchmark.py " + " ".join(args.argv)))
     if args.json:

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detkit.ops.anchors import shifted_anchors
 from detkit.ops.boxes import decode_boxes
+from detkit.ops.roi import level_indices
 
 
 class ExportError(ValueError):
@@ -95,7 +97,7 @@ def _first_per_image(image: Tensor, batch: int, count: int) -> Tensor:
 class RoIPooler(nn.Module):
     """Regions ``rois (K, 5)`` (image index, xyxy in resized pixels) pooled from the first
     ``len(strides)`` maps as the extractor's :class:`~detkit.ops.roi.PoolingOp` says, each region from its
-    FPN level (Eq. 1, as :func:`detkit.ops.roi.assign_levels`)."""
+    FPN level (Eq. 1, :func:`detkit.ops.roi.level_indices`)."""
 
     def __init__(self, op, strides: List[int]):
         super().__init__()
@@ -124,10 +126,7 @@ class RoIPooler(nn.Module):
     def forward(self, maps: List[Tensor], rois: Tensor) -> Tensor:
         if len(self.strides) == 1:
             return self.pool_level(maps[0], rois, 1.0 / self.strides[0])
-        boxes = rois[:, 1:]
-        area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0)
-        k = torch.floor(4.0 + torch.log2(torch.sqrt(area) / 224.0) + 1e-6)
-        levels = (k.clamp(float(self.k_min), float(self.k_max)) - float(self.k_min)).to(torch.int64)
+        levels = level_indices(rois[:, 1:], self.k_min, self.k_max)
         parts: List[Tensor] = []
         order: List[Tensor] = []
         for i, x in enumerate(maps):
@@ -238,15 +237,10 @@ class DetectionGraph(nn.Module):
         return F.pad(x, (0, (nw + d - 1) // d * d - nw, 0, (nh + d - 1) // d * d - nh))
 
     def anchors(self, level: int, h: int, w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """``AnchorGenerator.grid_anchors`` of one level on a symbolic map size."""
-        stride = float(self.anchor_strides[level])
-        xs = (torch.arange(w, dtype=torch.float32, device=device) + self.anchor_offset) * stride
-        ys = (torch.arange(h, dtype=torch.float32, device=device) + self.anchor_offset) * stride
-        sy, sx = torch.meshgrid(ys, xs, indexing="ij")
-        shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, 1, 4)
+        """``AnchorGenerator.grid_anchors`` of one level on a symbolic map size (without its cache)."""
         a = self.anchors_per_cell
         cells = self.cells[level * a:(level + 1) * a].to(device)
-        return (shifts + cells[None]).reshape(-1, 4).to(dtype)
+        return shifted_anchors(cells, h, w, float(self.anchor_strides[level]), self.anchor_offset).to(dtype)
 
     def proposals(self, maps: List[Tensor], batch: int, nh: int, nw: int, scale: float) -> Tensor:
         """The RPN at test time: per level the top-N anchors by objectness, decoded, clipped, small ones

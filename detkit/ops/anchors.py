@@ -51,13 +51,20 @@ class AnchorGenerator:
         if cached is not None:
             return cached
         h, w = feature_size
-        # Anchor centres sit at the centre of each stride cell by default (offset 0.5).
-        shifts_x = (torch.arange(w, dtype=torch.float32, device=device) + self.offset) * self.stride
-        shifts_y = (torch.arange(h, dtype=torch.float32, device=device) + self.offset) * self.stride
-        sy, sx = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
-        shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, 1, 4)
-        anchors = (shifts + self.cell_anchors(torch.float32, device)[None]).reshape(-1, 4).to(dtype)
+        anchors = shifted_anchors(self.cell_anchors(torch.float32, device), h, w, float(self.stride),
+                                  self.offset).to(dtype)
         if len(self._cache) > 16:
             self._cache.clear()
         self._cache[key] = anchors
         return anchors
+
+
+def shifted_anchors(cells: Tensor, h: int, w: int, stride: float, offset: float) -> Tensor:
+    """The cell anchors ``cells (A, 4)`` (float32, centred on 0) at every position of an ``h x w`` map of
+    ``stride``: ``(h * w * A, 4)``, position-major, centres at ``(i + offset) * stride`` (0.5: the centre of each
+    stride cell). A free function of sizes (TorchScript compiles it in ``detkit export``'s graph)."""
+    shifts_x = (torch.arange(w, dtype=torch.float32, device=cells.device) + offset) * stride
+    shifts_y = (torch.arange(h, dtype=torch.float32, device=cells.device) + offset) * stride
+    sy, sx = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
+    shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, 1, 4)
+    return (shifts + cells[None]).reshape(-1, 4)

@@ -70,8 +70,13 @@ def assign_levels(boxes: Tensor, strides: list[int], k0: int = 4, canonical: flo
     """The FPN paper's Eq. 1 (Lin et al. 2017, Sec. 4.2): a box of w x h input pixels goes to level
     ``k = floor(k0 + log2(sqrt(w h) / 224))``, clamped to the pyramid; returns the index into ``strides``
     (consecutive powers of two, finest first) of each box of ``boxes (K, 4)``."""
+    return level_indices(boxes, strides[0].bit_length() - 1, strides[-1].bit_length() - 1, k0, canonical)
+
+
+def level_indices(boxes: Tensor, k_min: int, k_max: int, k0: float = 4.0, canonical: float = 224.0) -> Tensor:
+    """:func:`assign_levels` for a pyramid of levels ``k_min..k_max`` (stride ``2^k``): the index from ``k_min``
+    (TorchScript compiles it in ``detkit export``'s graph)."""
     area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0)
-    k_min, k_max = strides[0].bit_length() - 1, strides[-1].bit_length() - 1
     # The 1e-6 is torchvision's (LevelMapper): a box exactly at a level boundary goes to the coarser level.
     k = torch.floor(k0 + torch.log2(torch.sqrt(area) / canonical) + 1e-6)  # area 0: -inf, clamped below
     return (k.clamp(k_min, k_max) - k_min).to(torch.int64)
