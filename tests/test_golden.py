@@ -2,8 +2,8 @@
 losses of every iteration and the final weights of every stage (the SVMs and box regressors of the SVM
 stage among them) recorded in ``tests/golden/<schedule>.pt`` by ``tests/golden/record.py``.
 
-Bit for bit (``torch.equal``, losses exactly) when torch and the CPU capability are those of the
-recording; on another machine within ``RTOL`` relative (weights: of the tensor's largest magnitude;
+Bit for bit (``torch.equal``, losses exactly) when torch, the CPU capability and the CPU model are those of
+the recording; on another machine within ``RTOL`` relative (weights: of the tensor's largest magnitude;
 losses: of the value, at least ``LOSS_FLOOR``), and the failure message says which comparison ran.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from golden.runs import (RECORD_COMMAND, SCHEDULES, environment, golden_path, lo
 pytestmark = pytest.mark.filterwarnings("ignore::detkit.config.ConfigDeprecationWarning")
 
 RTOL = 1e-4
+EXACT_KEYS = ("torch", "cpu_capability", "cpu")  # what bit-exact agreement needs (golden.runs.environment)
 LOSS_FLOOR = 1e-3  # a loss near 0 (no foreground in the batch) is compared to within RTOL * LOSS_FLOOR
 MAX_LISTED = 15
 
@@ -99,16 +100,16 @@ def test_golden_run(name, tmp_path):
         pytest.fail(f"golden run {name}: nothing recorded at {relative_to_repo(path)}. {rerecord}")
     golden = load_golden(path)
     recorded, here = golden["environment"], environment()
-    exact = all(recorded[k] == here[k] for k in ("torch", "cpu_capability"))
+    exact = all(recorded.get(k) == here[k] for k in EXACT_KEYS)
     if exact:
-        how = f"bit for bit: torch {here['torch']}, CPU capability {here['cpu_capability']}, as recorded"
+        how = f"bit for bit: torch {here['torch']}, CPU capability {here['cpu_capability']} on {here['cpu']}, as recorded"
     else:
         how = (f"within {RTOL:g} relative, not bit for bit: recorded with torch {recorded['torch']} on CPU "
-               f"capability {recorded['cpu_capability']}, this is torch {here['torch']} on "
-               f"{here['cpu_capability']}")
+               f"capability {recorded['cpu_capability']} ({recorded.get('cpu', 'model not recorded')}), this is "
+               f"torch {here['torch']} on {here['cpu_capability']} ({here['cpu']})")
         warnings.warn(f"golden run {name} compared {how}")
     others = [f"{k} {here[k]} (recorded {recorded[k]})" for k in recorded
-              if k not in ("torch", "cpu_capability") and recorded[k] != here.get(k)]
+              if k not in EXACT_KEYS and recorded[k] != here.get(k)]
 
     result = run_schedule(name, str(tmp_path))
 

@@ -109,8 +109,20 @@ def environment() -> dict:
     import sklearn
 
     return {"torch": str(torch.__version__), "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+            "cpu": cpu_model(),
             "numpy": numpy.__version__, "sklearn": sklearn.__version__, "opencv": cv2.__version__,
             "python": platform.python_version(), "machine": platform.machine()}
+
+
+def cpu_model() -> str:
+    """The processor's model name: two CPUs of one capability (AVX512) but of other makes round differently in
+    oneDNN/BLAS kernels, so bit-exact agreement needs the same model."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 @contextlib.contextmanager
