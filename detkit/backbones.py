@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterable, Mapping, Union
@@ -67,23 +68,43 @@ CIFAR_DEFAULTS = BackboneDefaults(input_size=(3, 32, 32), mean=CIFAR_MEAN, std=C
                                   min_input_size=32)
 
 
-@dataclass
+@dataclass(init=False)
 class DetectionParts:
     """What a detector takes from a backbone.
 
     trunk: image batch (B, 3, H, W) -> features (B, out_channels, ~H/stride, ~W/stride).
-    roi_head: pooled regions (R, out_channels, S, S) -> (R, head_channels).
+    box_head: the backbone's own box head (VGG's fc6/fc7, ResNet's res5): pooled regions
+        (R, out_channels, S, S) -> (R, head_channels); the ``backbone`` box head of a detector.
     stages: the trunk's sub-modules in input-to-output order; ``freeze_at = k``
         freezes the first k of them (the papers fine-tune from conv3_1 for VGG-16
         and from res3 for ResNets).
+
+    ``box_head=`` (the name of earlier releases) is still taken, with a deprecation warning.
     """
 
     trunk: nn.Module
-    roi_head: nn.Module
+    box_head: nn.Module
     out_channels: int
     stride: int
     head_channels: int
-    stages: list[nn.Module] = field(default_factory=list)
+    stages: list[nn.Module]
+
+    def __init__(self, trunk: nn.Module, box_head: nn.Module | None = None, out_channels: int = 0, stride: int = 0,
+                 head_channels: int = 0, stages: list[nn.Module] | None = None, *, roi_head: nn.Module | None = None):
+        if roi_head is not None:
+            warnings.warn("DetectionParts(box_head=...) is deprecated: the backbone's own head is box_head",
+                          DeprecationWarning, stacklevel=2)
+            box_head = roi_head if box_head is None else box_head
+        if box_head is None or not out_channels or not stride or not head_channels:
+            raise TypeError("DetectionParts needs trunk, box_head, out_channels, stride and head_channels")
+        self.trunk, self.box_head, self.out_channels, self.stride = trunk, box_head, out_channels, stride
+        self.head_channels, self.stages = head_channels, list(stages or [])
+
+    @property
+    def roi_head(self) -> nn.Module:
+        """Deprecated name of :attr:`box_head`."""
+        warnings.warn("DetectionParts.roi_head is deprecated: use box_head", DeprecationWarning, stacklevel=2)
+        return self.box_head
 
 
 @dataclass(frozen=True)
@@ -159,7 +180,7 @@ class Backbone(nn.Module):
         Logs the counts of loaded, missing, unexpected and skipped tensors. Returns the names of the
         model's tensors that were not loaded.
         """
-        from detkit.state_dict import WeightsError, read_state_dict
+        from detkit.engine.state_dict import WeightsError, read_state_dict
 
         path = os.fspath(path)
         state = self.remap_state_dict(dict(read_state_dict(path, "pretrained weights file")))
@@ -201,7 +222,7 @@ class Backbone(nn.Module):
         except NotImplementedError:
             return set(names.values()), list(names.values())
         trunk = [names[id(p)] for p in parts.trunk.parameters() if id(p) in names]
-        head = [names[id(p)] for p in parts.roi_head.parameters() if id(p) in names]
+        head = [names[id(p)] for p in parts.box_head.parameters() if id(p) in names]
         return set(trunk) | set(head), trunk
 
 

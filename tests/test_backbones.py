@@ -37,7 +37,7 @@ def check_backbone_contract(model: nn.Module, x: torch.Tensor, num_classes: int 
     assert x.shape[0] == 2
     model.eval()
     parts = model.detection_parts()
-    parts.trunk.eval(), parts.roi_head.eval()
+    parts.trunk.eval(), parts.box_head.eval()
     r = model.defaults.roi_output_size
     h, w = x.shape[-2:]
     with torch.no_grad():
@@ -45,7 +45,7 @@ def check_backbone_contract(model: nn.Module, x: torch.Tensor, num_classes: int 
         feats = parts.trunk(x)
         # The declared stride: growing the input by 2 strides grows the feature map by 2 cells.
         grown = parts.trunk(torch.zeros(1, x.shape[1], h + 2 * parts.stride, w + 2 * parts.stride))
-        pooled = parts.roi_head(torch.randn(3, parts.out_channels, r, r))
+        pooled = parts.box_head(torch.randn(3, parts.out_channels, r, r))
     assert logits.shape == (2, num_classes)  # eval: main logits only
     assert feats.shape[:2] == (2, parts.out_channels)
     assert grown.shape[-2:] == (feats.shape[-2] + 2, feats.shape[-1] + 2), (parts.stride, feats.shape, grown.shape)
@@ -53,7 +53,7 @@ def check_backbone_contract(model: nn.Module, x: torch.Tensor, num_classes: int 
     # The detection parts are views of the classifier, not copies.
     own = {id(p) for p in model.parameters()}
     trunk_params = {id(p) for p in parts.trunk.parameters()}
-    assert trunk_params and trunk_params <= own and {id(p) for p in parts.roi_head.parameters()} <= own
+    assert trunk_params and trunk_params <= own and {id(p) for p in parts.box_head.parameters()} <= own
     assert all(id(p) in trunk_params for st in parts.stages for p in st.parameters())
     # One training step: gradients reach the first layer.
     model.train()

@@ -18,7 +18,7 @@ from torch import nn
 
 from detkit.backbones import count_parameters
 from detkit.plugins import get_registries
-from detkit.summary import summarize, total_macs
+from detkit.models.summary import summarize, total_macs
 from detkit_classic.early import Maxout, ScaledTanh
 from test_backbones import check_backbone_contract, input_side
 
@@ -124,7 +124,7 @@ def test_vgg16_detection_cut_follows_fast_rcnn():
     assert len(convs) == 13 and not isinstance(list(parts.trunk.modules())[-1], nn.MaxPool2d)  # no pool5
     # freeze_at = 2 freezes conv1_1..conv2_2: Fast R-CNN fine-tunes VGG-16 from conv3_1.
     assert [sum(isinstance(m, nn.Conv2d) for m in st.modules()) for st in parts.stages] == [2, 2, 3, 3, 3]
-    fcs = [m for m in parts.roi_head.modules() if isinstance(m, nn.Linear)]
+    fcs = [m for m in parts.box_head.modules() if isinstance(m, nn.Linear)]
     assert [(f.in_features, f.out_features) for f in fcs] == [(512 * 7 * 7, 4096), (4096, 4096)]
     assert build_meta("vgg16").defaults.roi_output_size == 7 and parts.head_channels == 4096
 

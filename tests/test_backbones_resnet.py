@@ -61,7 +61,7 @@ def test_backbone_contract(registries, name):
     assert parts.head_channels == model.fc.in_features
     # Together with fc the detection parts are all the classifier's weights.
     own = {id(p) for p in model.parameters()}
-    shared = [*parts.trunk.parameters(), *parts.roi_head.parameters()]
+    shared = [*parts.trunk.parameters(), *parts.box_head.parameters()]
     assert {id(p) for p in shared} | {id(p) for p in model.fc.parameters()} == own
     assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
 

@@ -3,16 +3,14 @@
 No speed assertions: only that each run calibrates, trains a positive number of iterations for about the
 budget (0.3x-3x), is scored, and reports what the tool promises; and that bad specs stop it before training.
 """
-import importlib.util
 import json
-import os
 
 import pytest
+from tool_utils import load_tool
 
-from detkit import budget
+from detkit.benchmarks import budget
 from detkit.data.synth import synthesize
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET = 6.0
 TINY_CONFIG = """
 model:
@@ -29,13 +27,6 @@ model:
 data: {num_workers: 0}
 train: {warmup_iters: 10, log_period: 5}
 """
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("budget_tool", os.path.join(ROOT, "tools", "budget.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +62,7 @@ def test_same_budget_for_detkit_and_torchvision(data, tmp_path, monkeypatch, cap
             "--test", str(data / "test" / "annotations.json"), f"tiny={data / 'tiny.yaml'}",
             "tv=torchvision:resnet18_fpn", "--set", "data.batch_size=2", "--set", "train.lr=0.01",
             "--set", "data.num_workers=0", "--set", "train.device=cpu", "--output", str(out), "--markdown"]
-    assert _tool().main(argv) == 0
+    assert load_tool("budget").main(argv) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["budget_s"] == BUDGET and report["calibration"] == {"warmup_iters": 1, "timed_iters": 3}
@@ -112,6 +103,6 @@ def test_bad_specs_exit_2_naming_the_spec(data, capsys, spec, message):
     spec = spec.replace("BAD", str(data / "bad.yaml"))
     argv = ["--budget", "5", "--train", str(data / "train" / "annotations.json"),
             "--test", str(data / "test" / "annotations.json"), "ok=torchvision:resnet18_fpn", spec]
-    assert _tool().main(argv) == 2
+    assert load_tool("budget").main(argv) == 2
     err = capsys.readouterr().err
     assert repr(spec) in err and message in err

@@ -39,7 +39,7 @@ def test_config_builds_and_detects(path):
         cfg.transform.min_size, cfg.transform.max_size = H, W
     model = build_detector(cfg, REGISTRY, len(CLASSES), CLASSES).eval()
     assert model.class_names == CLASSES
-    assert cfg.backbone.name in REGISTRY.backbones and cfg.detector in REGISTRY.detectors
+    assert cfg.backbone.name in REGISTRY.backbones and cfg.detector.name in REGISTRY.detectors
     image = torch.randint(0, 256, (3, H, W), dtype=torch.uint8)
     proposals = None
     if cfg.proposal_generator.name != "rpn":

@@ -217,13 +217,13 @@ def test_host_device_syncs_per_training_step(registries, capfd):
     device and the optimizer step add none."""
     from collections import Counter
 
-    from detkit import benchmark
+    from detkit.benchmarks import torchvision_pair as pair
 
-    setup = benchmark.Setup(image_size=(96, 128), anchor_sizes=(16.0, 32.0, 64.0), num_classes=3)
-    ours, theirs = benchmark.build_pair(setup, registries)
+    setup = pair.Setup(image_size=(96, 128), anchor_sizes=(16.0, 32.0, 64.0), num_classes=3)
+    ours, theirs = pair.build_pair(setup, registries)
     ours.to(DEVICE).train()
     theirs.to(DEVICE).train()
-    images_cpu, targets_cpu = benchmark.synthetic_batch(setup, 2, CPU, seed=1)
+    images_cpu, targets_cpu = pair.synthetic_batch(setup, 2, CPU, seed=1)
     images_cpu = [im.pin_memory() for im in images_cpu]
     targets_cpu = [{k: v.pin_memory() for k, v in t.items()} for t in targets_cpu]
     optimizers = {m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
@@ -341,7 +341,7 @@ def test_channels_last_and_compiled_training_through_the_engine(registries, synt
 
 
 def test_checkpoint_saved_on_the_device_loads_and_detects_on_cpu(registries, synth_data, tmp_path):
-    from detkit.checkpoint import model_from_checkpoint
+    from detkit.models.loading import model_from_checkpoint
 
     work = tmp_path / "ckpt"
     result = _train(train_config(synth_data, work, max_iters=5), registries)

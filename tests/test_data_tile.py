@@ -11,7 +11,7 @@ from detkit.cli import main
 from detkit.data.loading import build_dataset
 from detkit.data.synth import CLASSES
 from detkit.data.tile import TileSpec, tile_dataset, window_boxes
-from detkit.tiling import tile_grid
+from detkit.data.tile import tile_grid
 
 H, W, SIZE, OVERLAP = 200, 300, 64, 0.25
 CLASS_LIST = ",".join(CLASSES)
@@ -152,7 +152,7 @@ def test_missing_input_exits_2_naming_it(tmp_path, capsys):
     assert f"--in {tmp_path / 'nope.json'}: no such file or folder" in capsys.readouterr().err
     os.makedirs(tmp_path / "plain")
     assert _tile("--in", str(tmp_path / "plain"), "--out", str(out)) == 2
-    assert "a folder without Annotations/" in capsys.readouterr().err and not out.exists()
+    assert "a folder no dataset format recognises" in capsys.readouterr().err and not out.exists()
 
 
 def test_non_empty_out_is_refused_unless_overwrite(synth_sets, tmp_path, capsys):

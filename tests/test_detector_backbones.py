@@ -25,7 +25,7 @@ def test_faster_rcnn_trains_with_backbone(name):
     cfg.transform.min_size, cfg.transform.max_size = 128, 160
     cfg.proposal_generator = PartConfig("rpn", {"anchors": {"sizes": [32.0, 64.0]}, "pre_nms_top_n_train": 200,
                                                 "post_nms_top_n_train": 50, "min_size": 1})
-    cfg.roi_heads.batch_size_per_image = 16
+    cfg.roi_heads = {"batch_size_per_image": 16}  # a slot section, bound when the detector is built
     model = build_detector(cfg, REGISTRY, num_classes=3)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     image = torch.randint(0, 255, (3, 128, 160), dtype=torch.uint8)

@@ -13,9 +13,9 @@ import cv2
 import pytest
 import torch
 
-from detkit.checkpoint import save_checkpoint
 from detkit.cli import main
 from detkit.config import load_config, to_dict
+from detkit.engine.checkpoint import save_checkpoint
 from detkit.export.formats import FORMATS, export_detector, load_exported
 from detkit.export.graph import _batched_nms, _first_per_image
 from detkit.export.verify import compare, format_comparisons
@@ -156,7 +156,7 @@ def test_bad_requests_exit_2_naming_the_option_before_the_model_is_built(args, m
     def build_model(*_):
         raise AssertionError("the model was built before the request was checked")
 
-    monkeypatch.setattr("detkit.checkpoint.model_from_checkpoint", build_model)
+    monkeypatch.setattr("detkit.models.loading.model_from_checkpoint", build_model)
     kept = tmp_path / "kept.ts"
     kept.write_bytes(b"an earlier export")
     args = [a.format(tmp=tmp_path) for a in args]

@@ -154,8 +154,8 @@ def test_torchvision_fasterrcnn_resnet50_fpn_weights_give_the_same_detections(tm
     `detkit convert torchvision` detects exactly what torchvision detects on the same image."""
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
-    from detkit.checkpoint import model_from_checkpoint
     from detkit.cli import main
+    from detkit.models.loading import model_from_checkpoint
 
     torch.manual_seed(0)
     tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=256,

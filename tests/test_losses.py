@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from detkit.config import RoIHeadsConfig
+from detkit.models.roi_heads import RoIHeadsSettings
 from detkit.models.rpn import AnchorSettings, RPNSettings
 from detkit.models.roi_heads import BoxPredictor, RoIHeads
 from detkit.models.rpn import RegionProposalNetwork
@@ -44,7 +44,7 @@ def make_rpn(**kw):
 
 
 def make_roi_heads(**kw):
-    return RoIHeads(RoIHeadsConfig(**kw), None, None, BoxPredictor(), num_classes=2)
+    return RoIHeads(RoIHeadsSettings(**kw), None, None, BoxPredictor(), num_classes=2)
 
 
 # ----------------------------------------------------------------------------- RPN loss

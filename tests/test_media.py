@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from detkit import media
-from detkit.media import (MediaError, VideoSink, classify_input, list_images, open_video, write_image_atomic,
-                          write_json_atomic)
-from detkit.visualize import color_for, draw_detections
+from detkit.data import media
+from detkit.data.media import MediaError, VideoSink, classify_input, list_images, open_video, write_image_atomic
+from detkit.engine.files import write_json_atomic
+from detkit.evaluation.drawing import color_for, draw_detections
 
 
 def write_video(path, n=10, fps=8, size=(64, 48)):
@@ -104,7 +104,7 @@ def test_missing_fps_defaults_with_a_warning(tmp_path, monkeypatch, caplog):
             return getattr(self._cap, name)
 
     monkeypatch.setattr(media.cv2, "VideoCapture", NoFps)
-    with caplog.at_level(logging.WARNING, logger="detkit.media"):
+    with caplog.at_level(logging.WARNING, logger="detkit.data.media"):
         src = open_video(path)
     src.close()
     assert src.fps == media.DEFAULT_FPS == 25

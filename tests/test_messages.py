@@ -17,9 +17,10 @@ import pytest
 import torch
 import yaml
 
-from detkit.checkpoint import model_from_checkpoint, save_checkpoint
 from detkit.cli import main
 from detkit.config import Config, ConfigError, bind_parts, from_dict, load_config, to_dict
+from detkit.engine.checkpoint import save_checkpoint
+from detkit.models.loading import model_from_checkpoint
 
 SIZE = "120x160"
 SYNTH_CLASSES = ["circle", "square", "triangle", "star", "cross"]
@@ -108,10 +109,6 @@ def unwritable_dir(tmp_path):
     ({"data": {"batch_size": 0}}, "data.batch_size=0: expected an integer >= 1"),
     ({"data": {"num_workers": -1}}, "data.num_workers=-1: expected an integer >= 0"),
     ({"data": {"augment": {"hflip": 2}}}, "data.augment.hflip=2.0: expected a number in [0, 1]"),
-    ({"model": {"roi_heads": {"positive_fraction": 1.5}}},
-     "model.roi_heads.positive_fraction=1.5: expected a number in [0, 1]"),
-    ({"model": {"roi_heads": {"fg_iou_thresh": -0.5}}},
-     "model.roi_heads.fg_iou_thresh=-0.5: expected a number in [0, 1]"),
     ({"model": {"transform": {"min_size": [400, -1]}}}, "model.transform.min_size[1]=-1: expected an integer >= 0"),
     ({"model": {"backbone": {"freeze_at": -2}}}, "model.backbone.freeze_at=-2: expected an integer >= -1"),
     ({"model": {"num_classes": 0}}, "model.num_classes=0: expected an integer >= 1"),
@@ -123,6 +120,8 @@ def test_out_of_range_values_name_the_key_the_value_and_the_range(data, message)
 
 
 @pytest.mark.parametrize("part, message", [
+    ({"roi_heads": {"positive_fraction": 1.5}}, "model.roi_heads.positive_fraction=1.5: expected a number in [0, 1]"),
+    ({"roi_heads": {"fg_iou_thresh": -0.5}}, "model.roi_heads.fg_iou_thresh=-0.5: expected a number in [0, 1]"),
     ({"proposal_generator": {"name": "rpn", "nms_thresh": 1.5}},
      "model.proposal_generator.nms_thresh=1.5: expected a number in [0, 1]"),
     ({"proposal_generator": {"name": "rpn", "post_nms_top_n_test": 0}},
@@ -150,7 +149,7 @@ def test_parts_settings_are_range_checked_when_bound(part, message, registries):
 
 
 #: numeric keys with no range: scores can be SVM margins, thresholds below 0 mean "keep all", means any value
-UNBOUNDED = {"RoIHeadsConfig.score_thresh", "EvalConfig.score_thresh", "TransformConfig.mean",
+UNBOUNDED = {"RoIHeadsSettings.score_thresh", "EvalConfig.score_thresh", "TransformConfig.mean",
              "RPNSettings.straddle_thresh", "SVMSettings.hard_thresh", "SVMSettings.evict_thresh"}
 
 
@@ -191,11 +190,12 @@ def test_train_with_a_zero_iteration_count_stops_before_training(tmp_path, data_
 # ----------------------------------------------------------------------------- item 7: number spellings
 
 
-def test_every_float_spelling_is_a_number(tmp_path):
+def test_every_float_spelling_is_a_number(tmp_path, registries):
     path = write(tmp_path / "c.yaml", "train:\n  lr: 1e-3\n  weight_decay: 5E-4\n  momentum: '0.9'\n"
                                       "  warmup_factor: 1.5e-2\n  gamma: +1e-1\n  max_iters: 1e3\n  steps: [5e2, 800]\n"
                                       "model:\n  transform:\n    std: [1e0, 2.5E+0, 3]\n")
-    cfg = load_config(path, ["train.clip_grad_norm=1E4", "train.seed=1_000", "model.roi_heads.nms_thresh=3e-1"])
+    cfg = load_config(path, ["train.clip_grad_norm=1E4", "train.seed=1_000", "model.roi_heads.nms_thresh=3e-1"],
+                      registries)
     t = cfg.train
     assert (t.lr, t.weight_decay, t.momentum, t.warmup_factor, t.gamma) == (1e-3, 5e-4, 0.9, 1.5e-2, 0.1)
     assert all(isinstance(v, float) for v in (t.lr, t.weight_decay, t.momentum, t.clip_grad_norm))
@@ -355,7 +355,7 @@ def test_eval_on_a_voc_directory_takes_the_checkpoints_classes(tmp_path, checkpo
 
 
 def test_opencv_prints_nothing_of_its_own_about_a_bad_video(tmp_path):
-    from detkit.media import VideoSink
+    from detkit.data.media import VideoSink
 
     bad = tmp_path / "bad.mp4"  # FFmpeg: "moov atom not found"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
@@ -366,7 +366,7 @@ def test_opencv_prints_nothing_of_its_own_about_a_bad_video(tmp_path):
             sink.write(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
     cut = tmp_path / "cut.avi"  # FFmpeg: "overread" while decoding the last frame
     cut.write_bytes((tmp_path / "clip.avi").read_bytes()[: (tmp_path / "clip.avi").stat().st_size // 3])
-    code = ("import sys\nfrom detkit.media import MediaError, classify_input, open_video\n"
+    code = ("import sys\nfrom detkit.data.media import MediaError, classify_input, open_video\n"
             "for call, spec in ((open_video, sys.argv[1]), (classify_input, sys.argv[2]), (open_video, sys.argv[3]),\n"
             "                   (open_video, '7')):\n"  # no such webcam: OpenCV's own "[ WARN:0@0.03]" lines
             "    try:\n        print(sum(1 for _ in call(spec)))\n    except MediaError as exc:\n        print(exc)\n")
@@ -382,7 +382,7 @@ def test_opencv_prints_nothing_of_its_own_about_a_bad_video(tmp_path):
 
 
 def test_checkpoints_get_the_permissions_of_every_other_output(tmp_path):
-    from detkit.media import write_json_atomic
+    from detkit.engine.files import write_json_atomic
 
     for umask, mode in ((0o022, 0o644), (0o077, 0o600)):
         old = os.umask(umask)
@@ -443,11 +443,11 @@ def _overlap(a, b) -> bool:
 
 
 def test_gallery_ground_truth_has_no_scores_and_a_dense_scene_stays_visible(tmp_path, drawn, monkeypatch):
-    from detkit import visualize
-    from detkit.reports import write_gallery
+    from detkit.evaluation import drawing
+    from detkit.evaluation.reports import write_gallery
 
-    starts, draw = [], visualize.draw_detections  # where each picture's tags begin in drawn["tags"]
-    monkeypatch.setattr(visualize, "draw_detections",
+    starts, draw = [], drawing.draw_detections  # where each picture's tags begin in drawn["tags"]
+    monkeypatch.setattr(drawing, "draw_detections",
                         lambda *a, **k: starts.append(len(drawn["tags"])) or draw(*a, **k))
     dataset = OneImageDataset()
     detections = [{"image_id": 7, "category_id": 1, "bbox": [float(x1), float(y1), 40.0, 40.0], "score": 0.9 - 0.01 * k}
@@ -470,7 +470,7 @@ def test_gallery_ground_truth_has_no_scores_and_a_dense_scene_stays_visible(tmp_
 
 
 def test_the_most_confident_detection_keeps_its_tag(drawn):
-    from detkit.visualize import draw_detections
+    from detkit.evaluation.drawing import draw_detections
 
     boxes = np.array([[10, 40, 60, 90], [12, 42, 62, 92], [14, 44, 64, 94]], np.float32)  # on top of each other
     draw_detections(np.zeros((120, 160, 3), np.uint8), boxes, [0.5, 0.95, 0.7], [1, 1, 1], ["thing"])

@@ -9,8 +9,9 @@ import pytest
 import torch
 import yaml
 
-from detkit.checkpoint import load_checkpoint, model_from_checkpoint
 from detkit.cli import main
+from detkit.engine.checkpoint import load_checkpoint
+from detkit.models.loading import model_from_checkpoint
 from detkit.plugins import get_plugin_manager, get_registries
 from test_plugins import _write_dist
 

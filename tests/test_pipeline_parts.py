@@ -174,10 +174,13 @@ def test_multiscale_testing_puts_each_pooled_region_back_in_its_row(registries):
 
 
 def test_named_detectors_check_their_parts(registries):
-    with pytest.raises(ConfigError, match="fast_rcnn uses 'selective_search'"):
-        build_detector(_model_cfg(detector="fast_rcnn"), registries, 2)
-    with pytest.raises(ConfigError, match="spp_net uses 'spp'"):
-        build_detector(_model_cfg(detector="spp_net", proposal_generator="selective_search"), registries, 2)
+    with pytest.raises(ConfigError, match="detector 'fast_rcnn' takes 'selective_search' or 'precomputed'"):
+        build_detector(_model_cfg(detector="fast_rcnn", proposal_generator="rpn"), registries, 2)
+    with pytest.raises(ConfigError, match="detector 'spp_net' takes 'spp'"):
+        build_detector(_model_cfg(detector="spp_net", roi_extractor="roi_pool"), registries, 2)
+    # each names its paper's parts as defaults: SPP-net is selective search and a spatial pyramid
+    model = build_detector(_model_cfg(detector="spp_net"), registries, 2)
+    assert type(model.roi_heads.roi_extractor).__name__ == "SpatialPyramidPool"
     # two_stage takes any combination: an RPN with a spatial pyramid.
     model = build_detector(_model_cfg(detector="two_stage", roi_extractor={"name": "spp", "levels": [2, 1]}),
                            registries, 2)

@@ -114,7 +114,7 @@ def test_each_detector_trains_and_evaluates(trained, workspace, name):
 def test_svm_detectors_have_fitted_svms_and_a_feature_cache(trained, workspace):
     import torch
 
-    from detkit.checkpoint import load_checkpoint
+    from detkit.engine.checkpoint import load_checkpoint
 
     for name in ("spp_net", "rcnn"):
         ckpt = load_checkpoint(str(trained[name]))
@@ -128,7 +128,7 @@ def test_svm_detectors_have_fitted_svms_and_a_feature_cache(trained, workspace):
 def test_four_step_keeps_each_step_and_one_shared_trunk(trained, workspace):
     import torch
 
-    from detkit.checkpoint import load_checkpoint
+    from detkit.engine.checkpoint import load_checkpoint
 
     steps = ["step1_rpn", "step2_fast_rcnn", "step3_rpn", "step4_fast_rcnn"]
     assert all((workspace / "four_step" / s / "final.pth").is_file() for s in steps)
@@ -166,11 +166,9 @@ def test_eval_with_truncated_svd(trained, tmp_path, capsys):
 
 
 def test_pipelines_benchmark_table(trained, workspace, tmp_path, capsys):
-    import sys
+    from tool_utils import load_tool
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-    import benchmark as tool
-
+    tool = load_tool("benchmark")
     out = tmp_path / "pipelines.json"
     pipelines = {"R-CNN": "rcnn", "SPP-net": "spp_net", "Fast R-CNN": "fast_rcnn", "Faster R-CNN": "four_step"}
     args = [f"{label}={trained[name]}" for label, name in pipelines.items()]

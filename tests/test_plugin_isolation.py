@@ -53,7 +53,7 @@ BROKEN = {  # plugin name -> (module source, what its reason says)
     "badargs": (HEAD + "@hookimpl\ndef detkit_register_backbones(reg):\n    reg('argnet', lambda: None)\n",
                 "Argument(s) {'reg'} are declared in the hookimpl but can not be found in the hookspec"),
     "invalid": (HEAD + "@hookimpl\ndef detkit_register_heads(register):\n    register('nohead', 'not callable')\n",
-                "registered head 'nohead' with a non-callable builder 'not callable'"),
+                "registered box_predictor 'nohead' with a non-callable builder 'not callable'"),
 }
 GOOD = HEAD + ("@hookimpl\ndef detkit_register_backbones(register):\n"
                "    register('goodnet', lambda num_classes=1000: None, family='good')\n"
@@ -227,14 +227,14 @@ def test_example_plugin_is_listed_and_states_its_shapes_truly(mobilenet, capsys,
     features = parts.trunk(image)
     assert features.shape == (1, parts.out_channels, 64 // parts.stride, 96 // parts.stride)
     size = model.defaults.roi_output_size
-    assert parts.roi_head(torch.rand(3, parts.out_channels, size, size)).shape == (3, parts.head_channels)
+    assert parts.box_head(torch.rand(3, parts.out_channels, size, size)).shape == (3, parts.head_channels)
     stages = model.feature_stages()
     x = image
     for stage, info in zip(stages.stages, stages.info):
         x = stage(x)
         assert x.shape[1:] == (info.channels, 64 // info.stride, 96 // info.stride), info
     shared = {id(p) for p in model.parameters()}
-    assert all(id(p) in shared for p in [*parts.trunk.parameters(), *parts.roi_head.parameters()])
+    assert all(id(p) in shared for p in [*parts.trunk.parameters(), *parts.box_head.parameters()])
 
 
 def test_example_plugin_trains_from_its_starting_config(mobilenet, tmp_path, monkeypatch):

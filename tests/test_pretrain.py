@@ -396,7 +396,7 @@ def test_digits_are_a_stratified_split_of_lenet_sized_images():
 
 
 def test_cosine_schedule_after_the_warmup():
-    cfg = TrainConfig(lr_schedule="cosine", warmup_iters=10, warmup_factor=0.001, max_iters=110)
+    cfg = TrainConfig(lr_policy="cosine", warmup_iters=10, warmup_factor=0.001, max_iters=110)
     factors = [lr_factor(i, cfg) for i in range(111)]
     assert factors[0] == pytest.approx(0.001) and factors[10] == 1.0
     assert factors[60] == pytest.approx(0.5) and factors[110] == pytest.approx(0.0, abs=1e-12)
@@ -406,9 +406,9 @@ def test_cosine_schedule_after_the_warmup():
 
 def test_unknown_schedule_is_refused_before_training(images, tmp_path, capsys):
     config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", folder_spec(images))
-    assert run_pretrain(config, "train.lr_schedule=linear") == 2
+    assert run_pretrain(config, "train.lr_policy=linear") == 2
     err = capsys.readouterr().err
-    assert "detkit pretrain: error: train.lr_schedule='linear': expected one of step, cosine" in err
+    assert "detkit pretrain: error: train.lr_policy='linear': expected one of step, cosine" in err
     assert not (tmp_path / "run").exists()
 
 

@@ -3,25 +3,18 @@
 No timing assertions: only that both sides train the same initial weights on the same images, report positive
 throughputs, and that a training set the plain side cannot read is refused before anything is built.
 """
-import importlib.util
 import json
 import os
 
 import pytest
+from tool_utils import load_tool
 
-from detkit.classification.benchmark import check_comparable, plain_transform
+from detkit.benchmarks.pretrain import check_comparable, plain_transform
 from detkit.config import ClassifierConfig, ClassifierAugmentConfig, from_dict
 from detkit.data.synth_cls import synthesize_classification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "pretrain_tiny_synth_cls.yaml")
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("benchmark_tool", os.path.join(ROOT, "tools", "benchmark.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +26,10 @@ def folder(tmp_path_factory):
 
 def test_pretrain_benchmark_runs_both_sides(folder, tmp_path, capsys):
     out = tmp_path / "result.json"
-    code = _tool().main(["pretrain", CONFIG, "--set", f"data.train.root={folder}", "--set", "model.input_size=32",
-                         "--set", "data.batch_size=4", "--set", "data.num_workers=1", "--iters", "2",
-                         "--warmup", "1", "--runs", "1", "--device", "cpu", "--json", str(out)])
+    code = load_tool("benchmark").main([
+        "pretrain", CONFIG, "--set", f"data.train.root={folder}", "--set", "model.input_size=32", "--set",
+        "data.batch_size=4", "--set", "data.num_workers=1", "--iters", "2", "--warmup", "1", "--runs", "1",
+        "--device", "cpu", "--json", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "detkit img/s" in printed and "plain img/s" in printed and "median" in printed
@@ -49,8 +43,8 @@ def test_pretrain_benchmark_runs_both_sides(folder, tmp_path, capsys):
 
 
 def test_pretrain_benchmark_refuses_other_datasets(tmp_path, capsys):
-    code = _tool().main(["pretrain", CONFIG, "--set", "data.train={name: digits}", "--iters", "1", "--runs", "1",
-                         "--device", "cpu"])
+    code = load_tool("benchmark").main(["pretrain", CONFIG, "--set", "data.train={name: digits}", "--iters", "1",
+                                        "--runs", "1", "--device", "cpu"])
     assert code == 2
     err = capsys.readouterr().err
     assert "data.train.name='digits'" in err and "image_folder" in err

@@ -285,9 +285,9 @@ def write_config(path, data_dir, work_dir, cache_dir, test=True, generator=None)
 
 
 def untrained_checkpoint(cfg_path, path, registries):
-    from detkit.checkpoint import save_checkpoint
     from detkit.config import load_config, to_dict
     from detkit.data.synth import CLASSES
+    from detkit.engine.checkpoint import save_checkpoint
     from detkit.models.assembly import build_detector
 
     cfg = load_config(cfg_path)

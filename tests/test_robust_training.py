@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from detkit.checkpoint import NonFiniteCheckpointError, load_checkpoint, save_checkpoint
 from detkit.cli import main
-from detkit.distributed import DistInfo
-from detkit.state_dict import WeightsError, read_state_dict
+from detkit.engine.checkpoint import NonFiniteCheckpointError, load_checkpoint, save_checkpoint
+from detkit.engine.distributed import DistInfo
+from detkit.engine.state_dict import WeightsError, read_state_dict
 from detkit.training.loop import FiniteGuard, TrainingDiverged
 from detkit.training.trainer import Trainer
 from test_e2e import SIZE, write_config
@@ -246,7 +246,7 @@ def test_corrupt_training_image_is_skipped_named_and_counted(data_dir, tmp_path,
 def test_unwritable_work_dir_and_bad_weights_paths_are_named_before_anything(data_dir, tmp_path, monkeypatch):
     """Through the library (``train``), as tools and schedules call it, not only through the CLI."""
     from detkit.config import ConfigError, load_config
-    from detkit.media import MediaError
+    from detkit.data.media import MediaError
     from detkit.plugins import get_registries
     from detkit.training import train
 

@@ -2,7 +2,7 @@
 ``sample_seed`` alone, not on the batch it is in, the process it runs in or the global RNG."""
 import torch
 
-from detkit.config import RoIHeadsConfig
+from detkit.models.roi_heads import RoIHeadsSettings
 from detkit.models.rpn import AnchorSettings, RPNSettings
 from detkit.models.roi_heads import RoIHeads
 from detkit.models.rpn import RegionProposalNetwork, sample_balanced
@@ -64,7 +64,7 @@ def test_without_sample_seed_the_global_rng_draws():
 
 
 def test_an_image_draws_the_same_rois_in_any_batch():
-    heads = RoIHeads(RoIHeadsConfig(batch_size_per_image=16, positive_fraction=0.25), None, None, None, num_classes=3)
+    heads = RoIHeads(RoIHeadsSettings(batch_size_per_image=16, positive_fraction=0.25), None, None, None, num_classes=3)
     g = torch.Generator().manual_seed(0)
 
     def image():

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from detkit.plugins import get_registries
-from detkit.summary import LayerRow, format_summary, summarize, summary_command, total_macs, totals
+from detkit.models.summary import LayerRow, format_summary, summarize, summary_command, total_macs, totals
 
 REGISTRY = get_registries()
 

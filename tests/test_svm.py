@@ -8,8 +8,8 @@ import torch
 from sklearn.svm import LinearSVC
 
 from detkit.models.svm import SVMSettings
-from detkit.feature_cache import FeatureCache, FeatureCacheError
-from detkit.models import svm as svm_module
+from detkit.models.feature_cache import FeatureCache, FeatureCacheError
+from detkit.models.svm import mining as svm_mining
 from detkit.models.svm import (NEVER_FIRES_BIAS, SVMBoxHead, box_regression_targets, fit_svm_head, ridge_regression,
                                train_box_regressor, train_linear_svms)
 from detkit.ops import BoxCoder, box_iou
@@ -133,13 +133,13 @@ def test_hard_negative_mining_separates_and_keeps_the_boundary_negatives(tmp_pat
     images, boundary = toy_svm_images(np.random.default_rng(0))
     cache = write_cache(tmp_path / "c", images, num_classes=2)
     last_fit = {}
-    fit = svm_module._fit_one_svm
+    fit = svm_mining._fit_one_svm
 
     def recording_fit(x_pos, x_neg, *args):
         last_fit[args[4]] = x_neg.copy()  # (C, positive_weight, bias_multiplier, max_iter, name, tol)
         return fit(x_pos, x_neg, *args)
 
-    monkeypatch.setattr(svm_module, "_fit_one_svm", recording_fit)
+    monkeypatch.setattr(svm_mining, "_fit_one_svm", recording_fit)
     weight, bias, stats = train_linear_svms(cache, ["cat", "dog"], C=10.0, retrain_limit=100, chunk_rows=62)
     x = np.asarray(cache.features("fc7"))
     scores = x @ weight.T + bias

@@ -102,10 +102,10 @@ def test_each_image_is_rendered_and_written_once(tmp_path, monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    for name in ("render", "_write_png", "_write_text_atomic"):
+    for name in ("render", "_write_png", "write_text_atomic"):
         monkeypatch.setattr(synth, name, counted(name, getattr(synth, name)))
     summary = synthesize(str(tmp_path), "coco", 30, seed=0)
-    assert calls == ["render", "_write_png"] * 30 + ["_write_text_atomic"] and summary["images"] == 30
+    assert calls == ["render", "_write_png"] * 30 + ["write_text_atomic"] and summary["images"] == 30
     gt = json.loads((tmp_path / "annotations.json").read_text())
     assert {(img["height"], img["width"]) for img in gt["images"]} == {(240, 320)}
     assert len(list((tmp_path / "images").iterdir())) == 30

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from detkit.config import RoIHeadsConfig
+from detkit.models.roi_heads import RoIHeadsSettings
 from detkit.models.rpn import AnchorSettings, RPNSettings
 from detkit.models.roi_heads import RoIHeads
 from detkit.models.rpn import RegionProposalNetwork
@@ -73,7 +73,7 @@ def test_rpn_sampling_and_loss_counts():
 
 
 def make_roi_heads(**kw):
-    cfg = RoIHeadsConfig(**kw)
+    cfg = RoIHeadsSettings(**kw)
     return RoIHeads(cfg, None, None, None, num_classes=3)
 
 

@@ -1,4 +1,4 @@
-"""Tiled inference (detkit.tiling): the window grid, merging across window borders, each merge mode, the
+"""Tiled inference (detkit.models.tiling): the window grid, merging across window borders, each merge mode, the
 whole-image pass, a real detector through TiledDetector, and `detkit infer --tile` / `detkit eval --set
 eval.tile.size=...` end to end."""
 import json
@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from detkit.checkpoint import save_checkpoint
 from detkit.cli import main
 from detkit.config import ConfigError, TileSettings, bind_parts, from_dict, to_dict
-from detkit.tiling import MERGE_MODES, TiledDetector, check_tile_settings, merge_detections, tile_grid, tiled
+from detkit.data.tile import tile_grid
+from detkit.engine.checkpoint import save_checkpoint
+from detkit.models.tiling import MERGE_MODES, TiledDetector, check_tile_settings, merge_detections, tiled
 
 CLASSES = ["circle", "square", "triangle", "star", "cross"]
 TINY_MODEL = {
@@ -236,11 +237,11 @@ def data_dir(tmp_path_factory):
 
 
 def test_infer_with_tiles_writes_detections_in_image_coordinates(checkpoint, data_dir, tmp_path, monkeypatch):
-    import detkit.tiling
+    import detkit.models.tiling
 
     calls = []
-    monkeypatch.setattr(detkit.tiling.TiledDetector, "_detect_windows",
-                        lambda self, image, windows, original=detkit.tiling.TiledDetector._detect_windows:
+    monkeypatch.setattr(detkit.models.tiling.TiledDetector, "_detect_windows",
+                        lambda self, image, windows, original=detkit.models.tiling.TiledDetector._detect_windows:
                         calls.append(len(windows)) or original(self, image, windows))
     image = sorted((data_dir / "images").iterdir())[0]
     out = tmp_path / "out"
@@ -254,11 +255,11 @@ def test_infer_with_tiles_writes_detections_in_image_coordinates(checkpoint, dat
 
 
 def test_eval_with_tiles_from_the_config_key(checkpoint, data_dir, tmp_path, monkeypatch, capsys):
-    import detkit.tiling
+    import detkit.models.tiling
 
     seen = []
-    monkeypatch.setattr(detkit.tiling.TiledDetector, "detect",
-                        lambda self, image, original=detkit.tiling.TiledDetector.detect:
+    monkeypatch.setattr(detkit.models.tiling.TiledDetector, "detect",
+                        lambda self, image, original=detkit.models.tiling.TiledDetector.detect:
                         seen.append((self.settings.size, tuple(image.shape))) or original(self, image))
     out = tmp_path / "eval"
     assert main(["eval", str(checkpoint), "--data", str(data_dir / "annotations.json"), "--output", str(out),
@@ -277,7 +278,7 @@ def test_bad_tile_options_exit_2_before_the_model_is_built(args, message, tmp_pa
     def build(*_):
         raise AssertionError("the model was built before the options were checked")
 
-    monkeypatch.setattr("detkit.checkpoint.model_from_checkpoint", build)
+    monkeypatch.setattr("detkit.models.loading.model_from_checkpoint", build)
     image = tmp_path / "a.png"
     cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
     assert main(["infer", str(tmp_path / "model.pth"), str(image), "--output", str(tmp_path / "o"), *args]) == 2

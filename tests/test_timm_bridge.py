@@ -216,7 +216,7 @@ def _check_contract(model, side=64):
     return parts
 
 
-def test_sequential_model_is_cut_at_stride_16_and_keeps_the_rest_as_roi_head(fake_timm):
+def test_sequential_model_is_cut_at_stride_16_and_keeps_the_rest_as_box_head(fake_timm):
     torch.manual_seed(0)
     model = timm_registries().backbones.build("timm/fake_resnet", num_classes=5)
     assert model.sequential
@@ -226,15 +226,15 @@ def test_sequential_model_is_cut_at_stride_16_and_keeps_the_rest_as_roi_head(fak
     # stages: stem (conv1..act1), then maxpool + layer1, layer2, layer3 (cut at feature_info's layer3)
     assert len(parts.stages) == 4 and parts.stages[-1][-1] is model.model.layer3
     assert all(any(p is q for q in parts.trunk.parameters()) for st in parts.stages for p in st.parameters())
-    # roi_head is the rest of the timm network: on the whole trunk map it gives the model's pre-logits
+    # box_head is the rest of the timm network: on the whole trunk map it gives the model's pre-logits
     model.eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         timm_feature = model.model.forward_intermediates(x, [3], intermediates_only=True)[0]
         torch.testing.assert_close(parts.trunk(x), timm_feature)
         expected = model.model.forward_head(model.model.forward_features(x), pre_logits=True)
-        torch.testing.assert_close(parts.roi_head(parts.trunk(x)), expected)
-    assert {id(p) for p in parts.roi_head.parameters()} == \
+        torch.testing.assert_close(parts.box_head(parts.trunk(x)), expected)
+    assert {id(p) for p in parts.box_head.parameters()} == \
         {id(p) for m in (model.model.layer4, model.model.fc) for p in m.parameters()}
     assert not any(k.startswith("prelogits") for k in model.state_dict())  # no duplicate keys
 
@@ -252,7 +252,7 @@ def test_non_sequential_model_gets_the_documented_fallback(fake_timm):
     with torch.no_grad():  # the trunk is timm's own intermediate feature (feature_info index 1, blocks.1)
         timm_feature = model.model.forward_intermediates(x, [1], intermediates_only=True)[0]
         torch.testing.assert_close(parts.trunk(x), timm_feature)
-    assert parts.roi_head is model.roi_fallback and isinstance(parts.roi_head[0], torch.nn.Conv2d)
+    assert parts.box_head is model.roi_fallback and isinstance(parts.box_head[0], torch.nn.Conv2d)
 
 
 def test_pretrained_weights_only_from_a_local_file(fake_timm, tmp_path):

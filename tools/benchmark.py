@@ -2,15 +2,18 @@
 """Benchmarks: ``python tools/benchmark.py faster_rcnn --help``.
 
 faster_rcnn: detkit's Faster R-CNN against torchvision's FasterRCNN built around the same modules and
-weights, timed in the same process with interleaved runs (see detkit/benchmark.py). Prints throughputs
-and ratios detkit / torchvision (> 1: detkit faster); ``--markdown`` prints a docs/benchmarks.md section.
+weights, timed in the same process with interleaved runs (see detkit/benchmarks/torchvision_parity.py). Prints
+throughputs and ratios detkit / torchvision (> 1: detkit faster); ``--markdown`` prints a docs/benchmarks.md
+section.
 ``--neck fpn`` compares R50-FPN-style models (FPN P2-P6, two-fc box head, one anchor size per level).
 pipelines: R-CNN, SPP-net, Fast R-CNN and Faster R-CNN checkpoints on the same test images: proposal,
 convolution, region-wise and total time per image and mAP, in the form of the Faster R-CNN paper's
-timing table (see detkit/pipeline_benchmark.py).
+timing table (see detkit/benchmarks/pipeline.py).
 pretrain: images/s of ``detkit pretrain``'s training against the plain PyTorch loop of the ImageNet example
 (torchvision ImageFolder, transforms and DataLoader) on the same backbone, data and settings, with interleaved
-runs in one process (see detkit/classification/benchmark.py); ratio detkit / plain (> 1: detkit faster).
+runs in one process (see detkit/benchmarks/pretrain.py); ratio detkit / plain (> 1: detkit faster).
+export: an exported detector against the eager one: detections, mAP and CPU latency (see
+detkit/benchmarks/export.py).
 """
 from __future__ import annotations
 
@@ -118,20 +121,20 @@ def parser() -> argparse.ArgumentParser:
 def export(args) -> int:
     import torch
 
-    from detkit.cli import _registries
-    from detkit.export import benchmark
+    from detkit.benchmarks import export as export_benchmark
+    from detkit.cli.common import _registries
 
     registries = _registries(report=False)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     results = []
     for i, source in enumerate(args.models):
         model, cfg, names, untrained = _pipeline_model(source, args.set, registries, torch.device("cpu"), None)
-        results.append(benchmark.run(model, cfg, names, not untrained, source, registries,
+        results.append(export_benchmark.run(model, cfg, names, not untrained, source, registries,
                                      os.path.join(args.out, str(i)), formats, args.images, args.timed,
                                      iters=args.iters))
         print(json.dumps(results[-1], indent=1))
     if args.markdown:
-        print(benchmark.markdown(results, "python tools/benchmark.py " + " ".join(args.argv)))
+        print(export_benchmark.markdown(results, "python tools/benchmark.py " + " ".join(args.argv)))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=1)
@@ -144,9 +147,9 @@ def _pipeline_model(path: str, overrides: list[str], registries, device, class_n
     import torch
 
     from detkit.config import load_config
-    from detkit.checkpoint import model_from_checkpoint
     from detkit.data.loading import build_dataset
     from detkit.models.assembly import build_detector
+    from detkit.models.loading import model_from_checkpoint
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint or config file")
@@ -173,12 +176,12 @@ def pipelines(args: argparse.Namespace) -> int:
 
     import torch
 
-    from detkit import benchmark
+    from detkit.benchmarks.common import machine
+    from detkit.benchmarks.pipeline import subset, timing_table
     from detkit.data.synth import synthesize
     from detkit.data.loading import build_dataset
-    from detkit.devices import resolve_device
+    from detkit.engine.devices import resolve_device
     from detkit.models.svd import compress_fully_connected
-    from detkit.pipeline_benchmark import markdown_table, subset
     from detkit.plugins import get_registries
 
     specs = []
@@ -218,7 +221,7 @@ def pipelines(args: argparse.Namespace) -> int:
             if args.svd:
                 fc_model = copy.deepcopy(model)
                 try:
-                    compress_fully_connected(fc_model.roi_heads.box_head, [int(r) for r in args.svd.split(",")])
+                    compress_fully_connected(fc_model.svd_layers(), [int(r) for r in args.svd.split(",")])
                     variants.append((f"{name} + SVD", fc_model))
                 except ValueError as exc:
                     print(f"{name}: no SVD row ({exc})", file=sys.stderr)
@@ -227,12 +230,12 @@ def pipelines(args: argparse.Namespace) -> int:
             del model, variants, m
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    print(f"\nMachine: {benchmark.machine()}; {len(indices)} images of {dataset.source}; device {device}; "
+    print(f"\nMachine: {machine()}; {len(indices)} images of {dataset.source}; device {device}; "
           f"amp {args.amp}.\n")
-    print(markdown_table(rows))
+    print(timing_table(rows))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
-            json.dump({"machine": benchmark.machine(), "device": str(device), "images": len(indices),
+            json.dump({"machine": machine(), "device": str(device), "images": len(indices),
                        "amp": args.amp, "rows": rows}, fh, indent=1)
     return 0
 
@@ -241,7 +244,7 @@ def _pipeline_row(label, path, model, dataset, scored, indices, device, args, un
     """Time ``model`` on ``indices`` and score its detections (untrained models are timed only)."""
     from detkit.evaluation import score_results
     from detkit.evaluation import detections_to_coco_results
-    from detkit.pipeline_benchmark import time_detector
+    from detkit.benchmarks.pipeline import time_detector
 
     timing = time_detector(model, dataset, indices, device, warmup=args.warmup, amp=args.amp)
     row = {"name": label, "checkpoint": path, "seconds": timing["seconds"], "untrained": untrained}
@@ -263,9 +266,11 @@ def _pipeline_row(label, path, model, dataset, scored, indices, device, args, un
 def faster_rcnn(args: argparse.Namespace) -> int:
     import torch
 
-    from detkit import benchmark
+    from detkit.benchmarks import torchvision_parity as parity
+    from detkit.benchmarks.common import load_average, machine
+    from detkit.benchmarks.torchvision_pair import Setup, pyramid_in_strides
     from detkit.config import ConfigError
-    from detkit.devices import resolve_device
+    from detkit.engine.devices import resolve_device
     from detkit.plugins import get_registries
 
     device = resolve_device(args.device)
@@ -277,7 +282,7 @@ def faster_rcnn(args: argparse.Namespace) -> int:
             return 2
         if args.neck:
             try:
-                benchmark.pyramid_in_strides(name, registries)
+                pyramid_in_strides(name, registries)
             except ValueError as exc:
                 print(f"--backbone {name} --neck {args.neck}: {exc}", file=sys.stderr)
                 return 2
@@ -287,13 +292,13 @@ def faster_rcnn(args: argparse.Namespace) -> int:
         return 2
     tuned = None
     if args.tuned_set or args.tuned_channels_last or args.tuned_compile:
-        tuned = benchmark.Tuned(tuple(args.tuned_set), args.tuned_channels_last, args.tuned_compile)
+        tuned = parity.Tuned(tuple(args.tuned_set), args.tuned_channels_last, args.tuned_compile)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     results = []
     for name in names:
-        setup = benchmark.Setup(backbone=name, image_size=args.image_size, anchors=args.anchors, neck=args.neck)
+        setup = Setup(backbone=name, image_size=args.image_size, anchors=args.anchors, neck=args.neck)
         try:
-            r = benchmark.run(setup, registries, device, tuple(args.batch_sizes), args.train_batch, args.warmup,
+            r = parity.run(setup, registries, device, tuple(args.batch_sizes), args.train_batch, args.warmup,
                               args.iters, args.amp, args.channels_last, args.compile, tuned)
         except ConfigError as exc:
             print(f"--tuned-set: {exc}", file=sys.stderr)
@@ -303,24 +308,24 @@ def faster_rcnn(args: argparse.Namespace) -> int:
                               + (f"; tuned {v['tuned']:.2f}, ratio {v['tuned_ratio']:.2f})" if tuned else ")")
                               for bs, v in r["inference"].items())
         t = r["train"]
-        print(f"{benchmark.model_name(r['setup'])}: inference {inference}; train {t['detkit']:.2f} vs "
+        print(f"{parity.model_name(r['setup'])}: inference {inference}; train {t['detkit']:.2f} vs "
               f"{t['torchvision']:.2f} it/s (ratio {t['ratio']:.2f}); peak memory MiB {r['memory']}; agreement {r['agreement']}", flush=True)
     loader_ips = None
     if not args.no_loader:
-        loader_ips = benchmark.loader_throughput(registries, image_size=args.image_size)
+        loader_ips = parity.loader_throughput(registries, image_size=args.image_size)
         step_ips = args.train_batch * results[0]["train"]["detkit"]
         print(f"data loader: {loader_ips:.1f} images/s; detkit training step consumes {step_ips:.1f} images/s")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
-            json.dump({"machine": benchmark.machine(), "load_average": benchmark.load_average(),
+            json.dump({"machine": machine(), "load_average": load_average(),
                        "results": results, "loader_images_per_s": loader_ips}, fh, indent=1)
     if args.markdown:
-        print(benchmark.markdown(results, loader_ips, "python tools/benchmark.py " + " ".join(args.argv)))
+        print(parity.markdown(results, loader_ips, "python tools/benchmark.py " + " ".join(args.argv)))
     return 0
 
 
 def pretrain(args: argparse.Namespace) -> int:
-    from detkit.classification.benchmark import load_benchmark_config, run_pretrain_benchmark, table
+    from detkit.benchmarks.pretrain import load_benchmark_config, run_pretrain_benchmark, table
     from detkit.config import ConfigError
     from detkit.data.dataset import DatasetError
     from detkit.plugins import get_registries

@@ -9,9 +9,9 @@ Each NAME=SPEC is a detkit config file (trained by its own schedule, ``--set`` a
 plain SGD on the same batches; defaults batch 2, lr 0.02, momentum 0.9, weight decay 1e-4, 100 warmup
 iterations, images at the training set's size; ``--set data.batch_size=...``, ``train.lr=...``,
 ``model.transform.min_size=...`` apply to it too). Each run calibrates its seconds per iteration, trains
-budget / that iterations with one learning-rate step at 80% and is scored on --test (see detkit/budget.py).
-Prints a table (name, iterations, s/iter, train time, AP, AP50, APs); ``--markdown`` a docs/benchmarks.md
-section. Exit status 2: a bad spec, dataset or option, named in the message.
+budget / that iterations with one learning-rate step at 80% and is scored on --test (see
+detkit/benchmarks/budget.py). Prints a table (name, iterations, s/iter, train time, AP, AP50, APs);
+``--markdown`` a docs/benchmarks.md section. Exit status 2: a bad spec, dataset or option, named in the message.
 """
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
 
-    from detkit import budget
-    from detkit.benchmark import load_average, machine
+    from detkit.benchmarks import budget
+    from detkit.benchmarks.common import load_average, machine
     from detkit.plugins import get_registries
 
     registries = get_registries()

@@ -249,36 +249,53 @@ def collect(steps: list[Step], tmp: str) -> None:
 
 
 def _model(setup: dict) -> str:
-    from detkit.benchmark import model_name
+    from detkit.benchmarks.torchvision_parity import model_name
 
     return model_name(setup)
 
 
-def _bench_rows(steps: list[Step]) -> list[str]:
+def _bench_table(steps: list[Step]) -> str | None:
+    """Every faster_rcnn run: throughputs of both models with the ratios, peak memory; None without runs."""
+    from detkit.benchmarks.common import markdown_table
+
     runs = [r for s in steps if s.name.startswith("bench_") and s.result for r in s.result["results"]]
     if not runs:
-        return []
+        return None
     batches = sorted(runs[0]["inference"], key=int)
-    lines = ["| backbone | settings | " + " | ".join(f"infer b{b} img/s (detkit / tv / ratio)" for b in batches)
-             + f" | train b{runs[0]['setup']['train_batch']} it/s | peak MiB infer (detkit / tv) | peak MiB train |",
-             "| --- | --- | " + "--- | " * len(batches) + "--- | --- | --- |"]
+    header = ("backbone", "settings", *(f"infer b{b} img/s (detkit / tv / ratio)" for b in batches),
+              f"train b{runs[0]['setup']['train_batch']} it/s", "peak MiB infer (detkit / tv)", "peak MiB train")
+    rows = []
     for step in steps:
         if not step.name.startswith("bench_") or not step.result:
             continue
         for r in step.result["results"]:
-            s = r["setup"]
-            cells = []
-            for bs in sorted(r["inference"], key=int):
-                v = r["inference"][bs]
-                cells.append(f"{v['detkit']:.1f} / {v['torchvision']:.1f} / **{v['ratio']:.2f}**")
-            t = r["train"]
+            s, t, mem = r["setup"], r["train"], r["memory"]
+            cells = [f"{v['detkit']:.1f} / {v['torchvision']:.1f} / **{v['ratio']:.2f}**"
+                     for v in (r["inference"][bs] for bs in sorted(r["inference"], key=int))]
             cells.append(f"{t['detkit']:.2f} / {t['torchvision']:.2f} / **{t['ratio']:.2f}**")
-            mem = r["memory"]
-            settings = step.name.removeprefix("bench_")
-            lines.append(f"| {_model(s)} ({s['image_size'][0]}x{s['image_size'][1]}) | {settings} | "
-                         + " | ".join(cells) + f" | {mem['inference']['detkit']:.0f} / "
-                         f"{mem['inference']['torchvision']:.0f} | {mem['train']['detkit']:.0f} / "
-                         f"{mem['train']['torchvision']:.0f} |")
+            rows.append((f"{_model(s)} ({s['image_size'][0]}x{s['image_size'][1]})", step.name.removeprefix("bench_"),
+                         *cells, f"{mem['inference']['detkit']:.0f} / {mem['inference']['torchvision']:.0f}",
+                         f"{mem['train']['detkit']:.0f} / {mem['train']['torchvision']:.0f}"))
+    return markdown_table(header, rows)
+
+
+def _bench_lines(steps: list[Step]) -> list[str]:
+    """The report's Faster R-CNN section: every run, then detkit at its best against torchvision's fp32."""
+    from detkit.benchmarks.common import markdown_table
+
+    bench = _bench_table(steps)
+    if not bench:
+        return []
+    lines = ["", "## Faster R-CNN: detkit against torchvision (same modules and weights, same process)", "",
+             "Throughputs are medians of interleaved runs; ratio = detkit / torchvision (> 1: detkit faster). "
+             "Settings apply to both models.", "", bench]
+    best = best_vs_default(steps)
+    if best:
+        rows = [(b["backbone"], b["phase"], b["best_settings"], f"{b['detkit']:.2f}",
+                 f"{b['torchvision_fp32']:.2f}", f"**{b['ratio']:.2f}**") for b in best]
+        lines += ["", "detkit with its best settings against torchvision at its fp32 default:", "",
+                  markdown_table(("backbone", "phase", "detkit best settings", "detkit", "torchvision fp32", "ratio"),
+                                 rows)]
     return lines
 
 
@@ -303,14 +320,16 @@ def best_vs_default(steps: list[Step]) -> list[dict]:
 
 
 def _pipeline_lines(step: Step) -> list[str]:
-    from detkit.pipeline_benchmark import markdown_table
+    from detkit.benchmarks.pipeline import timing_table
 
     r = step.result
     return [f"Device {r['device']}, amp {r['amp']}, mean over {r['images']} synthetic image(s):", "",
-            markdown_table(r["rows"]), ""]
+            timing_table(r["rows"]), ""]
 
 
 def markdown(steps: list[Step], args: argparse.Namespace, wall: float) -> str:
+    from detkit.benchmarks.common import markdown_table
+
     env = next((s.result for s in steps if s.name == "env" and s.result), {}) or {}
     lines = ["# detkit gpu-check", "",
              f"Device: **{env.get('gpu', args.device)}** (driver {env.get('driver', 'n/a')}, CUDA runtime "
@@ -324,33 +343,21 @@ def markdown(steps: list[Step], args: argparse.Namespace, wall: float) -> str:
         lines += [f"torchvision ops on {o['nms_device']}: NMS keeps the same {o['nms_kept']} of 2000 boxes as on "
                   f"the CPU: {o['nms_equal_to_cpu']}; RoIAlign max |diff| vs CPU {o['roi_align_max_abs_diff_vs_cpu']:.2g}.",
                   ""]
-    lines += ["## Steps", "", "| step | what | status | seconds | budget |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {s.name} | {s.title} | {s.status} | {s.seconds} | {s.budget:.0f} |" for s in steps]
+    rows = [(s.name, s.title, s.status, s.seconds, f"{s.budget:.0f}") for s in steps]
+    lines += ["## Steps", "", markdown_table(("step", "what", "status", "seconds", "budget"), rows)]
     tests = next((s.result for s in steps if s.name == "cuda_tests" and s.result), None)
     if tests:
         counts = {}
         for t in tests["tests"]:
             counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
+        rows = [(t["name"], t["outcome"] + (f" ({t['message']})" if t["outcome"] != "passed" and t["message"] else ""),
+                 f"{t['seconds']:.1f}") for t in tests["tests"]]
         lines += ["", "## Tests marked cuda", "", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ".", "",
-                  "| test | outcome | seconds |", "| --- | --- | --- |"]
-        for t in tests["tests"]:
-            note = f" ({t['message']})" if t["outcome"] != "passed" and t["message"] else ""
-            lines.append(f"| {t['name']} | {t['outcome']}{note} | {t['seconds']:.1f} |")
+                  markdown_table(("test", "outcome", "seconds"), rows)]
         if tests["figures"]:
             lines += ["", "Measured by the tests:", ""]
             lines += [f"- {k}: {json.dumps(v)}" for k, v in tests["figures"].items()]
-    bench = _bench_rows(steps)
-    if len(bench) > 2:
-        lines += ["", "## Faster R-CNN: detkit against torchvision (same modules and weights, same process)", "",
-                  "Throughputs are medians of interleaved runs; ratio = detkit / torchvision (> 1: detkit faster). "
-                  "Settings apply to both models.", "", *bench]
-        best = best_vs_default(steps)
-        if best:
-            lines += ["", "detkit with its best settings against torchvision at its fp32 default:", "",
-                      "| backbone | phase | detkit best settings | detkit | torchvision fp32 | ratio |",
-                      "| --- | --- | --- | --- | --- | --- |"]
-            lines += [f"| {b['backbone']} | {b['phase']} | {b['best_settings']} | {b['detkit']:.2f} | "
-                      f"{b['torchvision_fp32']:.2f} | **{b['ratio']:.2f}** |" for b in best]
+    lines += _bench_lines(steps)
     pipes = [s for s in steps if s.name.startswith("pipelines_") and s.result]
     if pipes:
         lines += ["", "## The lineage per image (the Faster R-CNN paper's Table 5 form)", "",

@@ -2,7 +2,6 @@
 single-view or 10-crop testing (``detkit eval-cls``, and the validation of ``detkit pretrain``)."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from detkit.classification.loading import test_batches
 from detkit.classification.model import Classifier, main_logits
 from detkit.classification.transforms import ClassifierAugment, ten_crops
+from detkit.engine.files import write_json_atomic
 
 
 class TenCrops:
@@ -75,7 +75,7 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, class_name
 def plot_confusion(metrics: dict, path: str, title: str = "") -> None:
     """The confusion matrix, each row normalised by its class's images (the diagonal is the per-class
     accuracy), with the counts written in the cells when there are at most 20 classes."""
-    from detkit.reports import _plt, _save
+    from detkit.evaluation.reports import _plt, _save
 
     confusion = np.array(metrics["confusion"], dtype=np.float64)
     names = metrics["class_names"]
@@ -102,8 +102,7 @@ def plot_confusion(metrics: dict, path: str, title: str = "") -> None:
 def write_report(metrics: dict, out_dir: str, title: str = "") -> None:
     """``metrics.json`` and ``confusion_matrix.png`` in ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=1)
+    write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics, indent=1)
     plot_confusion(metrics, os.path.join(out_dir, "confusion_matrix.png"), title)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from detkit.config import ConfigError
-from detkit.state_dict import WeightsError
+from detkit.engine.state_dict import WeightsError
 
 LUMA = (0.299, 0.587, 0.114)
 
@@ -84,8 +84,8 @@ def input_side(model_cfg, classifier: Classifier) -> int:
 def classifier_from_checkpoint(path: str, registries, device: torch.device, overrides: list[str] | None = None):
     """The classifier a ``detkit pretrain`` checkpoint holds: ``(model on device in eval mode, cfg, ckpt)``
     (``overrides``: ``KEY=VALUE`` changes to its embedded config)."""
-    from detkit.checkpoint import CheckpointError, load_checkpoint
     from detkit.config import ClassifierConfig, apply_overrides, from_dict
+    from detkit.engine.checkpoint import CheckpointError, load_checkpoint
 
     ckpt = load_checkpoint(path, map_location="cpu", task="classification")
     data = apply_overrides(ckpt["config"], overrides or [], ClassifierConfig)

@@ -2,7 +2,7 @@
 pre-training" before detection fine-tuning), with everything detection training has.
 
 :class:`ClassifierTrainer` is an :class:`~detkit.training.base.SGDTrainer`: the same ``train:`` section,
-learning-rate schedules (``train.lr_schedule: step | cosine``), atomic checkpoints and exact ``--resume``,
+learning-rate schedules (``train.lr_policy: step | cosine``), atomic checkpoints and exact ``--resume``,
 mixed precision, channels-last, ``torch.compile``, ``torchrun``/DDP and the non-finite guard. A step
 normalises the uint8 batch on the device, runs the backbone (its auxiliary classifiers too, in training)
 and takes its ``classification_loss``; training top-1/top-5 are counted on the device and read only on
@@ -20,14 +20,14 @@ import os
 import torch
 from torch import Tensor, nn
 
-from detkit.checkpoint import atomic_torch_save
+from detkit.engine.checkpoint import atomic_torch_save
 from detkit.classification.evaluate import classification_metrics, predict, write_report
 from detkit.classification.loading import build_classification_dataset, training_batches
 from detkit.classification.model import build_classifier, input_side, main_logits
 from detkit.classification.transforms import ClassifierAugment
 from detkit.config import ClassifierConfig, ConfigError
-from detkit.devices import autocast
-from detkit.distributed import mean_over_ranks
+from detkit.engine.devices import autocast
+from detkit.engine.distributed import mean_over_ranks
 from detkit.training.base import SGDTrainer, check_train_settings
 from detkit.training.loop import Hook
 from detkit.training.preflight import check_weights_file, prepare_work_dir
@@ -164,9 +164,6 @@ def pretrain(cfg: ClassifierConfig, registries, resume: str | bool | None = None
     if resume and overwrite:
         raise ConfigError("--resume continues the run in train.work_dir and --overwrite replaces it: give one of them")
     check_train_settings(cfg.train)
-    if cfg.train.schedule != "end_to_end":
-        raise ConfigError(f"train.schedule={cfg.train.schedule!r}: pretraining is one run of SGD (end_to_end); "
-                          f"the detection schedules do not apply")
     check_weights_file(cfg.model.backbone.weights)
     prepare_work_dir(cfg.train.work_dir, resume, overwrite)
     if cfg.data.test and (cfg.train.eval_at_end or cfg.eval.period):

@@ -35,6 +35,23 @@ def build_dataset(spec: dict | None, registries, key: str, transform=None, skip_
     return entry.builder(**spec, **given)
 
 
+def dataset_from_path(path: str, registry, options: dict) -> dict | None:
+    """The dataset mapping a bare path stands for (``detkit eval --dataset PATH``): the first format whose
+    registration declares ``from_path=function(path, options) -> mapping | None`` and recognises ``path``;
+    ``options`` are what the command was also given (``images``, ``split``, ``classes``). None: no format does."""
+    for entry in registry.entries():
+        recognise = entry.info.get("from_path")
+        spec = recognise(path, options) if callable(recognise) else None
+        if spec is not None:
+            return spec
+    return None
+
+
+def path_forms(registry) -> str:
+    """What a bare dataset path may be: the ``path_form`` each format with ``from_path`` declares."""
+    return ", ".join(e.info.get("path_form", e.name) for e in registry.entries() if callable(e.info.get("from_path")))
+
+
 def dataset_entry(spec: dict | None, registry, key: str, example: str, reserved: tuple[str, ...]):
     """The registry entry ``data.<key>`` names and the builder's keyword arguments (``spec`` without
     ``name``); ConfigError for a missing section or name and for keys detkit sets itself (``reserved``)."""

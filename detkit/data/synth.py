@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from detkit.engine.files import atomic_path, write_text_atomic
 
 CLASSES = ("circle", "square", "triangle", "star", "cross")
 COLOURS = ((220, 40, 40), (40, 190, 60), (50, 70, 220), (235, 215, 40), (210, 50, 210))  # RGB
@@ -296,14 +297,6 @@ def _write_png(path: str, image_rgb: np.ndarray) -> None:
     buf.tofile(path)
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: tuple[int, int] = (240, 320),
                variant: str = "default") -> dict:
     """Write ``num_images`` PNG images of ``image_size`` (h, w) with their annotations, drawn as ``variant``
@@ -359,15 +352,15 @@ def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: t
                 f"<object><name>{CLASSES[int(lab)]}</name><difficult>0</difficult><bndbox>"
                 f"<xmin>{int(b[0]) + 1}</xmin><ymin>{int(b[1]) + 1}</ymin><xmax>{int(b[2])}</xmax>"
                 f"<ymax>{int(b[3])}</ymax></bndbox></object>" for b, lab in zip(boxes, labels))
-            _write_text_atomic(os.path.join(out_dir, "Annotations", name + ".xml"),
-                               f"<annotation><filename>{name}.png</filename><size><width>{w}</width>"
-                               f"<height>{h}</height><depth>3</depth></size>{objects}</annotation>\n")
+            write_text_atomic(os.path.join(out_dir, "Annotations", name + ".xml"),
+                              f"<annotation><filename>{name}.png</filename><size><width>{w}</width>"
+                              f"<height>{h}</height><depth>3</depth></size>{objects}</annotation>\n")
     if fmt == "coco":
         categories = [{"id": k + 1, "name": n} for k, n in enumerate(CLASSES)]
         # The default variant writes no info, so that its files stay byte-identical to those of before variants.
         info = {} if variant == "default" else {"info": {"description": "detkit synthetic dataset", "variant": variant}}
-        _write_text_atomic(os.path.join(out_dir, "annotations.json"),
-                           json.dumps({**info, "images": images, "annotations": annotations, "categories": categories}))
+        write_text_atomic(os.path.join(out_dir, "annotations.json"),
+                          json.dumps({**info, "images": images, "annotations": annotations, "categories": categories}))
     else:
         # trainval and test list every image; train and val partition them (every fifth image is val),
         # so that neither is empty as long as there are two images.
@@ -375,8 +368,8 @@ def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: t
         in_val = set(val)
         train = [n for n in names if n not in in_val] or names
         for split, listed in (("train", train), ("val", val), ("trainval", names), ("test", names)):
-            _write_text_atomic(os.path.join(out_dir, "ImageSets", "Main", f"{split}.txt"),
-                               "".join(n + "\n" for n in listed))
+            write_text_atomic(os.path.join(out_dir, "ImageSets", "Main", f"{split}.txt"),
+                              "".join(n + "\n" for n in listed))
     return {"images": num_images, "objects": n_objects, "per_class": dict(zip(CLASSES, per_class.tolist())),
             "classes": list(CLASSES), "format": fmt, "variant": variant}
 
@@ -404,30 +397,27 @@ def synthesize_video(path: str, frames: int, seed: int, fps: int = 12, size: tup
         objects.append({"label": label, "w": s, "h": s * rng.uniform(0.7, 1.4),
                         "pos": rng.uniform(0.2, 0.8, 2) * (w, h), "vel": rng.uniform(-0.03, 0.03, 2) * (w, h),
                         "colour": _jitter(rng, label), "spin": rng.uniform(-0.05, 0.05), "angle": 0.0})
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1] or ".mp4", dir=directory)
-    os.close(fd)
-    writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
-    if not writer.isOpened():
-        os.remove(tmp)
-        raise OSError(f"{path}: OpenCV cannot write mp4 video here")
-    try:
-        for _ in range(frames):
-            frame = background.copy()
-            for o in objects:
-                pts = _place(CLASSES[o["label"]], o["pos"][0], o["pos"][1], o["w"], o["h"], o["angle"])
-                cv2.fillPoly(frame, [pts], o["colour"], cv2.LINE_AA, shift=4)
-                o["pos"] = o["pos"] + o["vel"]
-                o["angle"] += o["spin"]
-                for d, limit in ((0, w), (1, h)):
-                    if not 0 < o["pos"][d] < limit:
-                        o["vel"][d] *= -1
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        writer.release()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.release()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    # the temporary keeps the extension (mp4 when there is none): OpenCV picks the container by it
+    with atomic_path(path, suffix=".tmp" + (os.path.splitext(path)[1] or ".mp4")) as tmp:
+        writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
+        try:
+            if not writer.isOpened():
+                raise OSError(f"{path}: OpenCV cannot write mp4 video here")
+            for _ in range(frames):
+                writer.write(cv2.cvtColor(_video_frame(background, objects, w, h), cv2.COLOR_RGB2BGR))
+        finally:
+            writer.release()
+
+
+def _video_frame(background: np.ndarray, objects: list[dict], w: int, h: int) -> np.ndarray:
+    """The next frame: ``objects`` drawn on ``background``, then moved, turned and bounced off the borders."""
+    frame = background.copy()
+    for o in objects:
+        pts = _place(CLASSES[o["label"]], o["pos"][0], o["pos"][1], o["w"], o["h"], o["angle"])
+        cv2.fillPoly(frame, [pts], o["colour"], cv2.LINE_AA, shift=4)
+        o["pos"] = o["pos"] + o["vel"]
+        o["angle"] += o["spin"]
+        for d, limit in ((0, w), (1, h)):
+            if not 0 < o["pos"][d] < limit:
+                o["vel"][d] *= -1
+    return frame

@@ -1,18 +1,19 @@
 """Cutting a detection dataset of large images into a dataset of overlapping tiles at native resolution.
 
 A detector trained on images resized to its input never sees the small objects of a 4000 px aerial or
-microscopy image at their own scale, and tiled inference (``detkit.tiling``) shows it exactly that scale. This
-module makes the matching training (or evaluation) data: every image is cut into the windows of
-``detkit.tiling.tile_grid``, each box is clipped to each window it overlaps and kept in that tile when at least
-``min_visibility`` of its area lies inside, as the image splitter of the DOTA devkit does (DOTA, Xia et al.
-2018: aerial images of 4000 px cut into 1024 px patches; it keeps a cut object when more than 0.7 of it
-remains). With tiles overlapping by at least an object's size, every such object lies whole in some tile. The
-tiles are written as a COCO or VOC dataset that ``build_dataset`` reads back; one source image is in memory at a
-time, and the dataset appears under its name only when complete.
+microscopy image at their own scale, and tiled inference (``detkit.models.tiling``) shows it exactly that
+scale. This module makes the matching training (or evaluation) data: every image is cut into the windows of
+:func:`tile_grid` (the grid tiled inference runs on too), each box is clipped to each window it overlaps and
+kept in that tile when at least ``min_visibility`` of its area lies inside, as the image splitter of the DOTA
+devkit does (DOTA, Xia et al. 2018: aerial images of 4000 px cut into 1024 px patches; it keeps a cut object
+when more than 0.7 of it remains). With tiles overlapping by at least an object's size, every such object lies
+whole in some tile. The tiles are written as a COCO or VOC dataset that ``build_dataset`` reads back; one
+source image is in memory at a time, and the dataset appears under its name only when complete.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -21,8 +22,11 @@ from xml.sax.saxutils import escape
 
 import cv2
 import numpy as np
+import torch
+from torch import Tensor
 
 from detkit.config import ConfigError
+from detkit.engine.files import replace_directory
 
 #: Half an object is still recognisable as its class, and its clipped box is the visible part; a smaller
 #: piece (a half circle may be a square's corner) teaches the detector to fire on fragments, which become
@@ -32,10 +36,32 @@ DEFAULT_MIN_VISIBILITY = 0.5
 MIN_TILE_SIZE = 32
 
 
+def axis_starts(length: int, size: int, overlap: float) -> Tensor:
+    """Start offsets of windows of ``size`` along an axis of ``length`` pixels, consecutive windows sharing
+    at least ``overlap`` of ``size``: the fewest windows that do, spread evenly from 0 to ``length - size``
+    (so the last ends at the border; a shorter axis: one window at 0)."""
+    if length <= size:
+        return torch.zeros(1, dtype=torch.int64)
+    stride = max(1, int(math.floor(size * (1.0 - overlap))))
+    count = int(math.ceil((length - size) / stride)) + 1
+    return torch.linspace(0, length - size, count, dtype=torch.float64).floor().to(torch.int64)
+
+
+def tile_grid(height: int, width: int, size: int, overlap: float) -> Tensor:
+    """Windows ``(T, 4)`` int64 xyxy covering an image of ``height x width``, row-major, each ``size x size``
+    (or the image's side where it is shorter), neighbours overlapping by at least ``overlap * size``."""
+    if size < 1 or not 0.0 <= overlap < 1.0:
+        raise ValueError(f"tile size {size} must be >= 1 and overlap {overlap} in [0, 1)")
+    ys, xs = axis_starts(height, size, overlap), axis_starts(width, size, overlap)
+    y0, x0 = torch.meshgrid(ys, xs, indexing="ij")
+    y0, x0 = y0.reshape(-1), x0.reshape(-1)
+    return torch.stack([x0, y0, (x0 + size).clamp(max=width), (y0 + size).clamp(max=height)], dim=1)
+
+
 @dataclass(frozen=True)
 class TileSpec:
     """How images are cut: ``size`` x ``size`` windows sharing at least ``overlap`` of a side
-    (``detkit.tiling.tile_grid``), boxes kept where at least ``min_visibility`` of their area is inside, and
+    (:func:`tile_grid`), boxes kept where at least ``min_visibility`` of their area is inside, and
     the fraction ``keep_empty`` of the tiles without a kept box written anyway.
 
     Raises ConfigError on construction, naming the option (as ``detkit data tile`` spells it), its value and
@@ -150,7 +176,7 @@ class _VocWriter:
 def _check_out(out_dir: str, overwrite: bool, dataset) -> None:
     """Refuse, before any work, a non-empty ``out_dir`` without ``overwrite``, an ``out_dir`` that holds the
     source images (overwriting would delete them) and one this process cannot create or write."""
-    from detkit.media import check_output_dir
+    from detkit.data.media import check_output_dir
 
     out = os.path.abspath(out_dir)
     if os.path.isdir(out) and os.listdir(out):
@@ -163,17 +189,6 @@ def _check_out(out_dir: str, overwrite: bool, dataset) -> None:
                 raise ConfigError(f"--out {out_dir}: holds the source image {path}; --overwrite would delete it "
                                   f"(write the tiles elsewhere)")
     check_output_dir(out, "--out")
-
-
-def _publish(tmp: str, out: str) -> None:
-    """Put the finished ``tmp`` folder at ``out`` by renames: a reader sees the old folder or the new one."""
-    if not os.path.lexists(out):
-        os.rename(tmp, out)
-        return
-    trash = f"{tmp}.old"
-    os.rename(out, trash)
-    os.rename(tmp, out)
-    shutil.rmtree(trash)
 
 
 def _tile_stem(info: dict, used: set[str]) -> str:
@@ -189,8 +204,6 @@ def _tile_image(writer, image: np.ndarray, ann: dict, index: int, stem: str, inf
                 counts: dict) -> None:
     """Write the tiles of one source image and count them, their boxes and the boxes no tile kept into
     ``counts``."""
-    from detkit.tiling import tile_grid
-
     ignored = ann["iscrowd"] | ann["difficult"]
     seen = np.zeros(len(ann["boxes"]), bool)
     for t, window in enumerate(tile_grid(image.shape[0], image.shape[1], spec.size, spec.overlap).tolist()):
@@ -253,7 +266,7 @@ def tile_dataset(dataset, out_dir: str, spec: TileSpec, fmt: str = "coco", split
             image = read_image(info["file_name"])  # its real size decides the grid; boxes are clipped to it
             _tile_image(writer, image, dataset.annotations(index), index, _tile_stem(info, used), info, spec, counts)
         writer.finish()
-        _publish(tmp, out)
+        replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

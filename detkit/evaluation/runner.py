@@ -10,11 +10,11 @@ from torch import nn
 
 from detkit.config import Config, ConfigError
 from detkit.data.loading import build_dataset, to_tensor_batch
-from detkit.distributed import DistInfo, gather_objects
+from detkit.engine.distributed import DistInfo, gather_objects
 from detkit.evaluation.coco_eval import detections_to_coco_results, evaluate_coco, format_metrics_table
 from detkit.evaluation.voc_eval import evaluate_voc, format_voc_table
+from detkit.models.tiling import tiled
 from detkit.proposals.attach import attach_proposals
-from detkit.tiling import tiled
 
 
 @torch.no_grad()
@@ -45,7 +45,7 @@ def predict_dataset(model: nn.Module, dataset, device: torch.device, batch_size:
 def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, out_dir: str,
              dataset=None, progress: bool = True, dist_info: DistInfo | None = None) -> dict | None:
     """COCO-style evaluation on ``data.test`` (or ``dataset``); writes ``metrics.json`` and results JSON.
-    With ``eval.tile.size > 0`` the model sees each image in overlapping windows (:mod:`detkit.tiling`).
+    With ``eval.tile.size > 0`` the model sees each image in overlapping windows (:mod:`detkit.models.tiling`).
 
     Under torch.distributed each rank predicts a shard; rank 0 gathers, scores and
     writes (other ranks return None).
@@ -56,7 +56,7 @@ def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, ou
     if len(dataset) == 0:
         raise ConfigError("data.test: the dataset has no images")
     cat_ids = label_categories(list(cfg.model.class_names or []), list(dataset.class_names), list(dataset.cat_ids))
-    # eval.tile.size > 0: each image in overlapping windows (detkit.tiling); a window's proposals are made from
+    # eval.tile.size > 0: each image in overlapping windows (detkit.models.tiling); a window's proposals are made from
     # the window, so per-image proposal caches are not attached.
     detector = tiled(model, cfg.eval.tile, progress=progress and info.is_main)
     if detector is model:
@@ -104,8 +104,8 @@ def score_and_write(dataset, results: list[dict], out_dir: str, metric: str, bac
                     write_results: bool = True) -> dict:
     """Score COCO-format ``results`` on ``dataset``, write ``metrics.json`` (with the error report's
     figures) and, with ``write_results``, ``results.json`` under ``out_dir``; print the metrics table."""
-    from detkit.media import write_json_atomic
-    from detkit.reports import evaluation_report
+    from detkit.engine.files import write_json_atomic
+    from detkit.evaluation.reports import evaluation_report
 
     gt = dataset.to_coco()
     metrics = score_results(gt, results, metric, backend, names)

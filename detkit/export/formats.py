@@ -21,13 +21,13 @@ import copy
 import json
 import logging
 import os
-import tempfile
 import warnings
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from detkit.engine.files import atomic_path
 from detkit.export.graph import DetectionGraph, ExportError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts", "exported": ".pt2"}
@@ -101,17 +101,20 @@ def write_onnx(graph: DetectionGraph, example: Tensor, path: str, metadata: dict
     model = program.model_proto
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA, json.dumps(metadata)
-    _atomic(path, lambda tmp: onnx.save(model, tmp))
+    with atomic_path(path) as tmp:
+        onnx.save(model, tmp)
 
 
 def write_torchscript(graph: DetectionGraph, example: Tensor, path: str, metadata: dict) -> None:
     scripted = script_graph(graph, example)
-    _atomic(path, lambda tmp: torch.jit.save(scripted, tmp, _extra_files={METADATA: json.dumps(metadata)}))
+    with atomic_path(path) as tmp:
+        torch.jit.save(scripted, tmp, _extra_files={METADATA: json.dumps(metadata)})
 
 
 def write_program(graph: DetectionGraph, example: Tensor, path: str, metadata: dict) -> None:
     program = export_program(graph, example)
-    _atomic(path, lambda tmp: torch.export.save(program, tmp, extra_files={METADATA: json.dumps(metadata)}))
+    with atomic_path(path) as tmp:
+        torch.export.save(program, tmp, extra_files={METADATA: json.dumps(metadata)})
 
 
 WRITERS: dict[str, Callable] = {"onnx": write_onnx, "torchscript": write_torchscript, "exported": write_program}
@@ -143,19 +146,6 @@ def script_graph(graph: DetectionGraph, example: Tensor) -> torch.jit.ScriptModu
     # with initial weights then drifts by up to 7e-3 px) and was no faster on a quiet CPU (tools/benchmark.py
     # export); optimize_for_inference writes a file torch.jit.load rejects.
     return torch.jit.script(graph)
-
-
-def _atomic(path: str, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, renamed over ``path`` only when complete."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class ExportedDetector:

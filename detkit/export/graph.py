@@ -138,7 +138,7 @@ class RoIPooler(nn.Module):
         return torch.cat(parts)[torch.argsort(torch.cat(order))]
 
 
-class Classifier(nn.Module):
+class RegionClassifier(nn.Module):
     """Pooled regions -> ``scores (R, K+1)``, ``deltas (R, 4(K+1))``: the box head, the predictor and its
     test-time scores, as one module (traced whole under TorchScript)."""
 
@@ -197,7 +197,7 @@ class DetectionGraph(nn.Module):
         self.rpn_clamp = float(rpn.box_coder.scale_clamp)
         extractor = heads.roi_extractor
         self.pooler = RoIPooler(extractor.pooling_op(), list(extractor.strides))
-        self.classifier = Classifier(heads.box_head, heads.predictor)
+        self.classifier = RegionClassifier(heads.box_head, heads.predictor)
         self.num_classes = int(heads.num_classes)
         self.score_thresh = float(heads.cfg.score_thresh)
         self.nms_thresh = float(heads.cfg.nms_thresh)
@@ -294,10 +294,13 @@ def check_exportable(detector: nn.Module) -> None:
     """Raise :class:`ExportError` naming the part a graph cannot hold: proposals from outside the network
     (selective search, precomputed boxes), an extractor that is not RoI pooling (R-CNN's warp), several
     test scales."""
-    from detkit.models.rpn import RegionProposalNetwork
+    from detkit.models.roi_heads import RoIHeads
 
+    if not isinstance(getattr(detector, "roi_heads", None), RoIHeads):
+        raise ExportError(f"the exported graph restates the two-stage detector's test-time steps (one RoIHeads); "
+                          f"{type(detector).__name__} has another shape and no exported form: run it eagerly")
     pg = getattr(detector, "proposal_generator", None)
-    if not isinstance(pg, RegionProposalNetwork):
+    if not getattr(pg, "anchor_based", False):  # a declaration of the source (ProposalSource.anchor_based)
         raise ExportError(f"the detector's proposals come from {type(pg).__name__}, outside the network: only a "
                           "detector with an RPN (Faster R-CNN) exports as one graph; detectors on selective "
                           "search or precomputed boxes need their proposals at run time")

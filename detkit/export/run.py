@@ -8,12 +8,12 @@ command fails with the table of differences. An existing ``--output`` is replace
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from detkit.engine.files import atomic_path
 from detkit.export.formats import FORMATS, export_detector, load_exported
 from detkit.export.graph import ExportError, check_exportable
 from detkit.export.verify import format_comparisons, verify
@@ -60,7 +60,7 @@ def verification_images(paths: list[str], cfg, registries, count: int) -> list[t
     """``(name, (3, H, W) uint8)`` of the given image files and folders, or of the first ``count`` images
     of the checkpoint's test set."""
     from detkit.data.images import read_image, to_chw_tensor
-    from detkit.media import list_images
+    from detkit.data.media import list_images
 
     files: list[Path] = []
     for path in paths:
@@ -97,7 +97,7 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str, registries, images
                       count: int = 4, overrides: list[str] | None = None, overwrite: bool = False,
                       tolerance: float = 1e-3) -> str:
     """Export and verify; returns the comparison table. Raises ExportMismatch when the detections differ."""
-    from detkit.checkpoint import model_from_checkpoint
+    from detkit.models.loading import model_from_checkpoint
 
     check_request(fmt, output, overwrite, list(images or []), count, tolerance)
     model, cfg, ckpt = model_from_checkpoint(checkpoint, registries, torch.device("cpu"), overrides)
@@ -107,18 +107,11 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str, registries, images
     metadata = {"class_names": list(ckpt["class_names"]), "cat_ids": list(ckpt.get("cat_ids") or []),
                 "checkpoint": os.path.abspath(checkpoint)}
     example = torch.stack([samples[0][1], samples[0][1]])  # a batch of two: one would fix the batch size to 1
-    folder = os.path.dirname(os.path.abspath(output))
-    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=FORMATS[fmt], dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(output, suffix=".tmp" + FORMATS[fmt]) as tmp:  # the reader picks the format by extension
         export_detector(model, fmt, tmp, example, metadata)
         rows = verify(model, load_exported(tmp), samples, tolerance)
         table = format_comparisons(rows, tolerance)
         if not all(r.ok for r in rows):
             raise ExportMismatch(f"the exported model's detections differ from the eager model's; {output} was "
                                  f"not written:\n{table}")
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return table

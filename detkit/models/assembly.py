@@ -1,5 +1,8 @@
-"""Building a detector from a model config: the backbone's parts, the registered parts the config
-chooses (each with its own settings), and their composition into a :class:`TwoStageDetector`.
+"""The two-stage lineage's assembly: the backbone's parts, the parts the detector's slots hold (each built from
+its own settings with a typed context, :class:`~detkit.registry.contexts.DetectorContext.build`), and their
+composition into a :class:`TwoStageDetector`. The registered detectors (``plugins/detkit_core``) call
+:func:`build_two_stage` or :func:`build_rcnn`; a lineage of another shape reuses :func:`backbone_parts` and
+:func:`build_roi_extractor` and composes its own heads.
 
 Parts declare what they consume and produce in their registration, and the assembly checks the
 declarations instead of knowing the lineage: an RoI extractor consumes ``"features"`` (the trunk's
@@ -17,11 +20,14 @@ from dataclasses import dataclass
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from detkit.config import ConfigError, ModelConfig, bind_parts, check_kwargs
+from detkit.config import ConfigError, ModelConfig, check_kwargs
 from detkit.models.detector import TwoStageDetector
 from detkit.models.fpn import FeatureBody, WithNeck
 from detkit.models.roi_heads import RoIHeads
 from detkit.models.transform import DetectionTransform
+from detkit.registry.binding import build_detector as _build_bound
+from detkit.registry.contexts import (BoxHeadContext, BoxPredictorContext, DetectorContext, NeckContext,
+                                      ProposalGeneratorContext, RoIExtractorContext)
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +75,19 @@ class Body:
     roi_levels: int
 
 
-def backbone_parts(cfg: ModelConfig, registries):
+def backbone_parts(ctx: DetectorContext):
     """The backbone, its detection parts and the body the heads are built on (the trunk, or the backbone's
-    feature stages and the configured neck), with batch norm frozen and the first ``freeze_at`` stages
-    fixed as the config says."""
-    backbone = build_backbone(cfg, registries)
+    feature stages and the neck the ``neck`` slot holds), with batch norm frozen and the first ``freeze_at``
+    stages fixed as the config says."""
+    cfg = ctx.model
+    backbone = build_backbone(cfg, ctx.registries)
     parts = backbone.detection_parts()
     if cfg.neck is None:
         body = Body(parts.trunk, parts.out_channels, [parts.stride], 1)
-        _fix(cfg, [parts.trunk, parts.roi_head], parts.stages)
+        _fix(cfg, [parts.trunk, parts.box_head], parts.stages)
         return backbone, parts, body
-    body_module, neck = _neck(cfg, registries, backbone)
-    _fix(cfg, [body_module.stages, parts.roi_head], list(body_module.stages))
+    body_module, neck = _neck(ctx, backbone)
+    _fix(cfg, [body_module.stages, parts.box_head], list(body_module.stages))
     channels = sorted({info.channels for info in neck.out_info})
     if len(channels) != 1:
         raise ConfigError(f"model.neck.name={cfg.neck.name!r}: its maps have {channels} channels; the heads are "
@@ -89,14 +96,14 @@ def backbone_parts(cfg: ModelConfig, registries):
     return backbone, parts, body
 
 
-def _neck(cfg: ModelConfig, registries, backbone) -> tuple[FeatureBody, nn.Module]:
-    entry = registries.necks.get(cfg.neck.name)
+def _neck(ctx: DetectorContext, backbone) -> tuple[FeatureBody, nn.Module]:
+    cfg = ctx.model
     try:
         stages = backbone.feature_stages()
     except NotImplementedError as exc:
         raise ConfigError(f"model.neck.name={cfg.neck.name!r}: backbone {cfg.backbone.name!r} cannot take a "
                           f"neck: {exc}") from None
-    neck = entry.builder(cfg.neck.settings, stages=stages, backbone=f"backbone {cfg.backbone.name!r}")
+    neck = ctx.build("neck", NeckContext(stages=stages, backbone=f"backbone {cfg.backbone.name!r}"))
     return FeatureBody(stages, neck.in_indices), neck
 
 
@@ -116,66 +123,64 @@ def _fix(cfg: ModelConfig, containers: list[nn.Module], stages: list[nn.Module])
             p.requires_grad_(False)
 
 
-def build_roi_extractor(cfg: ModelConfig, registries, backbone, parts, body: Body, consumes: str) -> nn.Module:
-    """The configured RoI extractor, which must consume what this assembly hands it (``consumes``)."""
-    entry = registries.roi_extractors.get(cfg.roi_extractor.name)
-    declared = entry.info.get("consumes", "features")
+def build_roi_extractor(ctx: DetectorContext, backbone, parts, body: Body, consumes: str) -> nn.Module:
+    """The RoI extractor the ``roi_extractor`` slot holds, which must consume what this assembly hands it
+    (``consumes``: "features" or "image", as the extractor's registration declares)."""
+    cfg = ctx.model
+    declared = ctx.registries.roi_extractors.get(cfg.roi_extractor.name).info.get("consumes", "features")
     if declared != consumes:
-        raise ConfigError(
-            f"model.roi_extractor.name={cfg.roi_extractor.name!r} consumes {declared}, but model.detector="
-            f"{cfg.detector!r} hands its extractor {consumes}"
-            + (" (R-CNN's warp runs the whole CNN per window: model.detector: rcnn)" if declared == "image" else ""))
+        raise ConfigError(f"model.roi_extractor.name={cfg.roi_extractor.name!r} consumes {declared}, but "
+                          f"model.detector={cfg.detector.name!r} hands its extractor {consumes}")
     defaults = backbone.defaults
-    return entry.builder(cfg.roi_extractor.settings, output_size=defaults.roi_output_size,
-                         strides=body.strides[: body.roi_levels], trunk=parts.trunk,
-                         input_size=defaults.input_size[-1])
+    return ctx.build("roi_extractor", RoIExtractorContext(
+        output_size=defaults.roi_output_size, strides=body.strides[: body.roi_levels], trunk=parts.trunk,
+        input_size=defaults.input_size[-1]))
 
 
-def compose(cfg: ModelConfig, num_classes: int, registries, class_names, backbone, parts, body: Body,
-            extractor: nn.Module) -> TwoStageDetector:
-    """The detector from its parts: ``body`` feeds the proposal source and ``extractor``; the configured box
-    head (by default the backbone's RoI head) and box predictor classify the extracted regions."""
-    grid = registries.roi_extractors.get(cfg.roi_extractor.name).info.get("produces", "grid") == "grid"
+def compose(ctx: DetectorContext, backbone, parts, body: Body, extractor: nn.Module) -> TwoStageDetector:
+    """The detector from its parts: ``body`` feeds the proposal source and ``extractor``; the box head the
+    ``box_head`` slot holds (by default the backbone's RoI head) and the box predictor classify the regions."""
+    cfg = ctx.model
+    grid = ctx.registries.roi_extractors.get(cfg.roi_extractor.name).info.get("produces", "grid") == "grid"
     pooled_shape = (body.channels, *extractor.output_size) if grid else (extractor.out_features(body.channels),)
-    box_head, head_features = registries.box_heads.get(cfg.box_head.name).builder(
-        cfg.box_head.settings, pooled_shape=pooled_shape, backbone_head=parts.roi_head,
-        head_in_channels=parts.out_channels, head_channels=parts.head_channels)
+    box_head, head_features = ctx.build("box_head", BoxHeadContext(
+        pooled_shape=tuple(pooled_shape), backbone_head=parts.box_head, head_in_channels=parts.out_channels,
+        head_channels=parts.head_channels))
     defaults, t = backbone.defaults, cfg.transform
     transform = DetectionTransform(
         t.min_size, t.max_size, t.mean or list(defaults.mean), t.std or list(defaults.std),
         t.size_divisible or max(body.strides), in_channels=defaults.input_size[0],
     )
-    source = registries.proposal_generators.get(cfg.proposal_generator.name)
-    proposal_generator = source.builder(cfg.proposal_generator.settings, in_channels=body.channels,
-                                        strides=body.strides)
-    predictor = registries.heads.get(cfg.box_predictor.name).builder(
-        cfg.box_predictor.settings, in_features=head_features, num_classes=num_classes,
-        pooled_features=math.prod(pooled_shape), box_coder_weights=tuple(cfg.roi_heads.box_coder_weights))
-    roi_heads = RoIHeads(cfg.roi_heads, extractor, box_head, predictor, num_classes)
-    detector = TwoStageDetector(transform, body.trunk, proposal_generator, roi_heads, class_names)
+    proposal_generator = ctx.build("proposal_generator", ProposalGeneratorContext(
+        in_channels=body.channels, strides=list(body.strides)))
+    predictor = ctx.build("box_predictor", BoxPredictorContext(
+        in_features=head_features, num_classes=ctx.num_classes, pooled_features=math.prod(pooled_shape),
+        box_coder_weights=tuple(cfg.roi_heads.box_coder_weights)))
+    roi_heads = RoIHeads(cfg.roi_heads, extractor, box_head, predictor, ctx.num_classes)
+    detector = TwoStageDetector(transform, body.trunk, proposal_generator, roi_heads, ctx.class_names)
     detector.test_scales = list(t.test_scales or [])
     return detector
 
 
-def build_two_stage(cfg: ModelConfig, num_classes: int, registries, class_names=None) -> TwoStageDetector:
+def build_two_stage(settings, ctx: DetectorContext) -> TwoStageDetector:
     """Any proposal source, RoI extractor on the trunk's (or the neck's) features, box head and box
     predictor (Fast and Faster R-CNN, SPP-net, with or without FPN)."""
-    backbone, parts, body = backbone_parts(cfg, registries)
-    extractor = build_roi_extractor(cfg, registries, backbone, parts, body, consumes="features")
-    return compose(cfg, num_classes, registries, class_names, backbone, parts, body, extractor)
+    backbone, parts, body = backbone_parts(ctx)
+    extractor = build_roi_extractor(ctx, backbone, parts, body, consumes="features")
+    return compose(ctx, backbone, parts, body, extractor)
 
 
-def build_rcnn(cfg: ModelConfig, num_classes: int, registries, class_names=None) -> TwoStageDetector:
+def build_rcnn(settings, ctx: DetectorContext) -> TwoStageDetector:
     """R-CNN (Girshick et al. 2014, Sec. 2.1): the extractor cuts each window from the image and passes it
     through the whole CNN, so it owns the trunk; the detector's own trunk is the identity (its "features"
     are the normalised images, of stride 1)."""
-    if cfg.neck is not None:
-        raise ConfigError(f"model.neck.name={cfg.neck.name!r}: R-CNN runs the whole CNN on each warped window; "
-                          f"it takes no neck")
-    backbone, parts, body = backbone_parts(cfg, registries)
-    extractor = build_roi_extractor(cfg, registries, backbone, parts, body, consumes="image")
+    if ctx.model.neck is not None:
+        raise ConfigError(f"model.neck.name={ctx.model.neck.name!r}: R-CNN runs the whole CNN on each warped "
+                          f"window; it takes no neck")
+    backbone, parts, body = backbone_parts(ctx)
+    extractor = build_roi_extractor(ctx, backbone, parts, body, consumes="image")
     windows = Body(nn.Identity(), body.channels, [1], 1)
-    return compose(cfg, num_classes, registries, class_names, backbone, parts, windows, extractor)
+    return compose(ctx, backbone, parts, windows, extractor)
 
 
 def backbone_box_head(pooled_shape: tuple[int, ...], backbone_head: nn.Module, head_in_channels: int,
@@ -208,10 +213,8 @@ def backbone_box_head(pooled_shape: tuple[int, ...], backbone_head: nn.Module, h
 
 
 def build_detector(cfg: ModelConfig, registries, num_classes: int | None = None, class_names=None) -> nn.Module:
-    """The detector ``model.detector`` names, its part sections checked against their parts' settings."""
+    """The detector ``model.detector`` names, built from its slots after binding the model to the registries."""
     num_classes = num_classes or cfg.num_classes
     if not num_classes or num_classes < 1:
         raise ConfigError("model.num_classes: expected a positive integer (or a training dataset to take it from)")
-    bind_parts(cfg, registries)
-    entry = registries.detectors.get(cfg.detector)
-    return entry.builder(cfg=cfg, num_classes=num_classes, registries=registries, class_names=class_names)
+    return _build_bound(cfg, registries, num_classes, class_names)

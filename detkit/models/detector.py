@@ -49,6 +49,11 @@ class TwoStageDetector(nn.Module):
             return {**rpn_losses, **roi_losses}
         return self.transform.postprocess(detections, image_list.image_sizes, image_list.original_sizes)
 
+    def svd_layers(self) -> nn.Module:
+        """The part whose fully connected layers ``--svd`` may factor by truncated SVD (Fast R-CNN Sec. 3.1): the
+        box head (fc6/fc7 of VGG). A detector of another shape declares its own by this method."""
+        return self.roi_heads.box_head
+
     def features(self, images: list[Tensor], targets: list[dict] | None = None, min_size: int | None = None
                  ) -> tuple[ImageList, Tensor, list[dict] | None]:
         """The resized, normalised batch, the trunk's features of it and the targets in its coordinates

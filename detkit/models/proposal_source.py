@@ -22,6 +22,10 @@ class ProposalSource(nn.Module):
     caller can ask a trained source for its training proposals without changing any setting.
     """
 
+    #: proposals computed in the network from anchors, as the RPN does (``head``, ``anchor_generators``,
+    #: ``box_coder``, ``cfg``): the exported graph (``detkit.export.graph``) can hold such a source
+    anchor_based: bool = False
+
     def propose(self, images: list[Tensor]) -> list[Tensor] | None:
         """Boxes made from the images alone, ``Tensor[N_i, 4]`` in their pixels (``images``: ``(3, H_i, W_i)``
         uint8 or [0, 1] float); None for a source that computes its proposals from features (the RPN)."""

@@ -19,9 +19,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkit.config import RoIHeadsConfig, ranged
+from detkit.config import ranged
 from detkit.models.rpn import ROI_STREAM, sample_balanced, sample_generators
 from detkit.ops import BalancedSampler, BoxCoder, Matcher, batched_nms, box_iou, clip_boxes, remove_small_boxes
+
+
+@dataclass
+class RoIHeadsSettings:
+    """``model.roi_heads``, a settings section the two-stage detectors declare: the second stage's own settings
+    (torchvision's ``RoIHeads``, Detectron2's ``ROI_HEADS``): training samples (Fast R-CNN Sec. 2.3), box
+    targets and loss (Eq. 1-3), test-time post-processing."""
+
+    batch_size_per_image: int = ranged(128, ge=1)
+    positive_fraction: float = ranged(0.25, ge=0, le=1)
+    fg_iou_thresh: float = ranged(0.5, ge=0, le=1)
+    bg_iou_thresh_hi: float = ranged(0.5, ge=0, le=1)
+    bg_iou_thresh_lo: float = ranged(0.1, ge=0, le=1)
+    add_gt_as_proposals: bool = True
+    box_coder_weights: list[float] = ranged(default_factory=lambda: [10.0, 10.0, 5.0, 5.0], gt=0)
+    box_loss_weight: float = ranged(1.0, ge=0)
+    smooth_l1_beta: float = ranged(1.0, ge=0)
+    score_thresh: float = 0.05  # any number: the SVM predictor's scores are margins, not probabilities
+    nms_thresh: float = ranged(0.3, ge=0, le=1)
+    detections_per_img: int = ranged(100, ge=1)
 
 
 class BoxPredictor(nn.Module):
@@ -64,7 +84,7 @@ class SoftmaxBoxHead(BoxPredictor):
 
 
 class RoIHeads(nn.Module):
-    def __init__(self, cfg: RoIHeadsConfig, roi_extractor: nn.Module, box_head: nn.Module, predictor: nn.Module,
+    def __init__(self, cfg: RoIHeadsSettings, roi_extractor: nn.Module, box_head: nn.Module, predictor: nn.Module,
                  num_classes: int):
         super().__init__()
         self.cfg = cfg

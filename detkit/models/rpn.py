@@ -146,6 +146,8 @@ class RegionProposalNetwork(ProposalSource):
     4.1: one head shared by every level, one anchor size per level with every aspect ratio, the pre-NMS
     top-N taken per level and NMS per level, the post-NMS top-N over all levels of an image)."""
 
+    anchor_based = True
+
     def __init__(self, cfg: RPNSettings, in_channels: int, strides: int | list[int]):
         super().__init__()
         self.cfg = cfg

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from detkit.distributed import DistInfo, barrier
+from detkit.engine.distributed import DistInfo, barrier
 
 
 def attach_proposals(dataset, model: nn.Module, progress: bool = True, info: DistInfo | None = None) -> None:

@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 
 from detkit.data.images import ImageReadError, read_image
-from detkit.media import write_bytes_atomic
+from detkit.engine.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

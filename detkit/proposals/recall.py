@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from detkit.media import write_bytes_atomic
+from detkit.engine.files import write_bytes_atomic
 
 DEFAULT_COUNTS = (10, 50, 100, 300, 500, 1000, 2000)
 DEFAULT_IOU_THRESHOLDS = (0.5, 0.7)

@@ -15,6 +15,8 @@ with its loss dict), and may override ``log_metrics``, ``extra_hooks``, ``checkp
 """
 from __future__ import annotations
 
+import copy
+
 import json
 import logging
 import math
@@ -26,17 +28,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detkit.checkpoint import (CheckpointError, NonFiniteCheckpointError, load_checkpoint, remove_stale_temporaries,
-                               save_checkpoint)
 from detkit.config import ConfigError, dump, to_dict
 from detkit.data.dataset import DatasetError
-from detkit.devices import resolve_device
-from detkit.distributed import DistInfo, barrier, init_from_env, shutdown
+from detkit.engine.checkpoint import (CheckpointError, NonFiniteCheckpointError, load_checkpoint,
+                                      remove_stale_temporaries, save_checkpoint)
+from detkit.engine.devices import resolve_device
+from detkit.engine.distributed import DistInfo, barrier, init_from_env, shutdown
 from detkit.training.loop import FiniteGuard, Hook, PeriodicCheckpoint, TrainingLog, train_loop
 
 log = logging.getLogger(__name__)
 
-LR_SCHEDULES = ("step", "cosine")
+LR_POLICIES = ("step", "cosine")
 
 
 class SGDTrainer:
@@ -47,7 +49,9 @@ class SGDTrainer:
     task = "detection"  # what the checkpoints hold: --resume refuses a checkpoint of another task
 
     def __init__(self, cfg, registries, *, progress: bool = True):
-        self.cfg, self.registries, self.progress = cfg, registries, progress
+        # The run's own config: what the run derives (the training set's classes, the batch-norm mode) goes
+        # into this copy, which its checkpoints store; the caller's config is read, never changed.
+        self.cfg, self.registries, self.progress = copy.deepcopy(cfg), registries, progress
         check_train_settings(cfg.train)
         self.fixed: tuple[nn.Module, ...] = ()  # modules kept in eval mode while training (set by _build_model)
         self.device, self.info = self._start_process()
@@ -285,7 +289,7 @@ class SGDTrainer:
             self.save_checkpoint(final, self.cfg.train.max_iters)
             log.info("saved %s", final)
             self.write_outputs()
-            from detkit.reports import plot_training_curves
+            from detkit.evaluation.reports import plot_training_curves
 
             plot_training_curves(self.log_path, os.path.join(work_dir, "training_curves.png"))
         barrier(self.info)
@@ -299,16 +303,16 @@ class SGDTrainer:
 
 def check_train_settings(tcfg) -> None:
     """The ``train:`` keys whose values are names, checked before anything is built."""
-    if tcfg.lr_schedule not in LR_SCHEDULES:
-        raise ConfigError(f"train.lr_schedule={tcfg.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+    if tcfg.lr_policy not in LR_POLICIES:
+        raise ConfigError(f"train.lr_policy={tcfg.lr_policy!r}: expected one of {', '.join(LR_POLICIES)}")
     if tcfg.amp not in ("none", "bf16", "fp16"):
         raise ConfigError(f"train.amp={tcfg.amp!r}: expected none, bf16 or fp16")
 
 
 def lr_factor(iteration: int, cfg) -> float:
-    """Linear warmup from ``warmup_factor``, then (``lr_schedule``) x``gamma`` at each of ``steps``, or half a
+    """Linear warmup from ``warmup_factor``, then (``lr_policy``) x``gamma`` at each of ``steps``, or half a
     cosine from 1 at the end of the warmup to 0 at ``max_iters`` (SGDR without restarts)."""
-    if cfg.lr_schedule == "cosine":
+    if cfg.lr_policy == "cosine":
         span = max(cfg.max_iters - cfg.warmup_iters, 1)
         factor = 0.5 * (1 + math.cos(math.pi * min(max(iteration - cfg.warmup_iters, 0) / span, 1.0)))
     else:  # "step" (check_train_settings refuses other names before a run starts)

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from detkit.checkpoint import describe_tensors, nonfinite_tensors
-from detkit.distributed import mean_over_ranks
+from detkit.engine.checkpoint import describe_tensors, nonfinite_tensors
+from detkit.engine.distributed import mean_over_ranks
 
 
 class Hook:

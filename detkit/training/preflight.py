@@ -12,10 +12,10 @@ import glob
 import logging
 import os
 
-from detkit.checkpoint import TEMPORARY_PATTERN, remove_stale_temporaries
 from detkit.config import Config, ConfigError
 from detkit.data.loading import build_checked_dataset
-from detkit.media import check_input_file, check_output_dir
+from detkit.data.media import check_input_file, check_output_dir
+from detkit.engine.checkpoint import TEMPORARY_PATTERN, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 

@@ -10,30 +10,35 @@ part by name.
 from __future__ import annotations
 
 import os
-from operator import attrgetter
 
-from detkit.config import Config, ConfigError, ModelConfig, bind_parts
+from detkit.config import Config, ConfigError, ModelConfig, PartConfig, bind_parts
 from detkit.plugins import Entry, UnknownNameError
+from detkit.registry.binding import bind_part, call_builder, detector_slots
+from detkit.registry.contexts import ScheduleContext
 from detkit.training.preflight import check_before_training
 
-#: the config keys that choose the model's parts by registered name, with the registry of each
-MODEL_PARTS = (
-    ("backbones", "model.backbone.name"),
-    ("detectors", "model.detector"),
-    ("proposal_generators", "model.proposal_generator.name"),
-    ("roi_extractors", "model.roi_extractor.name"),
-    ("heads", "model.box_predictor.name"),
-)
+
+def chosen_parts(model: ModelConfig, registries) -> list[tuple[str, str, str]]:
+    """``(kind, config key, name)`` of every part a bound model chooses: the backbone, the detector and the part
+    in each of its slots."""
+    parts = [("backbone", "model.backbone.name", model.backbone.name),
+             ("detector", "model.detector.name", model.detector.name)]
+    for slot in detector_slots(model, registries):
+        part = model.slots.get(slot.key)
+        if slot.kind is not None and isinstance(part, PartConfig):
+            parts.append((slot.kind, f"model.{slot.key}.name", part.name))
+    return parts
 
 
 def declared_schedules(model: ModelConfig, registries) -> dict[str, list[str]]:
-    """The schedules the chosen parts declare: ``{schedule: ["model.box_predictor.name='svm'", ...]}`` (a name no
-    plugin registered declares nothing; building the model reports it)."""
+    """The schedules the chosen parts declare: ``{schedule: ["model.box_predictor.name='svm'", ...]}``, from
+    every kind of part that may declare one (:attr:`detkit.registry.kinds.PartKind.schedules`)."""
+    bind_parts(model, registries)
     declared: dict[str, list[str]] = {}
-    for kind, key in MODEL_PARTS:
-        name = attrgetter(key.removeprefix("model."))(model)
-        registry = registries.kind(kind)
-        schedule = registry.get(name).info.get("schedule") if name in registry else None
+    for kind, key, name in chosen_parts(model, registries):
+        if not registries.part_kind(kind).schedules:
+            continue
+        schedule = registries.kind(kind).get(name).info.get("schedule")
         if schedule:
             declared.setdefault(schedule, []).append(f"{key}={name!r}")
     return declared
@@ -41,7 +46,7 @@ def declared_schedules(model: ModelConfig, registries) -> dict[str, list[str]]:
 
 def resolve_schedule(cfg: Config, registries) -> tuple[Entry, str]:
     """The schedule that trains ``cfg`` and why it was chosen (the config key or the declaring part)."""
-    requested = _schedule(registries, cfg.train.schedule, f"train.schedule={cfg.train.schedule!r}")
+    requested = _schedule(registries, cfg.train.schedule.name, f"train.schedule={cfg.train.schedule.name!r}")
     if not requested.info.get("default"):
         return requested, f"train.schedule={requested.name!r}"
     declared = declared_schedules(cfg.model, registries)
@@ -74,4 +79,7 @@ def train(cfg: Config, registries, resume: str | bool | None = None, progress: b
         raise ConfigError(f"{reason}: this schedule trains in stages in one process; run it without torchrun "
                           f"(each step may still use a GPU)")
     check_before_training(cfg, registries, resume, overwrite)
-    return schedule.builder(cfg, registries, resume=resume, progress=progress)
+    part = cfg.train.schedule if schedule.name == cfg.train.schedule.name else bind_part(
+        registries.part_kind("schedule"), PartConfig(schedule.name), "train.schedule", registries)  # a declared one: its defaults
+    context = ScheduleContext(config=cfg, registries=registries, resume=resume, progress=progress)
+    return call_builder(registries.part_kind("schedule"), schedule, part.settings, context)

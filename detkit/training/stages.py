@@ -12,9 +12,9 @@ import os
 
 from torch import nn
 
-from detkit.checkpoint import load_checkpoint, save_checkpoint
 from detkit.config import Config, TrainConfig, to_dict
-from detkit.devices import resolve_device
+from detkit.engine.checkpoint import load_checkpoint, save_checkpoint
+from detkit.engine.devices import resolve_device
 from detkit.evaluation.runner import evaluate
 from detkit.models.assembly import build_detector
 from detkit.training.trainer import find_last_checkpoint, resolve_frozen_bn, train_stage

@@ -49,11 +49,11 @@ from torch import Tensor, nn
 from detkit.config import Config, ConfigError
 from detkit.data.loading import build_checked_dataset, training_loader
 from detkit.data.transforms import build_transform
-from detkit.devices import autocast
+from detkit.engine.devices import autocast
+from detkit.engine.state_dict import WeightsError
 from detkit.evaluation.runner import evaluate
 from detkit.models.assembly import build_detector
 from detkit.proposals.attach import attach_proposals
-from detkit.state_dict import WeightsError
 from detkit.training.base import SGDTrainer, find_last_checkpoint, lr_factor, run_checkpoints, seed_everything
 
 __all__ = ["StageInit", "Trainer", "adopt_class_names", "find_last_checkpoint", "lr_factor", "resolve_frozen_bn",

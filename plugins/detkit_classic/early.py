@@ -116,7 +116,7 @@ class SequentialBackbone(Backbone):
         cut = _last_pool(layers)
         trunk_layers = layers[:cut]
         return DetectionParts(trunk=nn.Sequential(*trunk_layers),
-                              roi_head=nn.Sequential(*layers[cut + 1:], *self.head),
+                              box_head=nn.Sequential(*layers[cut + 1:], *self.head),
                               out_channels=self._out_channels, stride=self._stride,
                               head_channels=self._head_channels, stages=stages_at_convolutions(trunk_layers))
 
@@ -247,7 +247,7 @@ class AlexNetTV(Backbone):
     def detection_parts(self) -> DetectionParts:
         layers = list(self.features)[:-1]
         return DetectionParts(trunk=nn.Sequential(*layers),
-                              roi_head=nn.Sequential(nn.Flatten(1), *list(self.classifier)[:-1]),
+                              box_head=nn.Sequential(nn.Flatten(1), *list(self.classifier)[:-1]),
                               out_channels=256, stride=16, head_channels=4096, stages=stages_at_convolutions(layers))
 
     def feature_stages(self) -> FeatureStages:
@@ -298,7 +298,7 @@ class NIN(Backbone):
         bounds = [0] + [i + 1 for i in pools] + [len(trunk_layers)]
         stages = [nn.Sequential(*trunk_layers[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         head = nn.Sequential(*layers[cut + 1:], *list(self.classifier)[:-2], self.gap, self.flatten)
-        return DetectionParts(trunk=nn.Sequential(*trunk_layers), roi_head=head, out_channels=self._out_channels,
+        return DetectionParts(trunk=nn.Sequential(*trunk_layers), box_head=head, out_channels=self._out_channels,
                               stride=self._stride, head_channels=self._head_channels, stages=stages)
 
     def feature_stages(self) -> FeatureStages:
@@ -376,7 +376,7 @@ class MaxoutCNN(Backbone):
 
     def detection_parts(self) -> DetectionParts:
         layers = list(self.features)[:-1]
-        return DetectionParts(trunk=nn.Sequential(*layers), roi_head=self.head, out_channels=192, stride=4,
+        return DetectionParts(trunk=nn.Sequential(*layers), box_head=self.head, out_channels=192, stride=4,
                               head_channels=500, stages=stages_at_convolutions(layers))
 
     def feature_stages(self) -> FeatureStages:
@@ -444,7 +444,7 @@ class PReLUNet(Backbone):
         bounds = [0, pools[0] + 1, pools[1] + 1, pools[2] + 1, len(layers)]
         stages = [nn.Sequential(*layers[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         head = nn.Sequential(self.spp, *list(self.classifier)[:-1])
-        return DetectionParts(trunk=self.features, roi_head=head, out_channels=self._out_channels, stride=16,
+        return DetectionParts(trunk=self.features, box_head=head, out_channels=self._out_channels, stride=16,
                               head_channels=4096, stages=stages)
 
     def feature_stages(self) -> FeatureStages:

@@ -73,7 +73,7 @@ class SqueezeNet(Backbone):
         bounds = [0] + ends + ([len(trunk_layers)] if ends[-1] < len(trunk_layers) else [])
         stages = [nn.Sequential(*trunk_layers[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         head = nn.Sequential(layers[-1], nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        return DetectionParts(trunk=nn.Sequential(*trunk_layers), roi_head=head, out_channels=512, stride=16,
+        return DetectionParts(trunk=nn.Sequential(*trunk_layers), box_head=head, out_channels=512, stride=16,
                               head_channels=512, stages=stages)
 
     def feature_stages(self) -> FeatureStages:

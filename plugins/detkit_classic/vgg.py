@@ -72,7 +72,7 @@ class VGG(Backbone):
         bounds = [0] + [p + 1 for p in pools[:4]] + [pools[4]]
         stages = [nn.Sequential(*layers[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         fc67 = nn.Sequential(nn.Flatten(1), *list(self.classifier)[:-1])
-        return DetectionParts(trunk=nn.Sequential(*stages), roi_head=fc67, out_channels=512, stride=16,
+        return DetectionParts(trunk=nn.Sequential(*stages), box_head=fc67, out_channels=512, stride=16,
                               head_channels=4096, stages=stages)
 
     def feature_stages(self) -> FeatureStages:

@@ -7,115 +7,126 @@ family plugins.
 from __future__ import annotations
 
 from detkit.hookspecs import hookimpl
+from detkit.registry.kinds import Slot
 
 
-def _rpn(settings, in_channels: int, strides: list[int]):
+def _rpn(settings, context):
     from detkit.models.rpn import RegionProposalNetwork
 
-    return RegionProposalNetwork(settings, in_channels, strides)
+    return RegionProposalNetwork(settings, context.in_channels, context.strides)
 
 
-def _selective_search(settings, in_channels: int | None, strides: list[int] | None):
-    from detkit.models.precomputed import SelectiveSearchProposals
+def _selective_search(settings, context):
+    from detkit.proposals.precomputed import SelectiveSearchProposals
 
     return SelectiveSearchProposals(settings)
 
 
-def _precomputed(settings, in_channels: int, strides: list[int]):
-    from detkit.models.precomputed import PrecomputedProposals
+def _precomputed(settings, context):
+    from detkit.proposals.precomputed import PrecomputedProposals
 
     return PrecomputedProposals(settings.top_k)
 
 
-def _fpn(settings, stages, backbone: str):
+def _fpn(settings, context):
     from detkit.models.fpn import FeaturePyramid
 
-    return FeaturePyramid(stages, settings, backbone)
+    return FeaturePyramid(context.stages, settings, context.backbone)
 
 
-def _roi_pool(settings, output_size: int, strides: list[int], **_):
+def _roi_pool(settings, context):
     from detkit.ops import RoIPoolExtractor
 
-    return RoIPoolExtractor(settings.output_size or output_size, strides)
+    return RoIPoolExtractor(settings.output_size or context.output_size, context.strides)
 
 
-def _roi_align(settings, output_size: int, strides: list[int], **_):
+def _roi_align(settings, context):
     from detkit.ops import RoIAlignExtractor
 
-    return RoIAlignExtractor(settings.output_size or output_size, strides, settings.sampling_ratio, settings.aligned,
-                             settings.cpu_sparse)
+    return RoIAlignExtractor(settings.output_size or context.output_size, context.strides, settings.sampling_ratio,
+                             settings.aligned, settings.cpu_sparse)
 
 
-def _spp(settings, strides: list[int], **_):
+def _spp(settings, context):
     from detkit.ops.spp import SpatialPyramidPool
 
-    return SpatialPyramidPool(settings.levels, strides)
+    return SpatialPyramidPool(settings.levels, context.strides)
 
 
-def _warp(settings, output_size: int, trunk, input_size: int, **_):
+def _warp(settings, context):
     from detkit.ops.warp import WarpExtractor
 
-    return WarpExtractor(trunk, settings.output_size or output_size, settings.warp_size or input_size,
-                         settings.context_padding, settings.warp_batch)
+    return WarpExtractor(context.trunk, settings.output_size or context.output_size,
+                         settings.warp_size or context.input_size, settings.context_padding, settings.warp_batch)
 
 
-def _backbone_head(settings, pooled_shape: tuple, backbone_head, head_in_channels: int, head_channels: int):
+def _backbone_head(settings, context):
     from detkit.models.assembly import backbone_box_head
 
-    return backbone_box_head(pooled_shape, backbone_head, head_in_channels, head_channels)
+    return backbone_box_head(context.pooled_shape, context.backbone_head, context.head_in_channels,
+                             context.head_channels)
 
 
-def _two_fc(settings, pooled_shape: tuple, **_):
+def _two_fc(settings, context):
     import math
 
     from detkit.models.box_heads import TwoFCHead
 
-    head = TwoFCHead(math.prod(pooled_shape), settings.fc_dim)
+    head = TwoFCHead(math.prod(context.pooled_shape), settings.fc_dim)
     return head, head.out_features
 
 
-def _conv_fc(settings, pooled_shape: tuple, **_):
+def _conv_fc(settings, context):
     from detkit.config import ConfigError
     from detkit.models.box_heads import ConvFCHead
 
-    if len(pooled_shape) != 3:
+    shape = context.pooled_shape
+    if len(shape) != 3:
         raise ConfigError(f"model.box_head.name='conv_fc' convolves a pooled grid; the RoI extractor gives flat "
-                          f"vectors of {pooled_shape[0]} (use two_fc)")
-    head = ConvFCHead(pooled_shape[0], pooled_shape[1:], settings)
+                          f"vectors of {shape[0]} (use two_fc)")
+    head = ConvFCHead(shape[0], shape[1:], settings)
     return head, head.out_features
 
 
-def _softmax_box(settings, in_features: int, num_classes: int, **_):
+def _softmax_box(settings, context):
     from detkit.models.roi_heads import SoftmaxBoxHead
 
-    return SoftmaxBoxHead(in_features, num_classes, settings.dropout)
+    return SoftmaxBoxHead(context.in_features, context.num_classes, settings.dropout)
 
 
-def _svm(settings, in_features: int, num_classes: int, pooled_features: int, box_coder_weights: tuple, **_):
+def _svm(settings, context):
     from detkit.models.svm import SVMBoxHead
 
-    return SVMBoxHead(in_features, num_classes, pooled_features, box_coder_weights=box_coder_weights)
+    return SVMBoxHead(context.in_features, context.num_classes, context.pooled_features,
+                      box_coder_weights=context.box_coder_weights)
 
 
-def _detector(name: str, proposal_generators: tuple[str, ...] = (), roi_extractors: tuple[str, ...] = (),
-              windows: bool = False):
-    """A named member of the lineage: an assembly (R-CNN's, with ``windows``, or the generic two-stage one),
-    checked for the parts that make it that detector (``two_stage`` takes any combination)."""
+def _two_stage(settings, context):
+    from detkit.models.assembly import build_two_stage
 
-    def build(cfg, num_classes: int, registries, class_names=None):
-        from detkit.config import ConfigError
-        from detkit.models.assembly import build_rcnn, build_two_stage
+    return build_two_stage(settings, context)
 
-        chosen = cfg.proposal_generator.name
-        if proposal_generators and chosen not in proposal_generators:
-            raise ConfigError(f"model.proposal_generator.name={chosen!r}: {name} uses "
-                              f"{' or '.join(map(repr, proposal_generators))} (model.detector: two_stage takes any)")
-        if roi_extractors and cfg.roi_extractor.name not in roi_extractors:
-            raise ConfigError(f"model.roi_extractor.name={cfg.roi_extractor.name!r}: {name} uses "
-                              f"{' or '.join(map(repr, roi_extractors))} (model.detector: two_stage takes any)")
-        return (build_rcnn if windows else build_two_stage)(cfg, num_classes, registries, class_names)
 
-    return build
+def _rcnn(settings, context):
+    from detkit.models.assembly import build_rcnn
+
+    return build_rcnn(settings, context)
+
+
+def _slots(proposals: tuple[str, ...] = (), extractors: tuple[str, ...] = ()) -> list[Slot]:
+    """The two-stage shape: a member of the lineage is that shape with the parts that make it that detector
+    (``choices``; the first is the default); ``two_stage`` takes any."""
+    from detkit.models.roi_heads import RoIHeadsSettings
+
+    return [
+        Slot("neck", "neck", doc="feature maps of several strides (fpn); none: the trunk's one map"),
+        Slot("proposal_generator", "proposal_generator", (proposals or ("rpn",))[0], proposals),
+        Slot("roi_extractor", "roi_extractor", (extractors or ("roi_pool",))[0], extractors),
+        Slot("roi_heads", settings=RoIHeadsSettings, doc="the second stage's sampling, box coder, loss, test-time "
+             "post-processing"),
+        Slot("box_head", "box_head", "backbone", doc="backbone: the backbone's own RoI head (fc6/fc7, res5)"),
+        Slot("box_predictor", "box_predictor", "softmax_box"),
+    ]
 
 
 def _coco(images: str, annotations: str, transform=None, skip_empty: bool = False):
@@ -132,6 +143,28 @@ def _voc(root: str, split: str = "trainval", classes: list | None = None, use_di
                       skip_empty=skip_empty)
 
 
+def _coco_path(path: str, options: dict) -> dict | None:
+    """A ``.json`` file is COCO annotations; the images are ``options["images"]`` or ``images/`` beside it."""
+    import os
+
+    if not path.endswith(".json"):
+        return None
+    images = options.get("images") or os.path.join(os.path.dirname(os.path.abspath(path)), "images")
+    return {"name": "coco", "images": images, "annotations": path}
+
+
+def _voc_path(path: str, options: dict) -> dict | None:
+    """A folder with ``Annotations/`` is a VOC devkit year; the split and classes come from ``options``."""
+    import os
+
+    if not os.path.isdir(os.path.join(path, "Annotations")):
+        return None
+    spec = {"name": "voc", "root": path, "split": options.get("split") or "trainval"}
+    if options.get("classes"):
+        spec["classes"] = list(options["classes"])
+    return spec
+
+
 def _concat(datasets: list, build_dataset, transform=None, skip_empty: bool = False):
     """``build_dataset(spec, key)`` (from detkit) builds each part from the caller's registries."""
     from detkit.config import ConfigError
@@ -143,22 +176,22 @@ def _concat(datasets: list, build_dataset, transform=None, skip_empty: bool = Fa
     return ConcatDataset(parts, transform=transform, skip_empty=skip_empty)
 
 
-def _end_to_end(cfg, registries, resume=None, progress: bool = True) -> dict:
+def _end_to_end(settings, context) -> dict:
     from detkit.training import train_stage
 
-    return train_stage(cfg, registries, resume, progress)
+    return train_stage(context.config, context.registries, context.resume, context.progress)
 
 
-def _four_step(cfg, registries, resume=None, progress: bool = True) -> dict:
+def _four_step(settings, context) -> dict:
     from .schedules import train_four_step
 
-    return train_four_step(cfg, registries, resume, progress)
+    return train_four_step(settings, context)
 
 
-def _svm_posthoc(cfg, registries, resume=None, progress: bool = True) -> dict:
+def _svm_posthoc(settings, context) -> dict:
     from .schedules import train_with_svms
 
-    return train_with_svms(cfg, registries, resume, progress)
+    return train_with_svms(context.config, context.registries, context.resume, context.progress)
 
 
 @hookimpl
@@ -170,7 +203,7 @@ def detkit_register_necks(register):
 
 @hookimpl
 def detkit_register_proposal_generators(register):
-    from detkit.models.precomputed import PrecomputedSettings, SelectiveSearchSettings
+    from detkit.proposals.precomputed import PrecomputedSettings, SelectiveSearchSettings
     from detkit.models.rpn import RPNSettings
 
     register("rpn", _rpn, settings=RPNSettings, paper="Faster R-CNN, Sec. 3.1")
@@ -202,31 +235,33 @@ def detkit_register_box_heads(register):
 
 
 @hookimpl
-def detkit_register_heads(register):
+def detkit_register_box_predictors(register):
     from detkit.models.roi_heads import SoftmaxBoxSettings
     from detkit.models.svm import SVMSettings
 
     register("softmax_box", _softmax_box, settings=SoftmaxBoxSettings, paper="Fast R-CNN, Sec. 2.2")
     # Not trained by SGD: fine-tuned with a softmax_box head first, then the SVMs and regressors are fitted.
-    register("svm", _svm, settings=SVMSettings, schedule="svm_posthoc", finetune_head="softmax_box",
+    register("svm", _svm, settings=SVMSettings, schedule="svm_posthoc", finetune_predictor="softmax_box",
              paper="R-CNN, Sec. 2.3 (SVMs) and Appendix C (box regression)")
 
 
 @hookimpl
 def detkit_register_detectors(register):
-    register("rcnn", _detector("rcnn", ("selective_search", "precomputed"), ("warp",), windows=True),
-             paper="Girshick et al. 2014")
-    register("spp_net", _detector("spp_net", ("selective_search", "precomputed"), ("spp",)), paper="He et al. 2014")
-    register("fast_rcnn", _detector("fast_rcnn", ("selective_search", "precomputed"), ("roi_pool", "roi_align")),
-             paper="Girshick 2015")
-    register("faster_rcnn", _detector("faster_rcnn", ("rpn",)), paper="Ren et al. 2015")
-    register("two_stage", _detector("two_stage"), paper="any proposal source, feature-map RoI extractor and head")
+    per_dataset = ("selective_search", "precomputed")
+    register("rcnn", _rcnn, slots=_slots(per_dataset, ("warp",)), paper="Girshick et al. 2014")
+    register("spp_net", _two_stage, slots=_slots(per_dataset, ("spp",)), paper="He et al. 2014")
+    register("fast_rcnn", _two_stage, slots=_slots(per_dataset, ("roi_pool", "roi_align")), paper="Girshick 2015")
+    register("faster_rcnn", _two_stage, slots=_slots(("rpn",)), paper="Ren et al. 2015")
+    register("two_stage", _two_stage, slots=_slots(),
+             paper="any proposal source, feature-map RoI extractor, box head and predictor")
 
 
 @hookimpl
 def detkit_register_datasets(register):
-    register("coco", _coco, format="COCO json (pycocotools)")
-    register("voc", _voc, format="Pascal VOC devkit layout")
+    register("coco", _coco, format="COCO json (pycocotools)", from_path=_coco_path,
+             path_form="a COCO json file (images in images/ beside it, or --images)")
+    register("voc", _voc, format="Pascal VOC devkit layout", from_path=_voc_path,
+             path_form="a VOC directory (with Annotations/)")
     register("concat", _concat, format="several datasets with one class list (VOC 07+12)")
 
 
@@ -241,8 +276,11 @@ def detkit_register_classification_datasets(register):
 
 @hookimpl
 def detkit_register_schedules(register):
+    from .schedules import FourStepSettings
+
     register("end_to_end", _end_to_end, default=True,
              paper="one run of SGD; Faster R-CNN Sec. 3.2 (ii), approximate joint training")
-    register("four_step", _four_step, single_process=True, paper="Faster R-CNN, Sec. 3.2, 4-step alternating training")
+    register("four_step", _four_step, settings=FourStepSettings, single_process=True,
+             paper="Faster R-CNN, Sec. 3.2, 4-step alternating training")
     register("svm_posthoc", _svm_posthoc, single_process=True,
              paper="R-CNN Sec. 2.3, SPP-net Sec. 4.1: fine-tuning, then SVMs and box regression")

@@ -2,7 +2,7 @@
 built from ``detkit.training``'s trainer and stage helpers.
 
 - ``svm_posthoc``, R-CNN and SPP-net with SVMs (R-CNN Sec. 2.3; SPP-net Sec. 4.1): the network is first
-  fine-tuned with the head the post-hoc head's registration names as ``finetune_head`` (a softmax over N+1
+  fine-tuned with the predictor the post-hoc predictor's registration names as ``finetune_predictor`` (a softmax over N+1
   classes, ``work_dir/finetune``); then fc7 and pool5 features of every training region go to an on-disk
   cache, one linear SVM per class is trained with hard-negative mining and a ridge regressor per class learns
   box corrections; the result is one checkpoint.
@@ -21,13 +21,14 @@ import copy
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from detkit.config import Config, ConfigError, PartConfig, bind_parts
+from detkit.config import Config, ConfigError, PartConfig, bind_parts, ranged
 from detkit.data.loading import build_dataset
-from detkit.devices import resolve_device
+from detkit.engine.devices import resolve_device
 from detkit.models.assembly import build_detector
 from detkit.proposals.attach import attach_proposals
 from detkit.training.stages import file_digest, finish, freeze, resolved, run_stage, stage_config
@@ -60,10 +61,11 @@ def train_with_svms(cfg: Config, registries, resume=None, progress: bool = True)
     from detkit.models.svm import fit_svm_head
 
     head = cfg.model.box_predictor.name
-    finetune_head = registries.heads.get(head).info.get("finetune_head")
+    info = registries.box_predictors.get(head).info
+    finetune_head = info.get("finetune_predictor") or info.get("finetune_head")  # (the name of earlier releases)
     if not finetune_head:
-        raise ConfigError(f"model.box_predictor.name={head!r}: the post-hoc schedule fine-tunes with another head "
-                          f"first, and head {head!r} declares none (finetune_head=... in its registration)")
+        raise ConfigError(f"model.box_predictor.name={head!r}: the post-hoc schedule fine-tunes with another "
+                          f"predictor first, and {head!r} declares none (finetune_predictor=... in its registration)")
     cfg = bind_parts(resolved(cfg), registries)
     finetune = stage_config(cfg, "finetune")
     finetune.model.box_predictor = PartConfig(finetune_head)  # with that head's default settings
@@ -109,22 +111,29 @@ def rpn_proposal_cache(model: nn.Module, dataset, root: str, name: str, device: 
     return compute_proposals(model, dataset, device, phase="train", cache=cache, progress=progress)
 
 
-def _checked_four_step(cfg: Config) -> Config:
+@dataclass
+class FourStepSettings:
+    """The ``four_step`` schedule's keys (``train.schedule: {name: four_step, iters: [...]}``)."""
+
+    # iterations of each step; the learning rate is divided by 10 at three quarters of each (py-faster-rcnn)
+    iters: list[int] = ranged(default_factory=lambda: [80000, 40000, 80000, 40000], ge=1)
+
+
+def _checked_four_step(cfg: Config, settings: FourStepSettings) -> Config:
     if cfg.model.proposal_generator.name != "rpn":
         raise ConfigError(f"train.schedule=four_step trains an RPN: model.proposal_generator.name must be 'rpn', "
                           f"not {cfg.model.proposal_generator.name!r}")
-    cfg = resolved(cfg)
-    iters = cfg.train.four_step_iters
-    if len(iters) != 4 or any(int(n) < 1 for n in iters):
-        raise ConfigError(f"train.four_step_iters={iters}: expected four positive iteration counts")
-    return cfg
+    if len(settings.iters) != 4:
+        raise ConfigError(f"train.schedule.iters={settings.iters}: expected four positive iteration counts")
+    return resolved(cfg)
 
 
-def train_four_step(cfg: Config, registries, resume=None, progress: bool = True) -> dict:
-    """Faster R-CNN by alternating training (see module doc); ``train.four_step_iters`` iterations per step."""
-    cfg = bind_parts(_checked_four_step(cfg), registries)
+def train_four_step(settings: FourStepSettings, context) -> dict:
+    """Faster R-CNN by alternating training (see module doc); ``settings.iters`` iterations per step."""
+    registries, resume, progress = context.registries, context.resume, context.progress
+    cfg = bind_parts(_checked_four_step(context.config, settings), registries)
     rpn = cfg.model.proposal_generator.settings
-    iters = cfg.train.four_step_iters
+    iters = settings.iters
     device = resolve_device(cfg.train.device)
     proposals_root = os.path.join(cfg.train.work_dir, "proposals")
 
@@ -137,7 +146,7 @@ def train_four_step(cfg: Config, registries, resume=None, progress: bool = True)
 
     # Step 2: a separate Fast R-CNN (its own trunk, from the pretrained network) on step-1 proposals.
     step2 = stage_config(cfg, "step2_fast_rcnn", iters[1])
-    step2.model.detector = "two_stage"
+    step2.model.detector = PartConfig("two_stage")
     step2.model.proposal_generator = PartConfig("precomputed", {"top_k": rpn.post_nms_top_n_train})
     fast2, _ = run_stage(step2, registries, resume, progress, init=lambda m: freeze(m.proposal_generator),
                          proposals=props1, loss_prefixes=("roi/",))
@@ -164,6 +173,7 @@ def train_four_step(cfg: Config, registries, resume=None, progress: bool = True)
     step4.model.backbone.weights = None
     fast4, ckpt4 = run_stage(step4, registries, resume, progress, init=init4, proposals=props3,
                              loss_prefixes=("roi/",))
+    ckpt4 = {**ckpt4, "iteration": sum(int(n) for n in iters)}
     return _assemble_four_step(cfg, registries, rpn3, fast4, ckpt4, progress)
 
 
@@ -177,5 +187,4 @@ def _assemble_four_step(cfg: Config, registries, rpn3: nn.Module, fast4: nn.Modu
     model.trunk.load_state_dict(fast4.trunk.state_dict())
     model.proposal_generator.load_state_dict(rpn3.proposal_generator.state_dict())
     model.roi_heads.load_state_dict(fast4.roi_heads.state_dict())
-    ckpt4 = {**ckpt4, "iteration": sum(int(n) for n in cfg.train.four_step_iters)}
     return finish(final_cfg, registries, model, ckpt4, progress)

@@ -147,7 +147,7 @@ class DenseNet(Backbone):
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         # stem /4 (ImageNet) or /1 (CIFAR), then one /2 per transition pooling inside the trunk
         stride = (1 if self.cifar else 4) * 2 ** (n - 2)
-        return DetectionParts(trunk=nn.Sequential(*stages), roi_head=head, out_channels=self.transition_channels[-1],
+        return DetectionParts(trunk=nn.Sequential(*stages), box_head=head, out_channels=self.transition_channels[-1],
                               stride=stride, head_channels=self.final_channels, stages=stages)
 
     def feature_stages(self) -> FeatureStages:

@@ -216,7 +216,7 @@ class FractalNet(Backbone):
         stride = 2 ** (len(self.blocks) - 2) * (1 if self.cifar else 4)
         stages: list[nn.Module] = [] if self.cifar else [self.stem]
         stages += [nn.Sequential(b, p) for b, p in zip(self.blocks[:-2], self.pools)] + [self.blocks[-2]]
-        return DetectionParts(trunk=trunk, roi_head=head, out_channels=self.widths[-2], stride=stride,
+        return DetectionParts(trunk=trunk, box_head=head, out_channels=self.widths[-2], stride=stride,
                               head_channels=self.widths[-1], stages=stages)
 
     def feature_stages(self) -> FeatureStages:

@@ -187,7 +187,7 @@ class GoogLeNet(Backbone):
                                self.inception4e)
         stages = [self._stem(), stage3, stage4]
         head = nn.Sequential(self.maxpool4, self.inception5a, self.inception5b, self.avgpool, nn.Flatten(1))
-        return DetectionParts(trunk=nn.Sequential(*stages), roi_head=head,
+        return DetectionParts(trunk=nn.Sequential(*stages), box_head=head,
                               out_channels=self.inception4e.out_channels, stride=16,
                               head_channels=self.final_channels, stages=stages)
 
@@ -283,7 +283,7 @@ class BNInception(Backbone):
         stages = [stem, nn.Sequential(*self._mods(["3a", "3b", "3c"])),
                   nn.Sequential(*self._mods(["4a", "4b", "4c", "4d"]))]
         head = nn.Sequential(*self._mods(["4e", "5a", "5b"]), self.avgpool, nn.Flatten(1))
-        return DetectionParts(trunk=nn.Sequential(*stages), roi_head=head, out_channels=self.channels["4d"],
+        return DetectionParts(trunk=nn.Sequential(*stages), box_head=head, out_channels=self.channels["4d"],
                               stride=16, head_channels=self.channels["5b"], stages=stages)
 
     def feature_stages(self) -> FeatureStages:

@@ -215,7 +215,7 @@ class InceptionV3(Backbone):
 
     def detection_parts(self) -> DetectionParts:
         stages = [self._stem(), self._grid35(), self._grid17()]
-        return DetectionParts(trunk=nn.Sequential(*stages), roi_head=self._head(), out_channels=768, stride=16,
+        return DetectionParts(trunk=nn.Sequential(*stages), box_head=self._head(), out_channels=768, stride=16,
                               head_channels=2048, stages=stages)
 
     def feature_stages(self) -> FeatureStages:

@@ -169,7 +169,7 @@ class InceptionNet(Backbone):
 
     def detection_parts(self) -> DetectionParts:
         stages = [self.stem, self.grid35, nn.Sequential(self.reduction_a, self.grid17)]
-        return DetectionParts(trunk=nn.Sequential(*stages), roi_head=self._head(), out_channels=self.channels17,
+        return DetectionParts(trunk=nn.Sequential(*stages), box_head=self._head(), out_channels=self.channels17,
                               stride=16, head_channels=self.channels8, stages=stages)
 
     def feature_stages(self) -> FeatureStages:

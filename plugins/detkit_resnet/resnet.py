@@ -346,7 +346,7 @@ class ResNet(Backbone):
         """C4 cut: trunk = stem + three stages (stride 16; the CIFAR forms' whole body, stride 4)."""
         stages = [self._stem(), *self._stages()[:3]]
         rest = self._stages()[3:]
-        return DetectionParts(trunk=nn.Sequential(*stages), roi_head=nn.Sequential(*rest, *self._post()),
+        return DetectionParts(trunk=nn.Sequential(*stages), box_head=nn.Sequential(*rest, *self._post()),
                               out_channels=self.stage_channels[2], stride=4 if self.cifar else 16,
                               head_channels=self.stage_channels[-1], stages=stages)
 

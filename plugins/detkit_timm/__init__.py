@@ -237,12 +237,12 @@ class TimmBackbone(Backbone):
         if self.sequential:
             stages = list(self.stage_modules)
             trunk = nn.Sequential(*stages)
-            roi_head = nn.Sequential(*self.head_modules, PreLogits(self.model, self.tail_modules))
+            box_head = nn.Sequential(*self.head_modules, PreLogits(self.model, self.tail_modules))
         else:
             stages = []
             trunk = IntermediatesTrunk(self.model, self.cut)
-            roi_head = self.roi_fallback
-        return DetectionParts(trunk=trunk, roi_head=roi_head, out_channels=self.out_channels, stride=self.stride,
+            box_head = self.roi_fallback
+        return DetectionParts(trunk=trunk, box_head=box_head, out_channels=self.out_channels, stride=self.stride,
                               head_channels=self.head_channels, stages=stages)
 
 

@@ -45,7 +45,7 @@ class TinyNet(Backbone):
 
     def detection_parts(self) -> DetectionParts:
         stages = [self.stem, self.stage2, self.stage3, self.stage4, self.stage5]
-        return DetectionParts(trunk=nn.Sequential(*stages), roi_head=self.fc, out_channels=self.out_channels,
+        return DetectionParts(trunk=nn.Sequential(*stages), box_head=self.fc, out_channels=self.out_channels,
                               stride=16, head_channels=self.hidden, stages=stages)
 
     def feature_stages(self) -> FeatureStages:

@@ -158,7 +158,7 @@ def _read_log(path: str) -> dict:
 def _collect(work_dir: str) -> dict:
     """Every stage under ``work_dir`` (a directory with a ``final.pth``, named by its path below ``work_dir``;
     ``"final"``, the schedule's own result, comes last): its log (None when it has none) and its state dict."""
-    from detkit.checkpoint import load_checkpoint
+    from detkit.engine.checkpoint import load_checkpoint
 
     stages = {}
     for directory, _, files in sorted(os.walk(work_dir)):

@@ -40,7 +40,7 @@ class MobileNetV1(Backbone):
     def detection_parts(self):  # modules shared with the classifier, not copies
         stages = list(self.features[:4])  # conv1..conv4: model.backbone.freeze_at counts these
         return DetectionParts(trunk=nn.Sequential(*stages), stride=16, out_channels=self.widths[3],
-                              roi_head=nn.Sequential(self.features[4], self.pool), head_channels=self.widths[4],
+                              box_head=nn.Sequential(self.features[4], self.pool), head_channels=self.widths[4],
                               stages=stages)
 
     def feature_stages(self):  # for a neck (FPN): every stage's output map

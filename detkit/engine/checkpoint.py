@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import glob
 import os
-import uuid
 from typing import Any, Mapping
 
 import torch
 
-from detkit.state_dict import WeightsError, load_tensors
+from detkit.engine.files import atomic_write
+from detkit.engine.state_dict import WeightsError, load_tensors
 
 FORMAT = "detkit-checkpoint"
 FORMAT_VERSION = 1
-#: the temporary names :func:`atomic_torch_save` writes to before the rename
-TEMPORARY_PATTERN = ".tmp-*.pth"
+#: the temporary names :func:`atomic_torch_save` writes to before the rename: ``.tmp-<random>.pth``
+TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".tmp-", ".pth"
+TEMPORARY_PATTERN = f"{TEMPORARY_PREFIX}*{TEMPORARY_SUFFIX}"
 
 
 class CheckpointError(ValueError):
@@ -64,21 +65,9 @@ def remove_stale_temporaries(directory: str) -> list[str]:
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # A fresh name opened with "x": created with the permissions of every other output (0666 less the
-    # umask, 0644 usually), not mkstemp's 0600, which the rename would keep.
-    tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}.pth")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``torch.save(obj)`` to ``path`` atomically, through a temporary named as ``TEMPORARY_PATTERN`` says."""
+    with atomic_write(path, suffix=TEMPORARY_SUFFIX, prefix=TEMPORARY_PREFIX) as f:
+        torch.save(obj, f)
 
 
 def save_checkpoint(path: str, *, model_state: dict, config: dict, iteration: int, class_names: list[str],
@@ -153,26 +142,3 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu", task: s
             f": it was saved by a training run that diverged, and eval, infer and --resume refuse it; use an earlier "
             f"checkpoint of that run, or train again with a lower train.lr or with train.clip_grad_norm")
     return ckpt
-
-
-def model_from_checkpoint(path: str, registries, device: torch.device, overrides: list[str] | None = None):
-    """Rebuild the model a checkpoint was trained with; returns ``(model, cfg, ckpt)`` (the model on ``device``,
-    in eval mode; ``overrides`` are ``KEY=VALUE`` changes to the embedded config)."""
-    from detkit.config import apply_overrides, bind_parts, from_dict
-    from detkit.models.assembly import build_detector
-
-    ckpt = load_checkpoint(path, map_location="cpu", task="detection")
-    data = apply_overrides(ckpt["config"], overrides or [])
-    source = f"{path} (embedded config)"
-    cfg = bind_parts(from_dict(data, source=source), registries, source)
-    names = list(ckpt["class_names"])
-    # Weights come from the checkpoint; the backbone's own file is not needed (or read) again.
-    cfg.model.backbone.weights = None
-    model = build_detector(cfg.model, registries, len(names), names)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the model its config describes: "
-                              f"{str(exc).splitlines()[0]}") from None
-    return model.to(device).eval(), cfg, ckpt
-

@@ -1,7 +1,7 @@
 """Exported against eager, in one process (``tools/benchmark.py export``): whether the detections match on
 the test images, the mAP of each on the test set, and the latency per image of each.
 
-Latency is the median over interleaved runs (ABBA, :func:`detkit.benchmark.time_interleaved`) of one image
+Latency is the median over interleaved runs (ABBA, :func:`detkit.benchmarks.common.time_interleaved`) of one image
 at a time, each runtime given the same uint8 image: the eager detector in ``torch.no_grad``, onnxruntime's
 CPU provider with its default threads, TorchScript. A config instead of a checkpoint measures that detector
 with its initial weights (detections and time; its mAP means nothing and is not reported).
@@ -9,10 +9,10 @@ with its initial weights (detections and time; its mAP means nothing and is not 
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
+from detkit.benchmarks.common import Stopwatch, load_average, machine, markdown_table, time_interleaved
 from detkit.export.formats import FORMATS, export_detector, load_exported
 from detkit.export.verify import format_comparisons, verify
 
@@ -23,7 +23,6 @@ def run(model, cfg, names: list[str], trained: bool, source: str, registries, ou
     """Export ``model`` (from ``source``: a checkpoint when ``trained``, else a config's initial weights) in each
     format under ``out_dir``, verify each on the first ``verify_images`` test images, time the first
     ``timed_images`` of them, and score the test set with each when ``trained``."""
-    from detkit.benchmark import time_interleaved
     from detkit.data.loading import build_dataset
     from detkit.data.images import read_image, to_chw_tensor
 
@@ -36,9 +35,9 @@ def run(model, cfg, names: list[str], trained: bool, source: str, registries, ou
     runtimes = {"eager": model}
     for fmt in formats:
         path = os.path.join(out_dir, "model" + FORMATS[fmt])
-        start = time.perf_counter()
-        export_detector(model, fmt, path, torch.stack([samples[0][1]] * 2), {"class_names": names})
-        seconds = time.perf_counter() - start
+        with Stopwatch(torch.device("cpu")) as watch:
+            export_detector(model, fmt, path, torch.stack([samples[0][1]] * 2), {"class_names": names})
+        seconds = watch.seconds
         exported = load_exported(path)
         rows = verify(model, exported, samples, 1e-3)
         print(f"== {fmt} ({seconds:.1f} s to export)\n{format_comparisons(rows, 1e-3)}")
@@ -67,17 +66,15 @@ def _ap(model, cfg, registries, out_dir: str, dataset) -> dict:
 
 
 def markdown(results: list[dict], command: str) -> str:
-    from detkit.benchmark import load_average, machine
-
-    lines = [f"Machine: {machine()}; load {load_average()}; `{command}`", "",
-             "| model | format | export s | detections match | max box diff px | eager ms/img | exported ms/img "
-             "| speed-up | AP eager | AP exported |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """A docs/benchmarks.md section: the machine and command, then one row per model and format."""
+    rows = []
     for r in results:
+        ap = r.get("ap", {})
         for fmt, f in r["formats"].items():
-            ap = r.get("ap", {})
-            ap_e = f"{ap['eager']['AP']:.4f}" if ap else "n/a (initial weights)"
-            ap_x = f"{ap[fmt]['AP']:.4f}" if ap else "n/a"
-            lines.append(f"| {os.path.basename(r['source'])} | {fmt} | {f['export_s']:.1f} | {f['matching']}/"
-                         f"{f['compared']} | {f['box_diff']:.1e} | {r['latency_ms']['eager']:.1f} | "
-                         f"{r['latency_ms'][fmt]:.1f} | {f['speedup']:.2f}x | {ap_e} | {ap_x} |")
-    return "\n".join(lines)
+            rows.append((os.path.basename(r["source"]), fmt, f"{f['export_s']:.1f}", f"{f['matching']}/{f['compared']}",
+                         f"{f['box_diff']:.1e}", f"{r['latency_ms']['eager']:.1f}", f"{r['latency_ms'][fmt]:.1f}",
+                         f"{f['speedup']:.2f}x", f"{ap['eager']['AP']:.4f}" if ap else "n/a (initial weights)",
+                         f"{ap[fmt]['AP']:.4f}" if ap else "n/a"))
+    header = ("model", "format", "export s", "detections match", "max box diff px", "eager ms/img",
+              "exported ms/img", "speed-up", "AP eager", "AP exported")
+    return f"Machine: {machine()}; load {load_average()}; `{command}`\n\n" + markdown_table(header, rows)

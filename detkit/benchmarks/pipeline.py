@@ -15,18 +15,13 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 from torch import nn
 
+from detkit.benchmarks.common import Stopwatch, markdown_table, sync
 from detkit.data.dataset import DetectionDataset
 from detkit.data.images import to_chw_tensor
-from detkit.devices import autocast
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from detkit.engine.devices import autocast
 
 
 @contextmanager
@@ -36,11 +31,11 @@ def _stage_timer(modules: list[nn.Module], device: torch.device, totals: dict, k
     start: list[float] = []
 
     def pre(*_):
-        _sync(device)
+        sync(device)
         start.append(time.perf_counter())
 
     def post(*_):
-        _sync(device)
+        sync(device)
         totals[key] += time.perf_counter() - start.pop()
 
     for m in modules:
@@ -66,7 +61,7 @@ def _head_modules(model: nn.Module) -> list[nn.Module]:
 @torch.no_grad()
 def time_detector(model: nn.Module, dataset: DetectionDataset, indices: list[int], device: torch.device,
                   warmup: int = 1, amp: str = "none") -> dict:
-    """Per-image mean seconds of ``proposal``, ``conv``, ``region`` (= ``roi_head`` + ``post``) and
+    """Per-image mean seconds of ``proposal``, ``conv``, ``region`` (= ``box_head`` + ``post``) and
     ``total``, plus the detections (original coordinates) of every image in ``indices``; ``amp`` runs the
     detector under autocast (``none``, ``bf16``, ``fp16``)."""
     model.eval().to(device)
@@ -80,17 +75,16 @@ def time_detector(model: nn.Module, dataset: DetectionDataset, indices: list[int
         image, target = dataset[i]
         img = to_chw_tensor(image, device)
         step = dict.fromkeys(keys, 0.0)
-        _sync(device)
-        t0 = time.perf_counter()
-        proposals = generator.propose([img])  # selective search: from the image; the RPN: None
-        step["proposal"] += time.perf_counter() - t0
-        with _stage_timer(_conv_modules(model), device, step, "conv"), \
-                _stage_timer(_head_modules(model), device, step, "roi_head"), \
-                _stage_timer([] if proposals is not None else [generator], device, step, "proposal"), \
-                autocast(device, amp):
-            det = model([img], None, proposals)[0]
-        _sync(device)
-        step["total"] = time.perf_counter() - t0
+        with Stopwatch(device) as total:
+            with Stopwatch(device) as propose:
+                proposals = generator.propose([img])  # selective search: from the image; the RPN: None
+            with _stage_timer(_conv_modules(model), device, step, "conv"), \
+                    _stage_timer(_head_modules(model), device, step, "roi_head"), \
+                    _stage_timer([] if proposals is not None else [generator], device, step, "proposal"), \
+                    autocast(device, amp):
+                det = model([img], None, proposals)[0]
+        step["proposal"] += propose.seconds
+        step["total"] = total.seconds
         if trunk_in_extractor:  # R-CNN: the trunk runs inside the extractor, counted under conv
             step["roi_head"] -= step["conv"]
         if counted:
@@ -114,16 +108,16 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 0.01 else f"{seconds * 1000:.0f} ms"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """Rows ``{"name", "seconds": {...}, "map50", "map"}`` as the paper-style table (milliseconds); the
-    region-wise time is followed by its split (RoI head / post-processing). Rows of untrained models
+def timing_table(rows: list[dict]) -> str:
+    """Rows ``{"name", "seconds": {...}, "map50", "map"}`` as the paper-style markdown table (milliseconds);
+    the region-wise time is followed by its split (RoI head / post-processing). Rows of untrained models
     (``"untrained": True``) show no AP: their detections time the work but score nothing."""
-    lines = ["| method | proposals | conv | region-wise (RoI head / post) | total | rate | AP50 | AP |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    cells = []
     for r in rows:
         s = r["seconds"]
         split = f" ({_ms(s['roi_head'])} / {_ms(s['post'])})" if "roi_head" in s else ""
-        ap = ("n/a (untrained) | n/a" if r.get("untrained") else f"{r['map50']:.3f} | {r['map']:.3f}")
-        lines.append(f"| {r['name']} | {_ms(s['proposal'])} | {_ms(s['conv'])} | {_ms(s['region'])}{split} | "
-                     f"{_ms(s['total'])} | {1 / max(s['total'], 1e-12):.2f} fps | {ap} |")
-    return "\n".join(lines)
+        ap = ("n/a (untrained)", "n/a") if r.get("untrained") else (f"{r['map50']:.3f}", f"{r['map']:.3f}")
+        cells.append((r["name"], _ms(s["proposal"]), _ms(s["conv"]), _ms(s["region"]) + split, _ms(s["total"]),
+                      f"{1 / max(s['total'], 1e-12):.2f} fps", *ap))
+    return markdown_table(("method", "proposals", "conv", "region-wise (RoI head / post)", "total", "rate", "AP50",
+                           "AP"), cells, align="lrrrrrrr")

@@ -45,9 +45,10 @@ def run(model: nn.Module, class_names: list[str], cat_ids: list[int], input_spec
     Raises MediaError when ``output_dir`` cannot be written (checked first) and when no image of a folder
     could be read (an unreadable image among readable ones is skipped and listed in ``"skipped"``).
     """
+    from detkit.data.media import check_output_dir, classify_input
+    from detkit.engine.files import write_json_atomic
     from detkit.evaluation import detections_to_coco_results
-    from detkit.media import check_output_dir, classify_input, write_json_atomic
-    from detkit.visualize import draw_detections
+    from detkit.evaluation.drawing import draw_detections
 
     kind = classify_input(input_spec)
     check_output_dir(output_dir, "--output")
@@ -82,7 +83,7 @@ def _read(path: Path) -> np.ndarray:
 def _run_images(input_spec: str, kind: str, output_dir: str, detect_and_draw, progress: bool) -> dict:
     """An image, or every image of a folder: unreadable ones are logged and skipped, unless none can be read."""
     from detkit.data.images import ImageReadError
-    from detkit.media import MediaError, list_images, write_image_atomic
+    from detkit.data.media import MediaError, list_images, write_image_atomic
 
     paths = [Path(input_spec)] if kind == "image" else list_images(input_spec)
     iterator = paths
@@ -117,7 +118,7 @@ def _run_images(input_spec: str, kind: str, output_dir: str, detect_and_draw, pr
 def _run_video(input_spec: str, kind: str, output_dir: str, detect_and_draw, max_frames: int | None,
                progress: bool) -> dict:
     """Every frame of a video file or webcam (up to ``max_frames``), annotated into ``<name>_det.mp4``."""
-    from detkit.media import VideoSink, open_video
+    from detkit.data.media import VideoSink, open_video
 
     source = open_video(input_spec)
     name = f"webcam{input_spec}" if kind == "webcam" else Path(input_spec).stem

@@ -28,21 +28,21 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from operator import attrgetter
 
 import torch
 from torch import Tensor, nn
 
+from detkit.benchmarks.common import markdown_table
 from detkit.config import Config, ConfigError, TrainConfig, apply_overrides, from_dict, load_config, to_dict
 from detkit.data.loading import build_dataset, training_loader
 from detkit.data.transforms import build_transform
-from detkit.devices import resolve_device
+from detkit.engine.devices import resolve_device
 from detkit.evaluation.coco_eval import detections_to_coco_results
 from detkit.evaluation.runner import predict_dataset, score_results
 from detkit.proposals.attach import attach_proposals
 from detkit.plugins import UnknownNameError
 from detkit.training import Hook, resolve_schedule, train, train_loop
-from detkit.training.schedules import MODEL_PARTS
+from detkit.training.schedules import chosen_parts
 from detkit.training.trainer import lr_factor, seed_everything
 
 #: untimed, then timed iterations of the calibration run
@@ -135,9 +135,9 @@ def _resolve(target: str, overrides: list[str], sides: tuple[int, int], registri
     if not os.path.isfile(target):
         raise FileNotFoundError(f"{target}: no such config file")
     cfg = load_config(target, overrides, registries)
-    for kind, key in MODEL_PARTS:  # the parts chosen by name exist (loading checked their sections)
+    for kind, key, name in chosen_parts(cfg.model, registries):  # exist (loading checked their sections)
         try:
-            registries.kind(kind).get(attrgetter(key.removeprefix("model."))(cfg.model))
+            registries.kind(kind).get(name)
         except UnknownNameError as exc:
             raise ConfigError(f"{key}: {exc}") from None
     schedule, reason = resolve_schedule(cfg, registries)
@@ -341,13 +341,9 @@ def _number(value: float | None, fmt: str) -> str:
 
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table: name, iterations, s/iter, train time, AP, AP50, APs."""
-    lines = ["| name | iterations | s/iter | train time (s) | AP | AP50 | APs |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['name']} | {_number(r['iterations'], 'd')} | "
-                     f"{_number(r['seconds_per_iter'], '.4f')} | {_number(r['train_seconds'], '.1f')} | "
-                     + " | ".join(_number(r[k], ".3f") for k in METRICS) + " |")
-    return "\n".join(lines)
+    cells = [(r["name"], _number(r["iterations"], "d"), _number(r["seconds_per_iter"], ".4f"),
+              _number(r["train_seconds"], ".1f"), *(_number(r[k], ".3f") for k in METRICS)) for r in rows]
+    return markdown_table(("name", "iterations", "s/iter", "train time (s)", *METRICS), cells)
 
 
 def markdown(report: dict) -> str:

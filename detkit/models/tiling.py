@@ -1,4 +1,4 @@
-"""Tiling large images into overlapping windows (for inference and for training data).
+"""Tiled inference: a detector run on overlapping windows of a large image, what they found merged.
 
 Aerial, satellite and microscopy images are thousands of pixels across with objects of tens of pixels:
 resized to a detector's input they lose the objects. Cutting them into overlapping windows at native
@@ -8,22 +8,24 @@ and Fine-tuning for Small Object Detection", ICIP 2022; the SAHI library), which
 and MMDetection leave to that library.
 
 :class:`TiledDetector` wraps any detector callable ``model(list[Tensor (3, H, W) uint8]) -> list[{"boxes",
-"scores", "labels"}]``, runs the windows of :func:`tile_grid` through it ``batch`` at a time (windows are views
-of the uint8 image: besides it, only one batch of windows is in memory as floats, the model's copies) and merges
-what the windows found with :func:`merge_detections`: a box cut by a window edge inside the image is dropped
-where another window sees its object whole; the rest are merged by the chosen rule (``nms``, ``larger`` or
-``ios``). The settings are :class:`~detkit.config.TileSettings` (the config's ``eval.tile``).
+"scores", "labels"}]``, runs the windows of :func:`~detkit.data.tile.tile_grid` (the grid that also cuts
+datasets into tiles) through it ``batch`` at a time (windows are views of the uint8 image: besides it, only
+one batch of windows is in memory as floats, the model's copies) and merges what the windows found with
+:func:`merge_detections`: a box cut by a window edge inside the image is dropped where another window sees its
+object whole; the rest are merged by the chosen rule (``nms``, ``larger`` or ``ios``). The settings are
+:class:`~detkit.config.TileSettings` (the config's ``eval.tile``). It is a detector like any other, so
+evaluation (``eval.tile``) and ``detkit infer --tile`` both wrap their model in it.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from detkit.config import ConfigError, TileSettings
+from detkit.data.tile import tile_grid
 
 MERGE_MODES = ("nms", "larger", "ios")
 #: a progress bar over the windows from this many windows on (a few windows take a moment)
@@ -31,30 +33,8 @@ PROGRESS_MIN_WINDOWS = 9
 #: elements of one block of pairwise box comparisons (a few of these float tensors are alive at a time)
 PAIR_BLOCK_ELEMENTS = 2_000_000
 
-__all__ = ["MERGE_MODES", "OPTIONS", "TileSettings", "TiledDetector", "axis_starts", "check_tile_settings",
-           "merge_detections", "settings_with_options", "tile_grid", "tiled"]
-
-
-def axis_starts(length: int, size: int, overlap: float) -> Tensor:
-    """Start offsets of windows of ``size`` along an axis of ``length`` pixels, consecutive windows sharing
-    at least ``overlap`` of ``size``: the fewest windows that do, spread evenly from 0 to ``length - size``
-    (so the last ends at the border; a shorter axis: one window at 0)."""
-    if length <= size:
-        return torch.zeros(1, dtype=torch.int64)
-    stride = max(1, int(math.floor(size * (1.0 - overlap))))
-    count = int(math.ceil((length - size) / stride)) + 1
-    return torch.linspace(0, length - size, count, dtype=torch.float64).floor().to(torch.int64)
-
-
-def tile_grid(height: int, width: int, size: int, overlap: float) -> Tensor:
-    """Windows ``(T, 4)`` int64 xyxy covering an image of ``height x width``, row-major, each ``size x size``
-    (or the image's side where it is shorter), neighbours overlapping by at least ``overlap * size``."""
-    if size < 1 or not 0.0 <= overlap < 1.0:
-        raise ValueError(f"tile size {size} must be >= 1 and overlap {overlap} in [0, 1)")
-    ys, xs = axis_starts(height, size, overlap), axis_starts(width, size, overlap)
-    y0, x0 = torch.meshgrid(ys, xs, indexing="ij")
-    y0, x0 = y0.reshape(-1), x0.reshape(-1)
-    return torch.stack([x0, y0, (x0 + size).clamp(max=width), (y0 + size).clamp(max=height)], dim=1)
+__all__ = ["MERGE_MODES", "OPTIONS", "TileSettings", "TiledDetector", "check_tile_settings", "merge_detections",
+           "settings_with_options", "tiled"]
 
 
 # ----------------------------------------------------------------------------- settings

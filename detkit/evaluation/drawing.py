@@ -4,8 +4,9 @@ Used by ``detkit infer`` (annotated images and videos) and the evaluation report
 with name-only tags. Each class keeps one colour everywhere (``color_for``), and the tag is always placed
 inside the image, even for boxes on the border and images as small as 32x32. A crowded picture keeps its
 content visible: tags shrink with the boxes (down to the smallest readable size), a tag that would overlap
-a more confident box's tag is left out, and tags cover at most a quarter of the picture. (No paper
-section: this is output plumbing.)
+a more confident box's tag is left out, and tags cover at most a quarter of the picture. It lives in the
+evaluation layer, the lowest that draws, so that the report's gallery and ``detkit infer`` (above it) share
+it. (No paper section: this is output plumbing.)
 """
 from __future__ import annotations
 

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from detkit.engine.files import replace_directory, write_json_atomic
+
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
@@ -164,18 +166,8 @@ class FeatureCacheWriter:
             "mean_norm": {k: s / max(1, self.num_rows) for k, s in self._norm_sum.items()},
         }
         # meta.json is written last and atomically: a directory with it is complete.
-        tmp = self.partial / (_META + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, self.partial / _META)
-        if self.path.exists():
-            old = Path(str(self.path) + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(self.path, old)
-            os.rename(self.partial, self.path)
-            shutil.rmtree(old)
-        else:
-            os.rename(self.partial, self.path)
+        write_json_atomic(self.partial / _META, meta, indent=1)
+        replace_directory(self.partial, self.path)
         self.closed = True
 
     def abort(self) -> None:

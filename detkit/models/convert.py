@@ -81,7 +81,7 @@ def class_names_for(num_classes: int) -> tuple[list[str], list[int]]:
 
 
 def load_torchvision_state(path: str) -> dict:
-    from detkit.state_dict import read_state_dict
+    from detkit.engine.state_dict import read_state_dict
 
     try:
         state = read_state_dict(path, "torchvision state dict")

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import tempfile
-import time
 
 import torch
 from torch import nn
 
+from detkit.benchmarks.common import Stopwatch, interleaved, load_average, machine, markdown_table, medians
 from detkit.config import ClassifierConfig, ConfigError
 
 PLAIN_DATASET = "image_folder"
@@ -68,11 +67,6 @@ def plain_transform(augment, size: int, mean: list[float], std: list[float], in_
     if in_channels == 1:
         steps.append(transforms.Grayscale(1))  # PIL's L: the luminance Classifier.normalize takes
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +105,7 @@ class PlainLoop:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         from detkit.classification.model import main_logits
-        from detkit.devices import autocast
+        from detkit.engine.devices import autocast
 
         tcfg = self.cfg.train
         images = images.to(self.device, non_blocking=True)
@@ -133,22 +127,25 @@ class PlainLoop:
         starts the next epoch's iterator (and workers), as the example's epoch loop does."""
         self.model.train()
         batches = iter(self.loader())
-        start, images = 0.0, 0
-        for k in range(warmup + iters):
-            if k == warmup:
-                _sync(self.device)
-                start, images = time.perf_counter(), 0
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                batches = iter(self.loader())
-                x, y = next(batches)
-            self.step(x, y)
-            images += len(y)
-        _sync(self.device)
-        seconds = time.perf_counter() - start
+
+        def steps(n: int) -> int:
+            nonlocal batches
+            images = 0
+            for _ in range(n):
+                try:
+                    x, y = next(batches)
+                except StopIteration:
+                    batches = iter(self.loader())
+                    x, y = next(batches)
+                self.step(x, y)
+                images += len(y)
+            return images
+
+        steps(warmup)
+        with Stopwatch(self.device) as watch:
+            images = steps(iters)
         del batches  # its workers stop before the other side runs
-        return seconds, images
+        return watch.seconds, images
 
 
 class DetkitLoop:
@@ -178,14 +175,11 @@ class DetkitLoop:
         trainer.open_stream()
         hooks = trainer.hooks()
         train_loop(trainer.step, self.done, self.done + warmup, hooks)
-        _sync(trainer.device)
-        start = time.perf_counter()
-        train_loop(trainer.step, self.done + warmup, self.done + warmup + iters, hooks)
-        _sync(trainer.device)
-        seconds = time.perf_counter() - start
+        with Stopwatch(trainer.device) as watch:
+            train_loop(trainer.step, self.done + warmup, self.done + warmup + iters, hooks)
         self.done += warmup + iters
         trainer.close_stream()  # its workers stop before the other side runs
-        return seconds, iters * trainer.cfg.data.batch_size
+        return watch.seconds, iters * trainer.cfg.data.batch_size
 
 
 def build_sides(cfg: ClassifierConfig, registries, work_dir: str, total_iters: int) -> tuple[DetkitLoop, PlainLoop]:
@@ -213,6 +207,11 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
 
 
+def _rate(seconds: float, images: int) -> float:
+    """Images per second."""
+    return images / seconds
+
+
 def run_pretrain_benchmark(cfg: ClassifierConfig, registries, iters: int = 50, warmup: int = 10,
                            runs: int = 3) -> dict:
     """Images/s of detkit's pretraining and of the plain loop on ``cfg`` (see the module doc).
@@ -223,17 +222,12 @@ def run_pretrain_benchmark(cfg: ClassifierConfig, registries, iters: int = 50, w
     if iters < 1 or warmup < 0 or runs < 1:
         raise ValueError(f"iters={iters}, warmup={warmup}, runs={runs}: expected iters >= 1, warmup >= 0, runs >= 1")
     check_comparable(cfg)
-    from detkit.benchmark import load_average, machine
-
     with tempfile.TemporaryDirectory(prefix="detkit-pretrain-bench-") as work_dir:
         ours, theirs = build_sides(cfg, registries, work_dir, runs * (warmup + iters))
         sides = {"detkit": ours, "plain": theirs}
         same = same_weights(ours.trainer.model.backbone, theirs.model)
-        rates: dict[str, list[float]] = {name: [] for name in SIDES}
-        for r in range(runs):
-            for name in SIDES if r % 2 == 0 else SIDES[::-1]:
-                seconds, images = sides[name].run(warmup, iters)
-                rates[name].append(images / seconds)
+        rates = interleaved({name: (lambda side=sides[name]: _rate(*side.run(warmup, iters))) for name in SIDES},
+                            runs)
         trainer = ours.trainer
         setup = {"backbone": cfg.model.backbone.name, "input_size": trainer.size, "device": str(trainer.device),
                  "batch_size": cfg.data.batch_size, "num_workers": cfg.data.num_workers,
@@ -242,25 +236,26 @@ def run_pretrain_benchmark(cfg: ClassifierConfig, registries, iters: int = 50, w
                  "amp": cfg.train.amp, "channels_last": cfg.train.channels_last, "compile": cfg.train.compile,
                  "iters": iters, "warmup": warmup, "runs": runs,
                  "worker_startup": "excluded" if warmup else "counted"}
-    median = {name: statistics.median(v) for name, v in rates.items()}
+    median = medians(rates)
     return {"machine": machine(), "load_average": load_average(), "setup": setup, "runs": rates, "median": median,
             "ratio": median["detkit"] / median["plain"], "same_initial_weights": same,
             "last_plain_step": dict(zip(("loss", "top1"), theirs.last))}
 
 
 def table(result: dict) -> str:
-    """The result as text: the setup, the median images/s of each side with the ratio, and every run."""
+    """The result as text: the setup, then a markdown table of every run's images/s on each side and the
+    medians, with the ratios."""
     s = result["setup"]
     lines = [f"Machine: {result['machine']}; load average: {result['load_average']}.",
              f"{s['backbone']} at {s['input_size']}x{s['input_size']}, batch {s['batch_size']}, {s['num_workers']} "
              f"workers, {s['images']} images of {s['classes']} classes, device {s['device']}, amp {s['amp']}; "
              f"{s['runs']} runs of {s['iters']} iterations after {s['warmup']} warm-up (DataLoader worker start-up "
-             f"{s['worker_startup']} on both sides); same initial weights: {result['same_initial_weights']}.", "",
-             f"{'':<8}{'detkit img/s':>14}{'plain img/s':>14}{'ratio':>8}"]
-    for k, (a, b) in enumerate(zip(result["runs"]["detkit"], result["runs"]["plain"]), 1):
-        lines.append(f"{f'run {k}':<8}{a:>14.1f}{b:>14.1f}{a / b:>8.2f}")
+             f"{s['worker_startup']} on both sides); same initial weights: {result['same_initial_weights']}.", ""]
+    runs = [(f"run {k}", f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}")
+            for k, (a, b) in enumerate(zip(result["runs"]["detkit"], result["runs"]["plain"]), 1)]
     m = result["median"]
-    lines.append(f"{'median':<8}{m['detkit']:>14.1f}{m['plain']:>14.1f}{result['ratio']:>8.2f}")
+    runs.append(("median", f"{m['detkit']:.1f}", f"{m['plain']:.1f}", f"{result['ratio']:.2f}"))
+    lines.append(markdown_table(("run", "detkit img/s", "plain img/s", "ratio"), runs, align="lrrr"))
     return "\n".join(lines)
 
 

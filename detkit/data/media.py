@@ -4,18 +4,16 @@ This is the I/O edge of ``detkit infer``: it decides what kind of input a
 command-line spec names, yields RGB frames from videos and webcams through
 OpenCV (whose own log lines are silenced: detkit reports what went wrong, naming
 the file), checks before any work that an output folder can be written and an
-input file read, and writes every output atomically. An output is written to a hidden
-temporary file in its own directory and ``os.replace``d onto its name only when
-complete, so an interrupted run never leaves a half-written file and never
-clobbers an earlier result. (No paper section: this is plumbing around the detector.)
+input file read, and writes pictures and videos atomically (:mod:`detkit.engine.files`), so an
+interrupted run never leaves a half-written file and never clobbers an earlier result. It sits in the data
+layer because training, proposals and evaluation read and write images too. (No paper section: this is
+plumbing around the detector.)
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +24,8 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
 
 import cv2  # noqa: E402  (after the environment it reads)
 import numpy as np  # noqa: E402
+
+from detkit.engine.files import PendingFile, write_bytes_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -221,24 +221,6 @@ def open_video(spec: str | os.PathLike) -> VideoSource:
     return VideoSource(spec)
 
 
-def _temp_beside(path: str | os.PathLike, suffix: str) -> str:
-    """A fresh hidden name in ``path``'s directory (created if needed) ending in ``suffix``.
-
-    The name is not created here, so whatever writes it creates it with the usual permissions (mkstemp's
-    0600 would survive the rename); the same directory keeps ``os.replace`` an atomic rename.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    return os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.partial{suffix}")
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def _check_rgb(image: np.ndarray, what: str) -> None:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
@@ -265,12 +247,13 @@ class VideoSink:
             raise MediaError(f"{self.path}: cannot write a {ext or 'extensionless'} video; "
                              f"use one of {', '.join(FOURCC)}")
         self.frames = 0
-        self._tmp = _temp_beside(self.path, ext)
+        self._pending = PendingFile(self.path, ".tmp" + ext)  # the extension tells OpenCV the container
         with quiet_opencv():
-            self._writer = cv2.VideoWriter(self._tmp, cv2.VideoWriter_fourcc(*FOURCC[ext]), float(fps), self.size)
+            self._writer = cv2.VideoWriter(self._pending.path, cv2.VideoWriter_fourcc(*FOURCC[ext]), float(fps),
+                                           self.size)
         if not self._writer.isOpened():
             self._writer.release()
-            _remove_quietly(self._tmp)
+            self._pending.discard()
             raise MediaError(f"{self.path}: OpenCV cannot write a {ext} video here")
 
     def write(self, frame_rgb: np.ndarray) -> None:
@@ -286,14 +269,14 @@ class VideoSink:
         """Finish the file and move it onto ``path``."""
         self._writer.release()
         if self.frames == 0:
-            _remove_quietly(self._tmp)
+            self._pending.discard()
             raise MediaError(f"{self.path}: no frames were written; the video was not created")
-        os.replace(self._tmp, self.path)
+        self._pending.commit()
 
     def abort(self) -> None:
         """Drop the partial file; ``path`` keeps whatever it held before."""
         self._writer.release()
-        _remove_quietly(self._tmp)
+        self._pending.discard()
 
     def __enter__(self) -> VideoSink:
         return self
@@ -303,21 +286,6 @@ class VideoSink:
             self.close()
         else:
             self.abort()
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes, suffix: str = ".tmp") -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part
-    (a temporary file beside it, fsync, rename; the temporary file is removed on any failure)."""
-    tmp = _temp_beside(path, suffix)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not become visible before the bytes do
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
 
 
 def write_image_atomic(path: str | os.PathLike, image_rgb: np.ndarray) -> None:
@@ -333,10 +301,4 @@ def write_image_atomic(path: str | os.PathLike, image_rgb: np.ndarray) -> None:
         raise MediaError(f"{path}: OpenCV cannot encode {ext}: {exc}") from exc
     if not ok:
         raise MediaError(f"{path}: OpenCV cannot encode {ext}")
-    write_bytes_atomic(path, buf.tobytes(), ext)
-
-
-def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = None) -> None:
-    """Write ``obj`` as UTF-8 JSON atomically (a serialisation error leaves ``path`` untouched)."""
-    data = json.dumps(obj, indent=indent).encode("utf-8")
-    write_bytes_atomic(path, data, ".json")
+    write_bytes_atomic(path, buf.tobytes())

@@ -1,4 +1,5 @@
-"""Speed of detkit's Faster R-CNN (Ren et al. 2015) against torchvision's, on the same work, in one process.
+"""detkit's Faster R-CNN (Ren et al. 2015) and torchvision's, built to do the same work, and how closely they
+agree: what :mod:`detkit.benchmarks.torchvision_parity` times against each other.
 
 Both detectors are built around the *same modules and weights*: torchvision's ``FasterRCNN`` receives
 detkit's trunk as its backbone and detkit's RoI head (fc6/fc7, res5, ...) as its box head, and copies of
@@ -26,24 +27,13 @@ outputs the proposals are therefore shifted by half a stride, and detections dif
 agree to float precision (see :func:`agreement`). With or without a neck, torchvision also ranks RPN
 proposals by sigmoid probability rather than logit (same order, except ties where float32 saturates) and
 regenerates its anchors on every call, where detkit caches them per feature-map size.
-
-Timings are medians of repeated runs after warm-up; detkit and torchvision runs are interleaved in
-ABBA order so that background load and cache effects hit both alike. Ratios are detkit / torchvision
-throughput (> 1: detkit faster).
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
-import platform
 import statistics
-import tempfile
-import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -53,12 +43,9 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
-from detkit.config import Config, ConfigError, ModelConfig, PartConfig, apply_overrides, from_dict, to_dict
-from detkit.devices import autocast
+from detkit.config import ModelConfig, from_dict
 from detkit.models.assembly import build_backbone, build_detector
 from detkit.models.roi_heads import SoftmaxBoxHead
-
-MODELS = ("detkit", "torchvision")
 
 
 @dataclass
@@ -135,37 +122,34 @@ def detkit_config(setup: Setup, in_strides: list[int] | None = None) -> ModelCon
 
     in_strides: with ``setup.neck``, the backbone maps the FPN reads (:func:`pyramid_in_strides`).
     """
-    cfg = ModelConfig()
-    cfg.backbone.name = setup.backbone
-    h, w = setup.image_size
-    cfg.transform.min_size, cfg.transform.max_size = min(h, w), max(h, w)
     if setup.neck is not None and not in_strides:
         raise ValueError(f"benchmark: neck {setup.neck!r} needs the strides of the maps it reads")
     levels = 1 if setup.neck is None else len(in_strides) + FPN_EXTRA_LEVELS
     anchors: dict = {"sizes": list(anchor_sizes(setup, levels))}
-    output_size = setup.roi_output_size
+    h, w = setup.image_size
+    model: dict = {
+        "backbone": {"name": setup.backbone},
+        "transform": {"min_size": min(h, w), "max_size": max(h, w)},
+        "roi_extractor": {"name": "roi_align", "output_size": setup.roi_output_size,
+                          "sampling_ratio": setup.sampling_ratio},
+        # torchvision's background is IoU [0, 0.5) and its NMS 0.5; the same values go to both
+        "roi_heads": {"bg_iou_thresh_lo": 0.0, "nms_thresh": 0.5},
+    }
+    rpn = {"straddle_thresh": -1.0,  # torchvision trains on cross-boundary anchors too
+           "min_size": 1e-3}  # torchvision's RPN min_size, in resized-image pixels (scale is 1 here)
     if setup.neck is not None:
-        cfg.neck = PartConfig("fpn", {"in_strides": list(in_strides), "out_channels": FPN_CHANNELS,
-                                      "extra_levels": FPN_EXTRA_LEVELS})
-        cfg.box_head = PartConfig("two_fc", {"fc_dim": TWO_FC_DIM})
-        output_size = output_size or FPN_ROI_OUTPUT_SIZE
+        model["neck"] = {"name": "fpn", "in_strides": list(in_strides), "out_channels": FPN_CHANNELS,
+                         "extra_levels": FPN_EXTRA_LEVELS}
+        model["box_head"] = {"name": "two_fc", "fc_dim": TWO_FC_DIM}
+        model["roi_extractor"]["output_size"] = setup.roi_output_size or FPN_ROI_OUTPUT_SIZE
+        model["roi_heads"]["batch_size_per_image"] = 512  # fasterrcnn_resnet50_fpn's RoI batch
         if setup.anchors == "torchvision":
             anchors |= {"offset": 0.0, "round": True}
-    # With a neck, fasterrcnn_resnet50_fpn's proposal counts (per level before NMS, per image after it).
-    counts = {} if setup.neck is None else {"pre_nms_top_n_train": 2000, "post_nms_top_n_train": 2000,
-                                            "pre_nms_top_n_test": 1000, "post_nms_top_n_test": 1000}
-    cfg.proposal_generator = PartConfig("rpn", {
-        "anchors": anchors,
-        "straddle_thresh": -1.0,  # torchvision trains on cross-boundary anchors too
-        "min_size": 1e-3,  # torchvision's RPN min_size, in resized-image pixels (scale is 1 here)
-        **counts,
-    })
-    if setup.neck is not None:
-        cfg.roi_heads.batch_size_per_image = 512  # fasterrcnn_resnet50_fpn's RoI batch
-    cfg.roi_extractor = PartConfig("roi_align", {"output_size": output_size, "sampling_ratio": setup.sampling_ratio})
-    cfg.roi_heads.bg_iou_thresh_lo = 0.0  # torchvision's background is IoU [0, 0.5)
-    cfg.roi_heads.nms_thresh = 0.5  # torchvision's default; the same value goes to both
-    return cfg
+        # fasterrcnn_resnet50_fpn's proposal counts (per level before NMS, per image after it)
+        rpn |= {"pre_nms_top_n_train": 2000, "post_nms_top_n_train": 2000, "pre_nms_top_n_test": 1000,
+                "post_nms_top_n_test": 1000}
+    model["proposal_generator"] = {"name": "rpn", "anchors": anchors, **rpn}
+    return from_dict({"model": model}, source="benchmark setup").model
 
 
 class TrunkAsBackbone(nn.Module):
@@ -287,40 +271,6 @@ def build_pair(setup: Setup, registries, cfg: ModelConfig | None = None) -> tupl
     copy_head_weights(ours, theirs)
     return ours, theirs
 
-
-@dataclass
-class Tuned:
-    """detkit at settings of its own, for inference beside the two at the same settings (each side at its
-    best: torchvision keeps its defaults). Same weights; ``overrides`` are ``model.*`` config overrides
-    that leave every weight's shape alone (e.g. ``model.proposal_generator.post_nms_top_n_test=300``)."""
-
-    overrides: tuple[str, ...] = ()
-    channels_last: bool = False
-    compile: bool = False
-
-
-def tuned_model(setup: Setup, registries, cfg: ModelConfig, weights: nn.Module, tuned: Tuned) -> nn.Module:
-    """detkit's detector for ``cfg`` with ``tuned``'s overrides, holding ``weights``' parameters (a copy),
-    in eval mode; channels-last and compiled trunk as ``tuned`` asks."""
-    bad = [o for o in tuned.overrides if not o.startswith("model.")]
-    if bad:
-        raise ConfigError(f"tuned settings: {bad[0]!r}: expected a model.* override (KEY=VALUE)")
-    data = apply_overrides(to_dict(Config(model=cfg)), list(tuned.overrides))
-    model = build_detector(from_dict(data, "tuned settings").model, registries, setup.num_classes)
-    try:
-        model.load_state_dict(weights.state_dict())
-    except RuntimeError as exc:
-        raise ConfigError(f"tuned settings {list(tuned.overrides)} change the model's weights: "
-                          f"{str(exc).splitlines()[0]}") from exc
-    model.eval()
-    if tuned.channels_last:
-        model.to(memory_format=torch.channels_last)
-        model.channels_last = True
-    if tuned.compile:
-        model.trunk.compile()
-    return model
-
-
 def synthetic_batch(setup: Setup, n: int, device: torch.device, seed: int = 0) -> tuple[list[Tensor], list[dict]]:
     """``n`` random images ``(3, H, W)`` float in [0, 1] and targets with 4 boxes ``(4, 4)`` xyxy each."""
     g = torch.Generator().manual_seed(seed)
@@ -392,278 +342,3 @@ def agreement(ours: nn.Module, theirs: FasterRCNN, images: list[Tensor]) -> dict
     result["detection_labels_equal"] = statistics.mean(labels_equal)
     return result
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, iters: int,
-                     device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each function over ``iters`` calls after ``warmup`` calls.
-
-    Calls alternate between the functions, in reversed order every other round (ABBA), so a load
-    spike or a warm cache does not systematically favour the one that runs first.
-    """
-    if iters < 1 or warmup < 0:
-        raise ValueError(f"iters={iters}, warmup={warmup}: expected iters >= 1 and warmup >= 0")
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(iters):
-        for name in names if i % 2 == 0 else names[::-1]:
-            _sync(device)
-            start = time.perf_counter()
-            fns[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Peak growth of the process's resident memory while the block runs, in bytes (``.growth``).
-
-    A thread samples ``/proc/self/statm`` every ``interval`` seconds. What it measures: memory the
-    allocator took from the OS during the block beyond what the process held at its start (activations,
-    gradients, optimizer state first touched, allocator slack); memory freed earlier and reused inside
-    the block does not count. ``malloc_trim`` first returns freed heap to the OS so that one model's
-    leftovers do not hide the other's peak. Linux only; ``growth`` is -1 where /proc is missing.
-    """
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.growth = -1
-        self._stop = threading.Event()
-
-    def _poll(self, start: int) -> None:
-        peak = start
-        while not self._stop.is_set():
-            peak = max(peak, _rss_bytes())
-            self._stop.wait(self.interval)
-        self.growth = max(peak, _rss_bytes()) - start
-
-    def __enter__(self) -> "PeakRSS":
-        if not os.path.exists("/proc/self/statm"):
-            return self
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        self._thread = threading.Thread(target=self._poll, args=(_rss_bytes(),), daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if hasattr(self, "_thread"):
-            self._stop.set()
-            self._thread.join()
-
-
-def _peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
-    """Peak memory of one call of ``fn`` in MiB: CUDA max_memory_allocated, or on CPU peak RSS growth."""
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    with PeakRSS() as peak:
-        fn()
-    return peak.growth / 2**20
-
-
-def run(setup: Setup, registries, device: torch.device, batch_sizes: tuple[int, ...] = (1, 8),
-        train_batch: int = 2, warmup: int = 2, iters: int = 5, amp: str = "none",
-        channels_last: bool = False, compile_trunk: bool = False, tuned: Tuned | None = None) -> dict:
-    """Time inference at each of ``batch_sizes`` and training steps at ``train_batch`` for both detectors.
-
-    Returns ``{"setup", "inference": {bs: {"detkit", "torchvision", "ratio"}} (images/s),
-    "train": {"detkit", "torchvision", "ratio"} (iterations/s, forward + backward + SGD step),
-    "memory": {"train" | "inference": {"detkit", "torchvision"}} (MiB; see ``memory_kind``),
-    "memory_kind", "agreement"}``; ratios are detkit / torchvision (> 1: detkit faster).
-    ``compile_trunk`` compiles the trunk (``torch.compile``), which both detectors share, so both run it
-    compiled; the warm-up runs absorb the compilation. ``tuned``: a third detector, detkit at its own
-    settings (:class:`Tuned`), is timed for inference too: ``inference[bs]["tuned"]`` and
-    ``["tuned_ratio"]`` (against torchvision at the same settings, i.e. its defaults).
-    """
-    if any(b < 1 for b in batch_sizes) or train_batch < 1:
-        raise ValueError(f"batch sizes must be >= 1, got batch_sizes={list(batch_sizes)}, train_batch={train_batch}")
-    torch.manual_seed(0)
-    cfg = setup_config(setup, registries)
-    ours, theirs = build_pair(setup, registries, cfg)
-    ours.to(device)
-    theirs.to(device)
-    if channels_last:
-        ours.to(memory_format=torch.channels_last)
-        theirs.to(memory_format=torch.channels_last)  # its own RPN head copy; the trunk is shared
-        ours.channels_last = True
-        theirs.backbone.channels_last = True
-    if compile_trunk:
-        ours.trunk.compile()  # in place; torchvision's TrunkAsBackbone holds the same module
-    models = {"detkit": ours, "torchvision": theirs}
-    timed = dict(models)
-    if tuned is not None:
-        timed["tuned"] = tuned_model(setup, registries, cfg, ours, tuned).to(device)
-    sizes = [float(s) for g in ours.proposal_generator.anchor_generators for s in g.sizes]
-    result: dict = {
-        "setup": asdict(setup) | {"anchor_sizes": sizes, "device": str(device), "amp": amp,
-                                  "channels_last": channels_last, "compile": compile_trunk,
-                                  "warmup": warmup, "iters": iters, "train_batch": train_batch,
-                                  "tuned": None if tuned is None else asdict(tuned)},
-        "inference": {}, "memory": {"inference": {}, "train": {}},
-        "memory_kind": ("CUDA max_memory_allocated" if device.type == "cuda"
-                        else "peak RSS growth of the process during one call"),
-    }
-    images, _ = synthetic_batch(setup, 1, device, seed=2)
-    result["agreement"] = agreement(ours, theirs, images)
-
-    for model in models.values():
-        model.eval()
-
-    def infer(model: nn.Module, images: list[Tensor]) -> None:
-        with torch.no_grad(), autocast(device, amp):
-            model(images)
-
-    for bs in batch_sizes:
-        result["inference"][bs] = _inference_throughput(timed, synthetic_batch(setup, bs, device)[0], infer,
-                                                        warmup, iters, device)
-    images, _ = synthetic_batch(setup, max(batch_sizes), device)
-    for k, m in models.items():
-        result["memory"]["inference"][k] = _peak_memory_mib(lambda m=m: infer(m, images), device)
-
-    images, targets = synthetic_batch(setup, train_batch, device, seed=1)
-    optimizers = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-                  for k, m in models.items()}
-    for model in models.values():
-        model.train()
-
-    def step(name: str) -> None:
-        with autocast(device, amp):
-            losses = models[name](images, targets)
-        optimizers[name].zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizers[name].step()
-
-    # The trunk and RoI head are shared, so both optimizers move the same tensors; only speed is compared.
-    t = time_interleaved({k: (lambda k=k: step(k)) for k in models}, warmup, iters, device)
-    result["train"] = {k: 1.0 / v for k, v in t.items()}
-    result["train"]["ratio"] = result["train"]["detkit"] / result["train"]["torchvision"]
-    for k in models:
-        result["memory"]["train"][k] = _peak_memory_mib(lambda k=k: step(k), device)
-    return result
-
-
-def _inference_throughput(models: dict[str, nn.Module], images: list[Tensor], infer: Callable, warmup: int,
-                          iters: int, device: torch.device) -> dict[str, float]:
-    """Images/s of each of ``models`` on ``images`` (interleaved timing), with detkit's and, when timed,
-    the tuned detkit's ratio to torchvision."""
-    t = time_interleaved({k: (lambda m=m: infer(m, images)) for k, m in models.items()}, warmup, iters, device)
-    ips = {k: len(images) / v for k, v in t.items()}
-    ips["ratio"] = ips["detkit"] / ips["torchvision"]
-    if "tuned" in ips:
-        ips["tuned_ratio"] = ips["tuned"] / ips["torchvision"]
-    return ips
-
-
-def loader_throughput(registries, image_size: tuple[int, int] = (240, 320), num_images: int = 64,
-                      batch_size: int = 2, num_workers: int = 2, batches: int = 30) -> float:
-    """Images per second through detkit's training data pipeline (PNG decode, flip, collate) on
-    ``detkit.data.synth`` images, with the trainer's sampler and worker setup; worker start-up excluded."""
-    from detkit.data import build_transform
-    from detkit.data.synth import synthesize
-    from detkit.data.loading import PositionSeeded, StreamBatchSampler, build_dataset, to_tensor_batch
-
-    with tempfile.TemporaryDirectory() as tmp:
-        synthesize(tmp, "coco", num_images, seed=0, image_size=image_size)
-        ds = build_dataset({"name": "coco", "images": f"{tmp}/images", "annotations": f"{tmp}/annotations.json"},
-                           registries, "benchmark", transform=build_transform(True, 0.5))
-        sampler = StreamBatchSampler(list(range(len(ds))), batch_size, 0)
-        loader = torch.utils.data.DataLoader(PositionSeeded(ds), batch_sampler=sampler, num_workers=num_workers,
-                                             collate_fn=to_tensor_batch)
-        it = iter(loader)
-        next(it)  # workers started
-        start = time.perf_counter()
-        for _ in range(batches):
-            next(it)
-        elapsed = time.perf_counter() - start
-        del it  # shut the workers down before the directory goes
-        return batches * batch_size / elapsed
-
-
-def machine() -> str:
-    """One line naming the machine: CPU model, cores, torch version and threads, GPU if any."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    text = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} intra-op threads")
-    if torch.cuda.is_available():
-        text += f", GPU {torch.cuda.get_device_name()}"
-    return text
-
-
-def load_average() -> str:
-    """The 1/5/15-minute load averages, to judge how much others used the machine meanwhile."""
-    try:
-        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
-def model_name(setup: dict) -> str:
-    """The backbone, and the neck if any (``resnet50 + fpn``), as a results table names a model."""
-    return setup["backbone"] + (f" + {setup['neck']}" if setup.get("neck") else "")
-
-
-def markdown(results: list[dict], loader_ips: float | None, command: str) -> str:
-    """A docs/benchmarks.md section: machine, command, throughput table with ratios, memory, agreement."""
-    lines = [f"Machine: {machine()}; load average after the run: {load_average()}.", "",
-             f"Command: `{command}`", "",
-             "| backbone | image | device | amp | batch | detkit | torchvision | ratio |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in results:
-        s = r["setup"]
-        prefix = f"| {model_name(s)} | {s['image_size'][0]}x{s['image_size'][1]} | {s['device']} | {s['amp']} |"
-        for bs, v in r["inference"].items():
-            lines.append(f"{prefix} infer b{bs} (img/s) | {v['detkit']:.2f} | {v['torchvision']:.2f} | "
-                         f"**{v['ratio']:.2f}** |")
-            if "tuned" in v:
-                lines.append(f"{prefix} infer b{bs}, detkit tuned (img/s) | {v['tuned']:.2f} | "
-                             f"{v['torchvision']:.2f} | **{v['tuned_ratio']:.2f}** |")
-        t = r["train"]
-        lines.append(f"{prefix} train b{s['train_batch']} (it/s) | {t['detkit']:.2f} | {t['torchvision']:.2f} | "
-                     f"**{t['ratio']:.2f}** |")
-    for r in results:
-        if r["setup"].get("tuned"):
-            t = r["setup"]["tuned"]
-            lines += ["", f"detkit tuned ({model_name(r['setup'])}): {', '.join(t['overrides']) or 'same settings'}"
-                          f"{', channels-last' if t['channels_last'] else ''}{', compiled trunk' if t['compile'] else ''}"
-                          f"; torchvision at its defaults (the same settings as the first rows)."]
-    lines += ["", f"Peak memory (MiB, {results[0]['memory_kind']}):", "",
-              "| backbone | phase | detkit | torchvision |", "| --- | --- | --- | --- |"]
-    for r in results:
-        batch = {"inference": max(r["inference"]), "train": r["setup"]["train_batch"]}
-        for phase, v in r["memory"].items():
-            lines.append(f"| {model_name(r['setup'])} | {phase} (b{batch[phase]}) | {v['detkit']:.0f} | "
-                         f"{v['torchvision']:.0f} |")
-    lines += ["", "Agreement on one image, same weights, eval mode:", ""]
-    for r in results:
-        a = r["agreement"]
-        lines.append(f"- {model_name(r['setup'])}: RPN objectness max |diff| {a['rpn_objectness_max_abs_diff']:.2g}, "
-                     f"top proposal IoU {a['top_proposal_iou']:.3f}, top detection IoU {a['top_detection_iou']:.3f}, "
-                     f"top score |diff| {a['top_score_abs_diff']:.3g}, top-10 matched {a['matched_fraction']:.2f}, "
-                     f"detection boxes max |diff| {a['detection_box_max_abs_diff']:.2g}, "
-                     f"labels equal {a['detection_labels_equal']:.2f}")
-    if loader_ips is not None:
-        r = results[0]
-        b = r["setup"]["train_batch"]
-        lines += ["", f"Data loader (synthetic COCO PNGs, decode + flip + collate, 2 workers): {loader_ips:.1f} "
-                      f"images/s; detkit's training step at batch {b} consumes {b * r['train']['detkit']:.1f} images/s."]
-    return "\n".join(lines)

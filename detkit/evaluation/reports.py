@@ -20,6 +20,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from detkit.engine.files import atomic_path
+
 
 def _plt():
     import matplotlib
@@ -31,15 +33,11 @@ def _plt():
 
 
 def _save(fig, path: str) -> None:
-    from detkit.media import _temp_beside
-
-    tmp = _temp_beside(path, ".png")
+    """Save ``fig`` to ``path`` atomically (its format by the extension, which the temporary keeps) and close it."""
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         _plt().close(fig)
 
 
@@ -138,8 +136,8 @@ def write_gallery(dataset, gt: dict, results: list[dict], f1: dict, path: str, w
     ground truth (right, tagged with the class name only)."""
     import cv2
 
-    from detkit.media import write_image_atomic
-    from detkit.visualize import draw_detections
+    from detkit.data.media import write_image_atomic
+    from detkit.evaluation.drawing import draw_detections
 
     index_of = {dataset.image_info(k)["id"]: k for k in range(len(dataset))}
     ranked = sorted(f1, key=lambda i: (f1[i], i), reverse=not worst)[:n]

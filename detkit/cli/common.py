@@ -1,0 +1,69 @@
+"""What the command modules share: the registries (skipped plugins reported once), the device, ``--set`` and the
+options of the commands that run a model, and ``--data``/``--dataset`` given as a dataset path or a YAML mapping."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
+
+
+def _add_model_run_options(p: argparse.ArgumentParser, device_help: str | None = None) -> None:
+    """``--device``, ``--no-progress`` and ``--set``: the options of a command that runs a model."""
+    p.add_argument("--device", help=device_help)
+    p.add_argument("--no-progress", action="store_true")
+    _add_set(p)
+
+
+def _registries(report: bool = True):
+    """The registries; each plugin that was skipped is reported once, as one line (``report``: on stderr)."""
+    from detkit.plugins import collected_plugin_warnings, get_registries
+
+    with collected_plugin_warnings() as messages:
+        registries = get_registries()
+    for message in messages if report else ():
+        print(f"warning: {message}", file=sys.stderr)
+    return registries
+
+
+def _device(name: str | None):
+    from detkit.engine.devices import resolve_device
+
+    return resolve_device(name or "auto")
+
+
+def _mapping_argument(text: str, expected: str) -> dict:
+    """``--data`` given as a YAML mapping (``{name: ..., ...}``); ConfigError naming what was ``expected``."""
+    import yaml
+
+    from detkit.config import ConfigError
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        data = None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--data {text!r}: expected {expected}")
+    return data
+
+
+def _data_spec(spec: str | None, args, classes: list[str] | None = None) -> dict | None:
+    """The dataset ``--data``/``--dataset`` names: a path a registered format recognises (its ``from_path``
+    declaration; ``--images``, ``--split``, ``--classes`` or else ``classes``, a checkpoint's, go with it), or a
+    mapping."""
+    from detkit.data.loading import dataset_from_path, path_forms
+
+    if not spec:
+        return None
+    registry = _registries().datasets
+    given = [c.strip() for c in (getattr(args, "classes", None) or "").split(",") if c.strip()]
+    options = {"images": getattr(args, "images", None), "split": getattr(args, "split", None),
+               "classes": given or (list(classes) if classes else None)}
+    found = dataset_from_path(spec, registry, options)
+    if found is not None:
+        return found
+    return _mapping_argument(spec, f"{path_forms(registry)} or a mapping such as "
+                                   "'{name: coco, images: DIR, annotations: FILE}'")

@@ -1,0 +1,278 @@
+"""``detkit eval``, ``infer``, ``export`` and ``eval-cls``: the commands that run a trained model (a detector from
+its checkpoint, compressed with ``--svd`` or replaced by an ``--export`` file; a pretrained classifier)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from detkit.cli.common import (_add_model_run_options, _add_set, _data_spec, _device, _mapping_argument,
+                               _registries)
+
+
+def cmd_eval(args) -> int:
+    from detkit.data.loading import build_dataset
+    from detkit.data.media import check_output_dir
+    from detkit.evaluation import evaluate
+    from detkit.models.loading import model_from_checkpoint
+
+    registries = _registries()
+    if args.results:
+        return _eval_results_file(args, registries)
+    if not args.checkpoint:
+        raise argparse.ArgumentTypeError("eval: give a CHECKPOINT, or --results DETS.json with --dataset")
+    if args.metric:
+        args.overrides.append(f"eval.metric={args.metric}")
+    out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    check_output_dir(out, "--output" if args.output else "--output (default: eval/ beside the checkpoint)")
+    device = _device(args.device)
+    model, cfg, ckpt = model_from_checkpoint(args.checkpoint, registries, device, args.overrides)
+    _apply_svd(model, args.svd)
+    model = _exported_model(args, model)
+    spec = _data_spec(args.data, args, list(ckpt["class_names"]))  # a VOC directory: the model's classes
+    dataset = build_dataset(spec or cfg.data.test, registries, "test" if spec is None else "--data")
+    evaluate(model, cfg, registries, device, out, dataset=dataset, progress=not args.no_progress)
+    print(f"metrics: {os.path.join(out, 'metrics.json')}")
+    return 0
+
+
+def _eval_results_file(args, registries) -> int:
+    """Score a COCO-format results file produced elsewhere against a dataset."""
+    import json
+
+    from detkit.config import ConfigError
+    from detkit.data.loading import build_dataset
+    from detkit.data.media import check_output_dir
+    from detkit.evaluation.runner import score_and_write
+
+    spec = _data_spec(args.dataset or args.data, args)
+    if spec is None:
+        raise ConfigError("--results needs --dataset (a COCO json, a VOC directory or a dataset mapping)")
+    dataset = build_dataset(spec, registries, "--dataset")
+    try:
+        with open(args.results, encoding="utf-8") as f:
+            results = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"results file not found: {args.results}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{args.results}: invalid JSON ({exc})") from None
+    if not isinstance(results, list) or not all(isinstance(r, dict) and {"image_id", "category_id", "bbox", "score"}
+                                                <= set(r) for r in results):
+        raise ConfigError(f"{args.results}: expected a COCO results list of {{image_id, category_id, bbox, score}}")
+    out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.results)), "eval")
+    check_output_dir(out, "--output")
+    try:
+        score_and_write(dataset, results, out, args.metric or "coco", "faster_coco_eval", list(dataset.class_names),
+                        write_results=False)
+    except ValueError as exc:
+        raise ConfigError(f"{args.results}: {exc}") from None
+    print(f"metrics: {os.path.join(out, 'metrics.json')}")
+    return 0
+
+
+def _exported_model(args, model):
+    """``--export FILE``: the exported detector instead of the checkpoint's eager one (the checkpoint still gives
+    the config and the classes)."""
+    if not args.export:
+        return model
+    from detkit.config import ConfigError
+    from detkit.export.formats import load_exported
+
+    if args.svd:
+        raise ConfigError("--svd compresses the eager model's fc layers; an --export file is run as it was written")
+    exported = load_exported(args.export)
+    if exported.class_names and exported.class_names != list(model.class_names or exported.class_names):
+        raise ConfigError(f"--export {args.export}: its classes {exported.class_names} are not the checkpoint's "
+                          f"{model.class_names}")
+    return exported
+
+
+def _apply_svd(model, spec: str | None) -> None:
+    """``--svd [RANKS]``: truncated SVD of the RoI head's fully connected layers (Fast R-CNN Sec. 3.1)."""
+    if spec is None:
+        return
+    from detkit.config import ConfigError
+    from detkit.models.svd import compress_fully_connected
+
+    try:
+        ranks = [int(r) for r in spec.split(",") if r.strip()]
+    except ValueError:
+        raise ConfigError(f"--svd {spec!r}: expected comma-separated ranks such as 1024,256") from None
+    head = model.svd_layers() if callable(getattr(model, "svd_layers", None)) else None
+    if head is None:
+        raise ConfigError(f"--svd: this detector ({type(model).__name__}) declares no fully connected layers to "
+                          f"factor (a svd_layers() method)")
+    try:
+        replaced = compress_fully_connected(head, ranks)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print("truncated SVD: " + "; ".join(replaced))
+
+
+def cmd_infer(args) -> int:
+    from detkit.config import TileSettings
+    from detkit.data.media import check_output_dir
+    from detkit.inference.predictor import run
+    from detkit.models.loading import model_from_checkpoint
+    from detkit.models.tiling import settings_with_options, tiled
+
+    registries = _registries()
+    check_output_dir(args.output, "--output")  # before the model is built
+    tile_options = {"size": args.tile, "overlap": args.overlap, "merge": args.tile_merge, "batch": args.tile_batch,
+                    "full_image": args.tile_full_image or None}
+    settings_with_options(TileSettings(), tile_options)  # bad options fail before the model is built
+    device = _device(args.device)
+    model, cfg, ckpt = model_from_checkpoint(args.checkpoint, registries, device, args.overrides)
+    _apply_svd(model, args.svd)
+    model = _exported_model(args, model)
+    # the checkpoint's eval.tile (--set eval.tile.size=...), with the --tile options over it
+    model = tiled(model, settings_with_options(cfg.eval.tile, tile_options), progress=not args.no_progress)
+    summary = run(model, list(ckpt["class_names"]), list(ckpt["cat_ids"]), args.input, args.output, device,
+                  score_thr=args.score_thr, max_frames=args.max_frames, progress=not args.no_progress)
+    for path in summary["outputs"][:5]:
+        print(f"wrote {path}")
+    if len(summary["outputs"]) > 5:
+        print(f"... and {len(summary['outputs']) - 5} more in {args.output}")
+    print(f"{summary['detections']} detections on {summary['images']} {'frames' if summary['kind'] in ('video', 'webcam') else 'images'}"
+          f"; results: {os.path.join(args.output, 'results.json')}")
+    if summary["skipped"]:
+        print(f"skipped {len(summary['skipped'])} unreadable images: {', '.join(summary['skipped'][:5])}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from detkit.export.run import ExportMismatch, export_checkpoint
+
+    try:
+        table = export_checkpoint(args.checkpoint, args.format, args.output, _registries(), images=args.images,
+                                  count=args.num_images, overrides=args.overrides, overwrite=args.overwrite,
+                                  tolerance=args.tolerance)
+    except ExportMismatch as exc:  # not a usage error: the export itself is wrong
+        print(f"detkit export: {exc}", file=sys.stderr)
+        return 1
+    print(table)
+    print(f"wrote {args.output} ({args.format}; verified against the eager model)")
+    return 0
+
+
+def cmd_eval_cls(args) -> int:
+    from detkit.classification.evaluate import classification_metrics, format_metrics, predict, write_report
+    from detkit.classification.model import classifier_from_checkpoint
+    from detkit.classification.loading import build_classification_dataset
+    from detkit.data.media import check_output_dir
+
+    registries = _registries()
+    device = _device(args.device)
+    model, cfg, _ = classifier_from_checkpoint(args.checkpoint, registries, device, args.overrides)
+    out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval_cls")
+    check_output_dir(out, "--output")
+    spec = _cls_data_spec(args.data) if args.data else cfg.data.test
+    dataset = build_classification_dataset(spec, registries, "test")
+    _check_same_classes(dataset.class_names, cfg.model.class_names, args.checkpoint)
+    probs, labels = predict(model, dataset, cfg.model.input_size, cfg.data.augment.test_resize, device,
+                            args.batch_size, cfg.data.num_workers, ten_crop=args.ten_crop,
+                            progress=not args.no_progress)
+    metrics = classification_metrics(probs, labels, cfg.model.class_names)
+    metrics["ten_crop"] = bool(args.ten_crop)
+    write_report(metrics, out, f"{cfg.model.backbone.name}: top-1 {metrics['top1']:.1%} "
+                               f"({'10 crops' if args.ten_crop else 'centre crop'})")
+    print(format_metrics(metrics))
+    print(f"report: {os.path.join(out, 'metrics.json')}, {os.path.join(out, 'confusion_matrix.png')}")
+    return 0
+
+
+def _cls_data_spec(text: str) -> dict:
+    """``--data`` of eval-cls: a class-folder directory, a CSV/JSON list, or a mapping ``{name: ..., ...}``."""
+    if os.path.isdir(text):
+        return {"name": "image_folder", "root": text}
+    if os.path.isfile(text) and text.lower().endswith((".csv", ".json")):
+        return {"name": "image_list", "file": text}
+    return _mapping_argument(text, "a folder of class folders, a .csv/.json image list, or a mapping such as "
+                                   "'{name: digits, split: test}'")
+
+
+def _check_same_classes(data_classes: list[str], model_classes: list[str], checkpoint: str) -> None:
+    from detkit.config import ConfigError
+
+    if list(data_classes) != list(model_classes):
+        raise ConfigError(f"--data: its classes ({', '.join(data_classes[:8])}{', ...' if len(data_classes) > 8 else ''}) "
+                          f"are not the {len(model_classes)} classes {checkpoint} was trained on "
+                          f"({', '.join(model_classes[:8])}{', ...' if len(model_classes) > 8 else ''}), in that order")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """What runs in eval and infer: the checkpoint's eager model, compressed (--svd), or an exported file."""
+    p.add_argument("--export", metavar="FILE", help="run this file written by detkit export (.onnx, .ts, .pt2) "
+                                                  "instead of the checkpoint's eager model")
+    p.add_argument("--svd", nargs="?", const="1024,256", metavar="RANKS",
+                   help="truncated SVD of the RoI head's fc layers at these ranks (default: fc6 1024, fc7 256)")
+
+
+def add_detector_parsers(sub) -> None:
+    """eval, infer and export: the commands that run a trained detector."""
+    p = sub.add_parser("eval", help="COCO or VOC mAP of a checkpoint on its test split or --data, "
+                                    "or of a results file (--results) on --dataset")
+    p.add_argument("checkpoint", nargs="?")
+    p.add_argument("--results", help="score this COCO-format results file instead of running a model")
+    p.add_argument("--dataset", help="the dataset --results refers to (same forms as --data)")
+    p.add_argument("--metric", choices=["coco", "voc07", "voc"], help="default: the config's eval.metric (coco)")
+    p.add_argument("--data", help="COCO json, VOC directory, or a mapping '{name: coco, images: ..., annotations: ...}'")
+    p.add_argument("--images", help="images directory for a COCO json given with --data")
+    p.add_argument("--split", default="test", help="split file for a VOC directory given with --data/--dataset")
+    p.add_argument("--classes", help="comma-separated class list for a VOC directory (default: the 20 VOC classes)")
+    p.add_argument("--output", help="output directory (default: eval/ next to the checkpoint)")
+    _add_model_options(p)
+    _add_model_run_options(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("infer", help="detect objects in an image, a folder, a video or a webcam")
+    p.add_argument("checkpoint")
+    p.add_argument("input", help="image file, folder of images, video file, or webcam index (0, 1, ...)")
+    p.add_argument("--output", default="outputs/infer")
+    p.add_argument("--score-thr", type=float, default=0.5)
+    p.add_argument("--max-frames", type=int, help="stop after this many frames (videos, webcams)")
+    _add_model_options(p)
+    p.add_argument("--tile", type=int, metavar="SIZE",
+                   help="tiled inference for images far larger than the model's input: SIZE x SIZE windows at "
+                        "native resolution (0: off; default: the checkpoint's eval.tile.size, 0)")
+    p.add_argument("--overlap", type=float, help="share of a window its neighbours also cover, in [0, 1) "
+                                                 "(default 0.2; at least the largest object's share)")
+    p.add_argument("--tile-merge", choices=["nms", "larger", "ios"],
+                   help="how the windows' duplicates merge: nms (default), larger (the larger box of a pair), "
+                        "ios (the union of boxes that cover each other)")
+    p.add_argument("--tile-batch", type=int, metavar="N", help="windows per forward pass (default 4)")
+    p.add_argument("--tile-full-image", action="store_true",
+                   help="also detect on the whole image at the model's size (keeps objects larger than a window)")
+    _add_model_run_options(p)
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("export", help="the whole detector (resize, NMS and all) as ONNX, TorchScript or a torch.export "
+                                      "program with dynamic batch and image size, verified against the eager model")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "exported"],
+                   help="onnx (.onnx; runs in onnxruntime: pip install 'detkit[export]'), torchscript (.ts), "
+                        "exported (.pt2, torch.export)")
+    p.add_argument("--output", required=True, help="the file to write (kept only if its detections match)")
+    p.add_argument("--images", nargs="+", metavar="PATH",
+                   help="image files or folders to verify on (default: the checkpoint's test set)")
+    p.add_argument("--num-images", type=int, default=4, help="how many verification images (default 4)")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest box coordinate difference in pixels for a match (default 1e-3)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    _add_set(p)
+    p.set_defaults(func=cmd_export)
+
+
+def add_eval_cls_parser(sub) -> None:
+    """``detkit eval-cls``."""
+    p = sub.add_parser("eval-cls", help="top-1/top-5, per-class accuracy and confusion matrix of a pretrain "
+                                        "checkpoint on its data.test or --data")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="a folder of class folders, a .csv/.json image list, or a mapping "
+                                  "'{name: digits, split: test}' (default: the config's data.test)")
+    p.add_argument("--ten-crop", action="store_true", help="average the 4 corner, centre and mirrored crops "
+                                                           "(AlexNet Sec. 4.1, GoogLeNet Sec. 7)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--output", help="output directory (default: eval_cls/ next to the checkpoint)")
+    _add_model_run_options(p)
+    p.set_defaults(func=cmd_eval_cls)

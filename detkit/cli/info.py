@@ -1,0 +1,118 @@
+"""``detkit list``, ``summary`` and ``convert``: what is registered (and which plugin brought it), a backbone's
+per-layer table, and another toolkit's weights as a detkit checkpoint."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from detkit.cli.common import _registries
+
+
+def cmd_list(args) -> int:
+    import dataclasses
+
+    if args.kind == "plugins":  # every plugin: what it registered, or why it was skipped
+        from detkit.plugins import format_plugins
+
+        print(format_plugins(_registries(report=False)), end="")
+        return 0
+    registries = _registries()
+    kinds = [args.kind] if args.kind else registries.kinds
+    for kind in kinds:
+        registry = registries.kind(kind)
+        print(f"{kind} ({len(registry)}):")
+        for entry in registry.entries():
+            extra = ""
+            if kind == "backbones":
+                extra = _backbone_facts(entry)
+            if entry.settings is not None:  # the part's config keys (detkit config show prints their values)
+                extra = f"keys=[{', '.join(f.name for f in dataclasses.fields(entry.settings))}] "
+            info = ", ".join(f"{k}={v}" for k, v in entry.info.items() if k != "slots")
+            print(f"  {entry.name:<28} plugin={entry.plugin:<12} {extra}{info}")
+            if "slots" in entry.info:  # a detector's shape: the sections model.<key> it takes
+                print(f"  {'':<28} slots: {'; '.join(_describe_slot(s) for s in entry.info['slots'])}")
+    return 0
+
+
+def _describe_slot(slot) -> str:
+    """``key=default (kind, takes a | b)`` for one slot of a detector."""
+    if slot.kind is None:
+        return f"{slot.key} (settings {slot.settings.__name__})"
+    default = slot.default if slot.default is not None else "none"
+    facts = ([slot.kind] if slot.kind != slot.key else []) + ([f"takes {' | '.join(slot.choices)}"] if slot.choices else [])
+    return f"{slot.key}={default}" + (f" ({', '.join(facts)})" if facts else "")
+
+
+def _backbone_facts(entry) -> str:
+    import torch
+
+    try:
+        # Built on the meta device: parameter counts and shapes without allocating or initialising weights.
+        with torch.device("meta"):
+            model = entry.builder()  # the variant's own number of classes (1000 for ImageNet, 10 for CIFAR forms)
+        parts = model.detection_parts()
+        params = sum(p.numel() for p in model.parameters())
+        return f"params={params:>12,}  stride={parts.stride:<3} channels={parts.out_channels:<5} "
+    except Exception as exc:  # a broken third-party backbone must not break the listing
+        return f"(cannot build: {type(exc).__name__}: {exc}) "
+
+
+def cmd_summary(args) -> int:
+    from detkit.models.summary import summary_command
+
+    size = None
+    if args.input_size:
+        try:
+            size = tuple(int(v) for v in args.input_size.split(","))
+            assert len(size) == 3
+        except (ValueError, AssertionError):
+            raise argparse.ArgumentTypeError(f"--input-size {args.input_size!r}: expected C,H,W, e.g. 3,224,224") from None
+    print(summary_command(_registries(), args.name, size))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from detkit.config import ConfigError, to_dict
+    from detkit.engine.checkpoint import save_checkpoint
+    from detkit.models.convert import from_torchvision, torchvision_config
+
+    if os.path.exists(args.output) and not args.overwrite:
+        raise ConfigError(f"--output {args.output} exists; give another path or --overwrite")
+    model, cfg, names, cat_ids = from_torchvision(args.weights, _registries(),
+                                                  torchvision_config(args.min_size, args.max_size))
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    save_checkpoint(args.output, model_state=model.state_dict(), config=to_dict(cfg), iteration=0,
+                    class_names=names, cat_ids=cat_ids)
+    print(f"{args.weights}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(names)} classes "
+          f"-> {args.output}")
+    return 0
+
+
+def add_list_parser(sub) -> None:
+    """``detkit list [KIND]``."""
+    from detkit.registry.kinds import KINDS
+
+    p = sub.add_parser("list", help="registered parts and the plugin each came from; 'list plugins': every "
+                                    "plugin, its distribution, what it registered or why it failed")
+    p.add_argument("kind", nargs="?", choices=[*(k.plural for k in KINDS), "plugins"])
+    p.set_defaults(func=cmd_list)
+
+
+def add_convert_parser(sub) -> None:
+    """``detkit convert torchvision``."""
+    p = sub.add_parser("convert", help="import another toolkit's detection weights as a detkit checkpoint")
+    p.add_argument("source", choices=["torchvision"], help="torchvision: a fasterrcnn_resnet50_fpn state dict")
+    p.add_argument("weights", help="the state dict file (nothing is downloaded)")
+    p.add_argument("--output", required=True, help="the detkit checkpoint to write")
+    p.add_argument("--min-size", type=int, default=800, help="shorter image side (torchvision's min_size)")
+    p.add_argument("--max-size", type=int, default=1333, help="longer side cap (torchvision's max_size)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.set_defaults(func=cmd_convert)
+
+
+def add_summary_parser(sub) -> None:
+    """``detkit summary``."""
+    p = sub.add_parser("summary", help="per-layer table (parameters, operations, output volume) of a backbone")
+    p.add_argument("name", help="registered backbone name (see detkit list backbones)")
+    p.add_argument("--input-size", help="C,H,W (default: the backbone's input size)")
+    p.set_defaults(func=cmd_summary)
