@@ -11,7 +11,7 @@ DEVICE ?= cuda
 GPU_CHECK_OUT ?= work_dirs/gpu_check
 CHECK_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 
-.PHONY: setup demo test gpu-check clean
+.PHONY: setup demo test test-quick gpu-check clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the suite without the tests marked slow (pyproject.toml's markers)
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 gpu-check:
 	$(CHECK_PYTHON) tools/gpu_check.py --device $(DEVICE) --out $(GPU_CHECK_OUT) $(if $(QUICK),--quick) $(GPU_CHECK_ARGS)

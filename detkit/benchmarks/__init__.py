@@ -1,5 +1,5 @@
 """Timing harnesses: tooling, not library. ``tools/benchmark.py``, ``tools/budget.py`` and ``tools/gpu_check.py``
-run them, and the tests check them; nothing else in detkit may import this package (tests/test_benchmark.py
+run them, and the tests check them; nothing else in detkit may import this package (tests/benchmarks/test_benchmark.py
 holds that rule), so the library never depends on its own measurements.
 
 - ``torchvision_pair``: detkit's Faster R-CNN and torchvision's built around the same modules and weights,

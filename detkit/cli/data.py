@@ -110,7 +110,7 @@ def add_data_parser(sub) -> None:
                            "the same background; use a few (--num-images 3): each 4000x4000 takes about 2 s and "
                            "33 MB of PNG")
     # The names of detkit.data.synth.VARIANTS, listed here because importing it would import torch (detkit.data)
-    # for every command; tests/test_synth.py checks that the two agree.
+    # for every command; tests/data/test_synth.py checks that the two agree.
     ps.add_argument("--variant", choices=["default", "small"], default="default",
                     help="small: 15-40 objects per image, nearly all COCO-small (for FPN vs single-map detectors)")
     ps.set_defaults(func=cmd_synth)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import warnings
 
 from detkit.cli.common import _registries
+from detkit.config import ConfigError
 
 
 def cmd_list(args) -> int:
@@ -17,7 +20,16 @@ def cmd_list(args) -> int:
         print(format_plugins(_registries(report=False)), end="")
         return 0
     registries = _registries()
-    kinds = [args.kind] if args.kind else registries.kinds
+    if args.kind:  # a kind of the table, one a plugin declared, or an earlier name (with its warning)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DeprecationWarning)
+            try:
+                kind = registries.part_kind(args.kind).plural
+            except KeyError as exc:  # UnknownNameError: names the kinds there are
+                raise ConfigError(str(exc)) from None
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+    kinds = [kind] if args.kind else registries.kinds
     for kind in kinds:
         registry = registries.kind(kind)
         print(f"{kind} ({len(registry)}):")
@@ -94,7 +106,8 @@ def add_list_parser(sub) -> None:
 
     p = sub.add_parser("list", help="registered parts and the plugin each came from; 'list plugins': every "
                                     "plugin, its distribution, what it registered or why it failed")
-    p.add_argument("kind", nargs="?", choices=[*(k.plural for k in KINDS), "plugins"])
+    p.add_argument("kind", nargs="?", help=f"one of {', '.join(k.plural for k in KINDS)}, a kind a plugin declares, "
+                                          f"or plugins (default: every kind)")
     p.set_defaults(func=cmd_list)
 
 

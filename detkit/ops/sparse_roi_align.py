@@ -14,7 +14,7 @@ both multithreaded sparse-dense products, the backward one with ``S^T`` built by
 column indices. The weights follow torchvision's kernel exactly (sample positions, the ``[-1, size]``
 validity window, the clamp at the far border, ``aligned``'s half-pixel offset, the adaptive sample
 count ``ceil(bin size)`` when ``sampling_ratio <= 0``), so results agree to float rounding (checked
-against torchvision in tests/test_roi_align.py). Rows may hold repeated column indices (two samples in
+against torchvision in tests/ops/test_roi_align.py). Rows may hold repeated column indices (two samples in
 one pixel cell); a sparse-dense product sums them, which is what the bilinear weights mean.
 """
 from __future__ import annotations

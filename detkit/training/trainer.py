@@ -17,7 +17,7 @@ checkpoint and restored when the number of processes is unchanged; so is the
 fp16 gradient scaler (its scale decides which steps are skipped).
 
 The number of processes does not change the training either: N processes with
-``data.batch_size`` B train as one process with batch N*B (tests/test_distributed.py
+``data.batch_size`` B train as one process with batch N*B (tests/training/test_distributed.py
 and test_multinode.py: the same weights within 1e-6). Each process takes its
 slice of one global sample stream, a sample's draws depend only on its position,
 DDP averages the gradients of the per-process mean losses, and the logged losses

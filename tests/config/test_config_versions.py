@@ -54,7 +54,7 @@ def test_lr_schedule_is_now_lr_policy_in_both_schemas(registries):
 @pytest.mark.parametrize("name", ["faster_rcnn_4step_tiny_synth", "rcnn_tiny_synth", "faster_rcnn_tiny_fpn_synth",
                                   "pretrain_lenet5_digits"])
 def test_configs_stored_in_the_version_2_layout_resolve_to_todays(name, registries):
-    """tests/data/*_v2.yaml are what the release before version 3 printed and stored in checkpoints for the
+    """tests/fixtures/*_v2.yaml are what the release before version 3 printed and stored in checkpoints for the
     shipped configs; upgraded, they resolve to exactly the config today's file gives."""
     import os
 
@@ -62,7 +62,7 @@ def test_configs_stored_in_the_version_2_layout_resolve_to_todays(name, registri
 
     here = os.path.join(os.path.dirname(__file__), "..")
     schema = {"schema": ClassifierConfig} if name.startswith("pretrain_") else {}
-    with open(os.path.join(here, "data", f"{name}_v2.yaml"), encoding="utf-8") as f:
+    with open(os.path.join(here, "fixtures", f"{name}_v2.yaml"), encoding="utf-8") as f:
         stored = yaml.safe_load(f)
     with pytest.warns(ConfigDeprecationWarning):
         before = from_dict(stored, source=name, **schema)

@@ -130,12 +130,10 @@ def test_a_killed_checkpoint_write_leaves_a_temporary_the_next_run_removes(tmp_p
 # ----------------------------------------------------------------------------- real outputs
 
 
-def tiny_detector():
+def tiny_detector(registries):
     from detkit.config import load_config
     from detkit.models.assembly import build_detector
-    from detkit.plugins import get_registries
 
-    registries = get_registries()
     cfg = load_config(CONFIGS / "faster_rcnn_tiny_synth.yaml",
                       ["model.transform.min_size=96", "model.transform.max_size=128",
                        "model.proposal_generator.post_nms_top_n_test=20", "model.roi_heads.score_thresh=0.0"],
@@ -144,7 +142,7 @@ def tiny_detector():
     return build_detector(cfg.model, registries, 2, ["circle", "square"]).eval(), cfg
 
 
-def test_a_checkpoint_and_its_torchscript_export_follow_the_umask(tmp_path, umask):
+def test_a_checkpoint_and_its_torchscript_export_follow_the_umask(tmp_path, umask, registries):
     import cv2
 
     from detkit.config import to_dict
@@ -154,7 +152,7 @@ def test_a_checkpoint_and_its_torchscript_export_follow_the_umask(tmp_path, umas
     # noise, not a picture with flat areas: tied scores could make the eager and the exported NMS differ
     (tmp_path / "images").mkdir()
     cv2.imwrite(str(tmp_path / "images" / "0.png"), np.random.default_rng(0).integers(0, 256, (96, 128, 3), np.uint8))
-    model, cfg = tiny_detector()
+    model, cfg = tiny_detector(registries)
     checkpoint = tmp_path / "model.pth"
     save_checkpoint(str(checkpoint), model_state=model.state_dict(), config=to_dict(cfg), iteration=0,
                     class_names=["circle", "square"], cat_ids=[1, 2])

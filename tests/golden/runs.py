@@ -7,7 +7,7 @@ iterations per stage, a few proposals). :func:`run_schedule` trains it in a fres
 for every stage (every ``final.pth`` the schedule writes), the logged values of every iteration
 (``log.jsonl`` at ``log_period: 1``; the SVM stage logs none) and the final state dict, which for the
 SVM stage holds the fitted SVMs and box regressors. ``tests/golden/record.py`` saves that as
-``tests/golden/<schedule>.pt``; ``tests/test_golden.py`` runs it again and compares.
+``tests/golden/<schedule>.pt``; ``tests/training/test_golden.py`` runs it again and compares.
 
 Determinism on the CPU: one thread for torch's intra-op work, for the BLAS/OpenMP pools numpy and
 scikit-learn use, and for OpenCV; every random draw of the training loop is seeded (``train.seed``,

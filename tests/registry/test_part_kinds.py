@@ -185,3 +185,55 @@ def test_a_builder_written_for_keyword_arguments_still_builds_with_a_warning(reg
                                                 r"taking keyword arguments is deprecated"):
         model = build_detector(cfg.model, registries, num_classes=2)
     assert type(model.roi_heads.roi_extractor).__name__ == "RoIPoolExtractor"
+
+
+CALIBRATION_MODULE = '''
+from dataclasses import dataclass
+
+from detkit.hookspecs import hookimpl
+from detkit.registry.contexts import BuildContext
+from detkit.registry.kinds import PartKind
+
+
+@dataclass(frozen=True)
+class CalibratorContext(BuildContext):
+    num_classes: int
+
+
+@dataclass
+class TemperatureSettings:
+    t: float = 1.0
+
+
+@hookimpl
+def detkit_register_part_kinds(register):
+    register(PartKind("score_calibrator", "score_calibrators", "Score calibrators.", CalibratorContext))
+
+
+@hookimpl
+def detkit_register_score_calibrators(register):
+    register("temperature", lambda settings, context: None, settings=TemperatureSettings, paper="Guo et al. 2017")
+'''
+
+
+def test_detkit_list_shows_a_plugins_kind_and_takes_the_earlier_name_of_a_kind(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "calibration_plugin.py").write_text(CALIBRATION_MODULE)
+    env = {**os.environ, "DETKIT_PLUGINS": "calibration_plugin",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+
+    def detkit(*args):
+        return subprocess.run([sys.executable, "-m", "detkit", *args], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    run = detkit("list", "score_calibrators")
+    assert run.returncode == 0, run.stderr
+    assert "score_calibrators (1):" in run.stdout and "temperature" in run.stdout and "keys=[t]" in run.stdout
+    run = detkit("list", "heads")
+    assert run.returncode == 0 and "box_predictors (2):" in run.stdout
+    assert "the 'heads' registry is now called 'box_predictors'" in run.stderr
+    run = detkit("list", "box_heds")
+    assert run.returncode == 2 and "unknown kind 'box_heds'" in run.stderr and "score_calibrators" in run.stderr
