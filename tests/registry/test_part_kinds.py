@@ -216,6 +216,7 @@ def detkit_register_score_calibrators(register):
 '''
 
 
+@pytest.mark.slow  # three commands, each importing torch and the plugins (~12 s)
 def test_detkit_list_shows_a_plugins_kind_and_takes_the_earlier_name_of_a_kind(tmp_path):
     import os
     import subprocess
