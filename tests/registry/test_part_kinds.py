@@ -216,25 +216,19 @@ def detkit_register_score_calibrators(register):
 '''
 
 
-@pytest.mark.slow  # three commands, each importing torch and the plugins (~12 s)
-def test_detkit_list_shows_a_plugins_kind_and_takes_the_earlier_name_of_a_kind(tmp_path):
-    import os
-    import subprocess
-    import sys
+def test_detkit_list_shows_a_plugins_kind_and_takes_the_earlier_name_of_a_kind(tmp_path, monkeypatch, capsys):
+    from detkit.cli import main
 
     (tmp_path / "calibration_plugin.py").write_text(CALIBRATION_MODULE)
-    env = {**os.environ, "DETKIT_PLUGINS": "calibration_plugin",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("DETKIT_PLUGINS", "calibration_plugin")  # found as a third-party plugin is
 
-    def detkit(*args):
-        return subprocess.run([sys.executable, "-m", "detkit", *args], env=env, capture_output=True, text=True,
-                              timeout=300)
-
-    run = detkit("list", "score_calibrators")
-    assert run.returncode == 0, run.stderr
-    assert "score_calibrators (1):" in run.stdout and "temperature" in run.stdout and "keys=[t]" in run.stdout
-    run = detkit("list", "heads")
-    assert run.returncode == 0 and "box_predictors (2):" in run.stdout
-    assert "the 'heads' registry is now called 'box_predictors'" in run.stderr
-    run = detkit("list", "box_heds")
-    assert run.returncode == 2 and "unknown kind 'box_heds'" in run.stderr and "score_calibrators" in run.stderr
+    assert main(["list", "score_calibrators"]) == 0
+    out = capsys.readouterr().out
+    assert "score_calibrators (1):" in out and "temperature" in out and "keys=[t]" in out
+    assert main(["list", "heads"]) == 0
+    run = capsys.readouterr()
+    assert "box_predictors (2):" in run.out and "the 'heads' registry is now called 'box_predictors'" in run.err
+    assert main(["list", "box_heds"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown kind 'box_heds'" in err and "score_calibrators" in err
