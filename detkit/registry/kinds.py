@@ -145,9 +145,5 @@ KINDS: tuple[PartKind, ...] = (
 
 #: kinds with a context that no detector slot holds: the detector itself and the training schedule
 NOT_SLOTTED = ("detector", "schedule")
-BY_KEY: dict[str, PartKind] = {k.key: k for k in KINDS}
-BY_PLURAL: dict[str, PartKind] = {k.plural: k for k in KINDS}
 #: hook name -> kind, the deprecated names included
 BY_HOOK: dict[str, PartKind] = {h: k for k in KINDS for h in (k.hook, *k.legacy_hooks)}
-#: deprecated registry name -> the kind it means now
-LEGACY_PLURALS: dict[str, PartKind] = {p: k for k in KINDS for p in k.legacy_plurals}
