@@ -18,11 +18,13 @@ setup: $(STAMP)
 # torch/torchvision are pinned to the releases this machine keeps on disk (others
 # download gigabytes). albumentations pulls in opencv-python-headless, which
 # overwrites the contrib build of cv2 (selective search lives in cv2.ximgproc),
-# so the contrib build is reinstalled last.
-$(STAMP): pyproject.toml
+# so the contrib build is reinstalled last. detkit-cascade (plugins/detkit_cascade) is a plugin distribution
+# of its own, installed beside detkit as a third party's would be.
+$(STAMP): pyproject.toml plugins/detkit_cascade/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[dev,export]'
+	$(BIN)/pip install -q -e plugins/detkit_cascade
 	$(BIN)/pip install -q --force-reinstall --no-deps opencv-contrib-python-headless
 	$(BIN)/python -c "import cv2; cv2.ximgproc" 
 	touch $(STAMP)
