@@ -84,7 +84,10 @@ def batch(seed=0, n=2):
 # --------------------------------------------------------------------------------------------- registration
 
 
-def test_the_plugin_registers_through_its_entry_point(registries):
+def test_the_plugin_registers_through_its_entry_point(registries, capsys):
+    assert main(["list", "detectors"]) == 0
+    listed = next(line for line in capsys.readouterr().out.splitlines() if "cascade_rcnn" in line)
+    assert "plugin=cascade" in listed
     entry = registries.detectors.get("cascade_rcnn")
     assert entry.plugin == "cascade"
     assert registries.box_predictors.get("softmax_box_agnostic").plugin == "cascade"
