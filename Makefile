@@ -29,12 +29,17 @@ $(STAMP): pyproject.toml plugins/detkit_cascade/pyproject.toml
 	$(BIN)/python -c "import cv2; cv2.ximgproc" 
 	touch $(STAMP)
 
+# pytest-xdist: TEST_WORKERS processes (default 2, one per core here), each test file kept on one worker
+# (its module fixtures are built once); TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # the suite without the tests marked slow (pyproject.toml's markers)
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 gpu-check:
 	$(CHECK_PYTHON) tools/gpu_check.py --device $(DEVICE) --out $(GPU_CHECK_OUT) $(if $(QUICK),--quick) $(GPU_CHECK_ARGS)

@@ -16,7 +16,7 @@ def test_dry_run_writes_the_report_and_json(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(["make", "-s", "gpu-check", "DEVICE=cpu", "QUICK=1", f"GPU_CHECK_OUT={out}",
                           f"CHECK_PYTHON={sys.executable}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=1800)  # a guard against a hang only: the dry run enforces no time budget
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:], (out / "gpu_check.log").read_text()[-5000:])
     report = json.loads((out / "report.json").read_text())
     assert report["failed_tests"] == [] and report["failed_steps"] == []
@@ -60,3 +60,19 @@ def test_cuda_requested_without_cuda_is_refused(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "CUDA is not available" in run.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_dry_run_reports_budgets_but_never_enforces_them(tmp_path):
+    """A step over its budget fails a GPU session's run, but not the dry run (`--quick`) that make test runs on a
+    machine that may be busy."""
+    from tool_utils import load_tool
+
+    gpu_check = load_tool("gpu_check")
+    slow = [sys.executable, "-c", "import time; time.sleep(1.5)"]
+    with open(tmp_path / "log", "w") as log:
+        enforced = gpu_check.Step("slow", 0.5, slow, "a step over its budget")
+        gpu_check.run_step(enforced, remaining=300, log=log)
+        dry = gpu_check.Step("slow", 0.5, slow, "a step over its budget")
+        gpu_check.run_step(dry, remaining=0, log=log, enforce=False)  # not even skipped for the overall budget
+    assert enforced.status.startswith("timed out") and dry.status == "ok" and dry.seconds >= 1.5
+    assert "budget 0 s, not enforced" in (tmp_path / "log").read_text()

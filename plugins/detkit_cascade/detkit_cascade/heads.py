@@ -209,7 +209,7 @@ class CascadeRoIHeads(nn.Module):
         """Add stage ``k``'s training sample to the statistics: the IoU of each sampled box (the added ground
         truth left out) with its best-matching ground truth, and the positives (ground truth included)."""
         ious = torch.cat([box_iou(b[~a], t["boxes"].to(b.dtype)).max(dim=1).values if t["boxes"].numel()
-                          else b.new_zeros(int((~a).sum())) for b, a, t in zip(sampled, added, targets)])
+                          else b.new_zeros(len(b))[~a] for b, a, t in zip(sampled, added, targets)])
         if self.stage_counts.device != ious.device:
             self.stage_counts = self.stage_counts.to(ious.device)
         marks = torch.tensor(IOU_MARKS, device=ious.device, dtype=ious.dtype)

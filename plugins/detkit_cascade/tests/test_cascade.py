@@ -195,6 +195,15 @@ def test_training_losses_per_stage_with_the_stage_weights(registries, tmp_path):
             assert float(weighted[f"roi/stage{k}/{n}"].detach()) == pytest.approx(expected, rel=1e-5)
 
 
+def test_an_image_without_objects_trains_every_stage_on_negatives(registries, tmp_path):
+    model = model_of(registries, tmp_path).train()
+    images, targets = batch()
+    targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "sample_seed": 7}
+    losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert model.roi_heads.stage_counts[:, -1].tolist() == [2, 2, 2]  # both images counted at every stage
+
+
 def test_each_stage_samples_from_the_refined_boxes_of_the_one_before(registries, tmp_path, monkeypatch):
     model = model_of(registries, tmp_path).train()
     heads = model.roi_heads
