@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 
 import numpy as np
@@ -44,13 +45,18 @@ def _check_entries(path: str, data) -> None:
         if img["id"] in image_ids:
             raise DatasetError(f"{path}: image id {img['id']!r} appears twice in 'images'")
         image_ids.add(img["id"])
-    cat_ids = set()
+    cat_ids, named = set(), {}
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or not isinstance(cat.get("id"), int):
             raise DatasetError(f"{path}: categories[{i}] has no integer 'id'")
         if cat["id"] in cat_ids:
             raise DatasetError(f"{path}: category id {cat['id']} appears twice in 'categories'")
         cat_ids.add(cat["id"])
+        name = str(cat.get("name", cat["id"]))
+        if name in named:  # one class would vanish from the model's names and from the per-class results
+            raise DatasetError(f"{path}: categories {named[name]} and {cat['id']} are both named {name!r}; "
+                               f"give each category its own name (or merge them into one id)")
+        named[name] = cat["id"]
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             raise DatasetError(f"{path}: annotations[{i}] is not an object")
@@ -63,6 +69,8 @@ def _check_entries(path: str, data) -> None:
         bbox = ann.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
             raise DatasetError(f"{path}: {ref}: 'bbox' must be [x, y, width, height] numbers, got {bbox!r}")
+        if not all(math.isfinite(v) for v in bbox):  # JSON readers take NaN and Infinity
+            raise DatasetError(f"{path}: {ref}: 'bbox' must be finite numbers, got {bbox!r}")
 
 
 def _load_coco(path: str):
@@ -91,7 +99,7 @@ class COCODataset(DetectionDataset):
 
     Labels are ``1..K`` in the order of the sorted category ids (``cat_ids``). Raises DatasetError for a
     missing file or directory, invalid JSON, an annotation naming an unknown image or category id, a bbox
-    that is not four numbers, no categories, or an empty image list.
+    that is not four finite numbers, two categories of one name, no categories, or an empty image list.
     """
 
     def __init__(self, images: str, annotations: str, transform=None, skip_empty: bool = False):

@@ -65,16 +65,26 @@ def test_coco_area_and_float_sizes_are_kept(coco_dir):
     assert ds.image_info(0)["height"] == 40 and [a["area"] for a in ds.to_coco()["annotations"]][:2] == [61.5, 100]
 
 
-def test_non_finite_boxes_are_dropped_and_counted(coco_dir, caplog):
+def test_non_finite_boxes_are_refused_naming_the_annotation(coco_dir):
+    """JSON has no NaN or Infinity, but Python's json (and other readers) take them: a file with them is malformed,
+    and it is refused naming the annotation rather than read with the box dropped."""
     root, data = coco_dir
-    data["annotations"] = [{"id": 1, "image_id": 10, "category_id": 3, "bbox": [float("nan"), 1, 5, 5]},
-                           {"id": 2, "image_id": 10, "category_id": 3, "bbox": [1, 1, float("inf"), 5]},
-                           {"id": 3, "image_id": 11, "category_id": 3, "bbox": [1, 1, 5, 5]}]
-    (root / "nan.json").write_text(json.dumps(data))  # Python's json writes and reads NaN/Infinity
-    with caplog.at_level(logging.WARNING):
-        ds = COCODataset(str(root / "images"), str(root / "nan.json"), skip_empty=True)
-    assert "nan.json: clipped 0 boxes, dropped 2 degenerate boxes" in caplog.text
-    assert len(ds.annotations(0)["boxes"]) == 0 and ds.train_indices == [1]
+    for k, bbox in enumerate(([float("nan"), 1, 5, 5], [1, 1, float("inf"), 5])):
+        data["annotations"] = [{"id": 8, "image_id": 10, "category_id": 3, "bbox": bbox},
+                               {"id": 9, "image_id": 11, "category_id": 3, "bbox": [1, 1, 5, 5]}]
+        (root / f"nan{k}.json").write_text(json.dumps(data))  # Python's json writes and reads NaN/Infinity
+        with pytest.raises(DatasetError, match=rf"nan{k}.json: annotation 8: 'bbox' must be finite numbers"):
+            COCODataset(str(root / "images"), str(root / f"nan{k}.json"))
+
+
+def test_two_categories_of_one_name_are_refused_naming_both_ids(coco_dir):
+    """Two categories named alike would leave the model one class name for two labels (one class vanished from
+    the per-class results, and its AP went to the other): refused, naming both ids."""
+    root, data = coco_dir
+    data["categories"][2]["name"] = "cat"  # id 7 named like id 12
+    (root / "twice.json").write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match="twice.json: categories 12 and 7 are both named 'cat'"):
+        COCODataset(str(root / "images"), str(root / "twice.json"))
 
 
 def test_image_size_differing_from_the_annotation_warns_once(coco_dir, caplog):
