@@ -6,6 +6,30 @@ import argparse
 import sys
 
 
+def number(kind: type = float, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None):
+    """An argparse ``type=`` for a numeric option: a finite ``kind`` (int or float) within the bounds, as config
+    keys are checked (:class:`detkit.config.Range`); anything else is argparse's usage error (exit 2) naming
+    the option, the value and the range."""
+    from detkit.config import Range
+
+    bounds = Range(ge=ge, gt=gt, le=le, lt=lt)
+    word = "integer" if kind is int else "number"
+    expected = f"a finite {word}" if str(bounds) == "finite" else f"{'an' if kind is int else 'a'} {word} {bounds}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
+        if not bounds.admits(value):  # NaN and infinities are not finite
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=0.01 (repeatable)")

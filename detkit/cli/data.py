@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from detkit.cli.common import _data_spec, _registries
+from detkit.cli.common import _data_spec, _registries, number
 
 
 def cmd_synth(args) -> int:
@@ -100,8 +100,8 @@ def add_data_parser(sub) -> None:
     ps = dsub.add_parser("synth", help="generate the built-in synthetic dataset")
     ps.add_argument("--out", required=True)
     ps.add_argument("--format", choices=["coco", "voc"], default="coco")
-    ps.add_argument("--num-images", type=int, default=200)
-    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--num-images", type=number(int, ge=1), default=200)
+    ps.add_argument("--seed", type=number(int, ge=0), default=0)
     size = ps.add_mutually_exclusive_group()
     size.add_argument("--size", default="240x320", help="HEIGHTxWIDTH")
     size.add_argument("--scene", metavar="HEIGHTxWIDTH",
@@ -123,14 +123,14 @@ def add_data_parser(sub) -> None:
     ps.add_argument("--split", default="trainval", help="VOC split to read, and to write for a VOC output")
     ps.add_argument("--classes", help="comma-separated class list for a VOC directory (default: the 20 VOC classes)")
     ps.add_argument("--out", required=True, help="output dataset folder (new or empty; see --overwrite)")
-    ps.add_argument("--size", type=int, default=512, help="tile side in pixels, at least 32 (default: 512)")
-    ps.add_argument("--overlap", type=float, default=0.2,
+    ps.add_argument("--size", type=number(int, ge=32), default=512, help="tile side in pixels, at least 32 (default: 512)")
+    ps.add_argument("--overlap", type=number(ge=0, lt=1), default=0.2,
                     help="fraction of a tile that neighbouring tiles share, in [0, 1) (default: 0.2)")
-    ps.add_argument("--min-visibility", type=float,
+    ps.add_argument("--min-visibility", type=number(gt=0, le=1),
                     help="a tile keeps a box when at least this fraction of its area is inside it, in (0, 1] "
                          "(default: 0.5: half an object is still recognisable; a smaller piece lies whole in a "
                          "neighbour when the overlap is at least its size)")
-    ps.add_argument("--keep-empty", type=float, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
+    ps.add_argument("--keep-empty", type=number(ge=0, le=1), nargs="?", const=1.0, default=0.0, metavar="FRACTION",
                     help="keep this fraction of the tiles without objects (alone: all of them; default: none, as "
                          "training skips images without objects and every kept tile has background around its "
                          "objects; keep them to evaluate on tiles)")
@@ -140,15 +140,15 @@ def add_data_parser(sub) -> None:
     ps.set_defaults(func=cmd_data_tile)
     ps = dsub.add_parser("synth-cls", help="generate the built-in classification crops (class folders train/, val/)")
     ps.add_argument("--out", required=True)
-    ps.add_argument("--per-class", type=int, default=2000, help="training images per class")
-    ps.add_argument("--val-per-class", type=int, default=100, help="validation images per class (0: no val/)")
-    ps.add_argument("--seed", type=int, default=0)
-    ps.add_argument("--size", type=int, default=64, help="side of the square crops in pixels")
+    ps.add_argument("--per-class", type=number(int, ge=1), default=2000, help="training images per class")
+    ps.add_argument("--val-per-class", type=number(int, ge=0), default=100, help="validation images per class (0: no val/)")
+    ps.add_argument("--seed", type=number(int, ge=0), default=0)
+    ps.add_argument("--size", type=number(int, ge=16), default=64, help="side of the square crops in pixels")
     ps.set_defaults(func=cmd_synth_cls)
     ps = dsub.add_parser("synth-video", help="generate a synthetic video of the built-in classes")
     ps.add_argument("--out", required=True)
-    ps.add_argument("--frames", type=int, default=48)
-    ps.add_argument("--fps", type=int, default=12)
-    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--frames", type=number(int, ge=1), default=48)
+    ps.add_argument("--fps", type=number(int, ge=1), default=12)
+    ps.add_argument("--seed", type=number(int, ge=0), default=0)
     ps.add_argument("--size", default="240x320", help="HEIGHTxWIDTH")
     ps.set_defaults(func=cmd_synth_video)

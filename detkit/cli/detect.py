@@ -7,7 +7,7 @@ import os
 import sys
 
 from detkit.cli.common import (_add_model_run_options, _add_set, _data_spec, _device, _mapping_argument,
-                               _registries)
+                               _registries, number)
 
 
 def cmd_eval(args) -> int:
@@ -229,18 +229,19 @@ def add_detector_parsers(sub) -> None:
     p.add_argument("checkpoint")
     p.add_argument("input", help="image file, folder of images, video file, or webcam index (0, 1, ...)")
     p.add_argument("--output", default="outputs/infer")
-    p.add_argument("--score-thr", type=float, default=0.5)
-    p.add_argument("--max-frames", type=int, help="stop after this many frames (videos, webcams)")
+    p.add_argument("--score-thr", type=number(), default=0.5,
+                   help="draw and list detections scoring at least this (default 0.5; any finite number: an SVM predictor's scores are margins)")
+    p.add_argument("--max-frames", type=number(int, ge=1), help="stop after this many frames (videos, webcams)")
     _add_model_options(p)
-    p.add_argument("--tile", type=int, metavar="SIZE",
+    p.add_argument("--tile", type=number(int, ge=0), metavar="SIZE",
                    help="tiled inference for images far larger than the model's input: SIZE x SIZE windows at "
                         "native resolution (0: off; default: the checkpoint's eval.tile.size, 0)")
-    p.add_argument("--overlap", type=float, help="share of a window its neighbours also cover, in [0, 1) "
+    p.add_argument("--overlap", type=number(ge=0, lt=1), help="share of a window its neighbours also cover, in [0, 1) "
                                                  "(default 0.2; at least the largest object's share)")
     p.add_argument("--tile-merge", choices=["nms", "larger", "ios"],
                    help="how the windows' duplicates merge: nms (default), larger (the larger box of a pair), "
                         "ios (the union of boxes that cover each other)")
-    p.add_argument("--tile-batch", type=int, metavar="N", help="windows per forward pass (default 4)")
+    p.add_argument("--tile-batch", type=number(int, ge=1), metavar="N", help="windows per forward pass (default 4)")
     p.add_argument("--tile-full-image", action="store_true",
                    help="also detect on the whole image at the model's size (keeps objects larger than a window)")
     _add_model_run_options(p)
@@ -255,8 +256,8 @@ def add_detector_parsers(sub) -> None:
     p.add_argument("--output", required=True, help="the file to write (kept only if its detections match)")
     p.add_argument("--images", nargs="+", metavar="PATH",
                    help="image files or folders to verify on (default: the checkpoint's test set)")
-    p.add_argument("--num-images", type=int, default=4, help="how many verification images (default 4)")
-    p.add_argument("--tolerance", type=float, default=1e-3,
+    p.add_argument("--num-images", type=number(int, ge=1), default=4, help="how many verification images (default 4)")
+    p.add_argument("--tolerance", type=number(gt=0), default=1e-3,
                    help="largest box coordinate difference in pixels for a match (default 1e-3)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     _add_set(p)
@@ -272,7 +273,7 @@ def add_eval_cls_parser(sub) -> None:
                                   "'{name: digits, split: test}' (default: the config's data.test)")
     p.add_argument("--ten-crop", action="store_true", help="average the 4 corner, centre and mirrored crops "
                                                            "(AlexNet Sec. 4.1, GoogLeNet Sec. 7)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=number(int, ge=1), default=64)
     p.add_argument("--output", help="output directory (default: eval_cls/ next to the checkpoint)")
     _add_model_run_options(p)
     p.set_defaults(func=cmd_eval_cls)

@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 
-from detkit.cli.common import _registries
+from detkit.cli.common import _registries, number
 from detkit.config import ConfigError
 
 
@@ -117,8 +117,8 @@ def add_convert_parser(sub) -> None:
     p.add_argument("source", choices=["torchvision"], help="torchvision: a fasterrcnn_resnet50_fpn state dict")
     p.add_argument("weights", help="the state dict file (nothing is downloaded)")
     p.add_argument("--output", required=True, help="the detkit checkpoint to write")
-    p.add_argument("--min-size", type=int, default=800, help="shorter image side (torchvision's min_size)")
-    p.add_argument("--max-size", type=int, default=1333, help="longer side cap (torchvision's max_size)")
+    p.add_argument("--min-size", type=number(int, ge=1), default=800, help="shorter image side (torchvision's min_size)")
+    p.add_argument("--max-size", type=number(int, ge=1), default=1333, help="longer side cap (torchvision's max_size)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.set_defaults(func=cmd_convert)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from detkit.cli.common import _add_model_run_options, _add_set, _device, _registries
+from detkit.cli.common import _add_model_run_options, _add_set, _device, _registries, number
 
 
 def _dataset_proposal_source(cfg, registries):
@@ -113,7 +113,7 @@ def add_proposals_parser(sub) -> None:
     ps.add_argument("config")
     ps.add_argument("--split", choices=["train", "test", "both"], default="both",
                     help="which of data.train / data.test (default: both)")
-    ps.add_argument("--workers", type=int, help="processes (default: model.proposal_generator.num_workers, "
+    ps.add_argument("--workers", type=number(int, ge=0), help="processes (default: model.proposal_generator.num_workers, "
                                                 "else all cores)")
     ps.add_argument("--no-progress", action="store_true")
     _add_set(ps)
@@ -124,6 +124,6 @@ def add_proposals_parser(sub) -> None:
     ps.add_argument("--split", choices=["train", "test"], default="test")
     ps.add_argument("--checkpoint", help="also evaluate this checkpoint's RPN proposals")
     ps.add_argument("--output", help="output directory (default: <train.work_dir>/proposals_eval)")
-    ps.add_argument("--workers", type=int, help="processes computing missing selective search boxes")
+    ps.add_argument("--workers", type=number(int, ge=0), help="processes computing missing selective search boxes")
     _add_model_run_options(ps, "device for --checkpoint (default: auto)")
     ps.set_defaults(func=cmd_proposals_eval)

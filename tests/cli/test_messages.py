@@ -473,3 +473,38 @@ def test_the_most_confident_detection_keeps_its_tag(drawn):
     boxes = np.array([[10, 40, 60, 90], [12, 42, 62, 92], [14, 44, 64, 94]], np.float32)  # on top of each other
     draw_detections(np.zeros((120, 160, 3), np.uint8), boxes, [0.5, 0.95, 0.7], [1, 1, 1], ["thing"])
     assert drawn["texts"] == ["thing 0.95"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["infer", "ckpt", "in", "--score-thr", "nan"], "argument --score-thr: 'nan': expected a finite number"),
+    (["infer", "ckpt", "in", "--overlap", "1.5"], "argument --overlap: '1.5': expected a number in [0, 1)"),
+    (["infer", "ckpt", "in", "--tile", "-1"], "argument --tile: '-1': expected an integer >= 0"),
+    (["infer", "ckpt", "in", "--tile-batch", "2.5"], "argument --tile-batch: '2.5': expected an integer >= 1"),
+    (["export", "ckpt", "--format", "onnx", "--output", "m.onnx", "--tolerance", "0"],
+     "argument --tolerance: '0': expected a number > 0"),
+    (["data", "synth", "--out", "d", "--num-images", "0"], "argument --num-images: '0': expected an integer >= 1"),
+    (["data", "tile", "--in", "a.json", "--out", "d", "--keep-empty", "2"],
+     "argument --keep-empty: '2': expected a number in [0, 1]"),
+])
+def test_numeric_options_are_refused_outside_their_range_before_anything_runs(argv, message, capsys):
+    from detkit.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_every_numeric_option_of_every_command_has_a_range():
+    import argparse
+
+    from detkit.cli import build_parser
+
+    unchecked, parsers = [], [("detkit", build_parser())]
+    while parsers:
+        name, parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += [(f"{name} {sub}", p) for sub, p in action.choices.items()]
+            elif action.type in (int, float):
+                unchecked.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert unchecked == []
