@@ -30,7 +30,7 @@ from detkit.engine.devices import autocast
 from detkit.engine.distributed import mean_over_ranks
 from detkit.training.base import SGDTrainer, check_train_settings
 from detkit.training.loop import Hook
-from detkit.training.preflight import check_weights_file, prepare_work_dir
+from detkit.training.preflight import check_weights_file, prepare_work_dir, work_dir_lock
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +165,11 @@ def pretrain(cfg: ClassifierConfig, registries, resume: str | bool | None = None
         raise ConfigError("--resume continues the run in train.work_dir and --overwrite replaces it: give one of them")
     check_train_settings(cfg.train)
     check_weights_file(cfg.model.backbone.weights)
-    prepare_work_dir(cfg.train.work_dir, resume, overwrite)
     if cfg.data.test and (cfg.train.eval_at_end or cfg.eval.period):
         build_classification_dataset(cfg.data.test, registries, "test")
-    return ClassifierTrainer(cfg, registries, progress=progress).train(resume)
+    with work_dir_lock(cfg.train.work_dir):
+        prepare_work_dir(cfg.train.work_dir, resume, overwrite)
+        return ClassifierTrainer(cfg, registries, progress=progress).train(resume)
 
 
 __all__ = ["ClassifierTrainer", "PeriodicValidation", "pretrain"]

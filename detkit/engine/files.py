@@ -13,11 +13,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
+
+from detkit.config import ConfigError
 
 _UMASK_LOCK = threading.Lock()
 
@@ -131,3 +135,38 @@ def replace_directory(staged: str | os.PathLike, target: str | os.PathLike) -> N
     os.rename(target, trash)
     os.rename(staged, target)
     shutil.rmtree(trash)
+
+
+LOCK_NAME = ".detkit.lock"
+
+
+@contextmanager
+def directory_lock(directory: str | os.PathLike, key: str) -> Iterator[None]:
+    """Hold ``directory``'s lock for the ``with`` block: an ``fcntl.flock`` on ``<directory>/.detkit.lock``
+    (created with the directory when missing), which the system releases when the process ends, however it
+    ends. Another holder: ConfigError naming ``key``, the directory and the holder (pid, host, since when).
+
+    The lock file is the one file not written through :func:`atomic_write`: the lock belongs to the open file,
+    which a rename would replace. It says who holds the lock, is left behind when the block ends, and is read
+    only while someone holds it. Where ``fcntl`` is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 1024, 0).decode("utf-8", "replace").strip() or "a process that has not said who"
+            raise ConfigError(f"{key}={directory} is in use by another run ({holder}): two runs in one directory "
+                              f"would interleave their checkpoints and logs; wait for it to end, or use another "
+                              f"directory (--set {key}=NEW_DIR)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

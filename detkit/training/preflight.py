@@ -3,19 +3,22 @@
 A run should fail in its first second, not after hours: the pretrained weights file, the test set (when
 the run ends with an evaluation: its annotations and that every image file exists and is non-empty; the
 training set is checked the same way by the trainer, before it builds the model) and the work directory,
-which must be writable and must not hold a finished run unless ``--resume`` continues it or
-``--overwrite`` replaces it. Temporaries that an interrupted checkpoint write left behind are removed.
+which must be writable, must not be in use by another run (:func:`work_dir_lock`) and must not hold a
+finished run unless ``--resume`` continues it or ``--overwrite`` replaces it. Temporaries that an interrupted checkpoint write left behind are removed.
 """
 from __future__ import annotations
 
 import glob
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from detkit.config import Config, ConfigError
 from detkit.data.loading import build_checked_dataset
 from detkit.data.media import check_input_file, check_output_dir
 from detkit.engine.checkpoint import TEMPORARY_PATTERN, remove_stale_temporaries
+from detkit.engine.files import directory_lock
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +27,29 @@ log = logging.getLogger(__name__)
 RUN_FILES = ("final.pth", "iter_*.pth", TEMPORARY_PATTERN, "log.jsonl", "metrics.json", "results.json", "backbone.pth")
 
 
+@contextmanager
+def work_dir_lock(work_dir: str) -> Iterator[None]:
+    """The run's hold on ``train.work_dir`` (:func:`detkit.engine.files.directory_lock`), taken by rank 0 of a
+    job before anything in the directory is read, cleared or written: a second run into it is refused, naming
+    the first, instead of interleaving their checkpoints and log (or clearing the first's files with
+    ``--overwrite``)."""
+    check_output_dir(work_dir, "train.work_dir")
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    with directory_lock(work_dir, "train.work_dir"):
+        yield
+
+
 def check_before_training(cfg: Config, registries, resume: str | bool | None, overwrite: bool) -> None:
     """Raise ConfigError, MediaError (a path) or the dataset's own error for a config whose run cannot
-    succeed; prepare the work directory (see the module doc). Every process of a ``torchrun`` job calls it;
-    only rank 0 removes files."""
+    succeed, touching nothing: the options, the weights file, the test set, the work directory's path. The
+    caller then takes :func:`work_dir_lock` and prepares the directory (:func:`prepare_work_dir`) under it.
+    Every process of a ``torchrun`` job calls both; only rank 0 locks and removes files."""
     if resume and overwrite:
         raise ConfigError("--resume continues the run in train.work_dir and --overwrite replaces it: give one of them")
     check_weights_file(cfg.model.backbone.weights)
-    prepare_work_dir(cfg.train.work_dir, resume, overwrite)
+    check_output_dir(cfg.train.work_dir, "train.work_dir")
     if cfg.train.eval_at_end and cfg.data.test:
         build_checked_dataset(cfg.data.test, registries, "test")
 

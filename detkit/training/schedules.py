@@ -15,7 +15,7 @@ from detkit.config import Config, ConfigError, ModelConfig, PartConfig, bind_par
 from detkit.plugins import Entry, UnknownNameError
 from detkit.registry.binding import bind_part, call_builder, detector_slots
 from detkit.registry.contexts import ScheduleContext
-from detkit.training.preflight import check_before_training
+from detkit.training.preflight import check_before_training, prepare_work_dir, work_dir_lock
 
 
 def chosen_parts(model: ModelConfig, registries) -> list[tuple[str, str, str]]:
@@ -79,7 +79,9 @@ def train(cfg: Config, registries, resume: str | bool | None = None, progress: b
         raise ConfigError(f"{reason}: this schedule trains in stages in one process; run it without torchrun "
                           f"(each step may still use a GPU)")
     check_before_training(cfg, registries, resume, overwrite)
-    part = cfg.train.schedule if schedule.name == cfg.train.schedule.name else bind_part(
-        registries.part_kind("schedule"), PartConfig(schedule.name), "train.schedule", registries)  # a declared one: its defaults
-    context = ScheduleContext(config=cfg, registries=registries, resume=resume, progress=progress)
-    return call_builder(registries.part_kind("schedule"), schedule, part.settings, context)
+    with work_dir_lock(cfg.train.work_dir):
+        prepare_work_dir(cfg.train.work_dir, resume, overwrite)
+        part = cfg.train.schedule if schedule.name == cfg.train.schedule.name else bind_part(
+            registries.part_kind("schedule"), PartConfig(schedule.name), "train.schedule", registries)  # a declared one: its defaults
+        context = ScheduleContext(config=cfg, registries=registries, resume=resume, progress=progress)
+        return call_builder(registries.part_kind("schedule"), schedule, part.settings, context)

@@ -405,3 +405,26 @@ def test_files_that_are_not_checkpoints_say_what_they_are_not(tmp_path, capsys):
         with pytest.raises(WeightsError, match="plain.pth: not a state dict: it is a pickle that asks for"):
             read_state_dict(plain, "state dict")
     assert not marker.exists()
+
+
+def test_a_second_run_into_a_work_dir_in_use_is_refused_naming_the_first(data_dir, tmp_path, capsys):
+    """Two trainings into one work_dir at once interleaved their checkpoints and logs; the second is refused
+    (even with --overwrite, which would have cleared the first's files), and the lock goes with the first."""
+    import socket
+
+    from detkit.cli import main
+    from detkit.engine.files import directory_lock
+
+    work = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", data_dir, work, max_iters=1, eval_at_end=False)
+    work.mkdir()
+    (work / "log.jsonl").write_text("the first run's log\n")
+    with directory_lock(work, "train.work_dir"):  # the first run, as another process would hold it
+        for extra in ([], ["--overwrite"]):
+            assert main(["train", str(cfg), "--no-progress", *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"train.work_dir={work} is in use by another run (pid {os.getpid()} on host " \
+                   f"{socket.gethostname()}, since " in err
+        assert (work / "log.jsonl").read_text() == "the first run's log\n"
+    assert main(["train", str(cfg), "--no-progress", "--overwrite"]) == 0  # released: the next run takes it
+    assert (work / "final.pth").is_file()
