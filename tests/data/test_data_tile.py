@@ -133,17 +133,18 @@ def test_voc_tiles_carry_the_split_and_round_trip_in_both_formats(synth_sets, tm
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--size", "16"], "--size 16: expected a tile side in pixels, an integer >= 32"),
-    (["--overlap", "1"], "--overlap 1.0: expected the fraction of a tile that neighbours share, in [0, 1)"),
-    (["--overlap", "-0.1"], "--overlap -0.1"),
-    (["--min-visibility", "0"], "--min-visibility 0.0: expected the fraction of a box's area"),
-    (["--min-visibility", "1.5"], "--min-visibility 1.5"),
-    (["--keep-empty", "2"], "--keep-empty 2.0: expected the fraction of the tiles without objects to keep"),
+    (["--size", "16"], "argument --size: '16': expected an integer >= 32"),
+    (["--overlap", "1"], "argument --overlap: '1': expected a number in [0, 1)"),
+    (["--overlap", "-0.1"], "argument --overlap: '-0.1'"),
+    (["--min-visibility", "0"], "argument --min-visibility: '0': expected a number in (0, 1]"),
+    (["--min-visibility", "1.5"], "argument --min-visibility: '1.5'"),
+    (["--keep-empty", "2"], "argument --keep-empty: '2': expected a number in [0, 1]"),
 ])
 def test_bad_options_exit_2_naming_option_value_and_expectation(synth_sets, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
-    assert _tile("--in", str(synth_sets / "coco" / "annotations.json"), "--out", str(out), *argv) == 2
-    assert message in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as exc:  # argparse's usage error: the options are checked before anything
+        _tile("--in", str(synth_sets / "coco" / "annotations.json"), "--out", str(out), *argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err and not out.exists()
 
 
 def test_missing_input_exits_2_naming_it(tmp_path, capsys):
