@@ -26,7 +26,8 @@ def cmd_synth(args) -> int:
     else:
         h, w = _size(args.size)
     try:
-        synthesize(args.out, args.format, args.num_images, args.seed, image_size=(h, w), variant=variant)
+        synthesize(args.out, args.format, args.num_images, args.seed, image_size=(h, w), variant=variant,
+                   overwrite=args.overwrite)
     except ValueError as exc:  # the arguments, named in the message
         raise ConfigError(str(exc)) from None
     print(f"wrote {args.num_images} images ({args.format}, variant {variant}) to {args.out}")
@@ -113,6 +114,8 @@ def add_data_parser(sub) -> None:
     # for every command; tests/data/test_synth.py checks that the two agree.
     ps.add_argument("--variant", choices=["default", "small"], default="default",
                     help="small: 15-40 objects per image, nearly all COCO-small (for FPN vs single-map detectors)")
+    ps.add_argument("--overwrite", action="store_true",
+                    help="replace the dataset an earlier call wrote in --out (default: --out must be new or empty)")
     ps.set_defaults(func=cmd_synth)
     ps = dsub.add_parser("tile", help="cut a dataset of large images into a dataset of overlapping tiles at native "
                                       "resolution, to train (or evaluate) on them")

@@ -112,12 +112,13 @@ def _apply_svd(model, spec: str | None) -> None:
 def cmd_infer(args) -> int:
     from detkit.config import TileSettings
     from detkit.data.media import check_output_dir
-    from detkit.inference.predictor import run
+    from detkit.inference.predictor import check_output_apart, run
     from detkit.models.loading import model_from_checkpoint
     from detkit.models.tiling import settings_with_options, tiled
 
     registries = _registries()
     check_output_dir(args.output, "--output")  # before the model is built
+    check_output_apart(args.input, args.output)
     tile_options = {"size": args.tile, "overlap": args.overlap, "merge": args.tile_merge, "batch": args.tile_batch,
                     "full_image": args.tile_full_image or None}
     settings_with_options(TileSettings(), tile_options)  # bad options fail before the model is built

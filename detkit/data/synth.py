@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from detkit.engine.files import atomic_path, write_text_atomic
+from detkit.engine.files import atomic_path, replace_directory, write_text_atomic
 
 CLASSES = ("circle", "square", "triangle", "star", "cross")
 COLOURS = ((220, 40, 40), (40, 190, 60), (50, 70, 220), (235, 215, 40), (210, 50, 210))  # RGB
@@ -297,8 +298,13 @@ def _write_png(path: str, image_rgb: np.ndarray) -> None:
     buf.tofile(path)
 
 
+#: what a synthetic dataset folder holds (COCO or VOC layout): with ``overwrite``, a folder holding only these
+#: is replaced as a whole
+DATASET_ENTRIES = frozenset({"images", "annotations.json", "JPEGImages", "Annotations", "ImageSets"})
+
+
 def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: tuple[int, int] = (240, 320),
-               variant: str = "default") -> dict:
+               variant: str = "default", overwrite: bool = False) -> dict:
     """Write ``num_images`` PNG images of ``image_size`` (h, w) with their annotations, drawn as ``variant``
     (a name in VARIANTS, or in SIZED_VARIANTS: ``scene``) says.
 
@@ -308,6 +314,9 @@ def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: t
     ``ImageSets/Main/{train,val,trainval,test}.txt``, where trainval and test list every image and
     train/val partition them (every fifth image is val). Image i is drawn from ``default_rng([seed, i])``
     (its colour swaps from ``default_rng([seed, i, 1])``), so the output is byte-identical for a seed.
+    ``out_dir`` must be new or empty: writing into an earlier dataset would leave its images beside the new
+    annotations. ``overwrite=True`` replaces a folder that holds a dataset and nothing else (written beside it,
+    then swapped in: a reader sees the old dataset or the new one).
     Returns ``{"images", "objects", "per_class", "classes", "format", "variant"}``.
     """
     if variant not in VARIANTS and variant not in SIZED_VARIANTS:
@@ -322,6 +331,22 @@ def synthesize(out_dir: str, fmt: str, num_images: int, seed: int, image_size: t
     if h < 32 or w < 32:
         raise ValueError(f"image size {h}x{w}: expected at least 32x32")
     layout = VARIANTS[variant] if variant in VARIANTS else SIZED_VARIANTS[variant](h, w)
+    held = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if held and not overwrite:
+        raise ValueError(f"{out_dir}: the folder is not empty ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''});"
+                         f" a dataset written there would be mixed with what it holds: choose a new or empty folder, "
+                         f"or replace the dataset in it with --overwrite")
+    others = [name for name in held if name not in DATASET_ENTRIES]
+    if others:
+        raise ValueError(f"{out_dir}: --overwrite replaces a dataset folder, and this one also holds "
+                         f"{', '.join(others[:4])}{', ...' if len(others) > 4 else ''}: choose another folder")
+    if held:
+        staged = os.path.join(os.path.dirname(os.path.abspath(out_dir)), f".{os.path.basename(out_dir)}.new")
+        if os.path.isdir(staged):  # left by a call that was killed while writing it
+            shutil.rmtree(staged)
+        summary = synthesize(staged, fmt, num_images, seed, image_size, variant)
+        replace_directory(staged, out_dir)
+        return summary
     if fmt == "coco":
         img_dir = os.path.join(out_dir, "images")
     else:

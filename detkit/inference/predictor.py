@@ -36,14 +36,30 @@ def _filter(det: dict, score_thr: float) -> dict:
     return {k: v[keep] for k, v in det.items()}
 
 
+def check_output_apart(input_spec: str, output_dir: str) -> None:
+    """MediaError when ``output_dir`` is the input folder or lies inside it: the pictures and results.json
+    written there would sit among the images read (a name shared with an input replaces that image, and the
+    next run on the folder reads the drawings as input)."""
+    from detkit.data.media import MediaError
+
+    if not os.path.isdir(input_spec):
+        return
+    folder, out = os.path.realpath(input_spec), os.path.realpath(output_dir)
+    if out == folder or out.startswith(folder + os.sep):
+        raise MediaError(f"--output {output_dir}: {'is' if out == folder else 'lies inside'} the input folder "
+                         f"{input_spec}; the annotated pictures and results.json would land among the images "
+                         f"read: choose another output folder")
+
+
 def run(model: nn.Module, class_names: list[str], cat_ids: list[int], input_spec: str, output_dir: str,
         device: torch.device, score_thr: float = 0.5, max_frames: int | None = None,
         progress: bool = True) -> dict:
     """Run on ``input_spec`` (image, folder, video file or webcam index); returns a summary dict
     ``{"kind", "outputs", "detections", "images", "skipped"}``.
 
-    Raises MediaError when ``output_dir`` cannot be written (checked first) and when no image of a folder
-    could be read (an unreadable image among readable ones is skipped and listed in ``"skipped"``).
+    Raises MediaError when ``output_dir`` cannot be written or is (inside) the input folder (checked first) and
+    when no image of a folder could be read (an unreadable image among readable ones is skipped and listed in
+    ``"skipped"``).
     """
     from detkit.data.media import check_output_dir, classify_input
     from detkit.engine.files import write_json_atomic
@@ -52,6 +68,7 @@ def run(model: nn.Module, class_names: list[str], cat_ids: list[int], input_spec
 
     kind = classify_input(input_spec)
     check_output_dir(output_dir, "--output")
+    check_output_apart(input_spec, output_dir)
     os.makedirs(output_dir, exist_ok=True)
     model.eval()
 

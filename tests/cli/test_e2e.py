@@ -73,7 +73,7 @@ def test_eval_from_checkpoint_alone(trained, data_dir, tmp_path, capsys):
     assert {r["category_id"] for r in results} <= {c["id"] for c in gt["categories"]}
 
 
-def test_infer_image_folder_and_video(trained, data_dir, tmp_path):
+def test_infer_image_folder_and_video(trained, data_dir, tmp_path, capsys):
     ckpt = str(trained / "final.pth")
     images = sorted((data_dir / "val" / "images").iterdir())
     out = tmp_path / "one"
@@ -93,6 +93,12 @@ def test_infer_image_folder_and_video(trained, data_dir, tmp_path):
     assert main(["infer", ckpt, str(folder), "--output", str(out), "--no-progress"]) == 0
     meta = json.loads((out / "images.json").read_text())
     assert len(meta) == len(images)  # the corrupt file is reported and skipped
+    # the input folder (or a folder inside it) as the output: refused before anything is read or written
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
+    for same in (folder, folder / "drawn"):
+        assert main(["infer", ckpt, str(folder), "--output", str(same), "--no-progress"]) == 2
+        assert "the input folder" in capsys.readouterr().err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == before
 
     out = tmp_path / "video_out"
     assert main(["infer", ckpt, str(data_dir / "clip.mp4"), "--output", str(out), "--no-progress"]) == 0

@@ -192,3 +192,23 @@ def test_video_has_the_requested_frames_and_no_temp_file(tmp_path):
     assert frames[0].shape == (64, 96, 3)
     assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 0.5  # the objects move
     assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]  # no temp file left behind
+
+
+def test_synth_into_an_earlier_dataset_is_refused_unless_overwritten(tmp_path, capsys):
+    """Writing into an earlier dataset replaced annotations.json and left its images beside it (a mixed set):
+    refused; --overwrite replaces the dataset folder whole, and never a folder holding anything else."""
+    from detkit.cli import main
+
+    out = tmp_path / "train"
+    assert main(["data", "synth", "--out", str(out), "--num-images", "3", "--size", "64x64"]) == 0
+    assert main(["data", "synth", "--out", str(out), "--num-images", "2", "--size", "64x64", "--seed", "1"]) == 2
+    assert "the folder is not empty (annotations.json, images)" in capsys.readouterr().err
+    assert len(list((out / "images").iterdir())) == 3
+    assert main(["data", "synth", "--out", str(out), "--num-images", "2", "--size", "64x64", "--seed", "1",
+                 "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png"]
+    assert len(json.loads((out / "annotations.json").read_text())["images"]) == 2
+    assert not list(tmp_path.glob(".train.new*"))
+    (out / "notes.txt").write_text("mine")
+    assert main(["data", "synth", "--out", str(out), "--num-images", "2", "--size", "64x64", "--overwrite"]) == 2
+    assert "also holds notes.txt" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
