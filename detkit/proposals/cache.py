@@ -39,6 +39,15 @@ from detkit.engine.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
+
+def default_cache_root() -> str:
+    """Where proposal caches go unless a config names a ``cache_dir``: ``$DETKIT_CACHE_DIR/proposals``, else
+    ``$XDG_CACHE_HOME/detkit/proposals``, else ``~/.cache/detkit/proposals`` (the XDG base directory rule), so
+    a cache is found again from any working directory and is shared by every run on those images."""
+    root = os.environ.get("DETKIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "detkit")
+    return os.path.join(root, "proposals")
+
 CACHE_VERSION = 1
 META_FILE = "meta.json"
 IMAGES_FILE = "images.json"

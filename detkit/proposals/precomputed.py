@@ -31,7 +31,9 @@ class SelectiveSearchSettings:
     max_side: int | None = ranged(500, ge=1)  # the search runs on the image shrunk to this longer side; None: full size
     min_size: float = ranged(0.0, ge=0)  # drop proposals narrower or shorter than this (original-image pixels)
     top_k: int = ranged(2000, ge=1)
-    cache_dir: str = "work_dirs/proposals"  # one sub-directory per dataset and settings
+    # one sub-directory per dataset and settings; None: the cache root (detkit.proposals.cache.default_cache_root:
+    # $DETKIT_CACHE_DIR/proposals, else $XDG_CACHE_HOME/detkit/proposals, else ~/.cache/detkit/proposals)
+    cache_dir: str | None = None
     num_workers: int | None = ranged(None, ge=0)  # processes computing the cache (0 or 1: this one); None: all cores
 
 
@@ -71,10 +73,11 @@ class SelectiveSearchProposals(PrecomputedProposals):
         return {"mode": c.mode, "max_side": c.max_side, "min_size": c.min_size, "top_k": c.top_k}
 
     def dataset_proposals(self, dataset, progress: bool = True, compute: bool = True, num_workers=None):
-        from detkit.proposals.cache import selective_search_cache
+        from detkit.proposals.cache import default_cache_root, selective_search_cache
 
         workers = self.cfg.num_workers if num_workers is None else num_workers
-        return selective_search_cache(self.cfg.cache_dir, dataset, **self.settings(), num_workers=workers,
+        root = self.cfg.cache_dir or default_cache_root()
+        return selective_search_cache(root, dataset, **self.settings(), num_workers=workers,
                                       progress=progress, compute=compute)
 
     def propose(self, images: list[Tensor]) -> list[Tensor]:

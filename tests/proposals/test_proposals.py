@@ -336,3 +336,29 @@ def test_cli_missing_split_names_the_key(synth_dir, tmp_path, capsys):
     assert main(["proposals", "compute", str(cfg), "--split", "train", "--no-progress",
                  "--set", "model.proposal_generator.mode=slow"]) == 2
     assert "model.proposal_generator.mode='slow'" in capsys.readouterr().err
+
+
+def test_the_default_cache_root_follows_the_xdg_rule_not_the_working_directory(synth_dir, tmp_path, monkeypatch,
+                                                                               caplog):
+    """Caches went to ./work_dirs/proposals of whatever directory a command ran in; with no cache_dir they go to
+    the cache root, found again from anywhere, and the log says where."""
+    from detkit.proposals.precomputed import SelectiveSearchProposals, SelectiveSearchSettings
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("DETKIT_CACHE_DIR", raising=False)
+    assert cache_module.default_cache_root() == str(home / ".cache" / "detkit" / "proposals")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_module.default_cache_root() == str(tmp_path / "xdg" / "detkit" / "proposals")
+    monkeypatch.setenv("DETKIT_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_module.default_cache_root() == str(tmp_path / "mine" / "proposals")
+
+    settings = SelectiveSearchSettings(top_k=20)
+    assert settings.cache_dir is None
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO):
+        cache = SelectiveSearchProposals(settings).dataset_proposals(dataset(synth_dir), progress=False,
+                                                                     num_workers=1)
+    assert cache.directory.startswith(str(tmp_path / "mine" / "proposals")) and len(cache) == len(dataset(synth_dir))
+    assert cache.directory in caplog.text and not (tmp_path / "work_dirs").exists()
