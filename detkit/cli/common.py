@@ -63,10 +63,10 @@ def _mapping_argument(text: str, expected: str) -> dict:
     """``--data`` given as a YAML mapping (``{name: ..., ...}``); ConfigError naming what was ``expected``."""
     import yaml
 
-    from detkit.config import ConfigError
+    from detkit.config import ConfigError, safe_load_yaml
 
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_yaml(text, "--data")
     except yaml.YAMLError:
         data = None
     if not isinstance(data, dict):

@@ -22,6 +22,54 @@ from detkit.config.upgrades import upgrade
 
 # ----------------------------------------------------------------------------- loading
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; a file over 1 MiB is not one (and parsing it takes minutes)
+MAX_YAML_NODES = 100_000  # values a YAML text may stand for with its aliases expanded
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a document whose aliases expand past :data:`MAX_YAML_NODES` values (a
+    "billion laughs" text of a few hundred bytes stands for billions, which every later walk of the config
+    would expand) or refer to themselves."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        sizes: dict[int, int] = {}
+
+        def size(n) -> int:
+            key = id(n)
+            if key in sizes:
+                if sizes[key] < 0:
+                    raise ConfigError(f"{self.name}: an alias refers to the collection that holds it")
+                return sizes[key]
+            sizes[key] = -1  # being counted
+            children = ([c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else
+                        n.value if isinstance(n, yaml.SequenceNode) else [])
+            total = 1
+            for child in children:
+                total += size(child)
+                if total > MAX_YAML_NODES:
+                    raise ConfigError(f"{self.name}: its aliases expand to more than {MAX_YAML_NODES} values; a "
+                                      f"config is far smaller (is this a YAML bomb?)")
+            sizes[key] = total
+            return total
+
+        if node is not None:
+            size(node)
+        return node
+
+
+def safe_load_yaml(text_or_file, name: str) -> Any:
+    """``yaml.safe_load`` with aliases bounded (:class:`_BoundedLoader`); ConfigError naming ``name`` for a text
+    it refuses or nesting too deep to read; ``yaml.YAMLError`` for invalid YAML, as ``yaml.safe_load``."""
+    loader = _BoundedLoader(text_or_file)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    except RecursionError:
+        raise ConfigError(f"{name}: nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
+
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -212,11 +260,16 @@ def load_yaml(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> dict:
         raise ConfigError(f"{path}: circular base chain: {' -> '.join(_chain + (path,))}")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
+    if os.path.getsize(path) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB; a config file is at most "
+                          f"{MAX_CONFIG_BYTES // 2**20} MiB (a few KB is usual): is this the right file?")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = safe_load_yaml(f, path)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -238,7 +291,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(keys):
         raise ConfigError(f"--set {text!r}: empty key in {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load_yaml(raw, f"--set {key}") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return keys, value

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from detkit.config import (Config, ConfigDeprecationWarning, ConfigError, PartConfig, apply_overrides, bind_parts,
-                           dump, from_dict, load_config, to_dict)
+                           dump, from_dict, load_config, parse_override, to_dict)
 
 
 def write(tmp_path, name, data):
@@ -226,4 +226,51 @@ def test_configs_saved_by_the_earlier_layout_resolve_to_todays(name, registries)
     with pytest.warns(ConfigDeprecationWarning):
         before = bind_parts(from_dict(old, source=name), registries)
     today = load_config(os.path.join(here, "..", "..", "configs", f"{name}.yaml"), registries=registries)
-    assert to_dict(before) == to_dict(today)
+    assert to_dict(before) == with_stored_cache_dir(to_dict(today))
+
+
+def with_stored_cache_dir(data: dict) -> dict:
+    """``data`` with selective search's ``cache_dir`` as configs stored it before it defaulted to the cache root
+    (None): ``work_dirs/proposals``, which a stored config keeps, so its cache is found where it was made."""
+    part = data["model"].get("proposal_generator") or {}
+    if part.get("name") == "selective_search" and part.get("cache_dir") is None:
+        part["cache_dir"] = "work_dirs/proposals"
+    return data
+
+
+BOMB = "".join(f"{a}: &{a} [{', '.join([f'*{p}' if p else '1'] * 9)}]\n"
+               for p, a in zip(["", *"abcdefgh"], "abcdefghi"))  # 9**9 values in 300 bytes
+
+
+def test_yaml_bombs_oversized_and_undecodable_configs_are_refused_at_once(tmp_path, capsys):
+    """A "billion laughs" text of 300 bytes hung config loading (6.5 GB and growing), a 55 MB file took five
+    minutes, a non-UTF-8 file gave a traceback: each is refused naming the file, at once."""
+    from detkit.cli import main
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BOMB)
+    assert len(BOMB) < 400
+    with pytest.raises(ConfigError, match=r"bomb.yaml: its aliases expand to more than 100000 values"):
+        load_config(str(bomb))
+    looped = tmp_path / "looped.yaml"
+    looped.write_text("model: &m {backbone: *m}\n")
+    with pytest.raises(ConfigError, match="looped.yaml: an alias refers to the collection that holds it"):
+        load_config(str(looped))
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 120_000)
+    with pytest.raises(ConfigError, match=r"big.yaml: 1.1 MiB; a config file is at most 1 MiB"):
+        load_config(str(big))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("model: {backbone: {name: tiny}}  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin.yaml: not UTF-8 text"):
+        load_config(str(latin))
+    flow = "{" + ", ".join(line for line in BOMB.splitlines()) + "}"  # the same bomb on one line
+    with pytest.raises(ConfigError, match="--set train.lr: its aliases expand"):
+        parse_override("train.lr=" + flow)
+    # aliases within the bound, merge keys included, still load
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("version: 3\nmodel:\n  backbone: &b {name: tiny}\ntrain: &t {max_iters: 5}\n"
+                  "data: {batch_size: 1}\n")
+    assert load_config(str(ok)).train.max_iters == 5
+    assert main(["config", "show", str(bomb)]) == 2
+    assert "its aliases expand" in capsys.readouterr().err
