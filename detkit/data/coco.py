@@ -38,6 +38,9 @@ def _check_entries(path: str, data) -> None:
         for key in ("file_name", "height", "width"):
             if key not in img:
                 raise DatasetError(f"{path}: image {img['id']} (images[{i}]) has no {key!r}")
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise DatasetError(f"{path}: image {img['id']} has file_name={img['file_name']!r}, expected a path "
+                               f"relative to the images directory (a non-empty string)")
         for key in ("height", "width"):
             value = img[key]  # some exporters write 480.0: accept integral floats
             if not (_is_number(value) and value > 0 and float(value).is_integer()):
@@ -99,10 +102,12 @@ class COCODataset(DetectionDataset):
 
     Labels are ``1..K`` in the order of the sorted category ids (``cat_ids``). Raises DatasetError for a
     missing file or directory, invalid JSON, an annotation naming an unknown image or category id, a bbox
-    that is not four finite numbers, two categories of one name, no categories, or an empty image list.
+    that is not four finite numbers, two categories of one name, no categories, or an empty image list, and
+    for a ``file_name`` outside ``images`` (``../``, an absolute path) unless ``allow_outside_images``.
     """
 
-    def __init__(self, images: str, annotations: str, transform=None, skip_empty: bool = False):
+    def __init__(self, images: str, annotations: str, transform=None, skip_empty: bool = False,
+                 allow_outside_images: bool = False):
         if not os.path.isfile(annotations):
             raise DatasetError(f"COCO annotation file not found: {annotations}")
         if not os.path.isdir(images):
@@ -115,14 +120,19 @@ class COCODataset(DetectionDataset):
             raise DatasetError(f"{annotations}: no categories")
         label_of = {c: i + 1 for i, c in enumerate(cat_ids)}
         names = [str(coco.cats[c].get("name", c)) for c in cat_ids]
-        records = []
+        records, root = [], os.path.normpath(images)
         for image_id in sorted(coco.imgs):
             info = coco.imgs[image_id]
+            file_name = os.path.normpath(os.path.join(images, info["file_name"]))
+            if not allow_outside_images and not file_name.startswith(root + os.sep):
+                raise DatasetError(f"{annotations}: image {image_id} has file_name {info['file_name']!r}, which lies "
+                                   f"outside the images directory {images}; give paths inside it, or set "
+                                   f"allow_outside_images: true in the dataset's section to read it anyway")
             anns = coco.imgToAnns.get(image_id, [])
             xywh = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
             boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
             records.append(ImageRecord(
-                id=int(image_id), file_name=os.path.join(images, info["file_name"]), height=int(info["height"]),
+                id=int(image_id), file_name=file_name, height=int(info["height"]),
                 width=int(info["width"]), boxes=boxes,
                 labels=np.array([label_of[a["category_id"]] for a in anns], np.int64),
                 difficult=np.zeros(len(anns), bool),

@@ -129,10 +129,12 @@ def _slots(proposals: tuple[str, ...] = (), extractors: tuple[str, ...] = ()) ->
     ]
 
 
-def _coco(images: str, annotations: str, transform=None, skip_empty: bool = False):
+def _coco(images: str, annotations: str, transform=None, skip_empty: bool = False,
+          allow_outside_images: bool = False):
     from detkit.data.coco import COCODataset
 
-    return COCODataset(images=images, annotations=annotations, transform=transform, skip_empty=skip_empty)
+    return COCODataset(images=images, annotations=annotations, transform=transform, skip_empty=skip_empty,
+                       allow_outside_images=allow_outside_images)
 
 
 def _voc(root: str, split: str = "trainval", classes: list | None = None, use_difficult: bool = True,

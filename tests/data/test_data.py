@@ -1,6 +1,7 @@
 """Data layer: COCO/VOC loaders, sanitisation, bad-input errors, images, augmentation (synthetic data: test_synth)."""
 import json
 import logging
+import re
 
 import cv2
 import numpy as np
@@ -309,3 +310,32 @@ def test_aspect_ratio_grouping_sampler():
     one = iter(StreamBatchSampler(list(range(10)), 2, 0, groups=groups))
     for _ in range(6):
         assert [x for x, _ in next(one)] == [next(a)[0][0], next(b)[0][0]]
+
+
+@pytest.mark.parametrize("file_name, message", [
+    ("../secret.png", "image 10 has file_name '../secret.png', which lies outside the images directory"),
+    ("/etc/passwd", "image 10 has file_name '/etc/passwd', which lies outside the images directory"),
+    ("sub/../../a.png", "image 10 has file_name 'sub/../../a.png', which lies outside"),
+    (7, "image 10 has file_name=7, expected a path relative to the images directory"),
+    (None, "image 10 has file_name=None, expected a path"),
+    ("", "image 10 has file_name='', expected a path"),
+])
+def test_file_names_outside_the_images_directory_or_not_paths_are_refused(coco_dir, file_name, message):
+    root, data = coco_dir
+    data["images"][0]["file_name"] = file_name
+    (root / "out.json").write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        COCODataset(str(root / "images"), str(root / "out.json"))
+
+
+def test_a_dataset_may_allow_images_outside_its_directory(coco_dir):
+    root, data = coco_dir
+    write_png(root / "elsewhere.png")
+    data["images"][0]["file_name"] = "../elsewhere.png"
+    (root / "out.json").write_text(json.dumps(data))
+    ds = COCODataset(str(root / "images"), str(root / "out.json"), allow_outside_images=True)
+    assert ds.image_info(0)["file_name"] == str(root / "elsewhere.png") and ds[0][0].shape == (40, 60, 3)
+    data["images"][0]["file_name"] = "sub/../a.png"  # inside, however spelt
+    (root / "in.json").write_text(json.dumps(data))
+    assert COCODataset(str(root / "images"), str(root / "in.json")).image_info(0)["file_name"] == str(
+        root / "images" / "a.png")
