@@ -168,6 +168,7 @@ class SGDTrainer:
         if not resume:
             return
         path, ckpt = self._checkpoint_to_resume(resume)
+        self.check_resumable(path, ckpt)
         self.model.load_state_dict(ckpt["model"])
         if ckpt.get("optimizer"):
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -180,6 +181,33 @@ class SGDTrainer:
             _set_rng_state(ckpt.get("rng"))
         self.last_checkpoint = path
         log.info("resumed from %s at iteration %d (%d samples seen)", path, self.start_iter, self.position)
+
+    def check_resumable(self, path: str, ckpt: dict) -> None:
+        """Refuse a checkpoint trained as another model, before its weights are loaded: other class names (of
+        the same number, its weights would load and be labelled with the wrong names), or weights that do not
+        fit this config's model (another backbone, class count or head), naming the config keys that differ.
+        Other differences of the model config (test-time settings) are logged and the run goes on."""
+        mine, theirs = self.checkpoint_meta().get("class_names"), ckpt.get("class_names")
+        if mine is not None and theirs is not None and list(mine) != list(theirs):
+            changed = [f"{k + 1}: {a!r} there, {b!r} here" for k, (a, b) in enumerate(zip(theirs, mine)) if a != b]
+            detail = "; ".join(changed[:4]) if len(mine) == len(theirs) else f"{len(theirs)} there, {len(mine)} here"
+            raise ConfigError(f"--resume {path}: the checkpoint was trained on other classes ({detail}); resuming "
+                              f"would carry its weights over to these names. Resume with the data it was trained "
+                              f"on, or start a new run (another train.work_dir, or --overwrite)")
+        stored = (ckpt.get("config") or {}).get("model")
+        differing = _differences(stored, to_dict(self.cfg).get("model"), "model") if isinstance(stored, dict) else []
+        differing = [d for d in differing if not d.startswith(("model.backbone.weights", "model.class_names"))]
+        state, weights = self.model.state_dict(), ckpt["model"]
+        unfit = sorted(set(state) ^ set(weights)) or [k for k in state if tuple(state[k].shape) !=
+                                                       tuple(weights[k].shape)]
+        if unfit:
+            said = "; ".join(differing[:5]) or "no config key differs"
+            raise ConfigError(f"--resume {path}: its weights do not fit this config's model ({unfit[0]}"
+                              f"{' and others' if len(unfit) > 1 else ''}); the model config differs: {said}. "
+                              f"Resume with the config it was trained with (config.yaml beside it)")
+        if differing:
+            log.warning("--resume %s: the model config differs from the checkpoint's: %s", path,
+                        "; ".join(differing[:5]))
 
     def _checkpoint_to_resume(self, resume: str | bool) -> tuple[str, dict]:
         """The checkpoint ``resume`` names, or (``True``) the newest in ``train.work_dir`` whose weights are
@@ -367,3 +395,11 @@ def _truncate_log(path: str, last_iter: int) -> None:
         lines = [ln for ln in f if ln.strip() and json.loads(ln).get("iter", 0) <= last_iter]
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(lines)
+
+
+def _differences(there, here, path: str) -> list[str]:
+    """``path.key: <there> there, <here> here`` for each value two nested config mappings hold differently."""
+    if isinstance(there, dict) and isinstance(here, dict):
+        return [d for key in sorted(set(there) | set(here), key=str)
+                for d in _differences(there.get(key), here.get(key), f"{path}.{key}")]
+    return [] if there == here else [f"{path}={there!r} there, {here!r} here"]

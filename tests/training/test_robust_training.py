@@ -428,3 +428,34 @@ def test_a_second_run_into_a_work_dir_in_use_is_refused_naming_the_first(data_di
         assert (work / "log.jsonl").read_text() == "the first run's log\n"
     assert main(["train", str(cfg), "--no-progress", "--overwrite"]) == 0  # released: the next run takes it
     assert (work / "final.pth").is_file()
+
+
+def test_resume_refuses_a_checkpoint_of_other_classes_or_another_model_naming_what_differs(trained, data_dir,
+                                                                                            tmp_path, capsys, caplog):
+    """Resuming with the same number of classes under other names went on silently (star weights labelled
+    "sun"); another backbone gave a raw size-mismatch traceback. Both are refused before the weights load,
+    naming what differs; a test-time setting that differs is logged and the run goes on."""
+    ckpt = trained / "iter_0000004.pth"
+    renamed = copy_data(data_dir, tmp_path / "renamed")
+    coco = json.loads((renamed / "train" / "annotations.json").read_text())
+    for c in coco["categories"]:
+        c["name"] = "sun" if c["name"] == "star" else c["name"]
+    (renamed / "train" / "annotations.json").write_text(json.dumps(coco))
+    cfg = write_config(tmp_path / "a.yaml", renamed, tmp_path / "a", max_iters=6, eval_at_end=False)
+    assert main(["train", str(cfg), "--resume", str(ckpt), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint was trained on other classes (4: 'star' there, 'sun' here)" in err
+    assert not (tmp_path / "a" / "final.pth").exists()
+
+    cfg = write_config(tmp_path / "b.yaml", data_dir, tmp_path / "b", max_iters=6, eval_at_end=False)
+    assert main(["train", str(cfg), "--resume", str(ckpt), "--no-progress",
+                 "--set", "model.backbone.args.hidden=32"]) == 2
+    err = capsys.readouterr().err
+    assert "its weights do not fit this config's model" in err and "model.backbone.args.hidden=64 there, 32 here" in err
+    assert "Traceback" not in err
+
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", str(cfg), "--resume", str(ckpt), "--no-progress",
+                     "--set", "model.roi_heads.nms_thresh=0.4"]) == 0
+    assert "model.roi_heads.nms_thresh=0.3 there, 0.4 here" in caplog.text
+    assert torch.load(tmp_path / "b" / "final.pth", weights_only=True)["iteration"] == 6
