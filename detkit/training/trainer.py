@@ -47,11 +47,11 @@ import torch
 from torch import Tensor, nn
 
 from detkit.config import Config, ConfigError
-from detkit.data.loading import build_checked_dataset, training_loader
+from detkit.data.loading import build_checked_dataset, build_dataset, training_loader
 from detkit.data.transforms import build_transform
 from detkit.engine.devices import autocast
 from detkit.engine.state_dict import WeightsError
-from detkit.evaluation.runner import evaluate
+from detkit.evaluation.runner import evaluate, label_categories
 from detkit.models.assembly import build_detector
 from detkit.proposals.attach import attach_proposals
 from detkit.training.base import SGDTrainer, find_last_checkpoint, lr_factor, run_checkpoints, seed_everything
@@ -97,6 +97,13 @@ class Trainer(SGDTrainer):
                                         skip_empty=cfg.data.skip_empty)
         if len(dataset) == 0:
             raise ConfigError("data.train: the dataset has no images")
+        if cfg.train.eval_at_end and cfg.data.test:  # the run ends by evaluating: its classes must be the model's
+            test = build_dataset(cfg.data.test, self.registries, "test")
+            try:
+                label_categories(list(dataset.class_names), list(test.class_names), list(test.cat_ids))
+            except ConfigError as exc:
+                raise ConfigError(f"data.test: {exc}; the run would end with an evaluation it cannot score "
+                                  f"(train.eval_at_end): give a test set of the training set's classes") from None
         return dataset
 
     def _build_model(self) -> nn.Module:

@@ -12,6 +12,7 @@ import zipfile
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from detkit.cli import main
@@ -459,3 +460,19 @@ def test_resume_refuses_a_checkpoint_of_other_classes_or_another_model_naming_wh
                      "--set", "model.roi_heads.nms_thresh=0.4"]) == 0
     assert "model.roi_heads.nms_thresh=0.3 there, 0.4 here" in caplog.text
     assert torch.load(tmp_path / "b" / "final.pth", weights_only=True)["iteration"] == 6
+
+
+def test_test_classes_the_model_lacks_are_refused_before_training(data_dir, tmp_path, capsys):
+    """The end-of-run evaluation found them after final.pth was written (exit 2 after the whole run)."""
+    other = copy_data(data_dir, tmp_path / "other")
+    coco = json.loads((other / "val" / "annotations.json").read_text())
+    coco["categories"].append({"id": 9, "name": "moon"})
+    (other / "val" / "annotations.json").write_text(json.dumps(coco))
+    cfg = write_config(tmp_path / "c.yaml", data_dir, tmp_path / "run", max_iters=2)
+    data = yaml.safe_load(cfg.read_text())
+    data["data"]["test"]["annotations"] = str(other / "val" / "annotations.json")
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["train", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "data.test: the evaluation dataset's classes ['moon'] are not among the model's 5 classes" in err
+    assert not list((tmp_path / "run").glob("*.pth"))
