@@ -51,9 +51,20 @@ class ClassifierTrainer(SGDTrainer):
         self.validation: dict | None = None  # the last validation's metrics
 
     def _build_dataset(self):
-        dataset = build_classification_dataset(self.cfg.data.train, self.registries, "train")
+        cfg = self.cfg
+        dataset = build_classification_dataset(cfg.data.train, self.registries, "train")
         if len(dataset) == 0:
             raise ConfigError("data.train: the dataset has no images")
+        names = list(dataset.class_names)
+        if len(names) < 2:
+            raise ConfigError(f"data.train: one class ({', '.join(names)}); a classifier learns to tell at least "
+                              f"two apart")
+        if cfg.data.test and (cfg.train.eval_at_end or cfg.eval.period):
+            self._test_set = build_classification_dataset(cfg.data.test, self.registries, "test")
+            test = list(self._test_set.class_names)
+            if test != names:  # labels are positions in these lists: other lists would score misaligned labels
+                raise ConfigError(f"data.test: its classes ({_listed(test)}) are not data.train's ({_listed(names)}), "
+                                  f"in that order; validation would compare labels of different classes")
         return dataset
 
     def _build_model(self) -> nn.Module:
@@ -170,6 +181,10 @@ def pretrain(cfg: ClassifierConfig, registries, resume: str | bool | None = None
     with work_dir_lock(cfg.train.work_dir):
         prepare_work_dir(cfg.train.work_dir, resume, overwrite)
         return ClassifierTrainer(cfg, registries, progress=progress).train(resume)
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
 
 
 __all__ = ["ClassifierTrainer", "PeriodicValidation", "pretrain"]

@@ -442,3 +442,22 @@ def test_pretrain_config_names_registered_parts(path, registries):
             check_kwargs(entry.builder, kwargs, f"data.{key}")
     check_augment(cfg.data.augment)
     check_train_settings(cfg.train)
+
+
+def test_validation_classes_other_than_the_training_classes_and_a_single_class_are_refused(images, tmp_path,
+                                                                                           capsys):
+    """Pretraining took a validation folder of other classes (and scored misaligned labels) and a one-class
+    folder; eval-cls refused the same folder. Both are refused before training."""
+    other = tmp_path / "val"
+    shutil.copytree(images, other)
+    shutil.move(str(other / CLASSES[-1]), str(other / "zebra"))  # same count, another name
+    config = write_config(tmp_path / "a.yaml", tmp_path / "a", folder_spec(images), folder_spec(other))
+    assert run_pretrain(config) == 2
+    err = capsys.readouterr().err
+    assert "data.test: its classes (" in err and "zebra" in err and "are not data.train's" in err
+    assert not (tmp_path / "a" / "final.pth").exists()
+    single = tmp_path / "single"
+    shutil.copytree(images / CLASSES[0], single / CLASSES[0])
+    config = write_config(tmp_path / "b.yaml", tmp_path / "b", folder_spec(single))
+    assert run_pretrain(config) == 2
+    assert f"data.train: one class ({CLASSES[0]})" in capsys.readouterr().err
