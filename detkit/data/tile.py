@@ -36,22 +36,47 @@ DEFAULT_MIN_VISIBILITY = 0.5
 MIN_TILE_SIZE = 32
 
 
+#: windows one image may be cut into: a tiling past it (a 1 px window, an overlap of 0.999) is refused by count
+MAX_WINDOWS = 10_000
+
+
+class TooManyWindows(ValueError):
+    """A tiling that would cut one image into more than :data:`MAX_WINDOWS` windows (the message says how many)."""
+
+
+def _axis_count(length: int, size: int, overlap: float) -> int:
+    """How many windows :func:`axis_starts` places along an axis of ``length``."""
+    if length <= size:
+        return 1
+    stride = max(1, int(math.floor(size * (1.0 - overlap))))
+    return int(math.ceil((length - size) / stride)) + 1
+
+
 def axis_starts(length: int, size: int, overlap: float) -> Tensor:
     """Start offsets of windows of ``size`` along an axis of ``length`` pixels, consecutive windows sharing
     at least ``overlap`` of ``size``: the fewest windows that do, spread evenly from 0 to ``length - size``
     (so the last ends at the border; a shorter axis: one window at 0)."""
     if length <= size:
         return torch.zeros(1, dtype=torch.int64)
-    stride = max(1, int(math.floor(size * (1.0 - overlap))))
-    count = int(math.ceil((length - size) / stride)) + 1
+    count = _axis_count(length, size, overlap)
     return torch.linspace(0, length - size, count, dtype=torch.float64).floor().to(torch.int64)
 
 
-def tile_grid(height: int, width: int, size: int, overlap: float) -> Tensor:
+def window_count(height: int, width: int, size: int, overlap: float) -> int:
+    """How many windows :func:`tile_grid` cuts an image of ``height x width`` into, counted without cutting."""
+    return _axis_count(height, size, overlap) * _axis_count(width, size, overlap)
+
+
+def tile_grid(height: int, width: int, size: int, overlap: float, max_windows: int | None = MAX_WINDOWS) -> Tensor:
     """Windows ``(T, 4)`` int64 xyxy covering an image of ``height x width``, row-major, each ``size x size``
-    (or the image's side where it is shorter), neighbours overlapping by at least ``overlap * size``."""
+    (or the image's side where it is shorter), neighbours overlapping by at least ``overlap * size``.
+    :class:`TooManyWindows` past ``max_windows`` (None: no limit), before anything is allocated."""
     if size < 1 or not 0.0 <= overlap < 1.0:
         raise ValueError(f"tile size {size} must be >= 1 and overlap {overlap} in [0, 1)")
+    count = window_count(height, width, size, overlap)
+    if max_windows is not None and count > max_windows:
+        raise TooManyWindows(f"a {width}x{height} image in {size} px windows sharing {overlap:g} of a side makes "
+                             f"{count:,} windows, more than the {max_windows:,} one image may have")
     ys, xs = axis_starts(height, size, overlap), axis_starts(width, size, overlap)
     y0, x0 = torch.meshgrid(ys, xs, indexing="ij")
     y0, x0 = y0.reshape(-1), x0.reshape(-1)
@@ -206,7 +231,12 @@ def _tile_image(writer, image: np.ndarray, ann: dict, index: int, stem: str, inf
     ``counts``."""
     ignored = ann["iscrowd"] | ann["difficult"]
     seen = np.zeros(len(ann["boxes"]), bool)
-    for t, window in enumerate(tile_grid(image.shape[0], image.shape[1], spec.size, spec.overlap).tolist()):
+    try:
+        windows = tile_grid(image.shape[0], image.shape[1], spec.size, spec.overlap)
+    except TooManyWindows as exc:
+        raise ConfigError(f"image {info['id']} ({info['file_name']}): {exc}: use a larger --size or a smaller "
+                          f"--overlap") from None
+    for t, window in enumerate(windows.tolist()):
         boxes, keep = window_boxes(ann["boxes"], window, spec.min_visibility, always=ann["iscrowd"])
         seen |= keep
         if not keep.any():

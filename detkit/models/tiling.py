@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from detkit.config import ConfigError, TileSettings
-from detkit.data.tile import tile_grid
+from detkit.data.tile import TooManyWindows, tile_grid
 
 MERGE_MODES = ("nms", "larger", "ios")
 #: a progress bar over the windows from this many windows on (a few windows take a moment)
@@ -38,6 +38,10 @@ __all__ = ["MERGE_MODES", "OPTIONS", "TileSettings", "TiledDetector", "check_til
 
 
 # ----------------------------------------------------------------------------- settings
+
+#: the smallest window: a detector's feature maps are 1/16-1/32 of its input, and a window below this holds
+#: no object it could find (it is resized up to the model's size, so it would only multiply the windows)
+MIN_TILE = 32
 
 #: the ``detkit infer`` option of each setting, for messages about what was typed
 OPTIONS = {"size": "--tile", "overlap": "--overlap", "merge": "--tile-merge", "batch": "--tile-batch",
@@ -60,6 +64,8 @@ def check_tile_settings(settings: TileSettings, names: dict[str, str] | None = N
             bad, expected = not (number and bounds.admits(value)), f"{kind} {bounds}"
         else:
             continue
+        if f.name == "size" and not bad and 0 < value < MIN_TILE:
+            bad, expected = True, f"0 (no tiling) or a window side of at least {MIN_TILE} px"
         if bad:
             shown = f"{names[f.name]} {value}" if f.name in names else f"{key}.{f.name}={value!r}"
             raise ConfigError(f"{shown}: expected {expected}")
@@ -126,7 +132,11 @@ class TiledDetector(nn.Module):
         """One image's merged detections (see :func:`merge_detections`)."""
         image = _as_chw(image)
         height, width = image.shape[-2:]
-        windows = tile_grid(height, width, self.settings.size, self.settings.overlap)
+        try:
+            windows = tile_grid(height, width, self.settings.size, self.settings.overlap)
+        except TooManyWindows as exc:
+            raise ConfigError(f"tiled inference: {exc}: use a larger --tile (eval.tile.size) or a smaller --overlap "
+                              f"(eval.tile.overlap)") from None
         found = self._detect_windows(image, windows)
         if self.settings.full_image:
             found.append(self._detect_whole(image))

@@ -186,3 +186,12 @@ def test_an_interrupted_run_leaves_no_dataset(synth_sets, tmp_path, monkeypatch,
     with pytest.raises(KeyboardInterrupt):
         tile_dataset(dataset, str(tmp_path / "out"), TileSpec(SIZE, OVERLAP, keep_empty=1.0), progress=False)
     assert len(written) == 2 and os.listdir(tmp_path) == []
+
+
+def test_a_tiling_past_the_window_limit_is_refused_saying_how_many(synth_sets, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["data", "tile", "--in", str(synth_sets / "coco" / "annotations.json"), "--out", str(out),
+                 "--size", "32", "--overlap", "0.99", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "windows, more than the 10,000 one image may have: use a larger --size or a smaller --overlap" in err
+    assert not out.exists()

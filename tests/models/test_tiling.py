@@ -294,3 +294,19 @@ def test_a_bad_merge_mode_exits_2(checkpoint, data_dir, tmp_path, capsys):
     assert main(["eval", str(checkpoint), "--data", str(data_dir / "annotations.json"), "--output",
                  str(tmp_path / "e"), "--set", "eval.tile.overlap=1"]) == 2
     assert "eval.tile.overlap=1.0: expected a number in [0, 1)" in capsys.readouterr().err
+
+
+def test_tilings_past_the_window_limit_or_below_the_smallest_window_are_refused_by_count(tmp_path):
+    """--tile 1 or --overlap 0.999 cut one image into unbounded numbers of windows (13 GB and growing): the
+    count is computed first and a tiling past the limit is refused saying how many it would be."""
+    from detkit.data.tile import MAX_WINDOWS, TooManyWindows, window_count
+
+    assert window_count(20000, 20000, 64, 0.999) == 19937 ** 2 > MAX_WINDOWS  # stride 1 px: every offset
+    assert window_count(400, 600, 100, 0.4) == len(tile_grid(400, 600, 100, 0.4))
+    with pytest.raises(TooManyWindows, match="makes 397,483,969 windows, more than the 10,000"):
+        tile_grid(20000, 20000, 64, 0.999)
+    detector = TiledDetector(lambda images: [], TileSettings(size=64, overlap=0.999), progress=False)
+    with pytest.raises(ConfigError, match=r"tiled inference: a 3000x2000 image .* makes [\d,]+ windows"):
+        detector.detect(np.zeros((2000, 3000, 3), np.uint8))
+    with pytest.raises(ConfigError, match="--tile 16: expected 0 .no tiling. or a window side of at least 32 px"):
+        check_tile_settings(TileSettings(size=16), names={"size": "--tile"})
