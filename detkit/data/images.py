@@ -10,10 +10,15 @@ platform.
 """
 from __future__ import annotations
 
+import io
 import os
 
 import cv2
 import numpy as np
+
+#: pixels one image may decode to, unless DETKIT_MAX_IMAGE_PIXELS says otherwise: a large aerial tile (10k x 10k).
+#: The header is read first, so a small file that claims billions of pixels is refused before any decoding.
+MAX_IMAGE_PIXELS = 100_000_000
 
 
 class ImageReadError(ValueError):
@@ -25,10 +30,13 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
     Grayscale is replicated to three channels, 16-bit is scaled to 8 bits (``/ 257``), other depths are
     min-max stretched, and an alpha channel is dropped without compositing. Raises ImageReadError (naming
-    the path and the reason) for a missing, empty, undecodable or zero-size image.
+    the path and the reason) for a missing, empty, undecodable or zero-size image, a path that is not a
+    regular file, and an image whose header gives more pixels than :func:`max_image_pixels`.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
+        if os.path.exists(path):  # a FIFO would block the read forever, a device never ends
+            raise ImageReadError(f"{path}: not a regular file (a folder, FIFO or device); expected an image file")
         raise ImageReadError(f"{path}: image file not found")
     try:
         data = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII paths work
@@ -36,6 +44,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if data.size == 0:
         raise ImageReadError(f"{path}: empty file")
+    _check_pixels(path, data)
     try:
         image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # a few decoders raise on truncated data instead of returning None
@@ -56,6 +65,41 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if channels == 3:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     raise ImageReadError(f"{path}: unsupported number of channels ({channels})")
+
+
+def max_image_pixels() -> int:
+    """The decoded-pixel limit: ``DETKIT_MAX_IMAGE_PIXELS`` when set (a positive integer), else
+    :data:`MAX_IMAGE_PIXELS`."""
+    given = os.environ.get("DETKIT_MAX_IMAGE_PIXELS")
+    if given is None:
+        return MAX_IMAGE_PIXELS
+    try:
+        value = int(given)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ImageReadError(f"DETKIT_MAX_IMAGE_PIXELS={given!r}: expected a positive integer (pixels)")
+    return value
+
+
+def _check_pixels(path: str, data: np.ndarray) -> None:
+    """ImageReadError when the header of the encoded image ``data`` gives more pixels than
+    :func:`max_image_pixels` (Pillow reads the header without decoding; a format Pillow does not know is left
+    to OpenCV)."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # detkit's own limit applies, below, whatever Pillow's warning threshold
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as header:
+            width, height = header.size
+    except (UnidentifiedImageError, OSError, ValueError):
+        return
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise ImageReadError(f"{path}: {width}x{height} pixels ({width * height / 1e6:.0f} MP), more than the "
+                             f"{limit / 1e6:g} MP one image may decode to; if this machine has the memory (3 bytes "
+                             f"a pixel to decode, several times that to process), raise DETKIT_MAX_IMAGE_PIXELS "
+                             f"and detect it with --tile, which runs the network on windows at native resolution")
 
 
 def to_chw_tensor(image: np.ndarray, device=None):

@@ -109,7 +109,8 @@ def classify_input(spec: str | os.PathLike) -> str:
 
     Raises:
         FileNotFoundError: the path does not exist.
-        MediaError: a file of unknown type that OpenCV cannot open as a video.
+        MediaError: a path that is not a regular file (a FIFO, a device), or a file of unknown type that OpenCV
+            cannot open as a video.
     """
     if _is_webcam(spec):
         return "webcam"
@@ -118,6 +119,8 @@ def classify_input(spec: str | os.PathLike) -> str:
         return "folder"
     if not path.exists():
         raise FileNotFoundError(f"input not found: {spec}")
+    if not path.is_file():  # a FIFO or a device: reading it would block or never end
+        raise MediaError(f"{spec}: not a regular file, a folder or a webcam index (a FIFO or device?)")
     suffix = path.suffix.lower()
     if suffix in IMAGE_EXTENSIONS:
         return "image"

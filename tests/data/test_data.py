@@ -1,6 +1,7 @@
 """Data layer: COCO/VOC loaders, sanitisation, bad-input errors, images, augmentation (synthetic data: test_synth)."""
 import json
 import logging
+import os
 import re
 
 import cv2
@@ -339,3 +340,36 @@ def test_a_dataset_may_allow_images_outside_its_directory(coco_dir):
     (root / "in.json").write_text(json.dumps(data))
     assert COCODataset(str(root / "images"), str(root / "in.json")).image_info(0)["file_name"] == str(
         root / "images" / "a.png")
+
+
+def test_an_image_whose_header_claims_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
+    """A 0.4 MB 20000x20000 PNG took 62 s and 11 GB in infer: its header is read first and the image refused
+    past the decoded-pixel limit (DETKIT_MAX_IMAGE_PIXELS, default 100 MP), saying what to do."""
+    from detkit.data import images as images_module
+
+    path = tmp_path / "wide.png"
+    cv2.imwrite(str(path), np.zeros((300, 400), np.uint8))
+    assert read_image(path).shape == (300, 400, 3)
+    monkeypatch.setenv("DETKIT_MAX_IMAGE_PIXELS", "100000")  # 0.1 MP: this 0.12 MP image is over it
+    calls = []
+    monkeypatch.setattr(images_module.cv2, "imdecode", lambda *a: calls.append(a))
+    with pytest.raises(ImageReadError, match=r"wide.png: 400x300 pixels \(0 MP\), more than the 0.1 MP one image "
+                                             r"may decode to; .*DETKIT_MAX_IMAGE_PIXELS and detect it with --tile"):
+        read_image(path)
+    assert calls == []  # refused from the header
+    monkeypatch.setenv("DETKIT_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ImageReadError, match="DETKIT_MAX_IMAGE_PIXELS='lots': expected a positive integer"):
+        read_image(path)
+
+
+def test_a_fifo_or_device_is_refused_instead_of_blocking(tmp_path):
+    from detkit.data.media import MediaError, classify_input
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageReadError, match="pipe.png: not a regular file"):
+        read_image(fifo)
+    with pytest.raises(MediaError, match="pipe.png: not a regular file"):
+        classify_input(str(fifo))
+    with pytest.raises(ImageReadError, match="/dev/zero: not a regular file"):
+        read_image("/dev/zero")
