@@ -343,7 +343,7 @@ def test_a_dataset_may_allow_images_outside_its_directory(coco_dir):
 
 
 def test_an_image_whose_header_claims_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
-    """A 0.4 MB 20000x20000 PNG took 62 s and 11 GB in infer: its header is read first and the image refused
+    """A 1.2 MB 20000x20000 PNG took 62 s and 11 GB in infer: its header is read first and the image refused
     past the decoded-pixel limit (DETKIT_MAX_IMAGE_PIXELS, default 100 MP), saying what to do."""
     from detkit.data import images as images_module
 
