@@ -160,9 +160,26 @@ def write_gallery(dataset, gt: dict, results: list[dict], f1: dict, path: str, w
         tiles.append(pair)
     if not tiles:
         return
-    width = max(t.shape[1] for t in tiles)
-    rows = [cv2.resize(t, (width, int(t.shape[0] * width / t.shape[1]))) for t in tiles]
-    write_image_atomic(path, np.concatenate(rows, 0))
+    write_image_atomic(path, np.concatenate([_fit_cell(t) for t in tiles], 0))
+
+
+#: one gallery row (detections beside ground truth), height x width: every pair is scaled to fit it, so one
+#: very wide or tall image neither stretches the others nor makes the picture huge
+GALLERY_CELL = (480, 1284)
+
+
+def _fit_cell(pair: np.ndarray) -> np.ndarray:
+    """``pair`` scaled (keeping its aspect) to fit :data:`GALLERY_CELL`, on a dark cell of that size."""
+    import cv2
+
+    cell_h, cell_w = GALLERY_CELL
+    h, w = pair.shape[:2]
+    scale = min(cell_h / h, cell_w / w)
+    size = (max(1, min(cell_w, round(w * scale))), max(1, min(cell_h, round(h * scale))))
+    fitted = cv2.resize(pair, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    cell = np.full((cell_h, cell_w, 3), 32, np.uint8)
+    cell[: size[1], : size[0]] = fitted
+    return cell
 
 
 def evaluation_report(dataset, gt: dict, results: list[dict], out_dir: str, class_names: list[str],

@@ -102,17 +102,20 @@ def _coco_results(predictions: list[dict], score_thresh: float | None, cat_ids: 
 
 def score_and_write(dataset, results: list[dict], out_dir: str, metric: str, backend: str, names: list[str],
                     write_results: bool = True) -> dict:
-    """Score COCO-format ``results`` on ``dataset``, write ``metrics.json`` (with the error report's
-    figures) and, with ``write_results``, ``results.json`` under ``out_dir``; print the metrics table."""
+    """Score COCO-format ``results`` on ``dataset``, write ``metrics.json`` and, with ``write_results``,
+    ``results.json`` under ``out_dir``, then the report's pictures, then ``metrics.json`` again with the error
+    report's figures; print the metrics table."""
     from detkit.engine.files import write_json_atomic
     from detkit.evaluation.reports import evaluation_report
 
     gt = dataset.to_coco()
     metrics = score_results(gt, results, metric, backend, names)
     os.makedirs(out_dir, exist_ok=True)
-    metrics["errors"] = evaluation_report(dataset, gt, results, out_dir, names)
+    # The figures first: a picture that fails (or a process killed while drawing) leaves them written.
     if write_results:
         write_json_atomic(os.path.join(out_dir, "results.json"), results)
+    write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+    metrics["errors"] = evaluation_report(dataset, gt, results, out_dir, names)
     write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
     print(format_metrics(metrics))
     return metrics

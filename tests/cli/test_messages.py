@@ -508,3 +508,41 @@ def test_every_numeric_option_of_every_command_has_a_range():
             elif action.type in (int, float):
                 unchecked.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
     assert unchecked == []
+
+
+class WideImageDataset(OneImageDataset):
+    """One 5000 x 200 strip (as wide as the gallery that once came out 18725 x 10004 px)."""
+
+    def __getitem__(self, k):
+        return np.full((200, 5000, 3), 90, np.uint8), {"boxes": torch.tensor([[10.0, 10.0, 90.0, 90.0]]),
+                                                       "labels": torch.ones(1, dtype=torch.int64)}
+
+
+def test_gallery_rows_fit_one_cell_whatever_the_image_sizes(tmp_path):
+    from detkit.evaluation.reports import GALLERY_CELL, write_gallery
+
+    for dataset in (WideImageDataset(), OneImageDataset()):
+        write_gallery(dataset, {}, [], {7: 0.5}, str(tmp_path / "g.png"), worst=True)
+        assert cv2.imread(str(tmp_path / "g.png")).shape == (*GALLERY_CELL, 3)
+
+
+def test_metrics_and_results_are_written_before_the_pictures(tmp_path, monkeypatch):
+    """A 20000 x 200 image was OOM-killed while its gallery was drawn, leaving no metrics.json."""
+    from detkit.data import COCODataset
+    from detkit.data.synth import synthesize
+    from detkit.evaluation import reports
+    from detkit.evaluation.runner import score_and_write
+
+    synthesize(str(tmp_path / "data"), "coco", 2, seed=0, image_size=(64, 64))
+    dataset = COCODataset(str(tmp_path / "data" / "images"), str(tmp_path / "data" / "annotations.json"))
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+               for a in dataset.to_coco()["annotations"]]
+
+    def killed(*_, **__):
+        raise MemoryError("drawing the gallery")
+
+    monkeypatch.setattr(reports, "write_gallery", killed)
+    with pytest.raises(MemoryError):
+        score_and_write(dataset, results, str(tmp_path / "out"), "coco", "faster_coco_eval", dataset.class_names)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["AP"] == pytest.approx(1.0)
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())) == len(results)
