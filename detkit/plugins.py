@@ -144,7 +144,7 @@ def _import(record: PluginRecord, load: Callable[[], Any], records: dict[str, Pl
     records[key] = record
     try:
         plugin = load()
-    except Exception as exc:  # a broken plugin must not take the others down
+    except (Exception, SystemExit) as exc:  # a broken plugin (even one calling sys.exit) must not take the others down
         record.fail(describe_exception(exc))
         return
     if any(plugin is other for _, other in imported):  # the same module twice (an entry point and DETKIT_PLUGINS)
@@ -164,7 +164,7 @@ def _declare_kinds(pm: pluggy.PluginManager, record: PluginRecord, plugin: Any) 
     declared: list = []
     try:
         plugin.detkit_register_part_kinds(register=declared.append)
-    except Exception as exc:  # the plugin's bug: skip it
+    except (Exception, SystemExit) as exc:  # the plugin's bug: skip it
         record.fail(f"its hook detkit_register_part_kinds raised {describe_exception(exc)}")
         return
     taken = {name for k in pm.detkit_kinds for name in (k.key, k.plural, *k.legacy_plurals)}

@@ -60,6 +60,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _without_worker_traceback(message: str) -> str:
+    """A user error raised in a DataLoader worker reaches the main process as torch re-raises it: "Caught
+    ImageReadError in DataLoader worker process 0." and the worker's traceback, its own message last. That
+    message alone."""
+    if not message.startswith("Caught ") or "Original Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    name, sep, text = last.partition(": ")
+    return text if sep and name.replace(".", "").replace("_", "").isalnum() else last
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -71,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("DETKIT_DEBUG"):
             raise
         msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"detkit {args.command}: error: {msg}", file=sys.stderr)
+        print(f"detkit {args.command}: error: {_without_worker_traceback(msg)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

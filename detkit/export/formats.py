@@ -226,7 +226,11 @@ def _load_onnx(path: str) -> ExportedDetector:
         import onnxruntime
     except ImportError:
         raise ExportError(f"{path}: running an ONNX model needs onnxruntime (pip install 'detkit[export]')") from None
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own error classes (InvalidProtobuf, Fail, ...): a file that is not a model
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{path}: not an ONNX model onnxruntime can load ({message[:300]})") from None
     metadata = json.loads(session.get_modelmeta().custom_metadata_map.get(METADATA, "{}"))
     name = session.get_inputs()[0].name
 

@@ -208,7 +208,7 @@ class Registries:
 
                 try:
                     impl.function(register=register)
-                except Exception as exc:  # the plugin's bug: skip the plugin, keep the others
+                except (Exception, SystemExit) as exc:  # the plugin's bug: skip the plugin, keep the others
                     record.fail(f"its hook {hook_name} raised {describe_exception(exc)}", _names(calls))
         return staged
 

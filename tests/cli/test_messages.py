@@ -546,3 +546,33 @@ def test_metrics_and_results_are_written_before_the_pictures(tmp_path, monkeypat
         score_and_write(dataset, results, str(tmp_path / "out"), "coco", "faster_coco_eval", dataset.class_names)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["AP"] == pytest.approx(1.0)
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())) == len(results)
+
+
+def test_a_user_error_in_a_loader_worker_is_reported_without_the_workers_traceback():
+    """"Caught ImageReadError in DataLoader worker process 0" and a traceback became the whole message."""
+    from torch._utils import ExceptionWrapper
+
+    from detkit.cli import _without_worker_traceback
+    from detkit.data import ImageReadError
+
+    try:
+        raise ImageReadError("image id 3 of ann.json: x.png: not a decodable image (corrupt or unsupported format)")
+    except ImageReadError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(ImageReadError) as exc:
+        wrapped.reraise()
+    assert str(exc.value).startswith("Caught ImageReadError in DataLoader worker process 0")
+    assert _without_worker_traceback(str(exc.value)) == (
+        "image id 3 of ann.json: x.png: not a decodable image (corrupt or unsupported format)")
+    assert _without_worker_traceback("plain: message") == "plain: message"
+
+
+def test_a_file_that_is_not_an_onnx_model_is_named(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from detkit.export.formats import load_exported
+    from detkit.export.graph import ExportError
+
+    for name, data in (("empty.onnx", b""), ("text.onnx", b"not a model\n"), ("cut.onnx", b"\x08\x07\x12\x04ab")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ExportError, match=f"{name}: not an ONNX model onnxruntime can load"):
+            load_exported(str(tmp_path / name))

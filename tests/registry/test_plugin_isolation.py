@@ -279,3 +279,16 @@ def _quoted(path: str) -> str:
 def test_readme_quotes_the_example_plugin_exactly(path):
     with open(os.path.join(EXAMPLE, path), encoding="utf-8") as f:
         assert _quoted(path) == f.read()
+
+
+def test_a_plugin_that_calls_sys_exit_at_import_is_skipped_like_any_broken_one(tmp_path, monkeypatch, capsys):
+    """sys.exit in a plugin's module made every command exit silently."""
+    from detkit.cli import main
+
+    (tmp_path / "exiting_plugin.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("DETKIT_PLUGINS", "exiting_plugin")
+    assert main(["list", "detectors"]) == 0
+    captured = capsys.readouterr()
+    assert "faster_rcnn" in captured.out
+    assert "exiting_plugin" in captured.err and "SystemExit" in captured.err
