@@ -39,12 +39,13 @@ class Range:
 
 
 def ranged(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
-           ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+           ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+           nonempty: bool = False) -> Any:
     """A dataclass field whose value the config loader checks against a :class:`Range` (a part's settings
     class uses it too): ``lr: float = ranged(0.001, gt=0)``, ``positive_fraction: float = ranged(0.5, ge=0, le=1)``.
-    A value outside fails with the key, the value and the range."""
+    A value outside fails with the key, the value and the range; ``nonempty``: a list value needs an element."""
     return field(default=default, default_factory=default_factory,
-                 metadata={"range": Range(ge=ge, gt=gt, le=le, lt=lt)})
+                 metadata={"range": Range(ge=ge, gt=gt, le=le, lt=lt), "nonempty": nonempty})
 
 
 @dataclass

@@ -183,6 +183,8 @@ def _convert(value: Any, tp: Any, path: str, source: str | Origin) -> Any:
 def _check_range(f: dataclasses.Field, value: Any, path: str, source: str | Origin) -> None:
     """Fail naming the key, the value and the allowed range when a number of ``value`` (a number, or a list
     of them) lies outside the range the field declares (:func:`ranged`)."""
+    if f.metadata.get("nonempty") and isinstance(value, list) and not value:
+        raise ConfigError(f"{origin_of(source, path)}: {path}=[]: expected at least one value")
     bounds = f.metadata.get("range")
     if bounds is None or value is None:
         return

@@ -30,7 +30,7 @@ class BackboneConfig:
 @dataclass
 class TransformConfig:
     # a list: drawn per image in training (multi-scale); 0: the image's own size (R-CNN warps from it)
-    min_size: int | list[int] = ranged(600, ge=0)
+    min_size: int | list[int] = ranged(600, ge=0, nonempty=True)
     max_size: int = ranged(1000, ge=1)
     mean: list[float] | None = None  # None: the backbone's
     std: list[float] | None = ranged(None, gt=0)
@@ -117,7 +117,7 @@ class TrainerConfig:
     checkpoint_period: int = ranged(5000, ge=0)  # 0: no periodic checkpoints (final.pth only)
     log_period: int = ranged(20, ge=1)
     eval_at_end: bool = True
-    seed: int = ranged(0, ge=0)
+    seed: int = ranged(0, ge=0, lt=2**63)  # torch and numpy take 64-bit seeds
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "none"  # none | bf16 | fp16 (fp16 with a gradient scaler)
     channels_last: bool = False

@@ -113,8 +113,8 @@ class RPNHead(nn.Module):
 
 @dataclass
 class AnchorSettings:
-    sizes: list[float] = ranged(default_factory=lambda: [128.0, 256.0, 512.0], gt=0)
-    aspect_ratios: list[float] = ranged(default_factory=lambda: [0.5, 1.0, 2.0], gt=0)
+    sizes: list[float] = ranged(default_factory=lambda: [128.0, 256.0, 512.0], gt=0, nonempty=True)
+    aspect_ratios: list[float] = ranged(default_factory=lambda: [0.5, 1.0, 2.0], gt=0, nonempty=True)
     # centres at (i + offset) * stride: 0.5 the cell's centre; torchvision and Detectron2 use 0
     offset: float = ranged(0.5, ge=0, le=1)
     round: bool = False  # whole-pixel cell anchors, as torchvision's

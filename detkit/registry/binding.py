@@ -15,7 +15,8 @@ import warnings
 from typing import Any
 
 from detkit.config import (Config, ConfigError, ModelConfig, NoSettings, Origin, PartConfig, TrainConfig,
-                           build_dataclass, closest_hint, drop_shared_legacy_keys, origin_of, part_section)
+                           build_dataclass, check_kwargs, closest_hint, drop_shared_legacy_keys, origin_of,
+                           part_section)
 from detkit.registry.contexts import BuildContext, DetectorContext, ScheduleContext
 from detkit.registry.kinds import PartKind, Slot
 
@@ -45,7 +46,11 @@ def detector_slots(model: ModelConfig, registries, source: str | Origin = "confi
 
 
 def bind_model(model: ModelConfig, registries, source: str | Origin = "config") -> ModelConfig:
-    """The detector's own settings and every slot it declares, bound (see the module doc)."""
+    """The detector's own settings and every slot it declares, bound (see the module doc); the backbone's name
+    and the keys of ``model.backbone.args`` checked against its builder, as building it would."""
+    backbone = registries.backbones.get(model.backbone.name)
+    check_kwargs(backbone.builder, {"num_classes": 1, **(model.backbone.args or {})}, "model.backbone.args",
+                 str(origin_of(source, "model.backbone.args")))
     model.detector = bind_part(registries.part_kind("detector"), model.detector, "model.detector", registries, source)
     slots = detector_slots(model, registries, source)
     declared = {slot.key: slot for slot in slots}

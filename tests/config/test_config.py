@@ -85,12 +85,14 @@ def test_wrong_type_names_expected_type(tmp_path, registries):
 
 def test_overrides_are_typed_by_schema(tmp_path, registries):
     path = write(tmp_path, "c.yaml", {"train": {"lr": 0.1}, "model": {"proposal_generator": "rpn"}})
-    cfg = load_config(path, ["train.lr=1", "model.proposal_generator.anchors.sizes=[8, 16]", "model.backbone.name=123",
+    cfg = load_config(path, ["train.lr=1", "model.proposal_generator.anchors.sizes=[8, 16]",
                              "train.clip_grad_norm=null", "model.transform.min_size=[400, 500]"], registries)
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.model.proposal_generator.name == "rpn"
     assert cfg.model.proposal_generator.settings.anchors.sizes == [8.0, 16.0]
-    assert cfg.model.backbone.name == "123"
+    assert load_config(path, ["model.backbone.name=123"]).model.backbone.name == "123"  # a name, not a number
+    with pytest.raises(Exception, match="unknown backbone '123'"):  # bound to the registries: a name they lack
+        load_config(path, ["model.backbone.name=123"], registries)
     assert cfg.train.clip_grad_norm is None
     assert cfg.model.transform.min_size == [400, 500]
     with pytest.raises(ConfigError, match="train.lrr"):
@@ -274,3 +276,21 @@ def test_yaml_bombs_oversized_and_undecodable_configs_are_refused_at_once(tmp_pa
     assert load_config(str(ok)).train.max_iters == 5
     assert main(["config", "show", str(bomb)]) == 2
     assert "its aliases expand" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.seed=1e30", "train.seed=1000000000000000019884624838656: expected an integer in [0, "),
+    ("model.transform.min_size=[]", "model.transform.min_size=[]: expected at least one value"),
+    ("model.proposal_generator.anchors.sizes=[]", "model.proposal_generator.anchors.sizes=[]: expected at least one"),
+    ("model.backbone.args.widht=3", "unknown key 'model.backbone.args.widht'; did you mean 'model.backbone.args.widths'"),
+])
+def test_config_show_checks_what_train_would_trip_on(override, message, capsys):
+    """These passed `detkit config show` and crashed `detkit train` with tracebacks: both refuse them alike."""
+    import os
+
+    from detkit.cli import main
+
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "faster_rcnn_tiny_synth.yaml")
+    for command in (["config", "show"], ["train"]):
+        assert main([*command, config, "--set", override]) == 2
+        assert message in capsys.readouterr().err
