@@ -34,7 +34,7 @@ from detkit.engine.checkpoint import (CheckpointError, NonFiniteCheckpointError,
                                       remove_stale_temporaries, save_checkpoint)
 from detkit.engine.devices import resolve_device
 from detkit.engine.distributed import DistInfo, barrier, init_from_env, shutdown
-from detkit.training.loop import FiniteGuard, Hook, PeriodicCheckpoint, TrainingLog, train_loop
+from detkit.training.loop import FiniteGuard, Hook, PeriodicCheckpoint, StopOnSignal, TrainingLog, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,10 @@ class SGDTrainer:
 
     def hooks(self) -> list[Hook]:
         """The loop's hooks, in order: the non-finite guard (first: it stops before anything logs or saves), the
-        log, the subclass's, the periodic checkpoint."""
-        return [self.guard, TrainingLog(self, self.log_path), *self.extra_hooks(), PeriodicCheckpoint(self)]
+        log, the subclass's, the periodic checkpoint, the stop on SIGINT/SIGTERM (last: it writes its checkpoint
+        after the step's own)."""
+        return [self.guard, TrainingLog(self, self.log_path), *self.extra_hooks(), PeriodicCheckpoint(self),
+                StopOnSignal(self)]
 
     def start(self, resume: str | bool | None = None) -> None:
         """Everything :meth:`train` does before its first step: resume, DDP, the work directory, the learning

@@ -7,8 +7,11 @@ and its loss dict.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import signal
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -198,3 +201,61 @@ class PeriodicCheckpoint(Hook):
         trainer = self.trainer
         if trainer.info.is_main and is_checkpoint_iteration(done, trainer):
             trainer.save_checkpoint(os.path.join(trainer.cfg.train.work_dir, f"iter_{done:07d}.pth"), done)
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a step, and a resumable checkpoint was written; ``exit_code``
+    is the shell's for the signal (130, 143)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopOnSignal(Hook):
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's stop, ``kill``) lets the current step finish, then writes
+    ``iter_NNNNNNN.pth`` (checked by the :class:`FiniteGuard` first) and raises :class:`TrainingInterrupted`,
+    which says how to resume; a second signal stops at once. Without it the work since the last periodic
+    checkpoint was lost. One process only: the ranks of a torchrun job would stop at different steps inside
+    their collectives, so a job keeps the default handlers (and its periodic checkpoints)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def before_train(self) -> None:
+        if self.trainer.info.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            return
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # the second one: stop now, without the checkpoint
+            self.after_train()
+            raise KeyboardInterrupt
+        self.signum = signum
+        _log.warning("%s: finishing this step, then writing a checkpoint to resume from (send it again to stop at "
+                     "once)", signal.Signals(signum).name)
+
+    def after_step(self, done: int, losses: dict[str, Tensor]) -> None:
+        trainer = self.trainer
+        if self.signum is None or done >= trainer.cfg.train.max_iters:  # the last step: the run ends as usual
+            return
+        path = os.path.join(trainer.cfg.train.work_dir, f"iter_{done:07d}.pth")
+        if trainer.last_checkpoint != path:  # not written by the periodic checkpoint of this very step
+            trainer.guard.check(done, weights=True)
+            trainer.save_checkpoint(path, done)
+        raise TrainingInterrupted(f"stopped by {signal.Signals(self.signum).name} after iteration {done} of "
+                                  f"{trainer.cfg.train.max_iters}: saved {path}; continue the run with --resume",
+                                  128 + self.signum)
+
+    def after_train(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
+_log = logging.getLogger(__name__)

@@ -5,7 +5,9 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
+import signal
 import types
 import warnings
 import zipfile
@@ -476,3 +478,42 @@ def test_test_classes_the_model_lacks_are_refused_before_training(data_dir, tmp_
     err = capsys.readouterr().err
     assert "data.test: the evaluation dataset's classes ['moon'] are not among the model's 5 classes" in err
     assert not list((tmp_path / "run").glob("*.pth"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_finish_the_step_save_a_checkpoint_and_say_how_to_resume(data_dir, tmp_path, signum,
+                                                                                   code):
+    """Both ended training with the work since the last periodic checkpoint lost (SIGTERM: exit 143 and no
+    word). The step finishes, a resumable checkpoint is written, the message says how to go on."""
+    import subprocess
+    import sys
+    import time
+
+    work = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", data_dir, work, max_iters=100000, steps=[99999], checkpoint_period=0,
+                       log_period=1, eval_at_end=False)
+    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "train.py")
+    proc = subprocess.Popen([sys.executable, tool, str(cfg), "--no-progress"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 600  # a guard against a hang, not a time budget
+        while not ((work / "log.jsonl").exists() and len((work / "log.jsonl").read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signum)
+        err = proc.communicate(timeout=600)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err[-3000:]
+    name = signal.Signals(signum).name
+    match = re.search(rf"stopped by {name} after iteration (\d+) of 100000: saved (\S+); continue the run with "
+                      rf"--resume", err)
+    assert match, err[-3000:]
+    done, path = int(match.group(1)), match.group(2)
+    assert path == str(work / f"iter_{done:07d}.pth") and load_checkpoint(path)["iteration"] == done
+    assert not list(work.glob(".tmp-*")) and not (work / "final.pth").exists()
+    resumed = write_config(tmp_path / "r.yaml", data_dir, work, max_iters=done + 2, steps=[99999],
+                           checkpoint_period=0, log_period=1, eval_at_end=False)
+    assert main(["train", str(resumed), "--resume", "--no-progress"]) == 0
+    assert load_checkpoint(str(work / "final.pth"))["iteration"] == done + 2
