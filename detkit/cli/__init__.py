@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from detkit.config import ConfigError
     from detkit.engine.checkpoint import CheckpointError
+    from detkit.engine.files import WriteError
     from detkit.plugins import PluginError, UnknownNameError
 
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, PluginError, UnknownNameError,
+    errors: list[type[BaseException]] = [ConfigError, CheckpointError, PluginError, UnknownNameError, WriteError,
                                          FileNotFoundError, NotADirectoryError, argparse.ArgumentTypeError]
     for module, name in (("detkit.data.images", "ImageReadError"), ("detkit.data.dataset", "DatasetError"),
                          ("detkit.data.media", "MediaError"), ("detkit.proposals.cache", "ProposalCacheError"),

@@ -36,6 +36,26 @@ def new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+class WriteError(OSError):
+    """A file could not be written (the disk is full, a file-size limit, a directory made read-only, ...); the
+    message names the file and the cause. Nothing half-written is left: the temporary is removed."""
+
+
+def _write_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the system refusing a write (an OSError, or torch's zip writer reporting one)."""
+    if isinstance(exc, WriteError):
+        return False
+    if isinstance(exc, OSError):
+        return not isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError))
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("unexpected pos" in text or "PytorchStreamWriter failed" in text)
+
+
+def _as_write_error(target: str, exc: BaseException) -> WriteError:
+    reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+    return WriteError(f"{target}: could not be written ({reason[:200]}); nothing was left half-written")
+
+
 class PendingFile:
     """A temporary file beside ``target`` that becomes ``target`` on :meth:`commit`.
 
@@ -52,7 +72,12 @@ class PendingFile:
         os.makedirs(directory, exist_ok=True)
         if prefix is None:
             prefix = f".{os.path.basename(self.target)}."
-        fd, self.path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+        try:
+            fd, self.path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+        except OSError as exc:
+            if not _write_failure(exc):
+                raise
+            raise _as_write_error(self.target, exc) from None
         os.close(fd)
 
     def commit(self) -> None:
@@ -66,8 +91,10 @@ class PendingFile:
                 os.close(fd)
             os.chmod(self.path, new_file_mode())
             os.replace(self.path, self.target)
-        except BaseException:
+        except BaseException as exc:
             self.discard()
+            if _write_failure(exc):
+                raise _as_write_error(self.target, exc) from None
             raise
 
     def discard(self) -> None:
@@ -88,8 +115,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None, prefix: str 
     pending = PendingFile(path, suffix, prefix)
     try:
         yield pending.path
-    except BaseException:
+    except BaseException as exc:
         pending.discard()
+        if _write_failure(exc):
+            raise _as_write_error(pending.target, exc) from None
         raise
     pending.commit()
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from detkit.engine.checkpoint import describe_tensors, nonfinite_tensors
 from detkit.engine.distributed import mean_over_ranks
+from detkit.engine.files import WriteError
 
 
 class Hook:
@@ -160,7 +161,10 @@ class TrainingLog(Hook):
                             dynamic_ncols=True, mininterval=1.0)
         self.t0 = time.time()
         if trainer.info.is_main:
-            self.file = open(self.path, "a", encoding="utf-8")
+            try:
+                self.file = open(self.path, "a", encoding="utf-8")
+            except OSError as exc:
+                raise WriteError(f"{self.path}: could not be opened for writing ({exc.strerror or exc})") from None
 
     def after_step(self, done: int, losses: dict[str, Tensor]) -> None:
         if is_logging_iteration(done, self.trainer):
@@ -177,8 +181,11 @@ class TrainingLog(Hook):
             values |= dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))
         if self.file is not None:
             record = {"iter": done, "lr": lr, **values, "time": round(time.time() - self.t0, 3)}
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as exc:  # a full disk, a file-size limit, a directory made read-only
+                raise WriteError(f"{self.path}: could not be written ({exc.strerror or exc})") from None
         if self.bar is not None:
             self.bar.set_postfix({k.split("/")[-1] if "/" in k else k: f"{v:.3f}" for k, v in values.items()}
                                  | {"lr": f"{lr:.2g}"})

@@ -517,3 +517,41 @@ def test_sigterm_and_sigint_finish_the_step_save_a_checkpoint_and_say_how_to_res
                            checkpoint_period=0, log_period=1, eval_at_end=False)
     assert main(["train", str(resumed), "--resume", "--no-progress"]) == 0
     assert load_checkpoint(str(work / "final.pth"))["iteration"] == done + 2
+
+
+@pytest.mark.slow
+def test_a_write_failure_is_one_message_naming_the_file_and_leaves_nothing_half_written(data_dir, tmp_path):
+    """A full disk (here a file-size limit, as `ulimit -f` sets) gave torch's 'unexpected pos' traceback."""
+    import resource
+    import subprocess
+    import sys
+
+    work = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", data_dir, work, max_iters=4, checkpoint_period=2, eval_at_end=False)
+    limit = 64 * 1024  # the log and config fit; a checkpoint does not
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "train.py")
+    run = subprocess.run([sys.executable, tool, str(cfg), "--no-progress"], preexec_fn=cap, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert run.returncode == 2, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("detkit train: error: ") and "iter_0000002.pth: could not be written (" in last, last
+    assert "Traceback" not in run.stderr
+    assert not list(work.glob(".tmp-*")) and not list(work.glob("*.pth"))
+
+
+def test_a_write_error_in_the_one_atomic_write_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from detkit.engine.files import WriteError, write_text_atomic
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(WriteError, match=r"a.txt: could not be written \(No space left on device\)"):
+        write_text_atomic(tmp_path / "a.txt", "x")
+    assert list(tmp_path.iterdir()) == []
