@@ -59,13 +59,16 @@ class ClassifierTrainer(SGDTrainer):
         if len(names) < 2:
             raise ConfigError(f"data.train: one class ({', '.join(names)}); a classifier learns to tell at least "
                               f"two apart")
-        if cfg.data.test and (cfg.train.eval_at_end or cfg.eval.period):
-            self._test_set = build_classification_dataset(cfg.data.test, self.registries, "test")
-            test = list(self._test_set.class_names)
-            if test != names:  # labels are positions in these lists: other lists would score misaligned labels
-                raise ConfigError(f"data.test: its classes ({_listed(test)}) are not data.train's ({_listed(names)}), "
-                                  f"in that order; validation would compare labels of different classes")
         return dataset
+
+    def use_test_set(self, test) -> None:
+        """Validate on ``test`` (``data.test``, built by the caller), whose classes must be the training set's in
+        the same order: labels are positions in these lists, so other lists would score misaligned labels."""
+        names, given = list(self.dataset.class_names), list(test.class_names)
+        if given != names:
+            raise ConfigError(f"data.test: its classes ({_listed(given)}) are not data.train's ({_listed(names)}), "
+                              f"in that order; validation would compare labels of different classes")
+        self._test_set = test
 
     def _build_model(self) -> nn.Module:
         cfg, tcfg = self.cfg, self.cfg.train
@@ -176,11 +179,15 @@ def pretrain(cfg: ClassifierConfig, registries, resume: str | bool | None = None
         raise ConfigError("--resume continues the run in train.work_dir and --overwrite replaces it: give one of them")
     check_train_settings(cfg.train)
     check_weights_file(cfg.model.backbone.weights)
+    test = None
     if cfg.data.test and (cfg.train.eval_at_end or cfg.eval.period):
-        build_classification_dataset(cfg.data.test, registries, "test")
+        test = build_classification_dataset(cfg.data.test, registries, "test")
     with work_dir_lock(cfg.train.work_dir):
+        trainer = ClassifierTrainer(cfg, registries, progress=progress)  # reads the training set; writes nothing
+        if test is not None:
+            trainer.use_test_set(test)  # its classes checked before --overwrite clears anything
         prepare_work_dir(cfg.train.work_dir, resume, overwrite)
-        return ClassifierTrainer(cfg, registries, progress=progress).train(resume)
+        return trainer.train(resume)
 
 
 def _listed(names: list[str]) -> str:

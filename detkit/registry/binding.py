@@ -19,6 +19,7 @@ from detkit.config import (Config, ConfigError, ModelConfig, NoSettings, Origin,
                            part_section)
 from detkit.registry.contexts import BuildContext, DetectorContext, ScheduleContext
 from detkit.registry.kinds import PartKind, Slot
+from detkit.registry.records import UnknownNameError
 
 _MISSING = object()
 
@@ -48,7 +49,10 @@ def detector_slots(model: ModelConfig, registries, source: str | Origin = "confi
 def bind_model(model: ModelConfig, registries, source: str | Origin = "config") -> ModelConfig:
     """The detector's own settings and every slot it declares, bound (see the module doc); the backbone's name
     and the keys of ``model.backbone.args`` checked against its builder, as building it would."""
-    backbone = registries.backbones.get(model.backbone.name)
+    try:
+        backbone = registries.backbones.get(model.backbone.name)
+    except UnknownNameError as exc:
+        raise ConfigError(f"{origin_of(source, 'model.backbone.name')}: model.backbone.name: {exc}") from None
     check_kwargs(backbone.builder, {"num_classes": 1, **(model.backbone.args or {})}, "model.backbone.args",
                  str(origin_of(source, "model.backbone.args")))
     model.detector = bind_part(registries.part_kind("detector"), model.detector, "model.detector", registries, source)
