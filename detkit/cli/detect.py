@@ -3,6 +3,7 @@ its checkpoint, compressed with ``--svd`` or replaced by an ``--export`` file; a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -23,6 +24,8 @@ def cmd_eval(args) -> int:
         raise argparse.ArgumentTypeError("eval: give a CHECKPOINT, or --results DETS.json with --dataset")
     if args.metric:
         args.overrides.append(f"eval.metric={args.metric}")
+    if args.max_detections:
+        args.overrides.append(f"eval.max_detections={args.max_detections}")
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     check_output_dir(out, "--output" if args.output else "--output (default: eval/ beside the checkpoint)")
     device = _device(args.device)
@@ -43,6 +46,7 @@ def _eval_results_file(args, registries) -> int:
     from detkit.config import ConfigError
     from detkit.data.loading import build_dataset
     from detkit.data.media import check_output_dir
+    from detkit.evaluation.coco_eval import DEFAULT_MAX_DETECTIONS
     from detkit.evaluation.runner import score_and_write
 
     spec = _data_spec(args.dataset or args.data, args)
@@ -59,11 +63,15 @@ def _eval_results_file(args, registries) -> int:
     if not isinstance(results, list) or not all(isinstance(r, dict) and {"image_id", "category_id", "bbox", "score"}
                                                 <= set(r) for r in results):
         raise ConfigError(f"{args.results}: expected a COCO results list of {{image_id, category_id, bbox, score}}")
+    metric = args.metric or "coco"
+    if args.max_detections and metric != "coco":
+        raise ConfigError(f"--max-detections: the {metric} metric of a results file counts every detection; "
+                          f"the option is COCO's maxDets")
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.results)), "eval")
     check_output_dir(out, "--output")
     try:
-        score_and_write(dataset, results, out, args.metric or "coco", "faster_coco_eval", list(dataset.class_names),
-                        write_results=False)
+        score_and_write(dataset, results, out, metric, "faster_coco_eval", list(dataset.class_names),
+                        write_results=False, max_detections=(args.max_detections or DEFAULT_MAX_DETECTIONS) if metric == "coco" else None)
     except ValueError as exc:
         raise ConfigError(f"{args.results}: {exc}") from None
     print(f"metrics: {os.path.join(out, 'metrics.json')}")
@@ -113,6 +121,7 @@ def cmd_infer(args) -> int:
     from detkit.config import TileSettings
     from detkit.data.media import check_output_dir
     from detkit.inference.predictor import check_output_apart, run
+    from detkit.models.roi_heads import detections_capped
     from detkit.models.loading import model_from_checkpoint
     from detkit.models.tiling import settings_with_options, tiled
 
@@ -128,8 +137,10 @@ def cmd_infer(args) -> int:
     model = _exported_model(args, model)
     # the checkpoint's eval.tile (--set eval.tile.size=...), with the --tile options over it
     model = tiled(model, settings_with_options(cfg.eval.tile, tile_options), progress=not args.no_progress)
-    summary = run(model, list(ckpt["class_names"]), list(ckpt["cat_ids"]), args.input, args.output, device,
-                  score_thr=args.score_thr, max_frames=args.max_frames, progress=not args.no_progress)
+    # --max-detections: the RoI heads' detections_per_img for this run (an exported file keeps its own)
+    with detections_capped(model, args.max_detections) if args.max_detections else contextlib.nullcontext():
+        summary = run(model, list(ckpt["class_names"]), list(ckpt["cat_ids"]), args.input, args.output, device,
+                      score_thr=args.score_thr, max_frames=args.max_frames, progress=not args.no_progress)
     for path in summary["outputs"][:5]:
         print(f"wrote {path}")
     if len(summary["outputs"]) > 5:
@@ -217,6 +228,9 @@ def add_detector_parsers(sub) -> None:
     p.add_argument("--results", help="score this COCO-format results file instead of running a model")
     p.add_argument("--dataset", help="the dataset --results refers to (same forms as --data)")
     p.add_argument("--metric", choices=["coco", "voc07", "voc"], help="default: the config's eval.metric (coco)")
+    p.add_argument("--max-detections", type=number(int, ge=10), metavar="N",
+                   help="detections per image the detector returns and COCO counts (maxDets; default: the config's "
+                        "eval.max_detections, 100): raise it for scenes with more objects")
     p.add_argument("--data", help="COCO json, VOC directory, or a mapping '{name: coco, images: ..., annotations: ...}'")
     p.add_argument("--images", help="images directory for a COCO json given with --data")
     p.add_argument("--split", default="test", help="split file for a VOC directory given with --data/--dataset")
@@ -233,6 +247,9 @@ def add_detector_parsers(sub) -> None:
     p.add_argument("--score-thr", type=number(), default=0.5,
                    help="draw and list detections scoring at least this (default 0.5; any finite number: an SVM predictor's scores are margins)")
     p.add_argument("--max-frames", type=number(int, ge=1), help="stop after this many frames (videos, webcams)")
+    p.add_argument("--max-detections", type=number(int, ge=1), metavar="N",
+                   help="detections per image the detector returns at most (default: the checkpoint's "
+                        "model.roi_heads.detections_per_img, 100)")
     _add_model_options(p)
     p.add_argument("--tile", type=number(int, ge=0), metavar="SIZE",
                    help="tiled inference for images far larger than the model's input: SIZE x SIZE windows at "

@@ -165,6 +165,9 @@ class EvalConfig:
     metric: str = "coco"  # coco | voc07 (11-point) | voc (VOC2010+ area under the curve)
     backend: str = "faster_coco_eval"  # or pycocotools (COCO metric)
     score_thresh: float | None = None  # None: model.roi_heads.score_thresh
+    # the most detections of an image that count (COCO's maxDets) and that the detector returns (its RoI heads'
+    # detections_per_img while it is evaluated): a scene with more objects than this needs more
+    max_detections: int = ranged(100, ge=10)
     tile: TileSettings = field(default_factory=TileSettings)  # size > 0: tiled inference (detkit.tiling)
 
 

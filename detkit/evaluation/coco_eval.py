@@ -23,22 +23,31 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BACKENDS = ("faster_coco_eval", "pycocotools")
+DEFAULT_MAX_DETECTIONS = 100  # COCO's own: AP and the third AR count the 100 best detections of an image
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 # What each summary number averages over, in pycocotools' own words (printed by format_metrics_table).
-STAT_MEANINGS = {
-    "AP": "IoU=0.50:0.95 area=all    maxDets=100",
-    "AP50": "IoU=0.50      area=all    maxDets=100",
-    "AP75": "IoU=0.75      area=all    maxDets=100",
-    "APs": "IoU=0.50:0.95 area=small  maxDets=100",
-    "APm": "IoU=0.50:0.95 area=medium maxDets=100",
-    "APl": "IoU=0.50:0.95 area=large  maxDets=100",
-    "AR1": "IoU=0.50:0.95 area=all    maxDets=1",
-    "AR10": "IoU=0.50:0.95 area=all    maxDets=10",
-    "AR100": "IoU=0.50:0.95 area=all    maxDets=100",
-    "ARs": "IoU=0.50:0.95 area=small  maxDets=100",
-    "ARm": "IoU=0.50:0.95 area=medium maxDets=100",
-    "ARl": "IoU=0.50:0.95 area=large  maxDets=100",
-}
+_MEANINGS = {"AP": ("0.50:0.95", "all"), "AP50": ("0.50     ", "all"), "AP75": ("0.75     ", "all"),
+             "APs": ("0.50:0.95", "small"), "APm": ("0.50:0.95", "medium"), "APl": ("0.50:0.95", "large"),
+             "AR1": ("0.50:0.95", "all", 1), "AR10": ("0.50:0.95", "all", 10), "AR100": ("0.50:0.95", "all"),
+             "ARs": ("0.50:0.95", "small"), "ARm": ("0.50:0.95", "medium"), "ARl": ("0.50:0.95", "large")}
+
+
+def stat_names(max_detections: int = DEFAULT_MAX_DETECTIONS) -> tuple[str, ...]:
+    """The twelve summary numbers' keys at ``max_detections`` per image: the third AR is ``AR<max_detections>``
+    (``AR100`` at COCO's default, ``AR1000`` for dense scenes)."""
+    return tuple(f"AR{max_detections}" if name == "AR100" else name for name in STAT_NAMES)
+
+
+def stat_meanings(max_detections: int = DEFAULT_MAX_DETECTIONS) -> dict[str, str]:
+    """What each of :func:`stat_names` averages over, in pycocotools' words."""
+    out = {}
+    for name, key in zip(STAT_NAMES, stat_names(max_detections)):
+        iou, area, *dets = _MEANINGS[name]
+        out[key] = f"IoU={iou} area={area:<6} maxDets={dets[0] if dets else max_detections}"
+    return out
+
+
+STAT_MEANINGS = stat_meanings()
 
 
 def _numpy(x) -> np.ndarray:
@@ -134,8 +143,9 @@ def _quiet():
         log.debug("%s", buffer.getvalue().rstrip())
 
 
-def _run(gt: Mapping, results: list[dict], backend: str):
-    """Evaluate, accumulate and summarize; returns the backend's COCOeval object."""
+def _run(gt: Mapping, results: list[dict], backend: str, max_detections: int):
+    """Evaluate and accumulate counting the ``max_detections`` best detections of each image; returns the
+    backend's COCOeval object (its ``eval`` arrays: :func:`summary` reads the numbers out of them)."""
     COCO, COCOeval = _backend(backend)
     # Both libraries write into the annotation dicts they are given (``ignore``, result ``id``/``area``):
     # shallow per-entry copies keep the caller's ground truth and results unchanged.
@@ -162,14 +172,39 @@ def _run(gt: Mapping, results: list[dict], backend: str):
                                "categories": dataset["categories"]}
             coco_dt.createIndex()
         ev = COCOeval(coco_gt, coco_dt, "bbox", **extra)
+        # AP and the third AR count maxDets[-1] (pycocotools: [2]) detections per image; AR1 and AR10 the others.
+        ev.params.maxDets = [1, 10, int(max_detections)]
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
     return ev
 
 
+def summary(ev) -> list[float]:
+    """The twelve summary numbers of an accumulated COCOeval, in :data:`STAT_NAMES` order: the means of its
+    precision (AP) and recall (AR) arrays over the entries COCO defines (> -1; -1 where none is), as the
+    libraries' ``summarize`` computes them. Read here because pycocotools' ``summarize`` takes AP at 100
+    detections whatever ``params.maxDets`` says (its AP is -1 at any other cap)."""
+    p = ev.params
+    precision = np.asarray(ev.eval["precision"])  # (T iou thresholds, R recall points, K cats, A areas, M maxDets)
+    recall = np.asarray(ev.eval["recall"])  # (T, K, A, M)
+    area = {label: a for a, label in enumerate(p.areaRngLbl)}
+    iou = {round(float(t), 2): t_index for t_index, t in enumerate(p.iouThrs)}
+
+    def mean(values: np.ndarray) -> float:
+        values = values[values > -1]
+        return float(values.mean()) if values.size else -1.0
+
+    last = len(p.maxDets) - 1
+    ap = [mean(precision[:, :, :, area["all"], last]), mean(precision[iou[0.5], :, :, area["all"], last]),
+          mean(precision[iou[0.75], :, :, area["all"], last])]
+    ap += [mean(precision[:, :, :, area[size], last]) for size in ("small", "medium", "large")]
+    ar = [mean(recall[:, :, area["all"], m]) for m in range(len(p.maxDets))]
+    ar += [mean(recall[:, :, area[size], last]) for size in ("small", "medium", "large")]
+    return ap + ar
+
+
 def evaluate_coco(gt: Mapping, results: list[dict], backend: str = "faster_coco_eval",
-                  class_names: list[str] | None = None) -> dict:
+                  class_names: list[str] | None = None, max_detections: int = DEFAULT_MAX_DETECTIONS) -> dict:
     """COCO box metrics of ``results`` against ``gt``.
 
     Args:
@@ -179,18 +214,24 @@ def evaluate_coco(gt: Mapping, results: list[dict], backend: str = "faster_coco_
         results: COCO result dicts ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``; may be empty.
         backend: ``"faster_coco_eval"`` or ``"pycocotools"`` (identical numbers).
         class_names: names for ``per_class`` in the order of ``gt["categories"]``; defaults to their ``name``.
+        max_detections: the best this many detections of each image count (COCO's ``maxDets``, 100 by default;
+            at least 10). A scene with more objects than that needs more, or its recall is capped.
 
     Returns:
         ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
-        "per_class": {name: AP}}`` with values in [0, 1], or -1 where COCO leaves a value undefined (no
-        ground truth of that category or size). Per-class AP is the mean of the precision array over IoU
-        thresholds and recall points at area "all" and 100 detections, ignoring -1 entries.
+        "per_class": {name: AP}, "max_detections": 100}`` with values in [0, 1], or -1 where COCO leaves a
+        value undefined (no ground truth of that category or size); ``AR100`` is ``AR<max_detections>``
+        (:func:`stat_names`). Per-class AP is the mean of the precision array over IoU thresholds and recall
+        points at area "all" and ``max_detections`` detections, ignoring -1 entries.
 
     Raises:
         ValueError: unknown backend, malformed ground truth or results, or a result whose image_id or
             category_id is not in ``gt``.
     """
     _backend(backend)  # an unknown backend fails before any work
+    if isinstance(max_detections, bool) or not isinstance(max_detections, numbers.Integral) or max_detections < 10:
+        raise ValueError(f"max_detections={max_detections!r}: expected an integer >= 10 (AR1 and AR10 count 1 and "
+                         f"10 detections per image)")
     _check_gt(gt)
     _check_results(gt, results)
     cats = list(gt["categories"])
@@ -198,8 +239,8 @@ def evaluate_coco(gt: Mapping, results: list[dict], backend: str = "faster_coco_
         raise ValueError(f"class_names has {len(class_names)} names but the ground truth has {len(cats)} "
                          f"categories")
     names = list(class_names) if class_names is not None else [str(c.get("name", c["id"])) for c in cats]
-    ev = _run(gt, results, backend)
-    metrics: dict = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats[: len(STAT_NAMES)])}
+    ev = _run(gt, results, backend, max_detections)
+    metrics: dict = dict(zip(stat_names(max_detections), summary(ev)))
     precision = np.asarray(ev.eval["precision"])  # (T iou thresholds, R recall points, K cats, A areas, M maxDets)
     column = {cat_id: k for k, cat_id in enumerate(ev.params.catIds)}
     all_area = list(ev.params.areaRngLbl).index("all")
@@ -209,7 +250,25 @@ def evaluate_coco(gt: Mapping, results: list[dict], backend: str = "faster_coco_
         p = p[p > -1]
         per_class[name] = float(p.mean()) if p.size else -1.0
     metrics["per_class"] = per_class
+    metrics["max_detections"] = int(max_detections)
     return metrics
+
+
+def images_over_cap(gt: Mapping, max_detections: int, per_class: bool = False) -> list[tuple[int, int]]:
+    """``(image id, objects)`` of the images of ``gt`` with more objects (crowd regions not counted) than
+    ``max_detections``, the most crowded first: on them recall is capped below 1 whatever the detector does.
+    ``per_class``: count the objects of each class apart (COCO's maxDets cuts each image's detections of a
+    class; a detector's per-image cap cuts all of them)."""
+    counts: dict = {}
+    for ann in gt.get("annotations") or []:
+        if not ann.get("iscrowd"):
+            key = (ann.get("image_id"), ann.get("category_id") if per_class else None)
+            counts[key] = counts.get(key, 0) + 1
+    most: dict = {}
+    for (image, _), n in counts.items():
+        if n > max_detections:
+            most[image] = max(most.get(image, 0), n)
+    return sorted(most.items(), key=lambda item: -item[1])
 
 
 def _fmt(value: float) -> str:
@@ -221,8 +280,9 @@ def format_metrics_table(metrics: Mapping) -> str:
 
     Undefined values (-1: no ground truth of that category or size) print as ``n/a``.
     """
-    lines = ["COCO box metrics", f"{'metric':<7}  {'value':>6}  averaged over", f"{'-' * 7}  {'-' * 6}  {'-' * 37}"]
-    lines += [f"{key:<7}  {_fmt(metrics[key])}  {STAT_MEANINGS[key]}" for key in STAT_NAMES if key in metrics]
+    meanings = stat_meanings(int(metrics.get("max_detections") or DEFAULT_MAX_DETECTIONS))
+    lines = ["COCO box metrics", f"{'metric':<7}  {'value':>6}  averaged over", f"{'-' * 7}  {'-' * 6}  {'-' * 38}"]
+    lines += [f"{key:<7}  {_fmt(metrics[key])}  {meaning}" for key, meaning in meanings.items() if key in metrics]
     per_class = metrics.get("per_class") or {}
     if per_class:
         width = max(5, max(len(name) for name in per_class))

@@ -3,6 +3,7 @@
 report written next to them."""
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -11,10 +12,14 @@ from torch import nn
 from detkit.config import Config, ConfigError
 from detkit.data.loading import build_dataset, to_tensor_batch
 from detkit.engine.distributed import DistInfo, gather_objects
-from detkit.evaluation.coco_eval import detections_to_coco_results, evaluate_coco, format_metrics_table
+from detkit.evaluation.coco_eval import (DEFAULT_MAX_DETECTIONS, detections_to_coco_results, evaluate_coco,
+                                         format_metrics_table, images_over_cap)
 from detkit.evaluation.voc_eval import evaluate_voc, format_voc_table
+from detkit.models.roi_heads import detections_capped
 from detkit.models.tiling import tiled
 from detkit.proposals.attach import attach_proposals
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -47,7 +52,8 @@ def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, ou
     """COCO-style evaluation on ``data.test`` (or ``dataset``); writes ``metrics.json`` and results JSON.
     With ``eval.tile.size > 0`` the model sees each image in overlapping windows (:mod:`detkit.models.tiling`).
 
-    Under torch.distributed each rank predicts a shard; rank 0 gathers, scores and
+    The detector returns at most ``eval.max_detections`` detections per image while it is evaluated, and as
+    many count (COCO's maxDets). Under torch.distributed each rank predicts a shard; rank 0 gathers, scores and
     writes (other ranks return None).
     """
     info = dist_info or DistInfo()
@@ -61,13 +67,27 @@ def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, ou
     detector = tiled(model, cfg.eval.tile, progress=progress and info.is_main)
     if detector is model:
         attach_proposals(dataset, model, progress, info)
-    predictions = predict_dataset(detector, dataset, device, batch_size=1, num_workers=cfg.data.num_workers,
-                                  progress=progress and info.is_main, shard=(info.rank, info.world_size))
+    cap = cfg.eval.max_detections
+    with detections_capped(detector, cap) as heads:
+        if not heads and info.is_main:
+            _check_fixed_cap(detector, cap)
+        predictions = predict_dataset(detector, dataset, device, batch_size=1, num_workers=cfg.data.num_workers,
+                                      progress=progress and info.is_main, shard=(info.rank, info.world_size))
     predictions = [p for part in gather_objects(predictions, info) for p in part]
     if not info.is_main:
         return None
     results = _coco_results(predictions, cfg.eval.score_thresh, cat_ids)
-    return score_and_write(dataset, results, out_dir, cfg.eval.metric, cfg.eval.backend, list(dataset.class_names))
+    return score_and_write(dataset, results, out_dir, cfg.eval.metric, cfg.eval.backend, list(dataset.class_names),
+                           max_detections=cap, detector_capped=True)
+
+
+def _check_fixed_cap(detector, cap: int) -> None:
+    """Warn when a detector whose cap eval.max_detections cannot set (an exported file) keeps fewer."""
+    inner = getattr(detector, "detector", detector)  # a tiled run merges the windows' detections uncapped
+    fixed = getattr(inner, "max_detections", None)
+    if inner is detector and fixed is not None and fixed < cap:
+        log.warning("eval.max_detections=%d, but %s keeps at most %d detections per image (fixed when it was "
+                    "written): figures are capped there", cap, getattr(inner, "path", type(inner).__name__), fixed)
 
 
 def label_categories(model_names: list[str], dataset_names: list[str], dataset_cat_ids: list[int]) -> list[int | None]:
@@ -101,15 +121,22 @@ def _coco_results(predictions: list[dict], score_thresh: float | None, cat_ids: 
 
 
 def score_and_write(dataset, results: list[dict], out_dir: str, metric: str, backend: str, names: list[str],
-                    write_results: bool = True) -> dict:
+                    write_results: bool = True, max_detections: int | None = DEFAULT_MAX_DETECTIONS,
+                    detector_capped: bool = False) -> dict:
     """Score COCO-format ``results`` on ``dataset``, write ``metrics.json`` and, with ``write_results``,
     ``results.json`` under ``out_dir``, then the report's pictures, then ``metrics.json`` again with the error
-    report's figures; print the metrics table."""
+    report's figures; print the metrics table. ``max_detections``: the detections per image and class COCO
+    counts and, with ``detector_capped``, per image the detector returned (recorded in the metrics; a warning
+    names the images with more objects); None: no cap (VOC's metric of a results file made elsewhere)."""
     from detkit.engine.files import write_json_atomic
     from detkit.evaluation.reports import evaluation_report
 
     gt = dataset.to_coco()
-    metrics = score_results(gt, results, metric, backend, names)
+    if max_detections is not None:
+        warn_dense_images(gt, max_detections, per_class=not detector_capped)
+    metrics = score_results(gt, results, metric, backend, names, max_detections or DEFAULT_MAX_DETECTIONS)
+    if max_detections is not None:
+        metrics["max_detections"] = int(max_detections)
     os.makedirs(out_dir, exist_ok=True)
     # The figures first: a picture that fails (or a process killed while drawing) leaves them written.
     if write_results:
@@ -121,11 +148,25 @@ def score_and_write(dataset, results: list[dict], out_dir: str, metric: str, bac
     return metrics
 
 
+def warn_dense_images(gt: dict, max_detections: int, per_class: bool = False) -> None:
+    """Say which images have more objects (``per_class``: of one class) than the detections that count (their
+    recall is capped)."""
+    dense = images_over_cap(gt, max_detections, per_class)
+    if dense:
+        files = {img["id"]: img.get("file_name", img["id"]) for img in gt["images"]}
+        most = ", ".join(f"{files.get(i, i)} ({n})" for i, n in dense[:3])
+        log.warning("%d of %d images have more objects%s than eval.max_detections=%d (%s%s): recall on them is "
+                    "capped; raise eval.max_detections (--max-detections)", len(dense), len(gt["images"]),
+                    " of one class" if per_class else "", max_detections, most, ", ..." if len(dense) > 3 else "")
+
+
 def score_results(gt: dict, results: list[dict], metric: str, backend: str = "faster_coco_eval",
-                  class_names: list[str] | None = None) -> dict:
-    """COCO or VOC metrics of COCO-format ``results`` against a COCO-format ground truth."""
+                  class_names: list[str] | None = None, max_detections: int = DEFAULT_MAX_DETECTIONS) -> dict:
+    """COCO or VOC metrics of COCO-format ``results`` against a COCO-format ground truth; COCO counts the
+    ``max_detections`` best detections of each image, VOC all of them."""
     if metric == "coco":
-        return {"metric": "coco", **evaluate_coco(gt, results, backend=backend, class_names=class_names)}
+        return {"metric": "coco", **evaluate_coco(gt, results, backend=backend, class_names=class_names,
+                                                  max_detections=max_detections)}
     if metric in ("voc07", "voc"):
         return evaluate_voc(gt, results, metric=metric, class_names=class_names)
     raise ConfigError(f"eval.metric={metric!r}: expected coco, voc07 or voc")

@@ -157,6 +157,7 @@ class ExportedDetector:
         self.path, self.format, self.metadata = path, fmt, metadata
         self.class_names = list(metadata.get("class_names") or [])
         self.cat_ids = list(metadata.get("cat_ids") or range(1, len(self.class_names) + 1))
+        self.max_detections = metadata.get("max_detections")  # per image, fixed at export (None: an older file)
         self._run = run
 
     def eval(self) -> "ExportedDetector":
@@ -247,4 +248,5 @@ def export_detector(model: nn.Module, fmt: str, path: str, example: Tensor, meta
     # a copy, frozen: the file's outputs carry no autograd history, and the caller's model is left as it was
     graph = DetectionGraph(copy.deepcopy(model)).eval().requires_grad_(False)
     with quiet():
-        WRITERS[fmt](graph, example, path, {**metadata, "format": fmt, "input": INPUT})
+        WRITERS[fmt](graph, example, path, {**metadata, "format": fmt, "input": INPUT,
+                                            "max_detections": graph.detections})

@@ -13,7 +13,9 @@ suppressed per class, keeping at most 100 per image. Targets with a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, replace
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -176,3 +178,20 @@ class RoIHeads(nn.Module):
             keep = batched_nms(img_boxes, img_scores, labels, self.cfg.nms_thresh)[: self.cfg.detections_per_img]
             results.append({"boxes": img_boxes[keep], "scores": img_scores[keep], "labels": labels[keep]})
         return results
+
+
+@contextlib.contextmanager
+def detections_capped(model: nn.Module, count: int) -> Iterator[int]:
+    """Inside the block every :class:`RoIHeads` of ``model`` (one, or a cascade's per stage) keeps at most
+    ``count`` detections per image (``detections_per_img``); their settings are restored after. Yields how
+    many heads it set: 0 for a model without detkit RoI heads (an exported file, whose cap was fixed when it
+    was written, or a detector of another shape)."""
+    heads = [m for m in model.modules() if isinstance(m, RoIHeads)] if isinstance(model, nn.Module) else []
+    saved = [h.cfg for h in heads]
+    for h in heads:
+        h.cfg = replace(h.cfg, detections_per_img=int(count))
+    try:
+        yield len(heads)
+    finally:
+        for h, cfg in zip(heads, saved):
+            h.cfg = cfg

@@ -231,3 +231,61 @@ def test_eval_results_file_without_a_model(trained, data_dir, tmp_path, capsys):
     foreign.write_text(json.dumps([{"image_id": 999, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}]))
     assert main(["eval", "--results", str(foreign), "--dataset", gt]) == 2
     assert "image_id 999" in capsys.readouterr().err
+
+
+def test_max_detections_caps_the_detector_and_the_metric(trained, data_dir, tmp_path, capsys, caplog):
+    """eval --max-detections (eval.max_detections) is the detector's output cap and COCO's maxDets, recorded in
+    metrics.json; infer --max-detections caps the detector; images with more objects than the cap are named
+    (issue 23, item 13)."""
+    from collections import Counter
+
+    ckpt = str(trained / "final.pth")
+    most = lambda results: max(Counter(r["image_id"] for r in results).values())  # noqa: E731
+    assert most(json.loads((trained / "results.json").read_text())) > 10  # the end-of-training run, cap 100
+    out = tmp_path / "eval10"
+    assert main(["eval", ckpt, "--output", str(out), "--no-progress", "--max-detections", "10"]) == 0
+    assert most(json.loads((out / "results.json").read_text())) == 10
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["max_detections"] == 10 and "AR10" in metrics and "AR100" not in metrics
+    assert "maxDets=10" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:  # argparse's range check
+        main(["eval", ckpt, "--max-detections", "9"])
+    assert exc.value.code == 2
+    assert "--max-detections" in capsys.readouterr().err
+
+    image = str(sorted((data_dir / "val" / "images").iterdir())[0])
+    for cap in ([], ["--max-detections", "3"]):
+        assert main(["infer", ckpt, image, "--output", str(tmp_path / f"infer{len(cap)}"), "--score-thr", "0",
+                     "--no-progress", *cap]) == 0
+    assert len(json.loads((tmp_path / "infer0" / "results.json").read_text())) > 3
+    assert len(json.loads((tmp_path / "infer2" / "results.json").read_text())) == 3
+
+    # A scene with 14 objects, found perfectly: COCO at 10 detections misses 4 of them, and says so.
+    truth = json.loads((data_dir / "val" / "annotations.json").read_text())
+    first = truth["images"][0]
+    truth["annotations"] = [a for a in truth["annotations"] if a["image_id"] != first["id"]]
+    for k in range(14):
+        truth["annotations"].append({"id": 10_000 + k, "image_id": first["id"], "iscrowd": 0, "area": 100.0,
+                                     "category_id": truth["categories"][0]["id"],
+                                     "bbox": [11.0 * k, 11.0 * (k % 3), 10.0, 10.0]})
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    (dense / "annotations.json").write_text(json.dumps(truth))
+    (dense / "images").symlink_to(data_dir / "val" / "images")
+    perfect = tmp_path / "perfect.json"
+    perfect.write_text(json.dumps([{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+                                    "score": 1.0 - a["id"] / 1e6} for a in truth["annotations"]]))
+    scored, warned = {}, {}
+    for cap in (10, 20):
+        caplog.clear()
+        assert main(["eval", "--results", str(perfect), "--dataset", str(dense / "annotations.json"),
+                     "--max-detections", str(cap), "--output", str(tmp_path / f"m{cap}")]) == 0
+        scored[cap] = json.loads((tmp_path / f"m{cap}" / "metrics.json").read_text())
+        warned[cap] = " ".join(r.getMessage() for r in caplog.records if "eval.max_detections" in r.getMessage())
+    assert f"1 of {len(truth['images'])} images have more objects of one class than eval.max_detections=10" in warned[10]
+    assert first["file_name"] in warned[10] and not warned[20]
+    assert scored[10]["AP"] < 0.99 and scored[10]["AR10"] < 0.99 and scored[20]["AP"] == pytest.approx(1.0, abs=1e-12)
+    assert main(["eval", "--results", str(perfect), "--dataset", str(dense / "annotations.json"), "--metric", "voc",
+                 "--max-detections", "10", "--output", str(tmp_path / "voc")]) == 2
+    assert "COCO's maxDets" in capsys.readouterr().err
+

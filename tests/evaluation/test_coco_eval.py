@@ -180,3 +180,43 @@ def test_detections_to_results_maps_category_ids():
         detections_to_coco_results(1, {"boxes": [[0, 0, 1, 1]], "scores": [0.5], "labels": [0]}, [5, 9])
     with pytest.raises(ValueError, match="2 boxes, 1 scores"):
         detections_to_coco_results(1, {"boxes": [[0, 0, 1, 1]] * 2, "scores": [0.5], "labels": [1]}, [5])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_detections_counts_more_detections_per_image(backend):
+    """A scene with 150 objects found perfectly: COCO's 100 detections per image cap recall at 100/150; with
+    max_detections 200 every one counts (issue 23, item 13)."""
+    from detkit.evaluation.coco_eval import images_over_cap, stat_names
+
+    boxes = [(13 * (k % 15), 13 * (k // 15), 10, 10, 5) for k in range(150)]
+    gt = gt_dict([boxes, [(10, 10, 100, 100, 9)]])
+    dets = [det(1, x, y, w, h, cat, 1 - k / 1000) for k, (x, y, w, h, cat) in enumerate(boxes)]
+    dets.append(det(2, 10, 10, 100, 100, 9, 0.9))
+    capped = evaluate_coco(gt, dets, backend=backend)
+    assert capped["max_detections"] == 100 and capped["AR100"] == pytest.approx((100 / 150 + 1) / 2, abs=1e-12)
+    assert capped["per_class"]["a"] < 0.7
+    dense = evaluate_coco(gt, dets, backend=backend, max_detections=200)
+    assert set(stat_names(200)) <= set(dense) and "AR100" not in dense
+    assert dense["max_detections"] == 200 and dense["AP"] == dense["AR200"] == pytest.approx(1.0, abs=1e-12)
+    assert dense["AR10"] == pytest.approx((10 / 150 + 1) / 2, abs=1e-12)
+    table = format_metrics_table(dense)
+    assert "AR200" in table and "maxDets=200" in table and "maxDets=100" not in table
+    assert "maxDets=100" in format_metrics_table(capped)
+    assert images_over_cap(gt, 100) == [(1, 150)] and images_over_cap(gt, 150) == []
+    assert images_over_cap(gt, 100, per_class=True) == [(1, 150)]
+    mixed = gt_dict([[(x, y, w, h, 5 if k % 2 else 9) for k, (x, y, w, h, _) in enumerate(boxes)]])
+    assert images_over_cap(mixed, 100) == [(1, 150)] and images_over_cap(mixed, 100, per_class=True) == []
+    with pytest.raises(ValueError, match="max_detections=5: expected an integer >= 10"):
+        evaluate_coco(gt, dets, max_detections=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_summary_is_the_libraries_own_at_100_detections(backend):
+    """The numbers read out of the accumulated arrays are the ones the library's own summarize() prints."""
+    from detkit.evaluation.coco_eval import _run, summary
+
+    gt, dets = busy_case()
+    ev = _run(gt, dets, backend, 100)
+    with __import__("contextlib").redirect_stdout(__import__("io").StringIO()):
+        ev.summarize()
+    assert summary(ev) == pytest.approx(list(ev.stats[:12]), abs=1e-15)

@@ -68,6 +68,7 @@ def export(model, fmt: str, folder: Path):
     export_detector(model, fmt, str(path), EXAMPLE, {"class_names": CLASSES, "cat_ids": [1, 2, 3]})
     exported = load_exported(str(path))
     assert exported.format == fmt and exported.class_names == CLASSES and exported.cat_ids == [1, 2, 3]
+    assert exported.max_detections == model.roi_heads.cfg.detections_per_img  # the cap the graph was written with
     return exported
 
 

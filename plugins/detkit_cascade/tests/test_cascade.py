@@ -377,3 +377,18 @@ def test_stats_prints_each_stages_sampled_ious(trained, data_dir, capsys):
     assert [r.split(" | ")[1] for r in rows] == ["0.5", "0.6", "0.7"]
     assert stats.main([ckpt, "--num-images", "0"]) == 2
     assert "--num-images 0" in capsys.readouterr().err
+
+
+def test_eval_max_detections_caps_the_last_stage_too(registries, tmp_path):
+    """detkit's evaluation sets the cap of every RoIHeads a detector holds: the cascade's per-stage rules, whose
+    last stage post-processes the detections, included; restored after."""
+    from detkit.models.roi_heads import detections_capped
+
+    torch.manual_seed(0)
+    model = model_of(registries, tmp_path, roi_heads={"score_thresh": 0.0}).eval()
+    images, _ = batch(n=1)
+    with torch.no_grad():
+        assert len(model(images)[0]["boxes"]) > 5
+        with detections_capped(model, 5) as heads:
+            assert heads == 3 and len(model(images)[0]["boxes"]) == 5
+    assert [s.cfg.detections_per_img for s in model.roi_heads.stages] == [100, 100, 100]
