@@ -77,16 +77,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from detkit.engine.signals import Stopped, stop_on_signals
+
     try:
-        return args.func(args)
+        with stop_on_signals():  # SIGINT and SIGTERM raise Stopped: every temporary is removed on the way out
+            return args.func(args)
     except _user_errors() as exc:
         if os.environ.get("DETKIT_DEBUG"):
             raise
         msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"detkit {args.command}: error: {_without_worker_traceback(msg)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except Stopped as exc:
+        print(f"detkit {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # raised by a handler of a library's own
+        print(f"detkit {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
         from detkit.training.loop import TrainingInterrupted

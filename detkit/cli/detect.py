@@ -153,15 +153,20 @@ def cmd_infer(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from detkit.engine.signals import Stopped
     from detkit.export.run import ExportMismatch, export_checkpoint
 
-    try:
+    try:  # Ctrl-C or SIGTERM (Stopped, see cli.main): the temporary is removed, the output left as it was
         table = export_checkpoint(args.checkpoint, args.format, args.output, _registries(), images=args.images,
                                   count=args.num_images, overrides=args.overrides, overwrite=args.overwrite,
                                   tolerance=args.tolerance)
     except ExportMismatch as exc:  # not a usage error: the export itself is wrong
         print(f"detkit export: {exc}", file=sys.stderr)
         return 1
+    except Stopped as exc:
+        kept = "left as it was" if os.path.exists(args.output) else "not written"
+        print(f"detkit export: {exc}: {args.output} {kept}, no temporary left", file=sys.stderr)
+        return exc.exit_code
     print(table)
     print(f"wrote {args.output} ({args.format}; verified against the eager model)")
     return 0

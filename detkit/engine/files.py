@@ -59,7 +59,8 @@ def _as_write_error(target: str, exc: BaseException) -> WriteError:
 class PendingFile:
     """A temporary file beside ``target`` that becomes ``target`` on :meth:`commit`.
 
-    ``path`` is created empty (by mkstemp, so the name is new) as ``.<target name>.<random><suffix>`` unless a
+    ``path`` is created empty (by mkstemp, so the name is new) as ``.<target name>.<pid>.<random><suffix>``
+    (the pid lets :func:`remove_stale_temporaries` tell a dead writer's leftover from a live one's) unless a
     ``prefix`` is given (checkpoints use ``.tmp-``, which the next training run's clean-up looks for). A writer
     that takes a file name (``onnx.save``, ``torch.jit.save``, ``cv2.VideoWriter``, ``savefig``) writes to
     ``path``; give ``suffix`` the target's extension when the writer picks its format from it. A writer whose
@@ -71,7 +72,7 @@ class PendingFile:
         directory = os.path.dirname(os.path.abspath(self.target))
         os.makedirs(directory, exist_ok=True)
         if prefix is None:
-            prefix = f".{os.path.basename(self.target)}."
+            prefix = f".{os.path.basename(self.target)}.{os.getpid()}."
         try:
             fd, self.path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
         except OSError as exc:
@@ -103,6 +104,39 @@ class PendingFile:
             os.remove(self.path)
         except FileNotFoundError:
             pass
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[str]:
+    """Remove the temporaries of ``target`` (:class:`PendingFile`'s ``.<name>.<pid>.*``) whose writer is no
+    longer running on this machine: what a writer killed outright (``kill -9``, a power cut) left behind.
+    Returns the paths removed; a live writer's temporary is left alone."""
+    directory = os.path.dirname(os.path.abspath(os.fspath(target)))
+    start = f".{os.path.basename(os.fspath(target))}."
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(start):].split(".", 1)[0] if name.startswith(start) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            path = os.path.join(directory, name)
+            try:
+                os.remove(path)
+            except OSError:
+                continue
+            removed.append(path)
+    return removed
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from torch import Tensor
 from detkit.engine.checkpoint import describe_tensors, nonfinite_tensors
 from detkit.engine.distributed import mean_over_ranks
 from detkit.engine.files import WriteError
+from detkit.engine.signals import Stopped
 
 
 class Hook:
@@ -242,7 +243,7 @@ class StopOnSignal(Hook):
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:  # the second one: stop now, without the checkpoint
             self.after_train()
-            raise KeyboardInterrupt
+            raise Stopped(signum)
         self.signum = signum
         _log.warning("%s: finishing this step, then writing a checkpoint to resume from (send it again to stop at "
                      "once)", signal.Signals(signum).name)

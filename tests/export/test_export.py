@@ -234,3 +234,52 @@ def test_batched_nms_suppresses_within_a_group_only():
     assert _batched_nms(boxes, scores, torch.zeros(5, dtype=torch.int64), 0.5).tolist() == [3, 0]
     empty = _batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5)
     assert empty.shape == (0,)
+
+
+def test_sigterm_during_export_leaves_no_temporary_and_stale_ones_are_removed(checkpoint, images, tmp_path):
+    """SIGTERM while the file is written: exit 143, a message, the earlier file untouched and no temporary left
+    (before, the process died at once and left a 0-byte .tmp beside it); a temporary that a killed export left
+    (its pid no longer runs) is removed by the next export, a running writer's is not (issue 23, item 14)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "model.pt2"
+    out.write_bytes(b"an earlier export")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".model.pt2.{int(dead.stdout)}.x1y2.tmp.pt2"
+    live = tmp_path / f".model.pt2.{os.getpid()}.a3b4.tmp.pt2"
+    stale.write_bytes(b"")
+    live.write_bytes(b"")
+    proc = subprocess.Popen([sys.executable, "-m", "detkit", "export", checkpoint, "--format", "exported",
+                             "--output", str(out), "--images", images, "--overwrite"],
+                            stderr=subprocess.PIPE, text=True)
+    own = f".model.pt2.{proc.pid}."
+    deadline = time.monotonic() + 300
+    while not any(p.name.startswith(own) for p in tmp_path.iterdir()) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not stale.exists()  # removed before the new temporary was made
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "left as it was, no temporary left" in err and "Traceback" not in err
+    assert out.read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name])
+
+
+def test_a_signal_raises_stopped_and_the_atomic_write_cleans_up(tmp_path):
+    import signal
+
+    from detkit.engine.files import atomic_path
+    from detkit.engine.signals import Stopped, stop_on_signals
+
+    before = signal.getsignal(signal.SIGINT)
+    for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        with pytest.raises(Stopped) as stopped, stop_on_signals(), atomic_path(tmp_path / "f.onnx") as tmp:
+            Path(tmp).write_bytes(b"half")
+            os.kill(os.getpid(), signum)
+        assert stopped.value.exit_code == code and isinstance(stopped.value, KeyboardInterrupt)
+        assert os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
