@@ -70,8 +70,9 @@ def _eval_results_file(args, registries) -> int:
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.results)), "eval")
     check_output_dir(out, "--output")
     try:
+        cap = (args.max_detections or DEFAULT_MAX_DETECTIONS) if metric == "coco" else None  # VOC counts every one
         score_and_write(dataset, results, out, metric, "faster_coco_eval", list(dataset.class_names),
-                        write_results=False, max_detections=(args.max_detections or DEFAULT_MAX_DETECTIONS) if metric == "coco" else None)
+                        write_results=False, max_detections=cap)
     except ValueError as exc:
         raise ConfigError(f"{args.results}: {exc}") from None
     print(f"metrics: {os.path.join(out, 'metrics.json')}")

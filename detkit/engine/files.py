@@ -60,7 +60,7 @@ class PendingFile:
     """A temporary file beside ``target`` that becomes ``target`` on :meth:`commit`.
 
     ``path`` is created empty (by mkstemp, so the name is new) as ``.<target name>.<pid>.<random><suffix>``
-    (the pid lets :func:`remove_stale_temporaries` tell a dead writer's leftover from a live one's) unless a
+    (the pid lets :func:`remove_orphaned_temporaries` tell a dead writer's leftover from a live one's) unless a
     ``prefix`` is given (checkpoints use ``.tmp-``, which the next training run's clean-up looks for). A writer
     that takes a file name (``onnx.save``, ``torch.jit.save``, ``cv2.VideoWriter``, ``savefig``) writes to
     ``path``; give ``suffix`` the target's extension when the writer picks its format from it. A writer whose
@@ -116,7 +116,7 @@ def _running(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(target: str | os.PathLike) -> list[str]:
+def remove_orphaned_temporaries(target: str | os.PathLike) -> list[str]:
     """Remove the temporaries of ``target`` (:class:`PendingFile`'s ``.<name>.<pid>.*``) whose writer is no
     longer running on this machine: what a writer killed outright (``kill -9``, a power cut) left behind.
     Returns the paths removed; a live writer's temporary is left alone."""

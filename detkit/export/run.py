@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from detkit.engine.files import atomic_path, remove_stale_temporaries
+from detkit.engine.files import atomic_path, remove_orphaned_temporaries
 from detkit.export.formats import FORMATS, export_detector, load_exported
 from detkit.export.graph import ExportError, check_exportable
 from detkit.export.verify import format_comparisons, verify
@@ -103,7 +103,7 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str, registries, images
     from detkit.models.loading import model_from_checkpoint
 
     check_request(fmt, output, overwrite, list(images or []), count, tolerance)
-    for path in remove_stale_temporaries(output):
+    for path in remove_orphaned_temporaries(output):
         log.info("removed %s, left by an export that was killed", path)
     model, cfg, ckpt = model_from_checkpoint(checkpoint, registries, torch.device("cpu"), overrides)
     model.eval()

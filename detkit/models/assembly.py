@@ -25,7 +25,7 @@ from detkit.models.detector import TwoStageDetector
 from detkit.models.fpn import FeatureBody, WithNeck
 from detkit.models.roi_heads import RoIHeads
 from detkit.models.transform import DetectionTransform
-from detkit.registry.binding import build_detector as _build_bound
+from detkit.registry.binding import build_detector as _build_bound, plugin_errors
 from detkit.registry.contexts import (BoxHeadContext, BoxPredictorContext, DetectorContext, NeckContext,
                                       ProposalGeneratorContext, RoIExtractorContext)
 
@@ -57,7 +57,8 @@ def build_backbone(cfg: ModelConfig, registries, num_classes: int = 1000):
     """The configured backbone with its weights (if a local file is given)."""
     entry = registries.backbones.get(cfg.backbone.name)
     check_kwargs(entry.builder, {"num_classes": num_classes, **cfg.backbone.args}, "model.backbone.args")
-    backbone = entry.builder(num_classes=num_classes, **cfg.backbone.args)
+    with plugin_errors(registries, entry, f"model.backbone: backbone {entry.name!r}"):
+        backbone = entry.builder(num_classes=num_classes, **cfg.backbone.args)
     if cfg.backbone.weights:
         backbone.load_pretrained(cfg.backbone.weights)  # logs what it loaded, missed and skipped
     return backbone

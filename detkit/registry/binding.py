@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from detkit.config import (Config, ConfigError, ModelConfig, NoSettings, Origin, PartConfig, TrainConfig,
@@ -19,7 +22,7 @@ from detkit.config import (Config, ConfigError, ModelConfig, NoSettings, Origin,
                            part_section)
 from detkit.registry.contexts import BuildContext, DetectorContext, ScheduleContext
 from detkit.registry.kinds import PartKind, Slot
-from detkit.registry.records import UnknownNameError
+from detkit.registry.records import PluginError, UnknownNameError
 
 _MISSING = object()
 
@@ -188,7 +191,9 @@ def slot_builder(model: ModelConfig, registries):
             raise ConfigError(f"model.{key}.name={part.name!r}: detector {model.detector.name!r} takes "
                               f"{' or '.join(map(repr, slot.choices))} there")
         kind = registries.part_kind(slot.kind)
-        return call_builder(kind, registries.kind(kind.plural).get(part.name), part.settings, context)
+        entry = registries.kind(kind.plural).get(part.name)
+        with plugin_errors(registries, entry, f"model.{key}: {kind.key} {part.name!r}"):
+            return call_builder(kind, entry, part.settings, context)
 
     return build
 
@@ -199,4 +204,25 @@ def build_detector(model: ModelConfig, registries, num_classes: int, class_names
     entry = registries.detectors.get(model.detector.name)
     context = DetectorContext(model=model, num_classes=num_classes, class_names=list(class_names) if class_names
                               else None, registries=registries, build=slot_builder(model, registries))
-    return call_builder(registries.part_kind("detector"), entry, model.detector.settings, context)
+    with plugin_errors(registries, entry, f"model.detector: detector {entry.name!r}"):
+        return call_builder(registries.part_kind("detector"), entry, model.detector.settings, context)
+
+
+@contextmanager
+def plugin_errors(registries, entry, what: str) -> Iterator[None]:
+    """Around the call of a third-party plugin's builder: an exception it raises (other than a message meant
+    for the user: ConfigError, PluginError, UnknownNameError, OSError) becomes a :class:`PluginError` naming
+    ``what`` (``"model.neck: neck 'bifpn'"``), the plugin, its distribution and the error, so ``train`` ends
+    with one line and exit 2 instead of a traceback from inside the plugin. A built-in plugin's exception is
+    detkit's own bug and keeps its traceback, as every one does with ``DETKIT_DEBUG=1``."""
+    try:
+        yield
+    except (ConfigError, PluginError, UnknownNameError, OSError):
+        raise
+    except Exception as exc:
+        record = getattr(registries, "plugins", {}).get(entry.plugin)
+        if record is None or record.builtin or os.environ.get("DETKIT_DEBUG"):
+            raise
+        raise PluginError(f"{what} of plugin {entry.plugin!r} ({record.origin}) failed to build: "
+                          f"{type(exc).__name__}: {exc} (a bug in that plugin, or a setting it does not check; "
+                          f"DETKIT_DEBUG=1 shows the traceback)") from exc

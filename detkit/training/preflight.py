@@ -43,7 +43,8 @@ def work_dir_lock(work_dir: str) -> Iterator[None]:
 
 def check_before_training(cfg: Config, registries, resume: str | bool | None, overwrite: bool) -> None:
     """Raise ConfigError, MediaError (a path) or the dataset's own error for a config whose run cannot
-    succeed, touching nothing: the options, the weights file, the test set, the work directory's path. The
+    succeed, touching nothing: the options, the weights file, the test set (and, where ``overwrite`` would
+    remove an earlier run, the training set), the work directory's path. The
     caller then takes :func:`work_dir_lock` and prepares the directory (:func:`prepare_work_dir`) under it.
     Every process of a ``torchrun`` job calls both; only rank 0 locks and removes files."""
     if resume and overwrite:
@@ -52,6 +53,10 @@ def check_before_training(cfg: Config, registries, resume: str | bool | None, ov
     check_output_dir(cfg.train.work_dir, "train.work_dir")
     if cfg.train.eval_at_end and cfg.data.test:
         build_checked_dataset(cfg.data.test, registries, "test")
+    if overwrite and os.path.isdir(cfg.train.work_dir) and any(os.scandir(cfg.train.work_dir)):
+        # --overwrite is about to remove the earlier run: the training set is read and checked first, so that a
+        # run that cannot start leaves the earlier one where it was
+        build_checked_dataset(cfg.data.train, registries, "train")
 
 
 def check_weights_file(path: str | None) -> None:

@@ -292,3 +292,49 @@ def test_a_plugin_that_calls_sys_exit_at_import_is_skipped_like_any_broken_one(t
     captured = capsys.readouterr()
     assert "faster_rcnn" in captured.out
     assert "exiting_plugin" in captured.err and "SystemExit" in captured.err
+
+
+def test_a_third_party_builder_that_raises_is_named_in_one_line(tmp_path, monkeypatch, capsys):
+    """A plugin's builder that raised ended train with a traceback from inside the plugin (issue 23, item 16): now
+    one line names the config key, the part, the plugin and its error, exit 2; a built-in's stays a traceback."""
+    import yaml
+
+    from detkit.cli import main
+
+    site = tmp_path / "site"
+    site.mkdir()
+    install(site, "detkit-fragile", "fragile", "fragile_plugin", HEAD + textwrap.dedent("""
+        @hookimpl
+        def detkit_register_backbones(register):
+            def fragilenet(num_classes=1000):
+                raise RuntimeError("fragilenet needs a GPU driver")
+            register("fragilenet", fragilenet)
+
+        @hookimpl
+        def detkit_register_necks(register):
+            def fragile_neck(settings, context):
+                return {}["levels"]
+            register("fragile_neck", fragile_neck)
+        """))
+    monkeypatch.syspath_prepend(str(site))
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--num-images", "2", "--size", "64x64"]) == 0
+    spec = {"name": "coco", "images": str(data / "images"), "annotations": str(data / "annotations.json")}
+    for model, expected in (
+            ({"backbone": {"name": "fragilenet"}},
+             "model.backbone: backbone 'fragilenet' of plugin 'fragile' (detkit-fragile 0.1) failed to build: "
+             "RuntimeError: fragilenet needs a GPU driver"),
+            ({"backbone": {"name": "tiny"}, "neck": {"name": "fragile_neck"}},
+             "model.neck: neck 'fragile_neck' of plugin 'fragile' (detkit-fragile 0.1) failed to build: "
+             "KeyError: 'levels'")):
+        cfg = tmp_path / "cfg.yaml"
+        cfg.write_text(yaml.safe_dump({"model": model, "data": {"train": spec, "test": spec, "num_workers": 0},
+                                       "train": {"work_dir": str(tmp_path / "run"), "max_iters": 1}}))
+        capsys.readouterr()
+        assert main(["train", str(cfg), "--no-progress", "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, err
+        assert "DETKIT_DEBUG=1 shows the traceback" in err
+    monkeypatch.setenv("DETKIT_DEBUG", "1")
+    with pytest.raises(KeyError, match="levels"):
+        main(["train", str(cfg), "--no-progress", "--overwrite"])

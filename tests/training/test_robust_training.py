@@ -480,6 +480,26 @@ def test_test_classes_the_model_lacks_are_refused_before_training(data_dir, tmp_
     assert not list((tmp_path / "run").glob("*.pth"))
 
 
+def test_overwrite_keeps_the_earlier_run_when_the_new_training_set_is_refused(data_dir, tmp_path, capsys):
+    """--overwrite removed the earlier run before the trainer read the training set: a refused training set (here
+    two categories of one name) left no run at all. The training set is now checked first."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "final.pth").write_bytes(b"the earlier run")
+    other = copy_data(data_dir, tmp_path / "other")
+    coco = json.loads((other / "train" / "annotations.json").read_text())
+    coco["categories"][1]["name"] = coco["categories"][0]["name"]
+    (other / "train" / "annotations.json").write_text(json.dumps(coco))
+    cfg = write_config(tmp_path / "c.yaml", other, run, max_iters=2)
+    data = yaml.safe_load(cfg.read_text())
+    data["data"]["test"]["annotations"] = str(data_dir / "val" / "annotations.json")
+    data["data"]["test"]["images"] = str(data_dir / "val" / "images")
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["train", str(cfg), "--no-progress", "--overwrite"]) == 2
+    assert "data.train" in capsys.readouterr().err
+    assert (run / "final.pth").read_bytes() == b"the earlier run"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_sigint_finish_the_step_save_a_checkpoint_and_say_how_to_resume(data_dir, tmp_path, signum,
