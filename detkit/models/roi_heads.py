@@ -182,7 +182,7 @@ class RoIHeads(nn.Module):
 
 @contextlib.contextmanager
 def detections_capped(model: nn.Module, count: int) -> Iterator[int]:
-    """Inside the block every :class:`RoIHeads` of ``model`` (one, or a cascade's per stage) keeps at most
+    """Inside the block every :class:`RoIHeads` of ``model`` (one, or one per stage of a multi-stage head) keeps at most
     ``count`` detections per image (``detections_per_img``); their settings are restored after. Yields how
     many heads it set: 0 for a model without detkit RoI heads (an exported file, whose cap was fixed when it
     was written, or a detector of another shape)."""
