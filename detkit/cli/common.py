@@ -75,19 +75,13 @@ def _mapping_argument(text: str, expected: str) -> dict:
 
 
 def _data_spec(spec: str | None, args, classes: list[str] | None = None) -> dict | None:
-    """The dataset ``--data``/``--dataset`` names: a path a registered format recognises (its ``from_path``
-    declaration; ``--images``, ``--split``, ``--classes`` or else ``classes``, a checkpoint's, go with it), or a
-    mapping."""
-    from detkit.data.loading import dataset_from_path, path_forms
+    """The dataset ``--data``/``--dataset`` names (:func:`detkit.data.loading.dataset_spec`: a path a registered
+    format recognises, with ``--images``, ``--split``, ``--classes`` or else ``classes``, a checkpoint's; or a
+    mapping)."""
+    from detkit.data.loading import dataset_spec
 
     if not spec:
         return None
-    registry = _registries().datasets
     given = [c.strip() for c in (getattr(args, "classes", None) or "").split(",") if c.strip()]
-    options = {"images": getattr(args, "images", None), "split": getattr(args, "split", None),
-               "classes": given or (list(classes) if classes else None)}
-    found = dataset_from_path(spec, registry, options)
-    if found is not None:
-        return found
-    return _mapping_argument(spec, f"{path_forms(registry)} or a mapping such as "
-                                   "'{name: coco, images: DIR, annotations: FILE}'")
+    return dataset_spec(spec, _registries().datasets, getattr(args, "images", None), getattr(args, "split", None),
+                        given or (list(classes) if classes else None))

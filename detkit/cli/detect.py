@@ -12,29 +12,21 @@ from detkit.cli.common import (_add_model_run_options, _add_set, _data_spec, _de
 
 
 def cmd_eval(args) -> int:
-    from detkit.data.loading import build_dataset
+    from detkit.api import evaluate
     from detkit.data.media import check_output_dir
-    from detkit.evaluation import evaluate
-    from detkit.models.loading import model_from_checkpoint
 
     registries = _registries()
     if args.results:
         return _eval_results_file(args, registries)
     if not args.checkpoint:
         raise argparse.ArgumentTypeError("eval: give a CHECKPOINT, or --results DETS.json with --dataset")
-    if args.metric:
-        args.overrides.append(f"eval.metric={args.metric}")
-    if args.max_detections:
-        args.overrides.append(f"eval.max_detections={args.max_detections}")
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     check_output_dir(out, "--output" if args.output else "--output (default: eval/ beside the checkpoint)")
-    device = _device(args.device)
-    model, cfg, ckpt = model_from_checkpoint(args.checkpoint, registries, device, args.overrides)
-    _apply_svd(model, args.svd)
-    model = _exported_model(args, model)
-    spec = _data_spec(args.data, args, list(ckpt["class_names"]))  # a VOC directory: the model's classes
-    dataset = build_dataset(spec or cfg.data.test, registries, "test" if spec is None else "--data")
-    evaluate(model, cfg, registries, device, out, dataset=dataset, progress=not args.no_progress)
+    given = [c.strip() for c in (args.classes or "").split(",") if c.strip()]
+    evaluate(args.checkpoint, data=args.data, output=out, device=args.device or "auto", metric=args.metric,
+             max_detections=args.max_detections, overrides=args.overrides, progress=not args.no_progress,
+             export=args.export, svd=_svd_ranks(args.svd), images=args.images, split=args.split,
+             classes=given or None, registries=registries)
     print(f"metrics: {os.path.join(out, 'metrics.json')}")
     return 0
 
@@ -80,42 +72,37 @@ def _eval_results_file(args, registries) -> int:
 
 
 def _exported_model(args, model):
-    """``--export FILE``: the exported detector instead of the checkpoint's eager one (the checkpoint still gives
+    """``--export FILE``: the exported detector instead of the checkpoint's eager model (the checkpoint still gives
     the config and the classes)."""
     if not args.export:
         return model
+    from detkit.api import exported_in_place_of
     from detkit.config import ConfigError
-    from detkit.export.formats import load_exported
 
     if args.svd:
         raise ConfigError("--svd compresses the eager model's fc layers; an --export file is run as it was written")
-    exported = load_exported(args.export)
-    if exported.class_names and exported.class_names != list(model.class_names or exported.class_names):
-        raise ConfigError(f"--export {args.export}: its classes {exported.class_names} are not the checkpoint's "
-                          f"{model.class_names}")
-    return exported
+    return exported_in_place_of(model, args.export)
+
+
+def _svd_ranks(spec: str | None) -> list[int] | None:
+    """``--svd [RANKS]``: the ranks of a truncated SVD of the box head's fully connected layers."""
+    if spec is None:
+        return None
+    from detkit.config import ConfigError
+
+    try:
+        return [int(r) for r in spec.split(",") if r.strip()]
+    except ValueError:
+        raise ConfigError(f"--svd {spec!r}: expected comma-separated ranks such as 1024,256") from None
 
 
 def _apply_svd(model, spec: str | None) -> None:
-    """``--svd [RANKS]``: truncated SVD of the RoI head's fully connected layers (Fast R-CNN Sec. 3.1)."""
-    if spec is None:
-        return
-    from detkit.config import ConfigError
-    from detkit.models.svd import compress_fully_connected
+    """``--svd [RANKS]`` on ``model`` (:func:`detkit.api.compress`)."""
+    ranks = _svd_ranks(spec)
+    if ranks is not None:
+        from detkit.api import compress
 
-    try:
-        ranks = [int(r) for r in spec.split(",") if r.strip()]
-    except ValueError:
-        raise ConfigError(f"--svd {spec!r}: expected comma-separated ranks such as 1024,256") from None
-    head = model.svd_layers() if callable(getattr(model, "svd_layers", None)) else None
-    if head is None:
-        raise ConfigError(f"--svd: this detector ({type(model).__name__}) declares no fully connected layers to "
-                          f"factor (a svd_layers() method)")
-    try:
-        replaced = compress_fully_connected(head, ranks)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    print("truncated SVD: " + "; ".join(replaced))
+        print("truncated SVD: " + "; ".join(compress(model, ranks)))
 
 
 def cmd_infer(args) -> int:

@@ -12,8 +12,6 @@ from detkit.config import ConfigError
 
 
 def cmd_list(args) -> int:
-    import dataclasses
-
     if args.kind == "plugins":  # every plugin: what it registered, or why it was skipped
         from detkit.plugins import format_plugins
 
@@ -29,20 +27,22 @@ def cmd_list(args) -> int:
                 raise ConfigError(str(exc)) from None
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
+    from detkit.api import list_parts
+
     kinds = [kind] if args.kind else registries.kinds
     for kind in kinds:
-        registry = registries.kind(kind)
-        print(f"{kind} ({len(registry)}):")
-        for entry in registry.entries():
+        parts = list_parts(kind, registries)
+        print(f"{kind} ({len(parts)}):")
+        for part in parts:
             extra = ""
             if kind == "backbones":
-                extra = _backbone_facts(entry)
-            if entry.settings is not None:  # the part's config keys (detkit config show prints their values)
-                extra = f"keys=[{', '.join(f.name for f in dataclasses.fields(entry.settings))}] "
-            info = ", ".join(f"{k}={v}" for k, v in entry.info.items() if k != "slots")
-            print(f"  {entry.name:<28} plugin={entry.plugin:<12} {extra}{info}")
-            if "slots" in entry.info:  # a detector's shape: the sections model.<key> it takes
-                print(f"  {'':<28} slots: {'; '.join(_describe_slot(s) for s in entry.info['slots'])}")
+                extra = _backbone_facts(registries.kind(kind).get(part.name))
+            if registries.kind(kind).get(part.name).settings is not None:  # its config keys (config show: values)
+                extra = f"keys=[{', '.join(part.settings)}] "
+            info = ", ".join(f"{k}={v}" for k, v in part.info.items() if k != "slots")
+            print(f"  {part.name:<28} plugin={part.plugin:<12} {extra}{info}")
+            if "slots" in part.info:  # a detector's shape: the sections model.<key> it takes
+                print(f"  {'':<28} slots: {'; '.join(_describe_slot(s) for s in part.info['slots'])}")
     return 0
 
 

@@ -20,20 +20,19 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_config_show(args) -> int:
-    from detkit.config import dump, load_config
+    from detkit.api import load_config
+    from detkit.config import dump
 
     print(dump(load_config(args.config, args.overrides, _registries())), end="")
     return 0
 
 
 def cmd_train(args) -> int:
-    from detkit.config import load_config
-    from detkit.training import train
+    from detkit.api import train
 
-    registries = _registries()
-    cfg = load_config(args.config, args.overrides, registries)
-    result = train(cfg, registries, resume=args.resume if args.resume != "" else True,
-                   progress=not args.no_progress, overwrite=args.overwrite)
+    resume = False if args.resume is None else (args.resume or True)  # --resume alone: the newest checkpoint
+    result = train(args.config, args.overrides, resume=resume, progress=not args.no_progress,
+                   overwrite=args.overwrite, registries=_registries())
     print(f"checkpoint: {result['checkpoint']}")
     return 0
 

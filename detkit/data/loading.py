@@ -8,6 +8,7 @@ target as ``sample_seed``.
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Iterator
 
 import torch
@@ -35,6 +36,24 @@ def build_dataset(spec: dict | None, registries, key: str, transform=None, skip_
     return entry.builder(**spec, **given)
 
 
+def with_absolute_paths(spec: dict | None, registry) -> dict | None:
+    """``spec`` with the arguments its format declares as paths (registration info ``paths=("images",
+    "annotations")``) made absolute, relative ones taken from the working directory, and the nested dataset
+    mappings a format declares (``parts="datasets"``) likewise. Training records its data this way, so that a
+    checkpoint's ``data.test`` is found from any directory. A format or value it does not know is left as it is."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or spec["name"] not in registry:
+        return spec
+    entry = registry.get(spec["name"])
+    out = dict(spec)
+    for key in entry.info.get("paths", ()):
+        if isinstance(out.get(key), str) and out[key]:
+            out[key] = os.path.abspath(os.path.expanduser(out[key]))
+    nested = entry.info.get("parts")
+    if nested and isinstance(out.get(nested), list):
+        out[nested] = [with_absolute_paths(part, registry) for part in out[nested]]
+    return out
+
+
 def dataset_from_path(path: str, registry, options: dict) -> dict | None:
     """The dataset mapping a bare path stands for (``detkit eval --dataset PATH``): the first format whose
     registration declares ``from_path=function(path, options) -> mapping | None`` and recognises ``path``;
@@ -45,6 +64,31 @@ def dataset_from_path(path: str, registry, options: dict) -> dict | None:
         if spec is not None:
             return spec
     return None
+
+
+def dataset_spec(spec: str | dict, registry, images: str | None = None, split: str | None = None,
+                 classes: list[str] | None = None, what: str = "--data") -> dict:
+    """The dataset mapping ``spec`` names: a mapping as it is, a path a registered format recognises
+    (:func:`dataset_from_path`; ``images``, ``split`` and ``classes`` go with it), or a YAML mapping in text
+    (``'{name: coco, images: DIR, annotations: FILE}'``). ConfigError naming ``what`` and the forms there are."""
+    import yaml
+
+    from detkit.config import safe_load_yaml
+
+    if isinstance(spec, dict):
+        return dict(spec)
+    spec = os.fspath(spec)
+    found = dataset_from_path(spec, registry, {"images": images, "split": split, "classes": classes})
+    if found is not None:
+        return found
+    try:
+        data = safe_load_yaml(spec, what)
+    except yaml.YAMLError:
+        data = None
+    if not isinstance(data, dict):
+        expected = f"{path_forms(registry)} or a mapping such as '{{name: coco, images: DIR, annotations: FILE}}'"
+        raise ConfigError(f"{what} {spec!r}: expected {expected}")
+    return data
 
 
 def path_forms(registry) -> str:

@@ -180,18 +180,27 @@ class RoIHeads(nn.Module):
         return results
 
 
+def set_roi_heads(model: nn.Module, **changes) -> int:
+    """Change settings (``score_thresh``, ``detections_per_img``...) of every :class:`RoIHeads` of ``model``
+    (one, or one per stage of a multi-stage head); returns how many it changed: 0 for a model without detkit
+    RoI heads (an exported file, a detector of another shape)."""
+    heads = [m for m in model.modules() if isinstance(m, RoIHeads)] if isinstance(model, nn.Module) else []
+    if changes:
+        for h in heads:
+            h.cfg = replace(h.cfg, **changes)
+    return len(heads)
+
+
 @contextlib.contextmanager
 def detections_capped(model: nn.Module, count: int) -> Iterator[int]:
-    """Inside the block every :class:`RoIHeads` of ``model`` (one, or one per stage of a multi-stage head) keeps at most
-    ``count`` detections per image (``detections_per_img``); their settings are restored after. Yields how
-    many heads it set: 0 for a model without detkit RoI heads (an exported file, whose cap was fixed when it
-    was written, or a detector of another shape)."""
+    """Inside the block the RoI heads of ``model`` keep at most ``count`` detections per image
+    (``detections_per_img``, :func:`set_roi_heads`); their settings are restored after. Yields how many heads
+    it set: 0 for a model without detkit RoI heads (an exported file, whose cap was fixed when it was written,
+    or a detector of another shape)."""
     heads = [m for m in model.modules() if isinstance(m, RoIHeads)] if isinstance(model, nn.Module) else []
     saved = [h.cfg for h in heads]
-    for h in heads:
-        h.cfg = replace(h.cfg, detections_per_img=int(count))
     try:
-        yield len(heads)
+        yield set_roi_heads(model, detections_per_img=int(count))
     finally:
         for h, cfg in zip(heads, saved):
             h.cfg = cfg

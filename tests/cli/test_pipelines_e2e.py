@@ -155,10 +155,11 @@ def test_inference_on_new_images_searches_them(trained, workspace, tmp_path):
     assert (out / "results.json").is_file()
 
 
-def test_eval_with_truncated_svd(trained, tmp_path, capsys):
+def test_eval_with_truncated_svd(trained, tmp_path, capsys, caplog):
+    caplog.set_level("INFO", logger="detkit.api")
     assert main(["eval", str(trained["fast_rcnn"]), "--svd", "16,8", "--output", str(tmp_path / "svd"),
                  "--no-progress"]) == 0
-    assert "rank 16" in capsys.readouterr().out
+    assert "truncated SVD" in caplog.text and "rank 16" in caplog.text  # logged by detkit.api.evaluate
     assert (tmp_path / "svd" / "metrics.json").is_file()
     assert main(["eval", str(trained["fast_rcnn"]), "--svd", "64", "--output", str(tmp_path / "bad"),
                  "--no-progress"]) != 0
