@@ -1,12 +1,13 @@
-"""``detkit data synth``, ``synth-cls``, ``synth-video`` and ``tile``: making datasets (synthetic detection
-images, classification crops, a video) and cutting a dataset of large images into tiles."""
+"""``detkit data synth``, ``synth-cls``, ``synth-video``, ``tile``, ``check`` and ``convert``: making datasets
+(synthetic detection images, classification crops, a video), cutting a dataset of large images into tiles,
+summarising a dataset before training on it, and writing it in another layout (COCO, VOC, YOLO)."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from detkit.cli.common import _data_spec, _registries, number
+from detkit.cli.common import _add_set, _data_spec, _registries, number
 
 
 def cmd_synth(args) -> int:
@@ -64,6 +65,102 @@ def cmd_data_tile(args) -> int:
     return 0
 
 
+def _dataset_argument(text: str, args, what: str) -> dict:
+    """The dataset mapping ``text`` (``what``: the argument's name) stands for: a path a format recognises (its
+    ``from_path``) or a mapping; ConfigError naming it and the forms it may take otherwise."""
+    from detkit.config import ConfigError
+    from detkit.data.loading import dataset_from_path, path_forms
+
+    registry = _registries().datasets
+    expected = f"{path_forms(registry)} or a mapping '{{name: coco, images: DIR, annotations: FILE}}'"
+    if not text.lstrip().startswith("{"):
+        if not os.path.exists(text):
+            raise ConfigError(f"{what} {text}: no such file or folder; expected {expected}")
+        if os.path.isdir(text) and dataset_from_path(text, registry, {}) is None:
+            raise ConfigError(f"{what} {text}: a folder no dataset format recognises; expected {expected}")
+    return _data_spec(text, args)
+
+
+def _anchor_scale(args):
+    """The anchors ``data check`` compares boxes with: ``--config``'s proposal generator's (None when it has no
+    anchors), or the RPN's defaults; with the resize of that config's (or the default) transform."""
+    from detkit.config import TransformConfig, load_config
+    from detkit.data.check import AnchorScale
+    from detkit.models.rpn import AnchorSettings
+    from detkit.models.transform import DetectionTransform
+
+    if args.config:
+        cfg = load_config(args.config, args.overrides, _registries())
+        part = getattr(cfg.model, "proposal_generator", None)
+        anchors = getattr(getattr(part, "settings", None), "anchors", None)
+        if anchors is None:
+            print(f"note: {args.config}: model.proposal_generator ({getattr(part, 'name', None)}) has no anchors; "
+                  f"box sizes are not compared with any", file=sys.stderr)
+            return None
+        sizes, transform = anchors.sizes, cfg.model.transform
+        source = f"model.proposal_generator.anchors.sizes of {args.config}"
+    else:
+        sizes, transform = AnchorSettings().sizes, TransformConfig()
+        source = "the rpn's default anchors.sizes; --config CONFIG compares with a config's"
+    min_sizes = sorted([transform.min_size] if isinstance(transform.min_size, int) else transform.min_size)
+    side = min_sizes[len(min_sizes) // 2]  # multi-scale training: the middle of the shorter sides drawn
+    resize = DetectionTransform(side, transform.max_size, [0.0] * 3, [1.0] * 3, 1)
+    words = ("the image's own size" if side <= 0 else
+             f"shorter side {side}{' (the middle of ' + str(min_sizes) + ')' if len(min_sizes) > 1 else ''}, "
+             f"longer at most {transform.max_size}")
+    return AnchorScale(tuple(float(a) for a in sizes), source, lambda h, w: resize.scale_for(h, w, side), words)
+
+
+def cmd_data_check(args) -> int:
+    from detkit.data.check import format_summary, read_reporting, summarize
+    from detkit.data.loading import build_dataset
+    from detkit.data.media import check_output_dir
+    from detkit.engine.files import write_json_atomic
+
+    if args.json:
+        check_output_dir(os.path.dirname(os.path.abspath(args.json)), "--json")
+    anchors = _anchor_scale(args)  # a bad config is refused before the dataset is read
+    spec = _dataset_argument(args.dataset, args, "DATASET")
+    registries = _registries()
+    dataset, warnings = read_reporting(lambda: build_dataset(spec, registries, "DATASET"))
+    summary = {"format": spec.get("name"), **summarize(dataset, anchors, warnings)}
+    print(format_summary(summary))
+    if args.json:
+        write_json_atomic(args.json, summary, indent=2)
+        print(f"summary written to {args.json}")
+    return 0
+
+
+def cmd_data_convert(args) -> int:
+    from detkit.data.convert import convert_dataset
+    from detkit.data.loading import build_dataset, check_image_files
+
+    spec = _dataset_argument(args.source, args, "SRC")
+    dataset = build_dataset(spec, _registries(), "SRC")
+    check_image_files(dataset, "SRC")
+    inputs = [spec[key] for key in ("annotations", "data") if isinstance(spec.get(key), str)]
+    done = convert_dataset(dataset, args.out, args.to, args.split, overwrite=args.overwrite, copy=args.copy,
+                           inputs=inputs, comment=f"written by detkit data convert from {args.source}")
+    how = ", ".join(f"{done[k]} {k}" for k in ("linked", "copied") if done[k])
+    print(f"wrote {done['images']} images ({how}) and {done['boxes']} boxes to {args.out} as {args.to}"
+          + (f" (split {done['split']})" if done["split"] else ""))
+    if done["left_out"]:
+        print(f"note: {done['left_out']} crowd regions or difficult objects left out: YOLO has no flag for them",
+              file=sys.stderr)
+    if done["rounded"]:
+        print(f"note: {done['rounded']} boxes moved by up to half a pixel: VOC stores whole pixels", file=sys.stderr)
+    if done["dropped"]:
+        print(f"note: {done['dropped']} boxes without area once rounded to whole pixels or clipped to the image "
+              f"left out", file=sys.stderr)
+    if done["resized"]:
+        print(f"note: {done['resized']} images are not the size their annotations give: their boxes are clipped to "
+              f"the real size and normalised by it", file=sys.stderr)
+    if args.to == "voc":
+        print(f"read it with classes: [{', '.join(done['classes'])}] in the config, or --classes "
+              f"{','.join(done['classes'])} (the VOC reader's default is the 20 VOC classes)")
+    return 0
+
+
 def cmd_synth_cls(args) -> int:
     from detkit.config import ConfigError
     from detkit.data.synth_cls import synthesize_classification
@@ -95,7 +192,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def add_data_parser(sub) -> None:
-    """``detkit data synth``, ``tile``, ``synth-cls`` and ``synth-video``."""
+    """``detkit data synth``, ``tile``, ``check``, ``convert``, ``synth-cls`` and ``synth-video``."""
     p = sub.add_parser("data", help="dataset utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
     ps = dsub.add_parser("synth", help="generate the built-in synthetic dataset")
@@ -141,6 +238,36 @@ def add_data_parser(sub) -> None:
     ps.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     ps.add_argument("--no-progress", action="store_true")
     ps.set_defaults(func=cmd_data_tile)
+    dataset_forms = ("a COCO json (images in images/ beside it, or --images), a VOC directory (with Annotations/; "
+                     "--split, --classes), a YOLO data.yaml (--split) or a mapping '{name: coco, images: DIR, "
+                     "annotations: FILE}'")
+    ps = dsub.add_parser("check", help="summarise a dataset before training on it: images, boxes per class, box "
+                                       "sizes against the anchors, and the problems found (exit 2 when it cannot "
+                                       "be read)")
+    ps.add_argument("dataset", metavar="DATASET", help=dataset_forms)
+    ps.add_argument("--images", help="images directory for a COCO json")
+    ps.add_argument("--split", help="split to read: a VOC split file (default trainval) or a YOLO data.yaml key "
+                                    "(default train)")
+    ps.add_argument("--classes", help="comma-separated class list for a VOC directory (default: the 20 VOC classes)")
+    ps.add_argument("--config", help="compare box sizes with this config's anchors and input size (default: the "
+                                     "RPN's default anchors, 128, 256, 512 px, at a 600 px shorter side)")
+    _add_set(ps)
+    ps.add_argument("--json", metavar="FILE", help="also write the summary to FILE as JSON")
+    ps.set_defaults(func=cmd_data_check)
+    ps = dsub.add_parser("convert", help="write a dataset in another layout (COCO, VOC or YOLO); images are "
+                                         "hard-linked where possible, else copied")
+    ps.add_argument("source", metavar="SRC", help=dataset_forms)
+    ps.add_argument("--to", required=True, choices=["coco", "voc", "yolo"], help="layout to write")
+    ps.add_argument("--out", required=True, help="output dataset folder (new or empty; see --overwrite)")
+    ps.add_argument("--split", help="split to read (a VOC split file, default trainval; a YOLO data.yaml key, "
+                                    "default train) and to write (VOC's ImageSets/Main/NAME.txt, YOLO's "
+                                    "images/NAME/; default trainval for VOC, train for YOLO)")
+    ps.add_argument("--images", help="images directory for a COCO json given as SRC")
+    ps.add_argument("--classes", help="comma-separated class list for a VOC directory (default: the 20 VOC classes)")
+    ps.add_argument("--copy", action="store_true", help="copy the images (default: hard links where the file "
+                                                        "system allows, which take no space)")
+    ps.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ps.set_defaults(func=cmd_data_convert)
     ps = dsub.add_parser("synth-cls", help="generate the built-in classification crops (class folders train/, val/)")
     ps.add_argument("--out", required=True)
     ps.add_argument("--per-class", type=number(int, ge=1), default=2000, help="training images per class")

@@ -35,4 +35,5 @@ from detkit.config.upgrades import (ConfigDeprecationWarning, drop_shared_legacy
                                     migrate_legacy, upgrade)
 from detkit.config.loading import (Origin, apply_overrides, bind_parts, build_dataclass,  # noqa: F401
                                    check_kwargs, closest_hint, dump, from_dict, load_config, load_yaml,
-                                   origin_of, parse_override, part_section, safe_load_yaml, to_dict)
+                                   origin_of, parse_override, part_section, read_yaml_file, safe_load_yaml,
+                                   to_dict)

@@ -255,6 +255,26 @@ def bind_parts(cfg: Any, registries, source: str | Origin = "config") -> Any:
     return registries.bind(cfg, source)
 
 
+def read_yaml_file(path: str, error: type[Exception] = ConfigError, what: str = "a config file") -> Any:
+    """The YAML file at ``path`` read as :func:`safe_load_yaml` does (aliases bounded), refused with ``error``
+    naming the file when it is over :data:`MAX_CONFIG_BYTES`, not YAML or not UTF-8 (``what`` it should be)."""
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise error(f"{path}: {size / 2**20:.1f} MiB; {what} is at most {MAX_CONFIG_BYTES // 2**20} MiB (a few KB "
+                    f"is usual): is this the right file?")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return safe_load_yaml(f, path)
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: invalid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text ({exc})") from None
+    except ConfigError as exc:  # the alias bound
+        if error is ConfigError:
+            raise
+        raise error(str(exc)) from None
+
+
 def load_yaml(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> dict:
     """Read a config file and its ``base:`` chain into one merged mapping."""
     path = os.path.abspath(os.fspath(path))
@@ -262,16 +282,7 @@ def load_yaml(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> dict:
         raise ConfigError(f"{path}: circular base chain: {' -> '.join(_chain + (path,))}")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    if os.path.getsize(path) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB; a config file is at most "
-                          f"{MAX_CONFIG_BYTES // 2**20} MiB (a few KB is usual): is this the right file?")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = safe_load_yaml(f, path)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
+    data = read_yaml_file(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):

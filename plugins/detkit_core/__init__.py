@@ -167,6 +167,19 @@ def _voc_path(path: str, options: dict) -> dict | None:
     return spec
 
 
+def _yolo(data: str, split: str = "train", transform=None, skip_empty: bool = False):
+    from detkit.data.yolo import YOLODataset
+
+    return YOLODataset(data=data, split=split, transform=transform, skip_empty=skip_empty)
+
+
+def _yolo_path(path: str, options: dict) -> dict | None:
+    """A ``.yaml``/``.yml`` file is a YOLO data.yaml; the split comes from ``options`` (default: train)."""
+    if not path.endswith((".yaml", ".yml")):
+        return None
+    return {"name": "yolo", "data": path, "split": options.get("split") or "train"}
+
+
 def _concat(datasets: list, build_dataset, transform=None, skip_empty: bool = False):
     """``build_dataset(spec, key)`` (from detkit) builds each part from the caller's registries."""
     from detkit.config import ConfigError
@@ -260,11 +273,14 @@ def detkit_register_detectors(register):
 
 @hookimpl
 def detkit_register_datasets(register):
-    register("coco", _coco, format="COCO json (pycocotools)", from_path=_coco_path,
+    # paths: the arguments that name files, made absolute when a run records its config (found from anywhere)
+    register("coco", _coco, format="COCO json (pycocotools)", from_path=_coco_path, paths=("images", "annotations"),
              path_form="a COCO json file (images in images/ beside it, or --images)")
-    register("voc", _voc, format="Pascal VOC devkit layout", from_path=_voc_path,
+    register("voc", _voc, format="Pascal VOC devkit layout", from_path=_voc_path, paths=("root",),
              path_form="a VOC directory (with Annotations/)")
-    register("concat", _concat, format="several datasets with one class list (VOC 07+12)")
+    register("yolo", _yolo, format="YOLO txt labels with a data.yaml (Ultralytics layout)", from_path=_yolo_path,
+             paths=("data",), path_form="a YOLO data.yaml (--split, default train)")
+    register("concat", _concat, format="several datasets with one class list (VOC 07+12)", parts="datasets")
 
 
 @hookimpl
