@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from detkit.config import Config, ConfigError
-from detkit.data.loading import build_checked_dataset
+from detkit.data.loading import build_checked_dataset, with_absolute_paths
 from detkit.data.media import check_input_file, check_output_dir
 from detkit.engine.checkpoint import TEMPORARY_PATTERN, remove_stale_temporaries
 from detkit.engine.files import directory_lock
@@ -57,6 +57,16 @@ def check_before_training(cfg: Config, registries, resume: str | bool | None, ov
         # --overwrite is about to remove the earlier run: the training set is read and checked first, so that a
         # run that cannot start leaves the earlier one where it was
         build_checked_dataset(cfg.data.train, registries, "train")
+
+
+def make_paths_absolute(cfg: Config, registries) -> None:
+    """The paths of ``data.train``, ``data.test`` (those their formats declare) and ``model.backbone.weights``
+    made absolute, relative ones taken from the working directory: the config every checkpoint embeds then
+    finds its data from any directory (``detkit eval CKPT``, ``export`` without ``--images``)."""
+    cfg.data.train = with_absolute_paths(cfg.data.train, registries.datasets)
+    cfg.data.test = with_absolute_paths(cfg.data.test, registries.datasets)
+    if cfg.model.backbone.weights:
+        cfg.model.backbone.weights = os.path.abspath(os.path.expanduser(cfg.model.backbone.weights))
 
 
 def check_weights_file(path: str | None) -> None:

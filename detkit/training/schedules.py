@@ -15,7 +15,8 @@ from detkit.config import Config, ConfigError, ModelConfig, PartConfig, bind_par
 from detkit.plugins import Entry, UnknownNameError
 from detkit.registry.binding import bind_part, call_builder, detector_slots
 from detkit.registry.contexts import ScheduleContext
-from detkit.training.preflight import check_before_training, prepare_work_dir, work_dir_lock
+from detkit.training.preflight import (check_before_training, make_paths_absolute, prepare_work_dir,
+                                      work_dir_lock)
 
 
 def chosen_parts(model: ModelConfig, registries) -> list[tuple[str, str, str]]:
@@ -74,6 +75,7 @@ def train(cfg: Config, registries, resume: str | bool | None = None, progress: b
     checked first (:mod:`detkit.training.preflight`): a work directory holding a finished run is refused
     unless ``resume`` continues it or ``overwrite`` removes its files first."""
     bind_parts(cfg, registries)
+    make_paths_absolute(cfg, registries)  # recorded so in every checkpoint: found from any directory
     schedule, reason = resolve_schedule(cfg, registries)
     if schedule.info.get("single_process") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(f"{reason}: this schedule trains in stages in one process; run it without torchrun "
