@@ -11,7 +11,7 @@ DEVICE ?= cuda
 GPU_CHECK_OUT ?= work_dirs/gpu_check
 CHECK_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 
-.PHONY: setup demo test test-quick gpu-check clean
+.PHONY: setup demo test test-quick gpu-check docs clean
 
 setup: $(STAMP)
 
@@ -19,11 +19,11 @@ setup: $(STAMP)
 # download gigabytes). albumentations pulls in opencv-python-headless, which
 # overwrites the contrib build of cv2 (selective search lives in cv2.ximgproc),
 # so the contrib build is reinstalled last. detkit-cascade (plugins/detkit_cascade) is a plugin distribution
-# of its own, installed beside detkit as a third party's would be.
+# of its own, installed beside detkit as a third party's would be. The docs extra is MkDocs (make docs).
 $(STAMP): pyproject.toml plugins/detkit_cascade/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev,export]'
+	$(BIN)/pip install -q -e '.[dev,export,docs]'
 	$(BIN)/pip install -q -e plugins/detkit_cascade
 	$(BIN)/pip install -q --force-reinstall --no-deps opencv-contrib-python-headless
 	$(BIN)/python -c "import cv2; cv2.ximgproc" 
@@ -54,5 +54,9 @@ demo: $(STAMP)
 	$(BIN)/python tools/infer.py $(DEMO_DIR)/final.pth $(DEMO_DIR)/data/demo.mp4 --output $(DEMO_DIR)/infer_video
 	@echo "demo outputs in $(DEMO_DIR)"
 
+# the manual (mkdocs.yml, docs/) into site/; --strict: a warning, broken link or bad reference fails the build
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) work_dirs
+	rm -rf $(VENV) work_dirs site

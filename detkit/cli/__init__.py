@@ -1,4 +1,4 @@
-"""The ``detkit`` command line: list, config, train, eval, infer, pretrain, eval-cls, data, summary, proposals.
+"""The ``detkit`` command line: list, config, train, eval, infer, export, pretrain, eval-cls, data, summary, proposals.
 
 ``tools/train.py``, ``tools/eval.py``, ``tools/infer.py`` and ``tools/pretrain.py`` are the same
 commands. User errors (bad config keys, missing files, unreadable inputs, not a
@@ -7,8 +7,8 @@ status 2, never a traceback; ``DETKIT_DEBUG=1`` shows the traceback.
 
 This module assembles the parser and runs a command; each group of commands is a module of its own, with its
 parser: ``info`` (list, summary, convert), ``train`` (train, pretrain, config show), ``detect`` (eval, infer,
-export, eval-cls), ``proposals``, ``data`` (synth, synth-cls, synth-video, tile); ``common`` holds what they
-share.
+export, eval-cls), ``proposals``, ``data`` (synth, synth-cls, synth-video, tile, check, convert); ``common``
+holds what they share.
 """
 from __future__ import annotations
 

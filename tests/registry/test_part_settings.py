@@ -1,7 +1,7 @@
-"""A third-party part with its own config keys, written from the README alone: the RoI extractor of the
-README's "Parts own their settings" section is installed as a package with an entry point, configured,
-validated (a misspelt key gets a suggestion), shown resolved by ``detkit config show``, trained through the
-CLI and rebuilt from its checkpoint."""
+"""A third-party part with its own config keys, written from the docs alone: the RoI extractor of the
+plugins page's "Parts own their settings" paragraph (docs/plugins.md) is installed as a package with an entry
+point, configured, validated (a misspelt key gets a suggestion), shown resolved by ``detkit config show``,
+trained through the CLI and rebuilt from its checkpoint."""
 import os
 import re
 
@@ -15,19 +15,19 @@ from detkit.models.loading import model_from_checkpoint
 from detkit.plugins import get_plugin_manager, get_registries
 from test_plugins import _write_dist
 
-README = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+PLUGINS_PAGE = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "plugins.md")
 
 
-def readme_plugin() -> str:
-    text = open(README, encoding="utf-8").read()
+def documented_plugin() -> str:
+    text = open(PLUGINS_PAGE, encoding="utf-8").read()
     match = re.search(r"```python\n(# detkit_mixpool/__init__.py\n.*?)```", text, re.S)
-    assert match, "README: the mix_pool plugin example is missing"
+    assert match, "docs/plugins.md: the mix_pool plugin example is missing"
     return match.group(1)
 
 
 @pytest.fixture
 def mixpool(tmp_path, monkeypatch):
-    _write_dist(tmp_path, "detkit_mixpool", "mixpool", "detkit_mixpool", readme_plugin())
+    _write_dist(tmp_path, "detkit_mixpool", "mixpool", "detkit_mixpool", documented_plugin())
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
 
@@ -94,7 +94,7 @@ def test_readme_extractor_is_configured_validated_shown_and_trained(mixpool, tmp
     boxes = [torch.tensor([[0.0, 0.0, 64.0, 48.0]])]
     pooled = extractor(features, boxes)
     assert pooled.shape == (1, 16, *extractor.output_size)
-    # the mixture of the two kernels the README names, with the configured weight
+    # the mixture of the two kernels the plugins page names, with the configured weight
     from torchvision.ops import roi_align, roi_pool
 
     expected = 0.25 * roi_pool(features, boxes, extractor.output_size, 1 / 16) + \
@@ -103,7 +103,7 @@ def test_readme_extractor_is_configured_validated_shown_and_trained(mixpool, tmp
 
 
 def test_readme_extractor_pools_from_a_feature_pyramid(mixpool):
-    """The README's extractor derives from LevelPooling, so it takes an FPN neck too."""
+    """The plugins page's extractor derives from LevelPooling, so it takes an FPN neck too."""
     from detkit.config import from_dict
     from detkit.models.assembly import build_detector
 

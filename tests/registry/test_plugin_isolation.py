@@ -1,7 +1,7 @@
 """One plugin's mistake is that plugin's problem: third-party plugins with each kind of mistake installed
 beside the built-ins are skipped as a whole and reported once, by name, distribution and reason, while
-every other plugin keeps working; ``detkit list plugins``, ``DETKIT_DISABLE_PLUGINS``; and the README's
-"Writing a plugin" example package (tests/fixtures/example_plugin), installed from its own pyproject.toml,
+every other plugin keeps working; ``detkit list plugins``, ``DETKIT_DISABLE_PLUGINS``; and the plugins page's
+(docs/plugins.md) "Writing a plugin" example package (tests/fixtures/example_plugin), installed from its own pyproject.toml,
 listed and trained."""
 import os
 import re
@@ -20,7 +20,7 @@ from detkit.plugins import NameConflictError, PluginWarning, UnknownNameError, g
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(HERE, "..", "fixtures", "example_plugin")
-README = os.path.join(HERE, "..", "..", "README.md")
+PLUGINS_PAGE = os.path.join(HERE, "..", "..", "docs", "plugins.md")
 
 
 def install(site, dist: str, ep_name: str, module: str, source: str, version: str = "0.1") -> None:
@@ -192,7 +192,7 @@ def test_a_name_two_third_party_plugins_register_is_an_error_naming_both(tmp_pat
         re.sub(r"\s+", " ", capsys.readouterr().out)
 
 
-# ----------------------------------------------------------------------------- the README's example plugin
+# ----------------------------------------------------------------------------- the plugins page's example plugin
 
 
 @pytest.fixture
@@ -268,15 +268,15 @@ def test_example_plugin_takes_a_feature_pyramid(mobilenet):
 
 
 def _quoted(path: str) -> str:
-    """The README's code block whose first line names ``path`` (``# detkit-mobilenet/<path>``)."""
-    text = open(README, encoding="utf-8").read()
+    """The plugins page's code block whose first line names ``path`` (``# detkit-mobilenet/<path>``)."""
+    text = open(PLUGINS_PAGE, encoding="utf-8").read()
     match = re.search(r"```[a-z]*\n(# detkit-mobilenet/" + re.escape(path) + r"\n.*?)```", text, re.S)
-    assert match, f"README: the example plugin's {path} is not quoted"
+    assert match, f"docs/plugins.md: the example plugin's {path} is not quoted"
     return match.group(1)
 
 
 @pytest.mark.parametrize("path", ["pyproject.toml", "detkit_mobilenet/__init__.py", "mobilenet_synth.yaml"])
-def test_readme_quotes_the_example_plugin_exactly(path):
+def test_the_plugins_page_quotes_the_example_plugin_exactly(path):
     with open(os.path.join(EXAMPLE, path), encoding="utf-8") as f:
         assert _quoted(path) == f.read()
 

@@ -76,7 +76,7 @@ def test_broken_plugin_is_reported_and_others_survive(tmp_path, monkeypatch):
 
 
 OUT_OF_TREE = '''
-"""A third-party backbone plugin, written the way the README describes."""
+"""A third-party backbone plugin, written the way docs/plugins.md describes."""
 from torch import nn
 from detkit.backbones import Backbone, BackboneDefaults, DetectionParts
 from detkit.hookspecs import hookimpl
