@@ -55,6 +55,7 @@ def _eval_results_file(args, registries) -> int:
     if not isinstance(results, list) or not all(isinstance(r, dict) and {"image_id", "category_id", "bbox", "score"}
                                                 <= set(r) for r in results):
         raise ConfigError(f"{args.results}: expected a COCO results list of {{image_id, category_id, bbox, score}}")
+    results = _dataset_image_ids(results, args.results, dataset)
     metric = args.metric or "coco"
     if args.max_detections and metric != "coco":
         raise ConfigError(f"--max-detections: the {metric} metric of a results file counts every detection; "
@@ -69,6 +70,28 @@ def _eval_results_file(args, registries) -> int:
         raise ConfigError(f"{args.results}: {exc}") from None
     print(f"metrics: {os.path.join(out, 'metrics.json')}")
     return 0
+
+
+def _dataset_image_ids(results: list[dict], path: str, dataset) -> list[dict]:
+    """Results ``detkit infer`` wrote (an ``images.json`` beside them) number images by their position in it: their
+    ids become the dataset's, matched by file name. Other results keep theirs (which must be the dataset's)."""
+    import json
+
+    from detkit.config import ConfigError
+    from detkit.evaluation.runner import results_by_file_name
+
+    index = os.path.join(os.path.dirname(os.path.abspath(path)), "images.json")
+    if not os.path.isfile(index):
+        return results
+    try:
+        with open(index, encoding="utf-8") as f:
+            images = json.load(f)
+        mapped = results_by_file_name(results, images, dataset.to_coco()["images"], index)
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    print(f"note: {path}: image ids mapped to the dataset's by file name through {index} (written by detkit infer)",
+          file=sys.stderr)
+    return mapped
 
 
 def _exported_model(args, model):
@@ -128,13 +151,17 @@ def cmd_infer(args) -> int:
     # --max-detections: the RoI heads' detections_per_img for this run (an exported file keeps its own)
     with detections_capped(model, args.max_detections) if args.max_detections else contextlib.nullcontext():
         summary = run(model, list(ckpt["class_names"]), list(ckpt["cat_ids"]), args.input, args.output, device,
-                      score_thr=args.score_thr, max_frames=args.max_frames, progress=not args.no_progress)
+                      score_thr=args.score_thr, max_frames=args.max_frames, progress=not args.no_progress,
+                      results_thr=args.results_thr)
     for path in summary["outputs"][:5]:
         print(f"wrote {path}")
     if len(summary["outputs"]) > 5:
         print(f"... and {len(summary['outputs']) - 5} more in {args.output}")
-    print(f"{summary['detections']} detections on {summary['images']} {'frames' if summary['kind'] in ('video', 'webcam') else 'images'}"
-          f"; results: {os.path.join(args.output, 'results.json')}")
+    unit = "frames" if summary["kind"] in ("video", "webcam") else "images"
+    kept = "every detection" if args.results_thr is None else f"those scoring at least {args.results_thr:g}"
+    print(f"{summary['drawn']} detections scoring at least {args.score_thr:g} drawn on {summary['images']} {unit}; "
+          f"results.json holds {summary['detections']} ({kept}), images.json their image ids: "
+          f"{os.path.join(args.output, 'results.json')}")
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} unreadable images: {', '.join(summary['skipped'][:5])}")
     return 0
@@ -238,7 +265,11 @@ def add_detector_parsers(sub) -> None:
     p.add_argument("input", help="image file, folder of images, video file, or webcam index (0, 1, ...)")
     p.add_argument("--output", default="outputs/infer")
     p.add_argument("--score-thr", type=number(), default=0.5,
-                   help="draw and list detections scoring at least this (default 0.5; any finite number: an SVM predictor's scores are margins)")
+                   help="draw the detections scoring at least this (default 0.5; any finite number: an SVM "
+                        "predictor's scores are margins); results.json keeps every detection unless --results-thr")
+    p.add_argument("--results-thr", type=number(), metavar="SCORE",
+                   help="keep only the detections scoring at least this in results.json (default: every detection "
+                        "the model returns, for an evaluation of the whole precision-recall curve)")
     p.add_argument("--max-frames", type=number(int, ge=1), help="stop after this many frames (videos, webcams)")
     p.add_argument("--max-detections", type=number(int, ge=1), metavar="N",
                    help="detections per image the detector returns at most (default: the checkpoint's "

@@ -105,8 +105,11 @@ def _check_results(gt: Mapping, results: list[dict]) -> None:
         if not isinstance(r, Mapping):
             raise ValueError(f"result {i}: expected a dict with image_id, category_id, bbox, score; got {r!r}")
         if r.get("image_id") not in image_ids:
+            foreign = sorted({str(x.get("image_id")) for x in results if isinstance(x, Mapping)
+                              and x.get("image_id") not in image_ids})
             raise ValueError(f"result {i}: image_id {r.get('image_id')!r} is not in the ground truth "
-                             f"(results are for another dataset?)")
+                             f"(results are for another dataset?); {len(foreign)} image ids of the results are not: "
+                             f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}")
         if r.get("category_id") not in cat_ids:
             raise ValueError(f"result {i}: category_id {r.get('category_id')!r} is not in the ground truth "
                              f"(results are for another dataset?)")

@@ -148,6 +148,32 @@ def score_and_write(dataset, results: list[dict], out_dir: str, metric: str, bac
     return metrics
 
 
+def results_by_file_name(results: list[dict], index: list, gt_images: list[dict], where: str) -> list[dict]:
+    """``results`` whose ``image_id`` is an entry of ``index`` (``detkit infer``'s ``images.json``: ``{"id",
+    "file_name"}`` per image, ids by position) with the ids the ground truth gives the images of the same file
+    name (compared by base name). ValueError naming ``where`` and a few of the files the dataset lacks, an id
+    the index lacks, or a name the dataset holds twice."""
+    if not isinstance(index, list) or not all(isinstance(e, dict) and {"id", "file_name"} <= set(e) for e in index):
+        raise ValueError(f"{where}: expected detkit infer's list of {{id, file_name, ...}}")
+    by_id = {e["id"]: os.path.basename(str(e["file_name"])) for e in index}
+    ids: dict[str, list] = {}
+    for img in gt_images:
+        ids.setdefault(os.path.basename(str(img.get("file_name", ""))), []).append(img["id"])
+    unknown = sorted({str(r.get("image_id")) for r in results if r.get("image_id") not in by_id})
+    if unknown:
+        raise ValueError(f"image ids {', '.join(unknown[:5])} of the results are not in {where}")
+    used = {by_id[r["image_id"]] for r in results}
+    missing = sorted(name for name in used if name not in ids)
+    if missing:
+        raise ValueError(f"{len(missing)} of the {len(used)} images the results were made on (by {where}) are not "
+                         f"in the dataset by file name: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+    twice = sorted(name for name in used if len(ids[name]) > 1)
+    if twice:
+        raise ValueError(f"the dataset holds {', '.join(twice[:3])} more than once (in different folders): "
+                         f"{where} cannot tell which image the results are for")
+    return [{**r, "image_id": ids[by_id[r["image_id"]]][0]} for r in results]
+
+
 def warn_dense_images(gt: dict, max_detections: int, per_class: bool = False) -> None:
     """Say which images have more objects (``per_class``: of one class) than the detections that count (their
     recall is capped)."""

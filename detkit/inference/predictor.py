@@ -1,12 +1,11 @@
 """Running a trained detector on images, folders, videos and webcams.
 
-Writes annotated pictures (class name and score on each box), an annotated
-video with the input's frame count and frame rate, and the detections as a
-COCO-format results JSON (``results.json``, category ids as in the training
-set) next to ``images.json``, which maps the results' image ids to files or frame
-indices. An unreadable image in a folder (a dangling link included) is reported
-and skipped, and a folder of which no image can be read is an error; nothing
-already written is overwritten half-way (all outputs are written atomically).
+Writes annotated pictures (class name and score on each box), an annotated video with the input's frame count
+and frame rate, and the detections as a COCO-format results JSON (``results.json``, category ids as in the
+training set; every detection, whatever ``--score-thr`` draws) next to ``images.json``, which maps the results'
+image ids to files or frame indices. An unreadable image in a folder (a dangling link included) is reported and
+skipped, and a folder of which no image can be read is an error; nothing already written is overwritten
+half-way (all outputs are written atomically).
 """
 from __future__ import annotations
 
@@ -53,9 +52,15 @@ def check_output_apart(input_spec: str, output_dir: str) -> None:
 
 def run(model: nn.Module, class_names: list[str], cat_ids: list[int], input_spec: str, output_dir: str,
         device: torch.device, score_thr: float = 0.5, max_frames: int | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, results_thr: float | None = None) -> dict:
     """Run on ``input_spec`` (image, folder, video file or webcam index); returns a summary dict
-    ``{"kind", "outputs", "detections", "images", "skipped"}``.
+    ``{"kind", "outputs", "detections", "drawn", "images", "skipped"}``.
+
+    The pictures show the detections scoring at least ``score_thr``; ``results.json`` holds every detection the
+    model returned (its own ``score_thresh`` applies), or those scoring at least ``results_thr``: an evaluation
+    of the file then sees the whole precision-recall curve. Its ``image_id`` is the image's position in
+    ``images.json`` (files sorted by name; frames in order), which gives each id's ``file_name``
+    (``detkit eval --results`` maps them onto a dataset's ids by file name).
 
     Raises MediaError when ``output_dir`` cannot be written or is (inside) the input folder (checked first) and
     when no image of a folder could be read (an unreadable image among readable ones is skipped and listed in
@@ -72,10 +77,15 @@ def run(model: nn.Module, class_names: list[str], cat_ids: list[int], input_spec
     os.makedirs(output_dir, exist_ok=True)
     model.eval()
 
+    drawn = [0]
+
     def detect_and_draw(image_id: int, image: np.ndarray, results: list[dict]) -> np.ndarray:
-        det = _filter(detect(model, image, device), score_thr)
-        results.extend(detections_to_coco_results(image_id, det, cat_ids))
-        return draw_detections(image, det["boxes"].numpy(), det["scores"].numpy(), det["labels"].numpy(),
+        det = detect(model, image, device)
+        kept = det if results_thr is None else _filter(det, results_thr)
+        results.extend(detections_to_coco_results(image_id, kept, cat_ids))
+        shown = _filter(det, score_thr)
+        drawn[0] += len(shown["scores"])
+        return draw_detections(image, shown["boxes"].numpy(), shown["scores"].numpy(), shown["labels"].numpy(),
                                class_names, score_thr=score_thr)
 
     if kind in ("image", "folder"):
@@ -84,7 +94,7 @@ def run(model: nn.Module, class_names: list[str], cat_ids: list[int], input_spec
         done = _run_video(input_spec, kind, output_dir, detect_and_draw, max_frames, progress)
     write_json_atomic(os.path.join(output_dir, "results.json"), done["results"])
     write_json_atomic(os.path.join(output_dir, "images.json"), done["images"])
-    return {"kind": kind, "outputs": done["written"], "detections": len(done["results"]),
+    return {"kind": kind, "outputs": done["written"], "detections": len(done["results"]), "drawn": drawn[0],
             "images": len(done["images"]), "skipped": done["skipped"]}
 
 

@@ -313,3 +313,41 @@ def test_a_checkpoint_finds_its_data_from_any_directory(data_dir, tmp_path, monk
     assert main(["export", ckpt, "--format", "torchscript", "--output", "m.ts",
                  "--set", "model.roi_heads.score_thresh=0.5"]) == 0
     assert "verified against the eager model" in capsys.readouterr().out
+
+
+def test_infer_results_score_like_eval_through_their_file_names(trained, data_dir, tmp_path, capsys):
+    """infer's results.json held only the detections drawn (score >= 0.5) and numbered images by folder position,
+    so eval --results scored it AP 0.000 without a word. Now it holds every detection, and images.json beside it
+    maps its ids onto the dataset's by file name (issue 25, item 5)."""
+    ckpt = str(trained / "final.pth")
+    out = tmp_path / "infer"
+    assert main(["infer", ckpt, str(data_dir / "val" / "images"), "--output", str(out), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    drawn = int(said.split(" detections scoring at least 0.5 drawn")[0].rsplit("\n", 1)[-1])
+    assert len(results) > drawn and min(r["score"] for r in results) < 0.5
+    assert main(["eval", "--results", str(out / "results.json"), "--data", str(data_dir / "val" / "annotations.json"),
+                 "--output", str(tmp_path / "scored")]) == 0
+    assert "mapped to the dataset's by file name" in capsys.readouterr().err
+    scored = json.loads((tmp_path / "scored" / "metrics.json").read_text())
+    assert scored["AP"] == pytest.approx(json.loads((trained / "metrics.json").read_text())["AP"], abs=1e-6)
+    # the detections themselves: those of the end-of-training evaluation, image for image
+    from detkit.evaluation.runner import results_by_file_name
+
+    truth = json.loads((data_dir / "val" / "annotations.json").read_text())
+    mapped = results_by_file_name(results, json.loads((out / "images.json").read_text()), truth["images"], "index")
+    by_eval = json.loads((trained / "results.json").read_text())
+    key = lambda r: (r["image_id"], -r["score"], r["category_id"])  # noqa: E731
+    assert len(mapped) == len(by_eval) > 0
+    for a, b in zip(sorted(mapped, key=key), sorted(by_eval, key=key)):
+        assert a["image_id"] == b["image_id"] and a["bbox"] == pytest.approx(b["bbox"], abs=1e-3)
+    assert main(["infer", ckpt, str(data_dir / "val" / "images"), "--output", str(tmp_path / "cut"), "--no-progress",
+                 "--results-thr", "0.5"]) == 0
+    assert len(json.loads((tmp_path / "cut" / "results.json").read_text())) == drawn
+    # results of images the dataset does not have are refused, naming them
+    index = json.loads((out / "images.json").read_text())
+    index[0]["file_name"] = "/elsewhere/holiday.png"
+    (out / "images.json").write_text(json.dumps(index))
+    assert main(["eval", "--results", str(out / "results.json"), "--data",
+                 str(data_dir / "val" / "annotations.json"), "--output", str(tmp_path / "bad")]) == 2
+    assert "are not in the dataset by file name: holiday.png" in capsys.readouterr().err
