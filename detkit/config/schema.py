@@ -90,6 +90,7 @@ class DataConfig:
     # A dataset is `{name: <registered dataset>, ...its builder's keyword arguments}`.
     train: dict | None = None
     test: dict | None = None
+    val: dict | None = None  # what train.eval_period validates on (None: data.test)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     batch_size: int = ranged(1, ge=1)  # images per iteration (Faster R-CNN end-to-end: 1)
     num_workers: int = ranged(2, ge=0)
@@ -115,6 +116,9 @@ class TrainerConfig:
     gamma: float = ranged(0.1, gt=0)
     clip_grad_norm: float | None = ranged(None, gt=0)
     checkpoint_period: int = ranged(5000, ge=0)  # 0: no periodic checkpoints (final.pth only)
+    # the newest this many periodic checkpoints (iter_*.pth) are kept, older ones removed as new ones are written;
+    # final.pth and best.pth always stay. 0: every one is kept
+    keep_checkpoints: int = ranged(0, ge=0)
     log_period: int = ranged(20, ge=1)
     eval_at_end: bool = True
     seed: int = ranged(0, ge=0, lt=2**63)  # torch and numpy take 64-bit seeds
@@ -138,6 +142,11 @@ class TrainConfig(TrainerConfig):
     ``end_to_end`` gives way to the schedule a chosen part declares (an SVM predictor's ``svm_posthoc``)."""
 
     schedule: PartConfig = field(default_factory=lambda: PartConfig("end_to_end"))
+    # validation every this many iterations on data.val (else data.test), as detkit eval scores it; its metrics
+    # go to log.jsonl (val/AP ...) and the weights of the best so far to best.pth. 0: only the end-of-run one
+    eval_period: int = ranged(0, ge=0)
+    # the metric best.pth is chosen by, higher is better: a key of metrics.json (AP, AP50, APs...; mAP for VOC)
+    best_metric: str = "AP"
 
 
 @dataclass

@@ -56,9 +56,21 @@ def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, ou
     many count (COCO's maxDets). Under torch.distributed each rank predicts a shard; rank 0 gathers, scores and
     writes (other ranks return None).
     """
-    info = dist_info or DistInfo()
     if dataset is None:
         dataset = build_dataset(cfg.data.test, registries, "test")
+    results = predict_results(model, cfg, registries, device, dataset, progress, dist_info)
+    if results is None:
+        return None
+    return score_and_write(dataset, results, out_dir, cfg.eval.metric, cfg.eval.backend, list(dataset.class_names),
+                           max_detections=cfg.eval.max_detections, detector_capped=True)
+
+
+def predict_results(model: nn.Module, cfg: Config, registries, device: torch.device, dataset, progress: bool = True,
+                    dist_info: DistInfo | None = None) -> list[dict] | None:
+    """The COCO results of ``model`` on ``dataset`` as :func:`evaluate` makes them (tiling, proposals, the cap of
+    ``eval.max_detections``, ``eval.score_thresh``): every rank predicts its shard, rank 0 gets them all (None
+    elsewhere)."""
+    info = dist_info or DistInfo()
     if len(dataset) == 0:
         raise ConfigError("data.test: the dataset has no images")
     cat_ids = label_categories(list(cfg.model.class_names or []), list(dataset.class_names), list(dataset.cat_ids))
@@ -76,9 +88,7 @@ def evaluate(model: nn.Module, cfg: Config, registries, device: torch.device, ou
     predictions = [p for part in gather_objects(predictions, info) for p in part]
     if not info.is_main:
         return None
-    results = _coco_results(predictions, cfg.eval.score_thresh, cat_ids)
-    return score_and_write(dataset, results, out_dir, cfg.eval.metric, cfg.eval.backend, list(dataset.class_names),
-                           max_detections=cap, detector_capped=True)
+    return _coco_results(predictions, cfg.eval.score_thresh, cat_ids)
 
 
 def _check_fixed_cap(detector, cap: int) -> None:

@@ -92,6 +92,9 @@ class SGDTrainer:
         """Hooks after the log and before the periodic checkpoint (validation, ...)."""
         return []
 
+    def restore_meta(self, ckpt: dict) -> None:
+        """Take back what :meth:`checkpoint_meta` added to a checkpoint being resumed (nothing by default)."""
+
     def checkpoint_meta(self) -> dict:
         """``class_names``, ``cat_ids`` and ``extra`` (saved as top-level keys) of :func:`save_checkpoint`."""
         raise NotImplementedError
@@ -182,6 +185,7 @@ class SGDTrainer:
         if ckpt.get("world_size", 1) == self.info.world_size:
             _set_rng_state(ckpt.get("rng"))
         self.last_checkpoint = path
+        self.restore_meta(ckpt)
         log.info("resumed from %s at iteration %d (%d samples seen)", path, self.start_iter, self.position)
 
     def check_resumable(self, path: str, ckpt: dict) -> None:
@@ -304,6 +308,11 @@ class SGDTrainer:
                         world_size=self.info.world_size, scaler_state=self.scaler.state_dict(),
                         **self.checkpoint_meta())
         self.last_checkpoint = path
+        if self.cfg.train.keep_checkpoints and PERIODIC.fullmatch(os.path.basename(path)):
+            periodic = [p for p in run_checkpoints(os.path.dirname(path)) if PERIODIC.fullmatch(os.path.basename(p))]
+            for old in periodic[self.cfg.train.keep_checkpoints:]:  # newest first
+                os.remove(old)
+                log.info("removed %s (train.keep_checkpoints=%d)", old, self.cfg.train.keep_checkpoints)
 
     def finish(self) -> dict:
         """``final.pth``, the training curves and the subclass's outputs (rank 0), then the evaluation; ends
@@ -374,12 +383,16 @@ def _set_rng_state(state: dict | None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+#: the name of a periodic checkpoint (``iter_0005000.pth``)
+PERIODIC = re.compile(r"iter_(\d+)\.pth")
+
+
 def run_checkpoints(work_dir: str) -> list[str]:
     """The checkpoints of the run in ``work_dir``, newest first: ``final.pth``, then ``iter_*.pth`` from the
     highest iteration down."""
     if not os.path.isdir(work_dir):
         return []
-    iters = sorted((int(m.group(1)), n) for n in os.listdir(work_dir) if (m := re.fullmatch(r"iter_(\d+)\.pth", n)))
+    iters = sorted((int(m.group(1)), n) for n in os.listdir(work_dir) if (m := PERIODIC.fullmatch(n)))
     names = (["final.pth"] if os.path.isfile(os.path.join(work_dir, "final.pth")) else []) + [n for _, n in iters[::-1]]
     return [os.path.join(work_dir, n) for n in names]
 

@@ -19,12 +19,13 @@ from detkit.data.loading import build_checked_dataset, with_absolute_paths
 from detkit.data.media import check_input_file, check_output_dir
 from detkit.engine.checkpoint import TEMPORARY_PATTERN, remove_stale_temporaries
 from detkit.engine.files import directory_lock
+from detkit.training.validation import check_validation_settings
 
 log = logging.getLogger(__name__)
 
 #: the files a run writes in its work directory (and a staged schedule in each stage's), which
 #: ``--overwrite`` removes so that the old run's checkpoints, log and metrics are not mixed with the new ones
-RUN_FILES = ("final.pth", "iter_*.pth", TEMPORARY_PATTERN, "log.jsonl", "metrics.json", "results.json", "backbone.pth")
+RUN_FILES = ("final.pth", "best.pth", "iter_*.pth", TEMPORARY_PATTERN, "log.jsonl", "metrics.json", "results.json", "backbone.pth")
 
 
 @contextmanager
@@ -53,6 +54,9 @@ def check_before_training(cfg: Config, registries, resume: str | bool | None, ov
     check_output_dir(cfg.train.work_dir, "train.work_dir")
     if cfg.train.eval_at_end and cfg.data.test:
         build_checked_dataset(cfg.data.test, registries, "test")
+    check_validation_settings(cfg)
+    if cfg.train.eval_period and cfg.data.val:
+        build_checked_dataset(cfg.data.val, registries, "val")
     if overwrite and os.path.isdir(cfg.train.work_dir) and any(os.scandir(cfg.train.work_dir)):
         # --overwrite is about to remove the earlier run: the training set is read and checked first, so that a
         # run that cannot start leaves the earlier one where it was
@@ -65,6 +69,7 @@ def make_paths_absolute(cfg: Config, registries) -> None:
     finds its data from any directory (``detkit eval CKPT``, ``export`` without ``--images``)."""
     cfg.data.train = with_absolute_paths(cfg.data.train, registries.datasets)
     cfg.data.test = with_absolute_paths(cfg.data.test, registries.datasets)
+    cfg.data.val = with_absolute_paths(cfg.data.val, registries.datasets)
     if cfg.model.backbone.weights:
         cfg.model.backbone.weights = os.path.abspath(os.path.expanduser(cfg.model.backbone.weights))
 

@@ -55,6 +55,8 @@ from detkit.evaluation.runner import evaluate, label_categories
 from detkit.models.assembly import build_detector
 from detkit.proposals.attach import attach_proposals
 from detkit.training.base import SGDTrainer, find_last_checkpoint, lr_factor, run_checkpoints, seed_everything
+from detkit.training.loop import Hook
+from detkit.training.validation import PeriodicValidation, Validator
 
 __all__ = ["StageInit", "Trainer", "adopt_class_names", "find_last_checkpoint", "lr_factor", "resolve_frozen_bn",
            "run_checkpoints", "seed_everything", "train_stage"]
@@ -82,6 +84,7 @@ class Trainer(SGDTrainer):
                  proposals=None):
         self.loss_prefixes = loss_prefixes
         self._init, self._proposals = init, proposals
+        self.validator = Validator(self)  # train.eval_period, best.pth
         super().__init__(cfg, registries, progress=progress)
 
     # -------------------------------------------------------------------------------------------- build
@@ -104,6 +107,12 @@ class Trainer(SGDTrainer):
             except ConfigError as exc:
                 raise ConfigError(f"data.test: {exc}; the run would end with an evaluation it cannot score "
                                   f"(train.eval_at_end): give a test set of the training set's classes") from None
+        if cfg.train.eval_period and cfg.data.val:  # validated while it trains: the same
+            val = self.validator.validation_set()
+            try:
+                label_categories(list(dataset.class_names), list(val.class_names), list(val.cat_ids))
+            except ConfigError as exc:
+                raise ConfigError(f"data.val: {exc} (train.eval_period validates on it)") from None
         return dataset
 
     def _build_model(self) -> nn.Module:
@@ -156,15 +165,25 @@ class Trainer(SGDTrainer):
     # -------------------------------------------------------------------------------------------- results
 
     def checkpoint_meta(self) -> dict:
-        return {"class_names": self.cfg.model.class_names, "cat_ids": list(self.dataset.cat_ids)}
+        return {"class_names": self.cfg.model.class_names, "cat_ids": list(self.dataset.cat_ids),
+                "extra": self.validator.state()}
+
+    def restore_meta(self, ckpt: dict) -> None:
+        self.validator.restore(ckpt)
+
+    def extra_hooks(self) -> list[Hook]:
+        return [PeriodicValidation(self.validator)] if self.cfg.train.eval_period else []
 
     def evaluate(self) -> dict | None:
         """The metrics on ``data.test`` when ``train.eval_at_end`` (rank 0; None elsewhere or without)."""
         if not (self.cfg.train.eval_at_end and self.cfg.data.test):
             return None
         self.model.eval()
-        return evaluate(self.model, self.cfg, self.registries, device=self.device, out_dir=self.cfg.train.work_dir,
-                        dist_info=self.info, progress=self.progress)
+        metrics = evaluate(self.model, self.cfg, self.registries, device=self.device,
+                           out_dir=self.cfg.train.work_dir, dist_info=self.info, progress=self.progress)
+        if self.cfg.train.eval_period:  # the end-of-run evaluation may be the best one
+            self.validator.consider(self.cfg.train.max_iters, metrics)
+        return metrics
 
 
 def train_stage(cfg: Config, registries, resume: str | bool | None = None, progress: bool = True, *,

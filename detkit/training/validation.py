@@ -1,0 +1,120 @@
+"""Validation while a detector trains (``train.eval_period``) and the best checkpoint (``best.pth``).
+
+Every ``train.eval_period`` iterations before the last, the model is scored on ``data.val`` (else
+``data.test``) exactly as ``detkit eval`` scores it (the same predictions, tiling, detection cap and metric,
+without the report's pictures): each process predicts its shard, rank 0 scores. The numbers go to
+``log.jsonl`` as ``val/<metric>`` beside that iteration's losses, and when ``train.best_metric`` is higher
+than at any validation before, the weights are written (atomically, a resumable checkpoint) to ``best.pth``.
+The end-of-run evaluation takes part too. The best so far is saved in every checkpoint, so a resumed run
+keeps comparing with it. (Detectron2's ``EvalHook`` and ``BestCheckpointer``, MMDetection's
+``save_best``.)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+from torch import Tensor
+
+from detkit.config import Config, ConfigError
+from detkit.data.loading import build_dataset
+from detkit.evaluation.coco_eval import stat_names
+from detkit.evaluation.runner import predict_results, score_results
+from detkit.training.loop import Hook
+
+log = logging.getLogger(__name__)
+
+BEST = "best.pth"
+
+
+def metric_names(cfg: Config) -> tuple[str, ...]:
+    """The metrics ``train.best_metric`` may name under ``eval.metric``."""
+    return ("mAP",) if cfg.eval.metric in ("voc07", "voc") else stat_names(cfg.eval.max_detections)
+
+
+def check_validation_settings(cfg: Config) -> None:
+    """ConfigError for an ``eval_period`` without a set to validate on, or a ``best_metric`` the metric lacks."""
+    if not cfg.train.eval_period:
+        return
+    if not (cfg.data.val or cfg.data.test):
+        raise ConfigError(f"train.eval_period={cfg.train.eval_period}: validation needs data.val or data.test")
+    names = metric_names(cfg)
+    if cfg.train.best_metric not in names:
+        raise ConfigError(f"train.best_metric={cfg.train.best_metric!r}: eval.metric={cfg.eval.metric} gives "
+                          f"{', '.join(names)}")
+
+
+class Validator:
+    """Scores a trainer's model on the validation set and keeps ``best.pth`` (rank 0 writes)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.dataset = None
+        self.best: dict | None = None  # {"metric", "value", "iteration"} of the best validation so far
+
+    def validation_set(self):
+        if self.dataset is None:
+            cfg = self.trainer.cfg
+            key = "val" if cfg.data.val else "test"
+            self.dataset = build_dataset(cfg.data.val or cfg.data.test, self.trainer.registries, key)
+        return self.dataset
+
+    def validate(self, done: int) -> dict | None:
+        """The metrics at iteration ``done`` (rank 0; None elsewhere), logged, and ``best.pth`` when they are
+        the best so far; the model goes back to training mode."""
+        trainer, cfg = self.trainer, self.trainer.cfg
+        dataset = self.validation_set()
+        trainer.model.eval()
+        results = predict_results(trainer.model, cfg, trainer.registries, trainer.device, dataset, progress=False,
+                                  dist_info=trainer.info)
+        trainer._set_train_mode()
+        if results is None:
+            return None
+        metrics = score_results(dataset.to_coco(), results, cfg.eval.metric, cfg.eval.backend,
+                                list(dataset.class_names), cfg.eval.max_detections)
+        record = {"iter": done, **{f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))
+                                    and not isinstance(v, bool) and k != "max_detections"}}
+        with open(trainer.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        name = cfg.train.best_metric
+        log.info("iteration %d: validation %s %.4f (%d images)", done, name, metrics.get(name, float("nan")),
+                 len(dataset))
+        self.consider(done, metrics)
+        return metrics
+
+    def consider(self, done: int, metrics: dict | None) -> None:
+        """Write ``best.pth`` (rank 0) when ``metrics`` beat the best so far."""
+        trainer, name = self.trainer, self.trainer.cfg.train.best_metric
+        value = (metrics or {}).get(name)
+        if not trainer.info.is_main or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            return  # -1: undefined (no ground truth of a size)
+        if self.best is not None and value <= self.best["value"]:
+            return
+        self.best = {"metric": name, "value": float(value), "iteration": int(done)}
+        path = os.path.join(trainer.cfg.train.work_dir, BEST)
+        trainer.save_checkpoint(path, done)
+        log.info("saved %s (%s %.4f at iteration %d)", path, name, value, done)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of it: the best so far."""
+        return {"best": dict(self.best)} if self.best else {}
+
+    def restore(self, ckpt: dict) -> None:
+        best = ckpt.get("best")
+        if isinstance(best, dict) and best.get("metric") == self.trainer.cfg.train.best_metric:
+            self.best = {"metric": best["metric"], "value": float(best["value"]), "iteration": int(best["iteration"])}
+
+
+class PeriodicValidation(Hook):
+    """:meth:`Validator.validate` every ``train.eval_period`` iterations before the last (the end-of-run
+    evaluation is the last), on every rank, before a checkpoint of the same iteration."""
+
+    def __init__(self, validator: Validator):
+        self.validator = validator
+
+    def after_step(self, done: int, losses: dict[str, Tensor]) -> None:
+        cfg = self.validator.trainer.cfg
+        if done % cfg.train.eval_period == 0 and done < cfg.train.max_iters:
+            self.validator.validate(done)
