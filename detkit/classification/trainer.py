@@ -30,6 +30,7 @@ from detkit.engine.devices import autocast
 from detkit.engine.distributed import mean_over_ranks
 from detkit.training.base import SGDTrainer, check_train_settings
 from detkit.training.loop import Hook
+from detkit.training.validation import BestCheckpoint
 from detkit.training.preflight import check_weights_file, prepare_work_dir, work_dir_lock
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class ClassifierTrainer(SGDTrainer):
     def __init__(self, cfg: ClassifierConfig, registries, *, progress: bool = True):
         self.size = 0  # the input side, known once the backbone is built
         self._test_set = None  # data.test, built at the first validation
+        self.best = BestCheckpoint(self, "top1")  # best.pth, with eval.period
         super().__init__(cfg, registries, progress=progress)
         self._hits = torch.zeros(2, device=self.device)  # top-1, top-5 hits since the last log
         self._seen = torch.zeros((), device=self.device)
@@ -137,10 +139,15 @@ class ClassifierTrainer(SGDTrainer):
                  metrics["top5_k"], metrics["top5"], metrics["count"])
         self._set_train_mode()
         self.validation = metrics
+        if self.cfg.eval.period:
+            self.best.consider(done, metrics)
         return metrics
 
     def checkpoint_meta(self) -> dict:
-        return {"class_names": self.cfg.model.class_names, "cat_ids": [], "extra": {"task": TASK}}
+        return {"class_names": self.cfg.model.class_names, "cat_ids": [], "extra": {"task": TASK, **self.best.state()}}
+
+    def restore_meta(self, ckpt: dict) -> None:
+        self.best.restore(ckpt)
 
     def write_outputs(self) -> None:
         """``backbone.pth``, and the final validation's report (``metrics.json``, ``confusion_matrix.png``)."""

@@ -237,7 +237,8 @@ class ClassifierDataConfig:
 
 @dataclass
 class ClassifierEvalConfig:
-    period: int = ranged(0, ge=0)  # validation top-1/top-5 every this many iterations (0: at the end only)
+    # validation top-1/top-5 every this many iterations (0: at the end only); the best top-1 so far: best.pth
+    period: int = ranged(0, ge=0)
     ten_crop: bool = False  # 10-crop testing (AlexNet Sec. 4.1, GoogLeNet Sec. 7) at the end of training
 
 

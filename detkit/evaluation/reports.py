@@ -202,15 +202,16 @@ def evaluation_report(dataset, gt: dict, results: list[dict], out_dir: str, clas
 
 def plot_training_curves(log_path: str, path: str) -> None:
     """Loss terms and learning rate against iteration, from a ``log.jsonl``; with accuracies in the log
-    (``top1/train``, ``top1/val``, ... of ``detkit pretrain``) a third panel shows them. Validation records
+    (``top1/train``, ``top1/val``, ... of ``detkit pretrain``) or validation AP (``val/AP``, ``val/AP50`` of
+    ``train.eval_period``) a third panel shows them (the other ``val/*`` stay in the log). Validation records
     (``*/val``, without a learning rate) are plotted at their own iterations."""
     with open(log_path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     if not records:
         return
     keys = list(dict.fromkeys(k for r in records for k in r))
-    accuracy = [k for k in keys if re.match(r"top\d+/", k)]
-    losses = [k for k in keys if ("/" in k or k == "total") and k not in accuracy]
+    accuracy = [k for k in keys if re.match(r"top\d+/", k) or k in ("val/AP", "val/AP50", "val/mAP")]
+    losses = [k for k in keys if ("/" in k or k == "total") and k not in accuracy and not k.startswith("val/")]
     plt = _plt()
     fig, axes = plt.subplots(3 if accuracy else 2, 1, figsize=(7, 8.5 if accuracy else 6), sharex=True)
     for key in losses:
@@ -223,9 +224,9 @@ def plot_training_curves(log_path: str, path: str) -> None:
     axes[1].set_ylabel("learning rate")
     for key in accuracy:
         points = [(r["iter"], r[key]) for r in records if key in r]
-        axes[2].plot(*zip(*points), label=key, marker="o" if key.endswith("/val") else None, markersize=3)
+        axes[2].plot(*zip(*points), label=key, marker="o" if "val" in key.split("/") else None, markersize=3)
     if accuracy:
-        axes[2].set_ylabel("accuracy")
+        axes[2].set_ylabel("validation" if any(k.startswith("val/") for k in accuracy) else "accuracy")
         axes[2].set_ylim(0, 1.02)
     for ax in axes:
         ax.grid(alpha=0.3)

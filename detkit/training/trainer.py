@@ -84,7 +84,7 @@ class Trainer(SGDTrainer):
                  proposals=None):
         self.loss_prefixes = loss_prefixes
         self._init, self._proposals = init, proposals
-        self.validator = Validator(self)  # train.eval_period, best.pth
+        self.validator = Validator(self, cfg.train.best_metric)  # train.eval_period, best.pth
         super().__init__(cfg, registries, progress=progress)
 
     # -------------------------------------------------------------------------------------------- build
@@ -166,10 +166,10 @@ class Trainer(SGDTrainer):
 
     def checkpoint_meta(self) -> dict:
         return {"class_names": self.cfg.model.class_names, "cat_ids": list(self.dataset.cat_ids),
-                "extra": self.validator.state()}
+                "extra": self.validator.best.state()}
 
     def restore_meta(self, ckpt: dict) -> None:
-        self.validator.restore(ckpt)
+        self.validator.best.restore(ckpt)
 
     def extra_hooks(self) -> list[Hook]:
         return [PeriodicValidation(self.validator)] if self.cfg.train.eval_period else []
@@ -182,7 +182,7 @@ class Trainer(SGDTrainer):
         metrics = evaluate(self.model, self.cfg, self.registries, device=self.device,
                            out_dir=self.cfg.train.work_dir, dist_info=self.info, progress=self.progress)
         if self.cfg.train.eval_period:  # the end-of-run evaluation may be the best one
-            self.validator.consider(self.cfg.train.max_iters, metrics)
+            self.validator.best.consider(self.cfg.train.max_iters, metrics)
         return metrics
 
 

@@ -46,13 +46,45 @@ def check_validation_settings(cfg: Config) -> None:
                           f"{', '.join(names)}")
 
 
-class Validator:
-    """Scores a trainer's model on the validation set and keeps ``best.pth`` (rank 0 writes)."""
+class BestCheckpoint:
+    """``best.pth``: the weights of the best validation so far by ``metric`` (higher is better), written by rank 0
+    as a resumable checkpoint; :meth:`state` is what every checkpoint keeps of it, :meth:`restore` takes it back
+    on resume. Detection validation and classification pretraining (top-1) both keep one."""
 
-    def __init__(self, trainer):
+    def __init__(self, trainer, metric: str):
+        self.trainer = trainer
+        self.metric = metric
+        self.best: dict | None = None  # {"metric", "value", "iteration"}
+
+    def consider(self, done: int, metrics: dict | None) -> bool:
+        """Write ``best.pth`` (rank 0) when ``metrics[metric]`` beats the best so far; whether it did."""
+        trainer, value = self.trainer, (metrics or {}).get(self.metric)
+        if not trainer.info.is_main or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            return False  # -1: undefined (no ground truth of a size)
+        if self.best is not None and value <= self.best["value"]:
+            return False
+        self.best = {"metric": self.metric, "value": float(value), "iteration": int(done)}
+        path = os.path.join(trainer.cfg.train.work_dir, BEST)
+        trainer.save_checkpoint(path, done)
+        log.info("saved %s (%s %.4f at iteration %d)", path, self.metric, value, done)
+        return True
+
+    def state(self) -> dict:
+        return {"best": dict(self.best)} if self.best else {}
+
+    def restore(self, ckpt: dict) -> None:
+        best = ckpt.get("best")
+        if isinstance(best, dict) and best.get("metric") == self.metric:
+            self.best = {"metric": best["metric"], "value": float(best["value"]), "iteration": int(best["iteration"])}
+
+
+class Validator:
+    """Scores a detection trainer's model on the validation set; keeps ``best.pth`` by ``train.best_metric``."""
+
+    def __init__(self, trainer, best_metric: str):
         self.trainer = trainer
         self.dataset = None
-        self.best: dict | None = None  # {"metric", "value", "iteration"} of the best validation so far
+        self.best = BestCheckpoint(trainer, best_metric)
 
     def validation_set(self):
         if self.dataset is None:
@@ -81,30 +113,8 @@ class Validator:
         name = cfg.train.best_metric
         log.info("iteration %d: validation %s %.4f (%d images)", done, name, metrics.get(name, float("nan")),
                  len(dataset))
-        self.consider(done, metrics)
+        self.best.consider(done, metrics)
         return metrics
-
-    def consider(self, done: int, metrics: dict | None) -> None:
-        """Write ``best.pth`` (rank 0) when ``metrics`` beat the best so far."""
-        trainer, name = self.trainer, self.trainer.cfg.train.best_metric
-        value = (metrics or {}).get(name)
-        if not trainer.info.is_main or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            return  # -1: undefined (no ground truth of a size)
-        if self.best is not None and value <= self.best["value"]:
-            return
-        self.best = {"metric": name, "value": float(value), "iteration": int(done)}
-        path = os.path.join(trainer.cfg.train.work_dir, BEST)
-        trainer.save_checkpoint(path, done)
-        log.info("saved %s (%s %.4f at iteration %d)", path, name, value, done)
-
-    def state(self) -> dict:
-        """What a checkpoint keeps of it: the best so far."""
-        return {"best": dict(self.best)} if self.best else {}
-
-    def restore(self, ckpt: dict) -> None:
-        best = ckpt.get("best")
-        if isinstance(best, dict) and best.get("metric") == self.trainer.cfg.train.best_metric:
-            self.best = {"metric": best["metric"], "value": float(best["value"]), "iteration": int(best["iteration"])}
 
 
 class PeriodicValidation(Hook):

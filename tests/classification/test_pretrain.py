@@ -120,7 +120,7 @@ def detector_run(pretrained, tmp_path_factory):
     """``detkit train`` of configs/faster_rcnn_tiny_synth.yaml for 2 iterations from the pretrained
     backbone.pth, every trunk stage frozen (so its weights stay the pretrained ones)."""
     work = tmp_path_factory.mktemp("detector")
-    assert main(["data", "synth", "--out", str(work / "data"), "--format", "coco", "--num-images", "4",
+    assert main(["data", "synth", "--output", str(work / "data"), "--format", "coco", "--num-images", "4",
                  "--size", "120x160"]) == 0
     data = work / "data"
     sets = [f"model.backbone.weights={pretrained / 'backbone.pth'}", *SMALL_TINY_SETS, "model.backbone.freeze_at=-1",
@@ -461,3 +461,18 @@ def test_validation_classes_other_than_the_training_classes_and_a_single_class_a
     config = write_config(tmp_path / "b.yaml", tmp_path / "b", folder_spec(single))
     assert run_pretrain(config) == 2
     assert f"data.train: one class ({CLASSES[0]})" in capsys.readouterr().err
+
+
+def test_periodic_validation_keeps_the_best_top1_in_best_pth(images, tmp_path):
+    """eval.period in pretraining keeps best.pth by top-1, the detection trainer's mechanism (issue 26, item 2)."""
+    from detkit.engine.checkpoint import load_checkpoint
+
+    config = write_config(tmp_path / "c.yaml", tmp_path / "run", folder_spec(images), test=folder_spec(images),
+                          max_iters=4)
+    assert run_pretrain(config, "eval.period=2") == 0
+    top1 = logged(tmp_path / "run", "top1/val")
+    final = load_checkpoint(str(tmp_path / "run" / "final.pth"), task="classification")
+    best = load_checkpoint(str(tmp_path / "run" / "best.pth"), task="classification")
+    assert set(top1) == {2, 4} and final["best"]["metric"] == "top1"
+    assert final["best"]["value"] == max(top1.values()) and best["iteration"] == final["best"]["iteration"]
+    assert top1[best["iteration"]] == max(top1.values()) and (best["iteration"] == 2 or top1[4] > top1[2])
