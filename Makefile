@@ -45,9 +45,9 @@ gpu-check:
 	$(CHECK_PYTHON) tools/gpu_check.py --device $(DEVICE) --out $(GPU_CHECK_OUT) $(if $(QUICK),--quick) $(GPU_CHECK_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/detkit data synth --out $(DEMO_DIR)/data/train --format coco --num-images 400 --seed 0 --overwrite
-	$(BIN)/detkit data synth --out $(DEMO_DIR)/data/val --format coco --num-images 60 --seed 1 --overwrite
-	$(BIN)/detkit data synth-video --out $(DEMO_DIR)/data/demo.mp4 --frames 48 --seed 2
+	$(BIN)/detkit data synth --output $(DEMO_DIR)/data/train --format coco --num-images 400 --seed 0 --overwrite
+	$(BIN)/detkit data synth --output $(DEMO_DIR)/data/val --format coco --num-images 60 --seed 1 --overwrite
+	$(BIN)/detkit data synth-video --output $(DEMO_DIR)/data/demo.mp4 --frames 48 --seed 2
 	$(BIN)/python tools/train.py configs/faster_rcnn_tiny_fpn_synth.yaml --set train.work_dir=$(DEMO_DIR) --overwrite
 	$(BIN)/python tools/eval.py $(DEMO_DIR)/final.pth --output $(DEMO_DIR)/eval
 	$(BIN)/python tools/infer.py $(DEMO_DIR)/final.pth $(DEMO_DIR)/data/val/images --output $(DEMO_DIR)/infer_images

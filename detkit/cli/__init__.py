@@ -25,13 +25,19 @@ log = logging.getLogger("detkit")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from detkit import __version__
+
     parser = argparse.ArgumentParser(prog="detkit", description="Two-stage object detection toolkit")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"detkit {__version__}",
+                        help="print detkit's version and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (before the command: detkit -v ...)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of the commands below; detkit COMMAND --help for its options")
     info.add_list_parser(sub)
     train.add_config_parser(sub)
     info.add_convert_parser(sub)
     train.add_train_parser(sub)
+    train.add_compare_parser(sub)
     info.add_summary_parser(sub)
     detect.add_detector_parsers(sub)
     train.add_pretrain_parser(sub)

@@ -3,11 +3,10 @@
 summarising a dataset before training on it, and writing it in another layout (COCO, VOC, YOLO)."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from detkit.cli.common import _add_set, _data_spec, _registries, number
+from detkit.cli.common import _add_no_progress, _add_output, _add_set, _data_spec, _registries, dims, number
 
 
 def cmd_synth(args) -> int:
@@ -19,19 +18,16 @@ def cmd_synth(args) -> int:
         if args.variant != "default":
             raise ConfigError(f"--scene draws its own layout (objects of 24-64 px); it does not combine with "
                               f"--variant {args.variant}")
-        try:
-            h, w = _size(args.scene)
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(f"--scene {args.scene!r}: expected HEIGHTxWIDTH, e.g. 4000x4000") from None
+        h, w = args.scene
         variant = "scene"
     else:
-        h, w = _size(args.size)
+        h, w = args.size
     try:
-        synthesize(args.out, args.format, args.num_images, args.seed, image_size=(h, w), variant=variant,
+        synthesize(args.output, args.format, args.num_images, args.seed, image_size=(h, w), variant=variant,
                    overwrite=args.overwrite)
     except ValueError as exc:  # the arguments, named in the message
         raise ConfigError(str(exc)) from None
-    print(f"wrote {args.num_images} images ({args.format}, variant {variant}) to {args.out}")
+    print(f"wrote {args.num_images} images ({args.format}, variant {variant}) to {args.output}")
     return 0
 
 
@@ -53,9 +49,9 @@ def cmd_data_tile(args) -> int:
     dataset = build_dataset(spec, _registries(), "--in")
     check_image_files(dataset, "--in")
     fmt = args.format or ("voc" if spec.get("name") == "voc" else "coco")
-    done = tile_dataset(dataset, args.out, tiling, fmt=fmt, split=args.split, overwrite=args.overwrite,
+    done = tile_dataset(dataset, args.output, tiling, fmt=fmt, split=args.split, overwrite=args.overwrite,
                         progress=not args.no_progress)
-    print(f"wrote {done['tiles']} tiles of {args.size} px ({fmt}) from {done['images']} images to {args.out}: "
+    print(f"wrote {done['tiles']} tiles of {args.size} px ({fmt}) from {done['images']} images to {args.output}: "
           f"{done['boxes']} boxes of {done['objects']} objects; {done['skipped_empty']} of {done['empty_tiles']} "
           f"tiles without objects left out (--keep-empty {args.keep_empty:g})")
     if done["lost"]:
@@ -139,10 +135,10 @@ def cmd_data_convert(args) -> int:
     dataset = build_dataset(spec, _registries(), "SRC")
     check_image_files(dataset, "SRC")
     inputs = [spec[key] for key in ("annotations", "data") if isinstance(spec.get(key), str)]
-    done = convert_dataset(dataset, args.out, args.to, args.split, overwrite=args.overwrite, copy=args.copy,
+    done = convert_dataset(dataset, args.output, args.to, args.split, overwrite=args.overwrite, copy=args.copy,
                            inputs=inputs, comment=f"written by detkit data convert from {args.source}")
     how = ", ".join(f"{done[k]} {k}" for k in ("linked", "copied") if done[k])
-    print(f"wrote {done['images']} images ({how}) and {done['boxes']} boxes to {args.out} as {args.to}"
+    print(f"wrote {done['images']} images ({how}) and {done['boxes']} boxes to {args.output} as {args.to}"
           + (f" (split {done['split']})" if done["split"] else ""))
     if done["left_out"]:
         print(f"note: {done['left_out']} crowd regions or difficult objects left out: YOLO has no flag for them",
@@ -166,43 +162,37 @@ def cmd_synth_cls(args) -> int:
     from detkit.data.synth_cls import synthesize_classification
 
     try:
-        summary = synthesize_classification(args.out, args.per_class, args.val_per_class, args.seed, args.size)
+        summary = synthesize_classification(args.output, args.per_class, args.val_per_class, args.seed, args.size)
     except ValueError as exc:
-        raise ConfigError(f"--out {args.out}: {exc}" if args.out in str(exc) else str(exc)) from None
+        raise ConfigError(f"--output {args.output}: {exc}" if args.output in str(exc) else str(exc)) from None
     print(f"wrote {summary['images']['train']} training and {summary['images']['val']} validation crops of "
-          f"{len(summary['classes'])} classes ({args.size}x{args.size}) to {args.out}/train and {args.out}/val")
+          f"{len(summary['classes'])} classes ({args.size}x{args.size}) to {args.output}/train and {args.output}/val")
     return 0
 
 
 def cmd_synth_video(args) -> int:
     from detkit.data.synth import synthesize_video
 
-    h, w = _size(args.size)
-    synthesize_video(args.out, args.frames, args.seed, fps=args.fps, size=(h, w))
-    print(f"wrote {args.frames} frames to {args.out}")
+    synthesize_video(args.output, args.frames, args.seed, fps=args.fps, size=args.size)
+    print(f"wrote {args.frames} frames to {args.output}")
     return 0
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. 240x320") from None
-    return h, w
 
 
 def add_data_parser(sub) -> None:
     """``detkit data synth``, ``tile``, ``check``, ``convert``, ``synth-cls`` and ``synth-video``."""
     p = sub.add_parser("data", help="dataset utilities")
-    dsub = p.add_subparsers(dest="data_command", required=True)
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND",
+                            help="synth, tile, check, convert, synth-cls or synth-video")
+    seed_help = "random seed: the same seed writes the same files (default 0)"
     ps = dsub.add_parser("synth", help="generate the built-in synthetic dataset")
-    ps.add_argument("--out", required=True)
-    ps.add_argument("--format", choices=["coco", "voc"], default="coco")
-    ps.add_argument("--num-images", type=number(int, ge=1), default=200)
-    ps.add_argument("--seed", type=number(int, ge=0), default=0)
+    _add_output(ps, "output dataset folder (new or empty; see --overwrite)", required=True, old="--out")
+    ps.add_argument("--format", choices=["coco", "voc"], default="coco", help="dataset layout to write (default coco)")
+    ps.add_argument("--num-images", type=number(int, ge=1), default=200, help="how many images (default 200)")
+    ps.add_argument("--seed", type=number(int, ge=0), default=0, help=seed_help)
     size = ps.add_mutually_exclusive_group()
-    size.add_argument("--size", default="240x320", help="HEIGHTxWIDTH")
-    size.add_argument("--scene", metavar="HEIGHTxWIDTH",
+    size.add_argument("--size", type=dims(2, "x", ge=32, example="240x320"), default="240x320", metavar="HEIGHTxWIDTH",
+                      help="image size, each side at least 32 (default 240x320)")
+    size.add_argument("--scene", type=dims(2, "x", ge=64, example="4000x4000"), metavar="HEIGHTxWIDTH",
                       help="large scenes of this size (e.g. 4000x4000; at least 64x64) for tiled inference: objects "
                            "of 24-64 px, as many per area as the default images have (about 700 in 4000x4000), on "
                            "the same background; use a few (--num-images 3): each 4000x4000 takes about 2 s and "
@@ -212,7 +202,7 @@ def add_data_parser(sub) -> None:
     ps.add_argument("--variant", choices=["default", "small"], default="default",
                     help="small: 15-40 objects per image, nearly all COCO-small (for FPN vs single-map detectors)")
     ps.add_argument("--overwrite", action="store_true",
-                    help="replace the dataset an earlier call wrote in --out (default: --out must be new or empty)")
+                    help="replace the dataset an earlier call wrote in --output (default: --output must be new or empty)")
     ps.set_defaults(func=cmd_synth)
     ps = dsub.add_parser("tile", help="cut a dataset of large images into a dataset of overlapping tiles at native "
                                       "resolution, to train (or evaluate) on them")
@@ -222,7 +212,7 @@ def add_data_parser(sub) -> None:
     ps.add_argument("--images", help="images directory for a COCO json given with --in")
     ps.add_argument("--split", default="trainval", help="VOC split to read, and to write for a VOC output")
     ps.add_argument("--classes", help="comma-separated class list for a VOC directory (default: the 20 VOC classes)")
-    ps.add_argument("--out", required=True, help="output dataset folder (new or empty; see --overwrite)")
+    _add_output(ps, "output dataset folder (new or empty; see --overwrite)", required=True, old="--out")
     ps.add_argument("--size", type=number(int, ge=32), default=512, help="tile side in pixels, at least 32 (default: 512)")
     ps.add_argument("--overlap", type=number(ge=0, lt=1), default=0.2,
                     help="fraction of a tile that neighbouring tiles share, in [0, 1) (default: 0.2)")
@@ -235,8 +225,8 @@ def add_data_parser(sub) -> None:
                          "training skips images without objects and every kept tile has background around its "
                          "objects; keep them to evaluate on tiles)")
     ps.add_argument("--format", choices=["coco", "voc"], help="output format (default: the input's)")
-    ps.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    ps.add_argument("--no-progress", action="store_true")
+    ps.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    _add_no_progress(ps)
     ps.set_defaults(func=cmd_data_tile)
     dataset_forms = ("a COCO json (images in images/ beside it, or --images), a VOC directory (with Annotations/; "
                      "--split, --classes), a YOLO data.yaml (--split) or a mapping '{name: coco, images: DIR, "
@@ -258,7 +248,7 @@ def add_data_parser(sub) -> None:
                                          "hard-linked where possible, else copied")
     ps.add_argument("source", metavar="SRC", help=dataset_forms)
     ps.add_argument("--to", required=True, choices=["coco", "voc", "yolo"], help="layout to write")
-    ps.add_argument("--out", required=True, help="output dataset folder (new or empty; see --overwrite)")
+    _add_output(ps, "output dataset folder (new or empty; see --overwrite)", required=True, old="--out")
     ps.add_argument("--split", help="split to read (a VOC split file, default trainval; a YOLO data.yaml key, "
                                     "default train) and to write (VOC's ImageSets/Main/NAME.txt, YOLO's "
                                     "images/NAME/; default trainval for VOC, train for YOLO)")
@@ -266,19 +256,20 @@ def add_data_parser(sub) -> None:
     ps.add_argument("--classes", help="comma-separated class list for a VOC directory (default: the 20 VOC classes)")
     ps.add_argument("--copy", action="store_true", help="copy the images (default: hard links where the file "
                                                         "system allows, which take no space)")
-    ps.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ps.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     ps.set_defaults(func=cmd_data_convert)
     ps = dsub.add_parser("synth-cls", help="generate the built-in classification crops (class folders train/, val/)")
-    ps.add_argument("--out", required=True)
+    _add_output(ps, "output folder (train/ and val/ class folders are written in it)", required=True, old="--out")
     ps.add_argument("--per-class", type=number(int, ge=1), default=2000, help="training images per class")
     ps.add_argument("--val-per-class", type=number(int, ge=0), default=100, help="validation images per class (0: no val/)")
-    ps.add_argument("--seed", type=number(int, ge=0), default=0)
+    ps.add_argument("--seed", type=number(int, ge=0), default=0, help=seed_help)
     ps.add_argument("--size", type=number(int, ge=16), default=64, help="side of the square crops in pixels")
     ps.set_defaults(func=cmd_synth_cls)
     ps = dsub.add_parser("synth-video", help="generate a synthetic video of the built-in classes")
-    ps.add_argument("--out", required=True)
-    ps.add_argument("--frames", type=number(int, ge=1), default=48)
-    ps.add_argument("--fps", type=number(int, ge=1), default=12)
-    ps.add_argument("--seed", type=number(int, ge=0), default=0)
-    ps.add_argument("--size", default="240x320", help="HEIGHTxWIDTH")
+    _add_output(ps, "the video file to write (.mp4)", required=True, old="--out")
+    ps.add_argument("--frames", type=number(int, ge=1), default=48, help="how many frames (default 48)")
+    ps.add_argument("--fps", type=number(int, ge=1), default=12, help="frames per second (default 12)")
+    ps.add_argument("--seed", type=number(int, ge=0), default=0, help=seed_help)
+    ps.add_argument("--size", type=dims(2, "x", ge=32, example="240x320"), default="240x320", metavar="HEIGHTxWIDTH",
+                    help="frame size, each side at least 32 (default 240x320)")
     ps.set_defaults(func=cmd_synth_video)

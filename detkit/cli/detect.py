@@ -7,8 +7,8 @@ import contextlib
 import os
 import sys
 
-from detkit.cli.common import (_add_model_run_options, _add_set, _data_spec, _device, _mapping_argument,
-                               _registries, number)
+from detkit.cli.common import (DeprecatedAlias, _add_model_run_options, _add_set, _data_spec, _device,
+                               _mapping_argument, _registries, number)
 
 
 def cmd_eval(args) -> int:
@@ -19,7 +19,7 @@ def cmd_eval(args) -> int:
     if args.results:
         return _eval_results_file(args, registries)
     if not args.checkpoint:
-        raise argparse.ArgumentTypeError("eval: give a CHECKPOINT, or --results DETS.json with --dataset")
+        raise argparse.ArgumentTypeError("eval: give a CHECKPOINT, or --results DETS.json with --data")
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     check_output_dir(out, "--output" if args.output else "--output (default: eval/ beside the checkpoint)")
     given = [c.strip() for c in (args.classes or "").split(",") if c.strip()]
@@ -43,8 +43,8 @@ def _eval_results_file(args, registries) -> int:
 
     spec = _data_spec(args.dataset or args.data, args)
     if spec is None:
-        raise ConfigError("--results needs --dataset (a COCO json, a VOC directory or a dataset mapping)")
-    dataset = build_dataset(spec, registries, "--dataset")
+        raise ConfigError("--results needs --data (a COCO json, a VOC directory, a YOLO data.yaml or a dataset mapping)")
+    dataset = build_dataset(spec, registries, "--data")
     try:
         with open(args.results, encoding="utf-8") as f:
             results = json.load(f)
@@ -232,28 +232,49 @@ def _check_same_classes(data_classes: list[str], model_classes: list[str], check
                           f"({', '.join(model_classes[:8])}{', ...' if len(model_classes) > 8 else ''}), in that order")
 
 
+def _svd_spec(text: str) -> str:
+    """An argparse ``type=`` for ``--svd RANKS``: comma-separated integers >= 1 (given back as written, for
+    :func:`_svd_ranks`)."""
+    try:
+        ranks = [int(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        ranks = []
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated ranks >= 1 such as 1024,256")
+    return text
+
+
+CHECKPOINT_HELP = "a checkpoint written by detkit train (final.pth, iter_NNNNNNN.pth)"
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     """What runs in eval and infer: the checkpoint's eager model, compressed (--svd), or an exported file."""
     p.add_argument("--export", metavar="FILE", help="run this file written by detkit export (.onnx, .ts, .pt2) "
                                                   "instead of the checkpoint's eager model")
-    p.add_argument("--svd", nargs="?", const="1024,256", metavar="RANKS",
+    p.add_argument("--svd", nargs="?", const="1024,256", metavar="RANKS", type=_svd_spec,
                    help="truncated SVD of the RoI head's fc layers at these ranks (default: fc6 1024, fc7 256)")
 
 
 def add_detector_parsers(sub) -> None:
     """eval, infer and export: the commands that run a trained detector."""
     p = sub.add_parser("eval", help="COCO or VOC mAP of a checkpoint on its test split or --data, "
-                                    "or of a results file (--results) on --dataset")
-    p.add_argument("checkpoint", nargs="?")
-    p.add_argument("--results", help="score this COCO-format results file instead of running a model")
-    p.add_argument("--dataset", help="the dataset --results refers to (same forms as --data)")
+                                    "or of a results file (--results) on --data")
+    p.add_argument("checkpoint", nargs="?", help=f"{CHECKPOINT_HELP}; leave it out with --results")
+    p.add_argument("--results", metavar="DETS.json",
+                   help="score this COCO-format results file (original category ids) on --data instead of running "
+                        "a model")
+    # --dataset: the earlier name of --data with --results; args.dataset stays None, the value goes to args.data
+    p.add_argument("--dataset", dest="data", action=DeprecatedAlias, new="--data")
+    p.set_defaults(dataset=None)
     p.add_argument("--metric", choices=["coco", "voc07", "voc"], help="default: the config's eval.metric (coco)")
     p.add_argument("--max-detections", type=number(int, ge=10), metavar="N",
                    help="detections per image the detector returns and COCO counts (maxDets; default: the config's "
                         "eval.max_detections, 100): raise it for scenes with more objects")
-    p.add_argument("--data", help="COCO json, VOC directory, or a mapping '{name: coco, images: ..., annotations: ...}'")
+    p.add_argument("--data", help="the dataset: a COCO json, a VOC directory, a YOLO data.yaml, or a mapping "
+                                  "'{name: coco, images: ..., annotations: ...}' (default: the checkpoint's "
+                                  "data.test; required with --results)")
     p.add_argument("--images", help="images directory for a COCO json given with --data")
-    p.add_argument("--split", default="test", help="split file for a VOC directory given with --data/--dataset")
+    p.add_argument("--split", default="test", help="split file for a VOC directory given with --data (default: test)")
     p.add_argument("--classes", help="comma-separated class list for a VOC directory (default: the 20 VOC classes)")
     p.add_argument("--output", help="output directory (default: eval/ next to the checkpoint)")
     _add_model_options(p)
@@ -261,9 +282,11 @@ def add_detector_parsers(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("infer", help="detect objects in an image, a folder, a video or a webcam")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("input", help="image file, folder of images, video file, or webcam index (0, 1, ...)")
-    p.add_argument("--output", default="outputs/infer")
+    p.add_argument("--output", default="outputs/infer",
+                   help="output directory: annotated pictures or video, results.json, images.json "
+                        "(default: outputs/infer)")
     p.add_argument("--score-thr", type=number(), default=0.5,
                    help="draw the detections scoring at least this (default 0.5; any finite number: an SVM "
                         "predictor's scores are margins); results.json keeps every detection unless --results-thr")
@@ -290,8 +313,13 @@ def add_detector_parsers(sub) -> None:
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("export", help="the whole detector (resize, NMS and all) as ONNX, TorchScript or a torch.export "
-                                      "program with dynamic batch and image size, verified against the eager model")
-    p.add_argument("checkpoint")
+                                      "program with dynamic batch and image size, verified against the eager model",
+                       description="Exports the whole detector (resize, NMS and all) with dynamic batch and image size "
+                                   "and verifies the file against the eager model before keeping it. Export runs on "
+                                   "the CPU by design, so it takes no --device: the model is loaded, traced and "
+                                   "verified on the CPU, and the file runs on any device afterwards (detkit eval/infer "
+                                   "--export FILE --device ...).")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "exported"],
                    help="onnx (.onnx; runs in onnxruntime: pip install 'detkit[export]'), torchscript (.ts), "
                         "exported (.pt2, torch.export)")
@@ -310,12 +338,12 @@ def add_eval_cls_parser(sub) -> None:
     """``detkit eval-cls``."""
     p = sub.add_parser("eval-cls", help="top-1/top-5, per-class accuracy and confusion matrix of a pretrain "
                                         "checkpoint on its data.test or --data")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint written by detkit pretrain (final.pth, iter_NNNNNNN.pth)")
     p.add_argument("--data", help="a folder of class folders, a .csv/.json image list, or a mapping "
                                   "'{name: digits, split: test}' (default: the config's data.test)")
     p.add_argument("--ten-crop", action="store_true", help="average the 4 corner, centre and mirrored crops "
                                                            "(AlexNet Sec. 4.1, GoogLeNet Sec. 7)")
-    p.add_argument("--batch-size", type=number(int, ge=1), default=64)
+    p.add_argument("--batch-size", type=number(int, ge=1), default=64, help="images per forward pass (default 64)")
     p.add_argument("--output", help="output directory (default: eval_cls/ next to the checkpoint)")
     _add_model_run_options(p)
     p.set_defaults(func=cmd_eval_cls)

@@ -2,12 +2,11 @@
 per-layer table, and another toolkit's weights as a detkit checkpoint."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
 
-from detkit.cli.common import _registries, number
+from detkit.cli.common import _registries, dims, number
 from detkit.config import ConfigError
 
 
@@ -72,14 +71,7 @@ def _backbone_facts(entry) -> str:
 def cmd_summary(args) -> int:
     from detkit.models.summary import summary_command
 
-    size = None
-    if args.input_size:
-        try:
-            size = tuple(int(v) for v in args.input_size.split(","))
-            assert len(size) == 3
-        except (ValueError, AssertionError):
-            raise argparse.ArgumentTypeError(f"--input-size {args.input_size!r}: expected C,H,W, e.g. 3,224,224") from None
-    print(summary_command(_registries(), args.name, size))
+    print(summary_command(_registries(), args.name, args.input_size))
     return 0
 
 
@@ -127,5 +119,6 @@ def add_summary_parser(sub) -> None:
     """``detkit summary``."""
     p = sub.add_parser("summary", help="per-layer table (parameters, operations, output volume) of a backbone")
     p.add_argument("name", help="registered backbone name (see detkit list backbones)")
-    p.add_argument("--input-size", help="C,H,W (default: the backbone's input size)")
+    p.add_argument("--input-size", type=dims(3, ",", ge=1, example="3,224,224"), metavar="C,H,W",
+                   help="input size, e.g. 3,224,224 (default: the backbone's input size)")
     p.set_defaults(func=cmd_summary)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from detkit.cli.common import _add_model_run_options, _add_set, _device, _registries, number
+from detkit.cli.common import _add_model_run_options, _add_no_progress, _add_set, _device, _registries, number
 
 
 def _dataset_proposal_source(cfg, registries):
@@ -107,23 +107,25 @@ def cmd_proposals_eval(args) -> int:
 def add_proposals_parser(sub) -> None:
     """``detkit proposals compute`` and ``detkit proposals eval``."""
     p = sub.add_parser("proposals", help="selective search proposals: compute the cache, evaluate recall")
-    psub = p.add_subparsers(dest="proposals_command", required=True)
+    psub = p.add_subparsers(dest="proposals_command", required=True, metavar="SUBCOMMAND", help="compute or eval")
+    config_help = "the config file: its datasets and its model.proposal_generator (selective_search)"
     ps = psub.add_parser("compute", help="compute (or resume) the selective search cache of a config's datasets "
                                          "(settings: model.proposal_generator, a selective_search section)")
-    ps.add_argument("config")
+    ps.add_argument("config", help=config_help)
     ps.add_argument("--split", choices=["train", "test", "both"], default="both",
                     help="which of data.train / data.test (default: both)")
     ps.add_argument("--workers", type=number(int, ge=0), help="processes (default: model.proposal_generator.num_workers, "
                                                 "else all cores)")
-    ps.add_argument("--no-progress", action="store_true")
+    _add_no_progress(ps)
     _add_set(ps)
     ps.set_defaults(func=cmd_proposals_compute)
     ps = psub.add_parser("eval", help="proposal recall at IoU 0.5/0.7 of selective search and, with --checkpoint, "
                                       "of a trained RPN")
-    ps.add_argument("config")
-    ps.add_argument("--split", choices=["train", "test"], default="test")
+    ps.add_argument("config", help=config_help)
+    ps.add_argument("--split", choices=["train", "test"], default="test", help="data.train or data.test (default: test)")
     ps.add_argument("--checkpoint", help="also evaluate this checkpoint's RPN proposals")
     ps.add_argument("--output", help="output directory (default: <train.work_dir>/proposals_eval)")
     ps.add_argument("--workers", type=number(int, ge=0), help="processes computing missing selective search boxes")
-    _add_model_run_options(ps, "device for --checkpoint (default: auto)")
+    _add_model_run_options(ps, "where --checkpoint's RPN runs: auto (CUDA when available, else the CPU), cpu, cuda "
+                               "or cuda:N (default: auto)")
     ps.set_defaults(func=cmd_proposals_eval)

@@ -138,15 +138,15 @@ def _check_out(out_dir: str, overwrite: bool, dataset, inputs: list[str]) -> Non
     out = os.path.abspath(out_dir)
     if os.path.isdir(out) and os.listdir(out):
         if not overwrite:
-            raise ConfigError(f"--out {out_dir}: the folder is not empty; give an empty or new folder, or "
+            raise ConfigError(f"--output {out_dir}: the folder is not empty; give an empty or new folder, or "
                               f"--overwrite to replace what is there")
         sources = [dataset.image_info(k)["file_name"] for k in range(len(dataset))] + list(inputs)
         for path in sources:
             path = os.path.abspath(path)
             if path.startswith(out + os.sep):
-                raise ConfigError(f"--out {out_dir}: holds {path}, which the conversion reads; --overwrite would "
+                raise ConfigError(f"--output {out_dir}: holds {path}, which the conversion reads; --overwrite would "
                                   f"delete it (write the converted dataset elsewhere)")
-    check_output_dir(out, "--out")
+    check_output_dir(out, "--output")
 
 
 def convert_dataset(dataset, out_dir: str, fmt: str, split: str | None = None, overwrite: bool = False,

@@ -55,7 +55,7 @@ def with_absolute_paths(spec: dict | None, registry) -> dict | None:
 
 
 def dataset_from_path(path: str, registry, options: dict) -> dict | None:
-    """The dataset mapping a bare path stands for (``detkit eval --dataset PATH``): the first format whose
+    """The dataset mapping a bare path stands for (``detkit eval --data PATH``): the first format whose
     registration declares ``from_path=function(path, options) -> mapping | None`` and recognises ``path``;
     ``options`` are what the command was also given (``images``, ``split``, ``classes``). None: no format does."""
     for entry in registry.entries():

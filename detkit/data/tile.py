@@ -206,14 +206,14 @@ def _check_out(out_dir: str, overwrite: bool, dataset) -> None:
     out = os.path.abspath(out_dir)
     if os.path.isdir(out) and os.listdir(out):
         if not overwrite:
-            raise ConfigError(f"--out {out_dir}: the folder is not empty; give an empty or new folder, or "
+            raise ConfigError(f"--output {out_dir}: the folder is not empty; give an empty or new folder, or "
                               f"--overwrite to replace what is there")
         for index in range(len(dataset)):
             path = os.path.abspath(dataset.image_info(index)["file_name"])
             if path.startswith(out + os.sep):
-                raise ConfigError(f"--out {out_dir}: holds the source image {path}; --overwrite would delete it "
+                raise ConfigError(f"--output {out_dir}: holds the source image {path}; --overwrite would delete it "
                                   f"(write the tiles elsewhere)")
-    check_output_dir(out, "--out")
+    check_output_dir(out, "--output")
 
 
 def _tile_stem(info: dict, used: set[str]) -> str:

@@ -228,9 +228,14 @@ def plot_training_curves(log_path: str, path: str) -> None:
     if accuracy:
         axes[2].set_ylabel("validation" if any(k.startswith("val/") for k in accuracy) else "accuracy")
         axes[2].set_ylim(0, 1.02)
+    save_iteration_plot(fig, axes, path, legend_size=7)
+
+
+def save_iteration_plot(fig, axes, path: str, legend_size: int) -> None:
+    """Grids, legends where there are labels, "iteration" under the last of ``axes``, and :func:`_save`."""
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=legend_size)
     axes[-1].set_xlabel("iteration")
     _save(fig, path)

@@ -130,7 +130,7 @@ KINDS: tuple[PartKind, ...] = (
     detkit.data.DetectionDataset`` (``data.train: {name: ..., <its keyword arguments>}``). A builder that accepts
     ``build_dataset`` receives ``build_dataset(spec, key)``, which builds a nested dataset (``concat``).
     ``from_path=function(path) -> spec | None`` lets a command that is given a bare path (``detkit eval
-    --dataset PATH``) recognise this format.""", schedules=False),
+    --data PATH``) recognise this format.""", schedules=False),
     PartKind("classification_dataset", "classification_datasets", """Classification dataset formats for
     ``detkit pretrain`` and ``detkit eval-cls``: ``builder(**kwargs, transform) ->
     detkit.classification.datasets.ClassificationDataset``. ``from_path=function(path) -> spec | None`` as for

@@ -141,8 +141,9 @@ class FiniteGuard(Hook):
 class TrainingLog(Hook):
     """On logging iterations (every ``train.log_period``, the first and the last): the losses of the global
     batch (the mean over the ranks, as one process with that batch would log them), their total and the
-    learning rate, to ``log.jsonl`` (rank 0) and the progress bar. (The :class:`FiniteGuard` before it has
-    stopped training at a non-finite loss.)
+    learning rate, to ``log.jsonl`` (rank 0) and the progress bar; without a progress bar (``progress=False``,
+    ``--no-progress``), one INFO line through :mod:`logging` instead: iteration, losses, lr, seconds per iteration
+    and ETA (:func:`progress_line`). (The :class:`FiniteGuard` before it has stopped training at a non-finite loss.)
 
     Host reads (which sync the GPU) happen only on logging iterations.
     """
@@ -152,6 +153,7 @@ class TrainingLog(Hook):
         self.path = path
         self.file = self.bar = None
         self.t0 = 0.0
+        self.last = (0, 0.0)  # the iteration and the time of the last logging iteration (seconds per iteration)
 
     def before_train(self) -> None:
         trainer = self.trainer
@@ -161,6 +163,7 @@ class TrainingLog(Hook):
             self.bar = tqdm(total=trainer.cfg.train.max_iters, initial=trainer.start_iter, desc="train",
                             dynamic_ncols=True, mininterval=1.0)
         self.t0 = time.time()
+        self.last = (trainer.start_iter, self.t0)
         if trainer.info.is_main:
             try:
                 self.file = open(self.path, "a", encoding="utf-8")
@@ -178,8 +181,8 @@ class TrainingLog(Hook):
         values = dict(zip(losses, means.tolist()))
         values["total"] = sum(values.values())
         metrics = getattr(self.trainer, "log_metrics", dict)()  # not losses: beside them, outside the total
-        if metrics:
-            values |= dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))
+        metrics = dict(zip(metrics, torch.stack(list(metrics.values())).tolist())) if metrics else {}
+        losses_only, values = values, values | metrics
         if self.file is not None:
             record = {"iter": done, "lr": lr, **values, "time": round(time.time() - self.t0, 3)}
             try:
@@ -190,12 +193,29 @@ class TrainingLog(Hook):
         if self.bar is not None:
             self.bar.set_postfix({k.split("/")[-1] if "/" in k else k: f"{v:.3f}" for k, v in values.items()}
                                  | {"lr": f"{lr:.2g}"})
+        elif self.trainer.info.is_main:  # --no-progress: quiet, not silent
+            now = time.time()
+            per_iter = (now - self.last[1]) / max(done - self.last[0], 1)
+            self.last = (done, now)
+            _log.info("%s", progress_line(done, self.trainer.cfg.train.max_iters, losses_only, metrics, lr, per_iter))
 
     def after_train(self) -> None:
         if self.file is not None:
             self.file.close()
         if self.bar is not None:
             self.bar.close()
+
+
+def progress_line(done: int, max_iters: int, losses: dict[str, float], metrics: dict[str, float], lr: float,
+                  per_iter: float) -> str:
+    """The line a logging iteration gives without a progress bar: ``iter 40/1000  loss 1.234 (rpn/objectness 0.693,
+    roi/cls 0.412, ...)  lr 0.001  0.52 s/it  ETA 0:08:19`` (``losses`` with their ``total``; ``metrics``, such as
+    a classifier's top-1, after the losses)."""
+    parts = ", ".join(f"{k} {v:.4g}" for k, v in losses.items() if k != "total")
+    extra = "".join(f"  {k} {v:.4g}" for k, v in metrics.items())
+    eta = max(int(round(per_iter * (max_iters - done))), 0)
+    return (f"iter {done}/{max_iters}  loss {losses['total']:.4g} ({parts}){extra}  lr {lr:.3g}  {per_iter:.3g} s/it  "
+            f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
 
 
 class PeriodicCheckpoint(Hook):

@@ -20,7 +20,7 @@ from e2e_utils import SIZE, write_config
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     for split, num, seed in (("train", 8, 0), ("val", 3, 1)):
-        assert main(["data", "synth", "--out", str(root / split), "--num-images", str(num), "--seed", str(seed),
+        assert main(["data", "synth", "--output", str(root / split), "--num-images", str(num), "--seed", str(seed),
                      "--size", SIZE]) == 0
     return root
 

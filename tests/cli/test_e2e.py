@@ -17,11 +17,11 @@ from e2e_utils import SIZE, write_config
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    assert main(["data", "synth", "--out", str(root / "train"), "--format", "coco", "--num-images", "12",
+    assert main(["data", "synth", "--output", str(root / "train"), "--format", "coco", "--num-images", "12",
                  "--seed", "0", "--size", SIZE]) == 0
-    assert main(["data", "synth", "--out", str(root / "val"), "--format", "coco", "--num-images", "4",
+    assert main(["data", "synth", "--output", str(root / "val"), "--format", "coco", "--num-images", "4",
                  "--seed", "1", "--size", SIZE]) == 0
-    assert main(["data", "synth-video", "--out", str(root / "clip.mp4"), "--frames", "6", "--seed", "2",
+    assert main(["data", "synth-video", "--output", str(root / "clip.mp4"), "--frames", "6", "--seed", "2",
                  "--size", SIZE]) == 0
     return root
 

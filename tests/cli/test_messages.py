@@ -41,7 +41,7 @@ def write(path, data):
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     for fmt in ("coco", "voc"):
-        assert main(["data", "synth", "--out", str(root / fmt), "--format", fmt, "--num-images", "3", "--seed", "0",
+        assert main(["data", "synth", "--output", str(root / fmt), "--format", fmt, "--num-images", "3", "--seed", "0",
                      "--size", SIZE]) == 0
     return root
 
@@ -482,8 +482,8 @@ def test_the_most_confident_detection_keeps_its_tag(drawn):
     (["infer", "ckpt", "in", "--tile-batch", "2.5"], "argument --tile-batch: '2.5': expected an integer >= 1"),
     (["export", "ckpt", "--format", "onnx", "--output", "m.onnx", "--tolerance", "0"],
      "argument --tolerance: '0': expected a number > 0"),
-    (["data", "synth", "--out", "d", "--num-images", "0"], "argument --num-images: '0': expected an integer >= 1"),
-    (["data", "tile", "--in", "a.json", "--out", "d", "--keep-empty", "2"],
+    (["data", "synth", "--output", "d", "--num-images", "0"], "argument --num-images: '0': expected an integer >= 1"),
+    (["data", "tile", "--in", "a.json", "--output", "d", "--keep-empty", "2"],
      "argument --keep-empty: '2': expected a number in [0, 1]"),
 ])
 def test_numeric_options_are_refused_outside_their_range_before_anything_runs(argv, message, capsys):
@@ -505,7 +505,9 @@ def test_every_numeric_option_of_every_command_has_a_range():
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 parsers += [(f"{name} {sub}", p) for sub, p in action.choices.items()]
-            elif action.type in (int, float):
+            elif action.type in (int, float) or (action.type is None and any(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in (action.default, action.const))):
+                # int/float take any number; an untyped option with a numeric default takes any string
                 unchecked.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
     assert unchecked == []
 

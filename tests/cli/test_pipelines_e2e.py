@@ -15,9 +15,9 @@ SIZE = "96x128"
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipelines")
-    assert main(["data", "synth", "--out", str(root / "train"), "--num-images", "8", "--seed", "0",
+    assert main(["data", "synth", "--output", str(root / "train"), "--num-images", "8", "--seed", "0",
                  "--size", SIZE]) == 0
-    assert main(["data", "synth", "--out", str(root / "val"), "--num-images", "3", "--seed", "1",
+    assert main(["data", "synth", "--output", str(root / "val"), "--num-images", "3", "--seed", "1",
                  "--size", SIZE]) == 0
     return root
 

@@ -20,10 +20,10 @@ CLASS_LIST = ",".join(CLASSES)
 def sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("check")
     for fmt in ("coco", "voc"):
-        assert main(["data", "synth", "--out", str(root / fmt), "--format", fmt, "--num-images", "4",
+        assert main(["data", "synth", "--output", str(root / fmt), "--format", fmt, "--num-images", "4",
                      "--size", "64x80"]) == 0
     assert main(["data", "convert", str(root / "coco" / "annotations.json"), "--to", "yolo",
-                 "--out", str(root / "yolo")]) == 0
+                 "--output", str(root / "yolo")]) == 0
     return root
 
 

@@ -22,8 +22,8 @@ def synth(tmp_path_factory):
     """The synthetic COCO set (4 images of 64x80), its boxes moved to fractional pixels, category ids made
     non-contiguous (10, 20, ...), and one crowd region added; and the same as VOC."""
     root = tmp_path_factory.mktemp("convert")
-    assert main(["data", "synth", "--out", str(root / "coco"), "--num-images", "4", "--size", "64x80"]) == 0
-    assert main(["data", "synth", "--out", str(root / "voc"), "--format", "voc", "--num-images", "4",
+    assert main(["data", "synth", "--output", str(root / "coco"), "--num-images", "4", "--size", "64x80"]) == 0
+    assert main(["data", "synth", "--output", str(root / "voc"), "--format", "voc", "--num-images", "4",
                  "--size", "64x80"]) == 0
     path = root / "coco" / "annotations.json"
     coco = json.loads(path.read_text())
@@ -42,7 +42,7 @@ def synth(tmp_path_factory):
 
 
 def _convert(src, to, out, *argv):
-    return main(["data", "convert", str(src), "--to", to, "--out", str(out), *argv])
+    return main(["data", "convert", str(src), "--to", to, "--output", str(out), *argv])
 
 
 def _coco(root, registries, name="annotations.json"):
@@ -144,7 +144,7 @@ def test_a_non_empty_out_is_refused_unless_overwrite_and_the_source_is_never_del
     (out / "keep.txt").write_text("mine")
     assert _convert(synth / "coco" / "annotations.json", "yolo", out) == 2
     err = capsys.readouterr().err
-    assert "--out" in err and "the folder is not empty" in err and "--overwrite" in err
+    assert "--output" in err and "the folder is not empty" in err and "--overwrite" in err
     assert (out / "keep.txt").read_text() == "mine"
     assert _convert(synth / "coco" / "annotations.json", "yolo", out, "--overwrite") == 0
     assert sorted(os.listdir(out)) == ["data.yaml", "images", "labels"]
@@ -166,7 +166,7 @@ def test_a_failed_conversion_leaves_no_output_and_no_staging(synth, tmp_path, mo
 
 
 def test_bad_options_exit_2_naming_them(synth, tmp_path, capsys):
-    argv = ["data", "convert", str(synth / "coco" / "annotations.json"), "--out", str(tmp_path / "o")]
+    argv = ["data", "convert", str(synth / "coco" / "annotations.json"), "--output", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--to", "xml"])
     assert exc.value.code == 2 and "argument --to: invalid choice: 'xml'" in capsys.readouterr().err

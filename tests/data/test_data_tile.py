@@ -21,7 +21,7 @@ CLASS_LIST = ",".join(CLASSES)
 def synth_sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     for fmt in ("coco", "voc"):
-        assert main(["data", "synth", "--out", str(root / fmt), "--format", fmt, "--num-images", "3",
+        assert main(["data", "synth", "--output", str(root / fmt), "--format", fmt, "--num-images", "3",
                      "--size", f"{H}x{W}", "--seed", "1"]) == 0
     return root
 
@@ -59,7 +59,7 @@ def test_window_boxes_keep_by_visible_fraction_relative_to_the_window():
 def test_a_box_half_outside_a_tile_is_kept_at_0_4_and_dropped_at_0_6(tmp_path, capsys, visibility, kept):
     ann = _crowd_coco(tmp_path / "src", [(48, 8, 80, 40), (8, 8, 24, 24), (100, 50, 127, 64)], [False, False, True])
     out = tmp_path / "out"
-    assert main(["data", "tile", "--in", ann, "--out", str(out), "--size", "64", "--overlap", "0",
+    assert main(["data", "tile", "--in", ann, "--output", str(out), "--size", "64", "--overlap", "0",
                  "--min-visibility", str(visibility), "--no-progress"]) == 0
     gt = json.loads((out / "annotations.json").read_text())
     assert gt["categories"] == [{"id": 3, "name": "thing"}, {"id": 9, "name": "other"}]
@@ -78,7 +78,7 @@ def test_coco_tiles_hold_exactly_the_visible_boxes_and_load_again(synth_sets, tm
     src = build_dataset({"name": "coco", "images": str(synth_sets / "coco" / "images"),
                          "annotations": str(synth_sets / "coco" / "annotations.json")}, registries, "src")
     out = tmp_path / "tiles"
-    assert _tile("--in", str(synth_sets / "coco" / "annotations.json"), "--out", str(out), "--keep-empty") == 0
+    assert _tile("--in", str(synth_sets / "coco" / "annotations.json"), "--output", str(out), "--keep-empty") == 0
     grid = tile_grid(H, W, SIZE, OVERLAP)
     tiles = build_dataset({"name": "coco", "images": str(out / "images"), "annotations": str(out / "annotations.json")},
                           registries, "tiles")
@@ -104,7 +104,7 @@ def test_empty_tiles_are_left_out_by_default_and_a_fraction_is_kept(synth_sets, 
     ann = str(synth_sets / "coco" / "annotations.json")
     counts = {}
     for name, extra in (("none", []), ("half", ["--keep-empty", "0.5"]), ("all", ["--keep-empty"])):
-        assert _tile("--in", ann, "--out", str(tmp_path / name), *extra) == 0
+        assert _tile("--in", ann, "--output", str(tmp_path / name), *extra) == 0
         gt = json.loads((tmp_path / name / "annotations.json").read_text())
         with_boxes = {a["image_id"] for a in gt["annotations"]}
         counts[name] = (len(gt["images"]), len(gt["images"]) - len(with_boxes))
@@ -115,7 +115,7 @@ def test_empty_tiles_are_left_out_by_default_and_a_fraction_is_kept(synth_sets, 
 
 
 def test_voc_tiles_carry_the_split_and_round_trip_in_both_formats(synth_sets, tmp_path, registries):
-    assert _tile("--in", str(synth_sets / "voc"), "--classes", CLASS_LIST, "--split", "val", "--out",
+    assert _tile("--in", str(synth_sets / "voc"), "--classes", CLASS_LIST, "--split", "val", "--output",
                  str(tmp_path / "voc")) == 0
     assert sorted(os.listdir(tmp_path / "voc" / "ImageSets" / "Main")) == ["val.txt"]
     voc = build_dataset({"name": "voc", "root": str(tmp_path / "voc"), "split": "val", "classes": list(CLASSES)},
@@ -124,7 +124,7 @@ def test_voc_tiles_carry_the_split_and_round_trip_in_both_formats(synth_sets, tm
     image, target = voc[0]
     assert image.shape[:2] == (SIZE, SIZE) and (target["boxes"] <= SIZE).all()
     assert _tile("--in", str(synth_sets / "voc"), "--classes", CLASS_LIST, "--split", "val", "--format", "coco",
-                 "--out", str(tmp_path / "coco")) == 0
+                 "--output", str(tmp_path / "coco")) == 0
     coco = build_dataset({"name": "coco", "images": str(tmp_path / "coco" / "images"),
                           "annotations": str(tmp_path / "coco" / "annotations.json")}, registries, "tiles")
     assert len(coco) == len(voc)
@@ -143,16 +143,16 @@ def test_voc_tiles_carry_the_split_and_round_trip_in_both_formats(synth_sets, tm
 def test_bad_options_exit_2_naming_option_value_and_expectation(synth_sets, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:  # argparse's usage error: the options are checked before anything
-        _tile("--in", str(synth_sets / "coco" / "annotations.json"), "--out", str(out), *argv)
+        _tile("--in", str(synth_sets / "coco" / "annotations.json"), "--output", str(out), *argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err and not out.exists()
 
 
 def test_missing_input_exits_2_naming_it(tmp_path, capsys):
     out = tmp_path / "out"
-    assert _tile("--in", str(tmp_path / "nope.json"), "--out", str(out)) == 2
+    assert _tile("--in", str(tmp_path / "nope.json"), "--output", str(out)) == 2
     assert f"--in {tmp_path / 'nope.json'}: no such file or folder" in capsys.readouterr().err
     os.makedirs(tmp_path / "plain")
-    assert _tile("--in", str(tmp_path / "plain"), "--out", str(out)) == 2
+    assert _tile("--in", str(tmp_path / "plain"), "--output", str(out)) == 2
     assert "a folder no dataset format recognises" in capsys.readouterr().err and not out.exists()
 
 
@@ -161,12 +161,12 @@ def test_non_empty_out_is_refused_unless_overwrite(synth_sets, tmp_path, capsys)
     out = tmp_path / "out"
     os.makedirs(out)
     (out / "keep.txt").write_text("mine")
-    assert _tile("--in", ann, "--out", str(out)) == 2
-    assert "--out" in capsys.readouterr().err and os.listdir(out) == ["keep.txt"]
-    assert _tile("--in", ann, "--out", str(out), "--overwrite") == 0
+    assert _tile("--in", ann, "--output", str(out)) == 2
+    assert "--output" in capsys.readouterr().err and os.listdir(out) == ["keep.txt"]
+    assert _tile("--in", ann, "--output", str(out), "--overwrite") == 0
     assert sorted(os.listdir(out)) == ["annotations.json", "images"]
     assert os.listdir(tmp_path) == ["out"]  # no temporary folder left beside it
-    assert _tile("--in", ann, "--out", str(synth_sets / "coco"), "--overwrite") == 2  # would delete its sources
+    assert _tile("--in", ann, "--output", str(synth_sets / "coco"), "--overwrite") == 2  # would delete its sources
     assert "holds the source image" in capsys.readouterr().err
 
 
@@ -190,7 +190,7 @@ def test_an_interrupted_run_leaves_no_dataset(synth_sets, tmp_path, monkeypatch,
 
 def test_a_tiling_past_the_window_limit_is_refused_saying_how_many(synth_sets, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["data", "tile", "--in", str(synth_sets / "coco" / "annotations.json"), "--out", str(out),
+    assert main(["data", "tile", "--in", str(synth_sets / "coco" / "annotations.json"), "--output", str(out),
                  "--size", "32", "--overlap", "0.99", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "windows, more than the 10,000 one image may have: use a larger --size or a smaller --overlap" in err

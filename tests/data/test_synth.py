@@ -166,12 +166,12 @@ def test_small_variant_objects_are_mostly_small_and_many(tmp_path):
 def test_cli_accepts_every_variant_and_names_them_for_an_unknown_one(tmp_path, capsys):
     """The CLI lists the variants itself (importing them would import torch): it must list exactly these."""
     for name in VARIANTS:
-        assert main(["data", "synth", "--out", str(tmp_path / name), "--variant", name, "--num-images", "2",
+        assert main(["data", "synth", "--output", str(tmp_path / name), "--variant", name, "--num-images", "2",
                      "--size", "96x128"]) == 0
         assert f"variant {name}" in capsys.readouterr().out
     assert json.loads((tmp_path / "small" / "annotations.json").read_text())["info"]["variant"] == "small"
     with pytest.raises(SystemExit) as exc:
-        main(["data", "synth", "--out", str(tmp_path / "x"), "--variant", "tiny"])
+        main(["data", "synth", "--output", str(tmp_path / "x"), "--variant", "tiny"])
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert exc.value.code == 2 and "invalid choice: 'tiny'" in message
     assert re.findall(r"[\w-]+", message.split("choose from")[1]) == list(VARIANTS)
@@ -200,15 +200,15 @@ def test_synth_into_an_earlier_dataset_is_refused_unless_overwritten(tmp_path, c
     from detkit.cli import main
 
     out = tmp_path / "train"
-    assert main(["data", "synth", "--out", str(out), "--num-images", "3", "--size", "64x64"]) == 0
-    assert main(["data", "synth", "--out", str(out), "--num-images", "2", "--size", "64x64", "--seed", "1"]) == 2
+    assert main(["data", "synth", "--output", str(out), "--num-images", "3", "--size", "64x64"]) == 0
+    assert main(["data", "synth", "--output", str(out), "--num-images", "2", "--size", "64x64", "--seed", "1"]) == 2
     assert "the folder is not empty (annotations.json, images)" in capsys.readouterr().err
     assert len(list((out / "images").iterdir())) == 3
-    assert main(["data", "synth", "--out", str(out), "--num-images", "2", "--size", "64x64", "--seed", "1",
+    assert main(["data", "synth", "--output", str(out), "--num-images", "2", "--size", "64x64", "--seed", "1",
                  "--overwrite"]) == 0
     assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png"]
     assert len(json.loads((out / "annotations.json").read_text())["images"]) == 2
     assert not list(tmp_path.glob(".train.new*"))
     (out / "notes.txt").write_text("mine")
-    assert main(["data", "synth", "--out", str(out), "--num-images", "2", "--size", "64x64", "--overwrite"]) == 2
+    assert main(["data", "synth", "--output", str(out), "--num-images", "2", "--size", "64x64", "--overwrite"]) == 2
     assert "also holds notes.txt" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"

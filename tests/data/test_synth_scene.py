@@ -55,7 +55,7 @@ def test_scene_memory_is_bounded_by_the_image_not_by_float_copies_of_it():
 
 def test_cli_scene_is_deterministic_and_loads_in_both_formats(tmp_path, capsys):
     for name in ("a", "b"):
-        assert main(["data", "synth", "--out", str(tmp_path / name), "--scene", "300x400", "--num-images", "2",
+        assert main(["data", "synth", "--output", str(tmp_path / name), "--scene", "300x400", "--num-images", "2",
                      "--seed", "3"]) == 0
     assert "variant scene" in capsys.readouterr().out
     for rel in ("annotations.json", "images/000000.png", "images/000001.png"):
@@ -65,7 +65,7 @@ def test_cli_scene_is_deterministic_and_loads_in_both_formats(tmp_path, capsys):
     assert {(i["height"], i["width"]) for i in gt["images"]} == {(300, 400)}
     ds = COCODataset(str(tmp_path / "a" / "images"), str(tmp_path / "a" / "annotations.json"))
     assert len(ds) == 2 and all(len(ds.annotations(i)["boxes"]) >= 3 for i in range(2))
-    assert main(["data", "synth", "--out", str(tmp_path / "voc"), "--scene", "300x400", "--num-images", "2",
+    assert main(["data", "synth", "--output", str(tmp_path / "voc"), "--scene", "300x400", "--num-images", "2",
                  "--seed", "3", "--format", "voc"]) == 0
     voc = VOCDataset(str(tmp_path / "voc"), classes=list(CLASSES))
     for i in range(2):  # the same scenes in either layout
@@ -73,15 +73,15 @@ def test_cli_scene_is_deterministic_and_loads_in_both_formats(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--scene", "40x400"], "scene size 40x400: expected at least 64 px a side"),
-    (["--scene", "big"], "--scene 'big': expected HEIGHTxWIDTH, e.g. 4000x4000"),
+    (["--scene", "40x400"], "argument --scene: '40x400': expected HEIGHTxWIDTH with each at least 64, e.g. 4000x4000"),
+    (["--scene", "big"], "argument --scene: 'big': expected HEIGHTxWIDTH with each at least 64, e.g. 4000x4000"),
     (["--scene", "300x400", "--variant", "small"], "--scene draws its own layout"),
     (["--scene", "300x400", "--num-images", "0"], "argument --num-images: '0': expected an integer >= 1"),
 ])
 def test_cli_bad_scene_arguments_exit_2_naming_them(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
     try:
-        code = main(["data", "synth", "--out", str(out), *argv])
+        code = main(["data", "synth", "--output", str(out), *argv])
     except SystemExit as exc:  # argparse's usage error (a number out of its range)
         code = exc.code
     assert code == 2 and message in capsys.readouterr().err
@@ -90,5 +90,5 @@ def test_cli_bad_scene_arguments_exit_2_naming_them(tmp_path, capsys, argv, mess
 
 def test_cli_scene_and_size_exclude_each_other(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["data", "synth", "--out", str(tmp_path / "x"), "--scene", "300x400", "--size", "96x128"])
+        main(["data", "synth", "--output", str(tmp_path / "x"), "--scene", "300x400", "--size", "96x128"])
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -23,9 +23,9 @@ from e2e_utils import write_config
 def synth(tmp_path_factory):
     """A synthetic COCO set of 4 images (64x80) and the same converted to YOLO."""
     root = tmp_path_factory.mktemp("yolo")
-    assert main(["data", "synth", "--out", str(root / "coco"), "--num-images", "4", "--size", "64x80"]) == 0
+    assert main(["data", "synth", "--output", str(root / "coco"), "--num-images", "4", "--size", "64x80"]) == 0
     assert main(["data", "convert", str(root / "coco" / "annotations.json"), "--to", "yolo",
-                 "--out", str(root / "yolo")]) == 0
+                 "--output", str(root / "yolo")]) == 0
     return root
 
 

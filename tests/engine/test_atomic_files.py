@@ -167,9 +167,9 @@ def test_a_checkpoint_and_its_torchscript_export_follow_the_umask(tmp_path, umas
 def test_a_synthetic_dataset_and_video_follow_the_umask(tmp_path, umask):
     umask(0o027)
     for fmt in ("coco", "voc"):
-        assert main(["data", "synth", "--out", str(tmp_path / fmt), "--format", fmt, "--num-images", "2",
+        assert main(["data", "synth", "--output", str(tmp_path / fmt), "--format", fmt, "--num-images", "2",
                      "--size", "64x64"]) == 0
-    assert main(["data", "synth-video", "--out", str(tmp_path / "clip.mp4"), "--frames", "3",
+    assert main(["data", "synth-video", "--output", str(tmp_path / "clip.mp4"), "--frames", "3",
                  "--size", "64x64"]) == 0
     written = modes_under(tmp_path)
     assert {"coco/annotations.json", "voc/Annotations/000001.xml", "voc/ImageSets/Main/trainval.txt",

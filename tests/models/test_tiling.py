@@ -230,7 +230,7 @@ def checkpoint(tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    assert main(["data", "synth", "--out", str(root), "--num-images", "2", "--seed", "0", "--size", "120x200"]) == 0
+    assert main(["data", "synth", "--output", str(root), "--num-images", "2", "--seed", "0", "--size", "120x200"]) == 0
     return root
 
 

@@ -35,7 +35,7 @@ def mixpool(tmp_path, monkeypatch):
 def write_config(tmp_path, extractor: dict):
     data = tmp_path / "data"
     if not (data / "annotations.json").exists():
-        assert main(["data", "synth", "--out", str(data), "--format", "coco", "--num-images", "6", "--seed", "0",
+        assert main(["data", "synth", "--output", str(data), "--format", "coco", "--num-images", "6", "--seed", "0",
                      "--size", "96x128"]) == 0
     cfg = {
         "model": {

@@ -239,7 +239,7 @@ def test_example_plugin_is_listed_and_states_its_shapes_truly(mobilenet, capsys,
 
 def test_example_plugin_trains_from_its_starting_config(mobilenet, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the config's paths are relative to where detkit runs
-    assert main(["data", "synth", "--out", "data/synth/train", "--num-images", "4", "--size", "96x128"]) == 0
+    assert main(["data", "synth", "--output", "data/synth/train", "--num-images", "4", "--size", "96x128"]) == 0
     assert sorted(os.listdir("data/synth/train")) == ["annotations.json", "images"]  # one call, one split
     config = os.path.join(EXAMPLE, "mobilenet_synth.yaml")
     overrides = ["model.backbone.args.width=0.25", "model.transform.min_size=96", "model.transform.max_size=128",
@@ -318,7 +318,7 @@ def test_a_third_party_builder_that_raises_is_named_in_one_line(tmp_path, monkey
         """))
     monkeypatch.syspath_prepend(str(site))
     data = tmp_path / "data"
-    assert main(["data", "synth", "--out", str(data), "--num-images", "2", "--size", "64x64"]) == 0
+    assert main(["data", "synth", "--output", str(data), "--num-images", "2", "--size", "64x64"]) == 0
     spec = {"name": "coco", "images": str(data / "images"), "annotations": str(data / "annotations.json")}
     for model, expected in (
             ({"backbone": {"name": "fragilenet"}},

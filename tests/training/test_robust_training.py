@@ -30,7 +30,7 @@ from e2e_utils import SIZE, write_config
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     for split, n, seed in (("train", 12, 0), ("val", 4, 1)):
-        assert main(["data", "synth", "--out", str(root / split), "--format", "coco", "--num-images", str(n),
+        assert main(["data", "synth", "--output", str(root / split), "--format", "coco", "--num-images", str(n),
                      "--seed", str(seed), "--size", SIZE]) == 0
     return root
 

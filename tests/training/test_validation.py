@@ -13,7 +13,7 @@ from e2e_utils import SIZE, write_config
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     for split, num, seed in (("train", 8, 0), ("val", 3, 1)):
-        assert main(["data", "synth", "--out", str(root / split), "--num-images", str(num), "--seed", str(seed),
+        assert main(["data", "synth", "--output", str(root / split), "--num-images", str(num), "--seed", str(seed),
                      "--size", SIZE]) == 0
     return root
 
@@ -64,3 +64,29 @@ def test_validation_settings_are_checked_before_training(data_dir, tmp_path, cap
     assert main(["train", str(cfg), "--no-progress"]) == 2
     assert "train.best_metric='mAP': eval.metric=coco gives AP, AP50" in capsys.readouterr().err
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("*.pth"))
+
+
+def test_compare_two_real_runs(data_dir, tmp_path, capsys):
+    """detkit compare (issue 26, item 4): the curves in one figure, the final metrics in a table, the config keys
+    that differ."""
+    import cv2
+
+    for name, lr in (("slow", 0.001), ("fast", 0.01)):
+        cfg = write_config(tmp_path / f"{name}.yaml", data_dir, tmp_path / name, max_iters=4, steps=[3],
+                           checkpoint_period=0, log_period=1, eval_period=2, lr=lr)
+        assert main(["train", str(cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "cmp.png"
+    assert main(["compare", str(tmp_path / "slow"), str(tmp_path / "fast"), "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["run", "iters", "AP", "AP50"]
+    assert lines[2].split()[:2] == ["slow", "4"] and lines[3].split()[:2] == ["fast", "4"]
+    assert "config keys that differ:" in text and "train.lr: slow=0.001 | fast=0.01" in text
+    assert "train.work_dir" not in text
+    picture = cv2.imread(str(out))
+    assert picture is not None and picture.shape[0] > 400  # two panels: losses and val/AP
+    assert main(["compare", str(tmp_path / "slow")]) == 2
+    assert "two run directories or more" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "slow"), str(data_dir), "--output", str(out)]) == 2
+    assert "no log.jsonl" in capsys.readouterr().err

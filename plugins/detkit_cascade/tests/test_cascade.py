@@ -32,7 +32,7 @@ def registries():
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     for split, num, seed in (("train", 8, 0), ("val", 4, 1)):
-        assert main(["data", "synth", "--out", str(root / split), "--format", "coco", "--num-images", str(num),
+        assert main(["data", "synth", "--output", str(root / split), "--format", "coco", "--num-images", str(num),
                      "--seed", str(seed), "--size", SIZE]) == 0
     return root
 
