@@ -19,10 +19,17 @@ plugin's ``detkit_register_backbones`` hook; registering a plain builder with
 ``register(name, builder, **info)`` works as well (it is what the table helper
 does). The initialisation helpers at the end (:func:`init_weights`) replace the
 families' hand-written loops over ``modules()``.
+
+Weights of the same names and shapes can still mean another function: a ResNet bottleneck's stride on the
+first 1x1 (the paper) or on the 3x3 (torchvision's checkpoints). A backbone for which that is so declares its
+*weights layout* (:meth:`Backbone.weights_layout`, the builder arguments it depends on); detkit records it in
+the weights files it writes (:meth:`Backbone.weights_state_dict`), and :meth:`Backbone.load_pretrained`
+refuses a file whose layout is another, naming the ``model.backbone.args`` key to set.
 """
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import warnings
@@ -169,7 +176,37 @@ class Backbone(nn.Module):
         """Rename keys of an older checkpoint layout to this model's (identity by default)."""
         return state
 
-    def load_pretrained(self, path: str | os.PathLike, strict: bool = False) -> list[str]:
+    # ------------------------------------------------------------------------- weights layout
+
+    def weights_layout(self) -> dict[str, Any]:
+        """What the function of this model's weights depends on beyond their names and shapes: builder
+        arguments (keys of ``model.backbone.args``) -> this model's values, plain data (a ResNet bottleneck's
+        ``{"stride_in_1x1": True}``). Weights trained with other values load without a complaint from their
+        shapes and compute something else, so files record it and loading compares it. ``{}`` (the default):
+        nothing does."""
+        return {}
+
+    def assumed_weights_layout(self) -> tuple[dict[str, Any], str] | None:
+        """The layout a weights file that records none (written outside detkit, in this backbone's naming) is
+        taken to have, and whose layout that is (``"torchvision's"``); None (the default): no assumption, such
+        a file loads as configured."""
+        return None
+
+    def describe_weights_layout(self, layout: Mapping[str, Any]) -> str:
+        """``layout`` in words for messages: ``key=value, ...`` (a family may add what the values mean)."""
+        return _layout_text(layout)
+
+    def weights_state_dict(self) -> dict:
+        """``state_dict()`` with :meth:`weights_layout` recorded in it (when there is one): what detkit writes as
+        a weights file for ``model.backbone.weights`` (``backbone.pth``)."""
+        from detkit.engine.state_dict import record_weights_layout
+
+        layout = self.weights_layout()
+        return record_weights_layout(self.state_dict(), layout) if layout else self.state_dict()
+
+    def load_pretrained(self, path: str | os.PathLike, strict: bool = False, *,
+                        declared_layout: Mapping[str, Any] | None = None,
+                        settings: str = "model.backbone") -> list[str]:
         """Load a torchvision-format state dict from a local file.
 
         A tensor whose shape differs is skipped when it is the classifier's (a 1000-class ImageNet checkpoint
@@ -177,13 +214,18 @@ class Backbone(nn.Module):
         its first dimension alone. Raises WeightsError (a ValueError naming the file and the first mismatches)
         when a tensor of the trunk or the RoI head differs in another dimension (weights of another depth or
         width), or when no trunk parameter is in the file (weights of another architecture).
+        With a :meth:`weights_layout`, also when the file's layout is not the model's (see
+        :meth:`check_weights_layout`; ``declared_layout``: the user's statement of the layout of a file that
+        records none, ``settings``: the config section of the backbone, for messages).
         Logs the counts of loaded, missing, unexpected and skipped tensors. Returns the names of the
         model's tensors that were not loaded.
         """
-        from detkit.engine.state_dict import WeightsError, read_state_dict
+        from detkit.engine.state_dict import WeightsError, read_state_dict, recorded_weights_layout
 
         path = os.fspath(path)
-        state = self.remap_state_dict(dict(read_state_dict(path, "pretrained weights file")))
+        stored = read_state_dict(path, "pretrained weights file")
+        recorded = recorded_weights_layout(stored)
+        state = self.remap_state_dict(dict(stored))
         own = self.state_dict()
         used, trunk = self._detection_parameter_names()
         skipped = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
@@ -198,6 +240,8 @@ class Backbone(nn.Module):
             raise WeightsError(f"{path}: none of the {len(trunk)} trunk parameters of {type(self).__name__} is in "
                                f"the file (it holds {len(state)} tensors such as {_names(state)}; the backbone's "
                                f"are named like {_names(trunk)}): weights of another architecture?")
+        # Only now that the names fit is the file this architecture's, in the naming a layout is assumed for.
+        self.check_weights_layout(path, recorded, declared_layout, settings)
         unexpected = [k for k in state if k not in own]
         if unexpected and strict:
             raise ValueError(f"{path}: {len(unexpected)} keys not in {type(self).__name__}, e.g. {unexpected[:3]}")
@@ -212,6 +256,56 @@ class Backbone(nn.Module):
             f": {_names(skipped)}" if skipped else "")
         return missing
 
+    def check_weights_layout(self, path: str, recorded: Mapping[str, Any] | None,
+                             declared: Mapping[str, Any] | None = None, settings: str = "model.backbone") -> None:
+        """Raise WeightsError when the weights file at ``path`` was trained in another layout than this model's.
+
+        The file's layout is the one it records (``recorded``, what detkit writes), else the one the user
+        declares (``declared``, ``<settings>.weights_layout``), else :meth:`assumed_weights_layout`; with none
+        of them, or no :meth:`weights_layout`, nothing is checked. Logs which layout the file has and where
+        that came from. The message names the ``<settings>.args`` keys to set.
+        """
+        from detkit.engine.state_dict import WeightsError
+
+        model = self.weights_layout()
+        if not model:
+            return
+        assumed = None
+        if recorded is not None:
+            conflict = {k: v for k, v in (declared or {}).items() if k in recorded and recorded[k] != v}
+            if conflict:
+                raise WeightsError(f"{path}: the file records that its weights were trained with "
+                                   f"{self.describe_weights_layout({k: recorded[k] for k in conflict})}, not "
+                                   f"{_layout_text(conflict)} as {settings}.weights_layout says: remove "
+                                   f"{settings}.weights_layout (it is for files that record no layout)")
+            layout, source = dict(recorded), "recorded in the file"
+        elif declared:
+            layout, source = dict(declared), f"{settings}.weights_layout"
+        else:
+            assumed = self.assumed_weights_layout()
+            if assumed is None:
+                return
+            layout, source = dict(assumed[0]), f"{assumed[1]}, assumed for a file without a record"
+        log.info("%s: weights layout %s: %s", path, self.describe_weights_layout(layout), source)
+        differ = {k: v for k, v in layout.items() if k in model and model[k] != v}
+        if not differ:
+            return
+        trained = self.describe_weights_layout(differ)
+        configured = _layout_text({k: model[k] for k in differ})
+        fix = ", ".join(f"{settings}.args.{k}: {json.dumps(v)}" for k, v in differ.items())
+        if recorded is not None:
+            raise WeightsError(f"{path}: its weights were trained with {trained}; the model is configured with "
+                               f"{configured}: set {fix}")
+        if declared:
+            raise WeightsError(f"{path}: {settings}.weights_layout says its weights were trained with {trained}; "
+                               f"the model is configured with {configured}: set {fix}")
+        own = {k: model[k] for k in differ}
+        raise WeightsError(f"{path}: the file records no weights layout, so it is taken for {assumed[1]}: its "
+                           f"weights were trained with {trained}; the model is configured with {configured}: set "
+                           f"{fix}; or, if the file was trained with {configured} (elsewhere, or by a detkit "
+                           f"release that did not record it), say so with {settings}.weights_layout: "
+                           f"{_layout_yaml(own)}")
+
     def _detection_parameter_names(self) -> tuple[set[str], list[str]]:
         """The names of the parameters the detector uses (the trunk's and the RoI head's) and of the trunk's;
         every parameter when the backbone defines no detection parts."""
@@ -224,6 +318,15 @@ class Backbone(nn.Module):
         trunk = [names[id(p)] for p in parts.trunk.parameters() if id(p) in names]
         head = [names[id(p)] for p in parts.box_head.parameters() if id(p) in names]
         return set(trunk) | set(head), trunk
+
+
+def _layout_text(layout: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in layout.items())
+
+
+def _layout_yaml(layout: Mapping[str, Any]) -> str:
+    """``{key: value, ...}`` as a YAML flow mapping (what a config file or ``--set`` takes)."""
+    return "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in layout.items()) + "}"
 
 
 def _names(keys: Iterable[str], shown: int = 3) -> str:

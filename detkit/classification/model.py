@@ -7,8 +7,9 @@ batches arrive as uint8 images (a quarter of the bytes of float images between t
 training process) and are normalised on the device with the backbone's mean and standard deviation;
 one-channel networks (LeNet-5, the MNIST network) get the luminance.
 
-``backbone.pth``, what ``detkit pretrain`` writes for detectors, is ``Classifier.backbone.state_dict()``: the
-backbone's own parameter names (torchvision's, where torchvision has the architecture).
+``backbone.pth``, what ``detkit pretrain`` writes for detectors, is ``Classifier.backbone.weights_state_dict()``:
+the backbone's own parameter names (torchvision's, where torchvision has the architecture), with its weights
+layout recorded (a ResNet bottleneck's ``stride_in_1x1``).
 """
 from __future__ import annotations
 

@@ -153,7 +153,7 @@ class ClassifierTrainer(SGDTrainer):
         """``backbone.pth``, and the final validation's report (``metrics.json``, ``confusion_matrix.png``)."""
         work_dir = self.cfg.train.work_dir
         path = os.path.join(work_dir, "backbone.pth")
-        atomic_torch_save(self.model.backbone.state_dict(), path)
+        atomic_torch_save(self.model.backbone.weights_state_dict(), path)  # its weights layout recorded
         log.info("saved %s (model.backbone.weights of a detector)", path)
         if self.cfg.train.eval_at_end and self.cfg.data.test:
             metrics = self.validate(self.cfg.train.max_iters, ten_crop=self.cfg.eval.ten_crop)

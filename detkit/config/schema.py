@@ -25,6 +25,9 @@ class BackboneConfig:
     freeze_at: int = ranged(0, ge=-1)
     frozen_bn: bool | None = None  # None: frozen when `weights` is given, trainable otherwise
     args: dict = field(default_factory=dict)  # extra keyword arguments of the variant's builder
+    # the layout `weights` were trained in, for a file that records none (detkit's files record it; one without
+    # a record is taken for torchvision's): e.g. {stride_in_1x1: true} for a ResNet trained in the paper's layout
+    weights_layout: dict | None = None
 
 
 @dataclass
@@ -197,6 +200,9 @@ class ClassifierBackboneConfig:
     name: str = "tiny"
     weights: str | None = None  # a local state dict to start from (torchvision naming), e.g. an earlier backbone.pth
     args: dict = field(default_factory=dict)  # keyword arguments of the variant's builder (aux_logits, dropout, ...)
+    # the layout `weights` were trained in, for a file that records none (detkit's files record it; one without
+    # a record is taken for torchvision's): e.g. {stride_in_1x1: true} for a ResNet trained in the paper's layout
+    weights_layout: dict | None = None
 
 
 @dataclass

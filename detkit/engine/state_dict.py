@@ -4,6 +4,13 @@ weights; nothing is downloaded.
 Every file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, so nothing in a
 file can run code. When a file cannot be read so, the error says what the file is not (empty, text, another
 program's archive, a pickle asking for a function or class) instead of passing torch's advice on.
+
+A state dict detkit writes for a backbone records its *weights layout* (:func:`record_weights_layout`): the
+builder arguments the function of the weights depends on beyond their names and shapes (a ResNet
+bottleneck's ``stride_in_1x1``). The record is plain data in torch's own per-module metadata of the state
+dict (``state._metadata[""]``, where torch keeps each module's version), not an entry beside the tensors, so
+the file loads as before everywhere: ``torch.load(weights_only=True)``, a strict ``load_state_dict`` into
+torchvision's model, code that iterates over the tensors.
 """
 from __future__ import annotations
 
@@ -11,7 +18,8 @@ import os
 import pickle
 import re
 import warnings
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Mapping
 
 import torch
 
@@ -95,3 +103,29 @@ def read_state_dict(path: str | os.PathLike, what: str = "state dict") -> dict:
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: expected a {what} (name -> tensor), got {type(state).__name__}")
     return state
+
+
+#: the key of the root module's metadata entry under which detkit records a backbone's weights layout
+WEIGHTS_LAYOUT_KEY = "detkit_weights_layout"
+
+
+def record_weights_layout(state: Mapping, layout: Mapping[str, Any]) -> OrderedDict:
+    """``state`` (a state dict) with ``layout`` (builder argument -> bool, int, float or str) recorded in its
+    metadata; a state dict without metadata (a plain dict) is copied into one that has it."""
+    if not all(isinstance(v, (bool, int, float, str)) for v in layout.values()):
+        raise TypeError(f"weights layout {dict(layout)!r}: expected plain values (bool, int, float, str)")
+    if not isinstance(state, OrderedDict):
+        state = OrderedDict(state)
+    metadata = getattr(state, "_metadata", None)
+    if metadata is None:
+        metadata = state._metadata = OrderedDict()
+    metadata[""] = {**metadata.get("", {}), WEIGHTS_LAYOUT_KEY: dict(layout)}
+    return state
+
+
+def recorded_weights_layout(state: Mapping) -> dict | None:
+    """The weights layout :func:`record_weights_layout` recorded in ``state``; None when it records none (a file
+    written outside detkit, or by a detkit release before the record)."""
+    root = (getattr(state, "_metadata", None) or {}).get("", {})
+    layout = root.get(WEIGHTS_LAYOUT_KEY) if isinstance(root, Mapping) else None
+    return dict(layout) if isinstance(layout, Mapping) else None

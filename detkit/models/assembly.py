@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from detkit.config import ConfigError, ModelConfig, check_kwargs
+from detkit.config import ConfigError, ModelConfig, check_kwargs, closest_hint
 from detkit.models.detector import TwoStageDetector
 from detkit.models.fpn import FeatureBody, WithNeck
 from detkit.models.roi_heads import RoIHeads
@@ -60,8 +60,29 @@ def build_backbone(cfg: ModelConfig, registries, num_classes: int = 1000):
     with plugin_errors(registries, entry, f"model.backbone: backbone {entry.name!r}"):
         backbone = entry.builder(num_classes=num_classes, **cfg.backbone.args)
     if cfg.backbone.weights:
-        backbone.load_pretrained(cfg.backbone.weights)  # logs what it loaded, missed and skipped
+        declared = _declared_weights_layout(cfg.backbone.weights_layout, backbone, entry.name)
+        # logs what it loaded, missed and skipped, and the file's weights layout
+        backbone.load_pretrained(cfg.backbone.weights, declared_layout=declared, settings="model.backbone")
     return backbone
+
+
+def _declared_weights_layout(declared: dict | None, backbone, name: str) -> dict | None:
+    """``model.backbone.weights_layout`` checked against the layout the backbone declares: its keys, and values
+    of the types the backbone's have."""
+    if not declared:
+        return None
+    own = backbone.weights_layout()
+    if not own:
+        raise ConfigError(f"model.backbone.weights_layout: backbone {name!r} declares no weights layout (its "
+                          f"weights mean the same in every configuration): remove the key")
+    for key, value in declared.items():
+        if key not in own:
+            raise ConfigError(f"model.backbone.weights_layout.{key}: not part of the weights layout of "
+                              f"backbone {name!r}{closest_hint(str(key), list(own), 'model.backbone.weights_layout')}")
+        if type(value) is not type(own[key]):
+            raise ConfigError(f"model.backbone.weights_layout.{key}={value!r}: expected a "
+                              f"{type(own[key]).__name__}, as model.backbone.args.{key}")
+    return dict(declared)
 
 
 @dataclass

@@ -7,8 +7,11 @@ common signature is :class:`ResidualBlock`'s), and one table of variants (``VARI
   only where dimensions change (the default, and torchvision's); "C" every shortcut a projection. The
   paper's bottleneck has its stride on the first 1x1 convolution (``stride_in_1x1=True``, the default,
   which gives the paper's multiply-add counts); torchvision's checkpoints were trained with the stride on
-  the 3x3 ("ResNet v1.5", ``stride_in_1x1=False``): the same parameters, another function, so load
-  torchvision weights into a model built with ``stride_in_1x1=False``.
+  the 3x3 ("ResNet v1.5", ``stride_in_1x1=False``): the same parameters, another function. A bottleneck
+  network therefore declares ``stride_in_1x1`` as its weights layout (:meth:`ResNet.weights_layout`): the
+  ``backbone.pth`` detkit writes records it, a file without a record is taken for torchvision's layout, and
+  weights of the other layout are refused with the key to set (``model.backbone.args.stride_in_1x1``, or
+  ``model.backbone.weights_layout`` for a file trained in the paper's layout elsewhere).
 - Pre-activation ResNet (He et al. 2016b, "Identity Mappings", Fig. 4e): BN-ReLU-conv units with
   nothing after the addition. ImageNet depths follow fb.resnet.torch's preresnet (conv-BN-ReLU-maxpool
   stem, so the first unit skips its own pre-activation; stride on the 3x3). The CIFAR forms ResNet-110
@@ -103,6 +106,7 @@ class ResidualBlock(nn.Module):
     expansion = 1
     preact = False
     grouped = True  # whether the branch takes groups / base_width (basic units do not)
+    bottleneck = False  # a 1x1-3x3-1x1 branch, whose stride ``stride_in_1x1`` places (a basic unit has one place)
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, *,
                  stride_in_1x1: bool = True, groups: int = 1, base_width: int = 64, se_reduction: int | None = None,
@@ -180,6 +184,7 @@ class Bottleneck(ResidualBlock):
     """conv1x1-BN-ReLU-conv3x3(groups)-BN-ReLU-conv1x1(x4)-BN (He et al. 2016a, Fig. 5 right; Xie et al.)."""
 
     expansion = 4
+    bottleneck = True
 
     def make_branch(self, inplanes, planes, stride, stride_in_1x1, groups, base_width, dropout) -> None:
         _bottleneck_convs(self, inplanes, planes, stride, stride_in_1x1, groups, base_width)
@@ -214,6 +219,7 @@ class PreActBottleneck(ResidualBlock):
 
     preact = True
     expansion = 4
+    bottleneck = True
 
     def make_branch(self, inplanes, planes, stride, stride_in_1x1, groups, base_width, dropout) -> None:
         _bottleneck_convs(self, inplanes, planes, stride, stride_in_1x1, groups, base_width)
@@ -262,6 +268,7 @@ class ResNet(Backbone):
             raise ValueError(f"dropout={dropout!r}: expected a probability in [0, 1)")
         p_last = _survival_argument(stochastic_depth)
         self.cifar = cifar
+        self.stride_in_1x1 = stride_in_1x1 if block.bottleneck else None  # a basic unit has no choice
         self.preact = block.preact
         self.inplanes = stem_width
         # the stem: a bare 3x3 convolution (CIFAR), else a 7x7/2 one followed by a 3x3/2 max pool (stride 4)
@@ -310,6 +317,24 @@ class ResNet(Backbone):
                                preactivate=first_preactivates or i > 0, **opts))
             self.inplanes = out
         return nn.Sequential(*units)
+
+    def weights_layout(self) -> dict[str, bool]:
+        """``{"stride_in_1x1": ...}`` for bottleneck networks: the two places of the stride take the same
+        parameters and compute different functions. ``{}`` for basic blocks (the stride has one place)."""
+        return {} if self.stride_in_1x1 is None else {"stride_in_1x1": self.stride_in_1x1}
+
+    def assumed_weights_layout(self) -> tuple[dict[str, bool], str] | None:
+        """A bottleneck file without detkit's record, in torchvision's naming, is torchvision's: its ResNet,
+        ResNeXt and Wide ResNet checkpoints have the stride on the 3x3 (torchvision's docs: "ResNet V1.5").
+        The CIFAR forms have no such checkpoints to assume anything of."""
+        if self.stride_in_1x1 is None or self.cifar:
+            return None
+        return {"stride_in_1x1": False}, "torchvision's"
+
+    def describe_weights_layout(self, layout) -> str:
+        where = {True: "the stride on the first 1x1 convolution", False: "the stride on the 3x3 convolution"}
+        return ", ".join(f"{k}={v!r}" + (f" ({where[v]})" if k == "stride_in_1x1" and v in where else "")
+                         for k, v in layout.items())
 
     def blocks(self) -> list[ResidualBlock]:
         """All residual units, input to output (their ``survival`` is the stochastic-depth p_l)."""

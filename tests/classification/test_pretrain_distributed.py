@@ -66,7 +66,8 @@ def check_rank_zero_alone_wrote(work) -> None:
     """One log with each iteration once, one set of checkpoints, the report of the final validation."""
     assert [r["iter"] for r in read_log(work)] == [1, 2, 2, 3, 4, 4]  # training 1-4, validation after 2 and 4
     # (pathlib's glob matches dot files too: no .tmp-*.pth left by a second writer either)
-    assert sorted(p.name for p in work.glob("*.pth")) == ["backbone.pth", "final.pth", "iter_0000002.pth"]
+    # best.pth: the best validation top-1 (eval.period), written by rank 0 alone
+    assert sorted(p.name for p in work.glob("*.pth")) == ["backbone.pth", "best.pth", "final.pth", "iter_0000002.pth"]
     metrics = json.loads((work / "metrics.json").read_text())
     assert metrics["count"] == 450 and metrics["top1"] == validation_records(work)[4]["top1/val"]
 
