@@ -19,11 +19,11 @@ setup: $(STAMP)
 # download gigabytes). albumentations pulls in opencv-python-headless, which
 # overwrites the contrib build of cv2 (selective search lives in cv2.ximgproc),
 # so the contrib build is reinstalled last. detkit-cascade (plugins/detkit_cascade) is a plugin distribution
-# of its own, installed beside detkit as a third party's would be. The docs extra is MkDocs (make docs).
+# of its own, installed beside detkit as a third party's would be. The docs extra is MkDocs (make docs), the tensorboard extra TensorBoard (train.loggers).
 $(STAMP): pyproject.toml plugins/detkit_cascade/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev,export,docs]'
+	$(BIN)/pip install -q -e '.[dev,export,docs,tensorboard]'
 	$(BIN)/pip install -q -e plugins/detkit_cascade
 	$(BIN)/pip install -q --force-reinstall --no-deps opencv-contrib-python-headless
 	$(BIN)/python -c "import cv2; cv2.ximgproc" 

@@ -169,7 +169,8 @@ def dataclass_tables(cls: type, path: str, level: int, intro: str = "", prefix: 
 
 #: where a kind of part is configured (anything else is ``model.<key>``)
 SECTION = {"backbone": "model.backbone", "detector": "model.detector", "schedule": "train.schedule",
-           "dataset": "data.train / data.test", "classification_dataset": "data.train / data.test (detkit pretrain)"}
+           "dataset": "data.train / data.test / data.val",
+           "classification_dataset": "data.train / data.test (detkit pretrain)", "logger": "train.loggers[i]"}
 
 
 def describe(entry) -> str:

@@ -1,8 +1,19 @@
-"""What the end-to-end tests share (tests/cli/test_e2e.py, tests/training/test_robust_training.py): the image
-size of their synthetic sets and a small tiny-backbone training config for the CLI."""
+"""What the end-to-end tests share (tests/cli/test_e2e.py, tests/training/test_robust_training.py, the API,
+validation and logger tests): the image size of their synthetic sets, making those sets, and a small
+tiny-backbone training config for the CLI."""
 import yaml
 
 SIZE = "120x160"
+
+
+def synth_splits(root, train: int = 8, val: int = 3):
+    """``root/train`` and ``root/val``: synthetic COCO sets of ``train`` and ``val`` images at :data:`SIZE`."""
+    from detkit.cli import main
+
+    for split, num, seed in (("train", train, 0), ("val", val, 1)):
+        assert main(["data", "synth", "--output", str(root / split), "--num-images", str(num), "--seed", str(seed),
+                     "--size", SIZE]) == 0
+    return root
 
 
 def write_config(path, data_dir, work_dir, **train):

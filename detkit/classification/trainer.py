@@ -13,7 +13,6 @@ the same ``log.jsonl``. The run writes ``final.pth`` (a detkit checkpoint, ``tas
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -96,7 +95,7 @@ class ClassifierTrainer(SGDTrainer):
                                 self.info.world_size, pin_memory=self.device.type == "cuda")
 
     def step(self) -> dict[str, Tensor]:
-        images, labels, unreadable = next(self._batches)
+        images, labels, unreadable = self.next_batch()
         if unreadable:
             self.count_unreadable(unreadable)
         images = images.to(self.device, non_blocking=True)
@@ -132,9 +131,8 @@ class ClassifierTrainer(SGDTrainer):
         probs, labels = predict(self.model, self._test_set, self.size, self.cfg.data.augment.test_resize, self.device,
                                 self.cfg.data.batch_size, self.cfg.data.num_workers, ten_crop=ten_crop)
         metrics = classification_metrics(probs, labels, self.cfg.model.class_names)
-        record = {"iter": done, "top1/val": metrics["top1"], "top5/val": metrics["top5"], "loss/val": metrics["loss"]}
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        self.logger.log_scalars(done, {"top1/val": metrics["top1"], "top5/val": metrics["top5"],
+                                       "loss/val": metrics["loss"]})
         log.info("iteration %d: validation top-1 %.4f, top-%d %.4f (%d images)", done, metrics["top1"],
                  metrics["top5_k"], metrics["top5"], metrics["count"])
         self._set_train_mode()

@@ -213,7 +213,12 @@ def build_dataclass(cls: type, data: dict, path: str, source: str | Origin):
             continue
         if key not in hints:
             raise ConfigError(f"{origin_of(source, full)}: unknown key {full!r}{closest_hint(str(key), list(fields), path)}")
-        if PartConfig in (hints[key], *typing.get_args(hints[key])):  # a part section (or None, if optional)
+        if typing.get_origin(hints[key]) is list and typing.get_args(hints[key]) == (PartConfig,):  # parts
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{origin_of(source, full)}: {full}: expected a list of registered names or "
+                                  f"mappings {{name: ..., <its settings>}}, got {value!r}")
+            kwargs[key] = [part_section(v, None, f"{full}[{i}]", source) for i, v in enumerate(value)]
+        elif PartConfig in (hints[key], *typing.get_args(hints[key])):  # a part section (or None, if optional)
             optional = hints[key] is not PartConfig
             kwargs[key] = None if optional and value is None else part_section(
                 value, _default_part_name(fields[key]), full, source)

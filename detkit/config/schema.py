@@ -136,6 +136,9 @@ class TrainerConfig:
     # Training images that cannot be decoded are skipped (named in the log, counted at the end) up to this
     # many; one more stops training. Missing or empty files stop it before the first iteration.
     max_bad_images: int = ranged(10, ge=0)
+    # where the numbers go (detkit list loggers): jsonl (log.jsonl, always kept), csv (log.csv), tensorboard
+    # (tensorboard/ event files), or a plugin's; each `{name: ..., <its settings>}`
+    loggers: list[PartConfig] = field(default_factory=lambda: [PartConfig("jsonl")])
 
 
 @dataclass

@@ -36,6 +36,7 @@ def bind_config(cfg: Any, registries, source: str | Origin = "config") -> Any:
     if isinstance(cfg, Config):
         bind_model(cfg.model, registries, source)
         bind_schedule(cfg.train, registries, source)
+        bind_loggers(cfg.train, registries, source)
     elif isinstance(cfg, ModelConfig):
         bind_model(cfg, registries, source)
     else:
@@ -94,6 +95,14 @@ def _bind_slot(slot: Slot, value: Any, registries, source: str | Origin) -> Any:
 
 def bind_schedule(train: TrainConfig, registries, source: str | Origin = "config") -> TrainConfig:
     train.schedule = bind_part(registries.part_kind("schedule"), train.schedule, "train.schedule", registries, source)
+    return train
+
+
+def bind_loggers(train, registries, source: str | Origin = "config"):
+    """``train.loggers`` (of a detection or a classification config), each bound to its logger's settings."""
+    kind = registries.part_kind("logger")
+    train.loggers = [bind_part(kind, part, f"train.loggers[{i}]", registries, source)
+                     for i, part in enumerate(train.loggers)]
     return train
 
 

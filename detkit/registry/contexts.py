@@ -172,4 +172,19 @@ class ScheduleContext(BuildContext):
     progress: bool
 
 
+@dataclass(frozen=True)
+class LoggerContext(BuildContext):
+    """A logger records a training run's numbers (``train.loggers``); only the main process builds one.
+
+    work_dir: the run's ``train.work_dir`` (a logger writes its files there, or below it).
+    start_iter: the iteration the run starts from (0, or the one it resumed from): what the logger holds
+        beyond it was written after that checkpoint and is dropped.
+    max_iters: the run's ``train.max_iters``.
+    """
+
+    work_dir: str
+    start_iter: int
+    max_iters: int
+
+
 _NAMESPACE = {**globals(), "nn": nn}

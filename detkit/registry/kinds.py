@@ -141,9 +141,14 @@ KINDS: tuple[PartKind, ...] = (
     ``detkit.training.stages``. One registered with ``default=True`` gives way to the schedule a chosen part
     declares (``register(..., schedule=NAME)``); ``single_process=True`` refuses ``torchrun``.""",
              ctx.ScheduleContext, schedules=False),
+    PartKind("logger", "loggers", """Training loggers (``train.loggers: [{name: ..., <its settings>}, ...]``):
+    ``builder(settings, context: LoggerContext) -> detkit.training.loggers.Logger`` (``log_scalars(step,
+    values)``, ``log_images(step, images)``, ``log_config(config)``, ``close()``). Built by the main process
+    only, at the start of a run; one resumed drops what it holds after ``context.start_iter``.""",
+             ctx.LoggerContext, schedules=False),
 )
 
-#: kinds with a context that no detector slot holds: the detector itself and the training schedule
-NOT_SLOTTED = ("detector", "schedule")
+#: kinds with a context that no detector slot holds: the detector itself, the training schedule, the loggers
+NOT_SLOTTED = ("detector", "schedule", "logger")
 #: hook name -> kind, the deprecated names included
 BY_HOOK: dict[str, PartKind] = {h: k for k in KINDS for h in (k.hook, *k.legacy_hooks)}

@@ -23,17 +23,22 @@ import math
 import os
 import random
 import re
+import time
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detkit.config import ConfigError, dump, to_dict
+from detkit.config import ConfigError, PartConfig, dump, to_dict
 from detkit.data.dataset import DatasetError
 from detkit.engine.checkpoint import (CheckpointError, NonFiniteCheckpointError, load_checkpoint,
                                       remove_stale_temporaries, save_checkpoint)
 from detkit.engine.devices import resolve_device
 from detkit.engine.distributed import DistInfo, barrier, init_from_env, shutdown
+from detkit.engine.files import write_text_atomic
+from detkit.registry.binding import bind_loggers, call_builder, plugin_errors
+from detkit.registry.contexts import LoggerContext
+from detkit.training.loggers import Loggers
 from detkit.training.loop import FiniteGuard, Hook, PeriodicCheckpoint, StopOnSignal, TrainingLog, train_loop
 
 log = logging.getLogger(__name__)
@@ -67,6 +72,8 @@ class SGDTrainer:
         self.guard = FiniteGuard(self)  # stops at a non-finite loss; checks the weights before each checkpoint
         self.last_checkpoint: str | None = None  # the newest checkpoint of this run (written or resumed from)
         self.unreadable: dict[str, dict] = {}  # training images skipped as unreadable, by file
+        self.logger = Loggers([])  # train.loggers, built by the main process when the run starts
+        self.data_time = 0.0  # seconds spent waiting for batches since the last logging iteration
 
     # -------------------------------------------------------------------------------------------- the subclass's
 
@@ -135,16 +142,19 @@ class SGDTrainer:
         ``train.max_iters`` and evaluate; returns ``{"checkpoint", "metrics", "model"}``."""
         self.start(resume)
         try:
-            train_loop(self.step, self.start_iter, self.cfg.train.max_iters, self.hooks())
+            try:
+                train_loop(self.step, self.start_iter, self.cfg.train.max_iters, self.hooks())
+            finally:
+                self.close_stream()
+            return self.finish()
         finally:
-            self.close_stream()
-        return self.finish()
+            self.logger.close()
 
     def hooks(self) -> list[Hook]:
         """The loop's hooks, in order: the non-finite guard (first: it stops before anything logs or saves), the
         log, the subclass's, the periodic checkpoint, the stop on SIGINT/SIGTERM (last: it writes its checkpoint
         after the step's own)."""
-        return [self.guard, TrainingLog(self, self.log_path), *self.extra_hooks(), PeriodicCheckpoint(self),
+        return [self.guard, TrainingLog(self), *self.extra_hooks(), PeriodicCheckpoint(self),
                 StopOnSignal(self)]
 
     def start(self, resume: str | bool | None = None) -> None:
@@ -153,9 +163,57 @@ class SGDTrainer:
         self.resume(resume)
         self._wrap_distributed()
         self._prepare_work_dir()
+        self.logger = self._build_loggers()
         self.scheduler = self._build_scheduler()
         self._set_train_mode()
         self.open_stream()
+
+    def _build_loggers(self) -> Loggers:
+        """``train.loggers`` (rank 0), with every logger registered ``always=True`` the list lacks (``jsonl``: the
+        curves, ``detkit compare`` and resume read ``log.jsonl``), each told the config."""
+        if not self.info.is_main:
+            return Loggers([])
+        tcfg = self.cfg.train
+        named = {part.name for part in tcfg.loggers}
+        always = [PartConfig(e.name) for e in self.registries.loggers.entries() if e.info.get("always")]
+        tcfg.loggers = [*(p for p in always if p.name not in named), *tcfg.loggers]
+        bind_loggers(tcfg, self.registries)
+        kind = self.registries.part_kind("logger")
+        context = LoggerContext(work_dir=tcfg.work_dir, start_iter=int(self.start_iter), max_iters=int(tcfg.max_iters))
+        loggers = Loggers([])
+        try:
+            for i, part in enumerate(tcfg.loggers):
+                entry = self.registries.loggers.get(part.name)
+                with plugin_errors(self.registries, entry, f"train.loggers[{i}]: logger {part.name!r}"):
+                    loggers.loggers.append(call_builder(kind, entry, part.settings, context))
+            loggers.log_config(to_dict(self.cfg))
+        except BaseException:
+            loggers.close()
+            raise
+        return loggers
+
+    def _log_report_pictures(self) -> None:
+        """The end-of-run report's pictures, to the loggers at the last iteration (rank 0)."""
+        if not self.info.is_main or not self.logger.loggers:
+            return
+        from detkit.data.images import ImageReadError, read_image
+
+        pictures = {}
+        for name in REPORT_PICTURES:
+            path = os.path.join(self.cfg.train.work_dir, name)
+            if os.path.isfile(path):
+                try:
+                    pictures[f"report/{os.path.splitext(name)[0]}"] = read_image(path)
+                except ImageReadError as exc:
+                    log.warning("not logged: %s", exc)
+        self.logger.log_images(self.cfg.train.max_iters, pictures)
+
+    def next_batch(self):
+        """The next batch of the training stream; the wait is counted in :attr:`data_time`."""
+        start = time.perf_counter()
+        batch = next(self._batches)
+        self.data_time += time.perf_counter() - start
+        return batch
 
     def open_stream(self) -> None:
         """This process's batches of the training stream from ``self.position`` on, through a new loader (new
@@ -245,8 +303,7 @@ class SGDTrainer:
         """The resolved config, and a log without the lines written after the checkpoint resumed from."""
         if not self.info.is_main:
             return
-        with open(os.path.join(self.cfg.train.work_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(dump(self.cfg))
+        write_text_atomic(os.path.join(self.cfg.train.work_dir, "config.yaml"), dump(self.cfg))
         if self.start_iter:
             _truncate_log(self.log_path, self.start_iter)
         elif os.path.exists(self.log_path):
@@ -333,8 +390,14 @@ class SGDTrainer:
             plot_training_curves(self.log_path, os.path.join(work_dir, "training_curves.png"))
         barrier(self.info)
         metrics = self.evaluate()
+        self._log_report_pictures()
         shutdown(self.info)
         return {"checkpoint": final, "metrics": metrics, "model": self.model}
+
+
+#: the pictures of an end-of-run report that go to the loggers (TensorBoard's images), where the run wrote them
+REPORT_PICTURES = ("training_curves.png", "pr_curves.png", "errors.png", "gallery_worst.png", "gallery_best.png",
+                   "confusion_matrix.png")
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -6,7 +6,6 @@ and its loss dict.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,7 +20,6 @@ from torch import Tensor
 
 from detkit.engine.checkpoint import describe_tensors, nonfinite_tensors
 from detkit.engine.distributed import mean_over_ranks
-from detkit.engine.files import WriteError
 from detkit.engine.signals import Stopped
 
 
@@ -140,18 +138,19 @@ class FiniteGuard(Hook):
 
 class TrainingLog(Hook):
     """On logging iterations (every ``train.log_period``, the first and the last): the losses of the global
-    batch (the mean over the ranks, as one process with that batch would log them), their total and the
-    learning rate, to ``log.jsonl`` (rank 0) and the progress bar; without a progress bar (``progress=False``,
-    ``--no-progress``), one INFO line through :mod:`logging` instead: iteration, losses, lr, seconds per iteration
-    and ETA (:func:`progress_line`). (The :class:`FiniteGuard` before it has stopped training at a non-finite loss.)
+    batch (the mean over the ranks, as one process with that batch would log them), their total, the learning
+    rate and how the run goes (seconds per iteration and waiting for data since the last log, the ETA, images
+    per second, peak memory) to the trainer's loggers (``log.jsonl`` and ``train.loggers``; rank 0) and the
+    progress bar; without a progress bar (``progress=False``, ``--no-progress``), one INFO line through
+    :mod:`logging` instead: iteration, losses, lr, seconds per iteration and ETA (:func:`progress_line`). (The
+    :class:`FiniteGuard` before it has stopped training at a non-finite loss.)
 
     Host reads (which sync the GPU) happen only on logging iterations.
     """
 
-    def __init__(self, trainer, path: str):
+    def __init__(self, trainer):
         self.trainer = trainer
-        self.path = path
-        self.file = self.bar = None
+        self.bar = None
         self.t0 = 0.0
         self.last = (0, 0.0)  # the iteration and the time of the last logging iteration (seconds per iteration)
 
@@ -164,11 +163,7 @@ class TrainingLog(Hook):
                             dynamic_ncols=True, mininterval=1.0)
         self.t0 = time.time()
         self.last = (trainer.start_iter, self.t0)
-        if trainer.info.is_main:
-            try:
-                self.file = open(self.path, "a", encoding="utf-8")
-            except OSError as exc:
-                raise WriteError(f"{self.path}: could not be opened for writing ({exc.strerror or exc})") from None
+        trainer.data_time = 0.0
 
     def after_step(self, done: int, losses: dict[str, Tensor]) -> None:
         if is_logging_iteration(done, self.trainer):
@@ -177,33 +172,41 @@ class TrainingLog(Hook):
             self.bar.update(1)
 
     def _log(self, done: int, losses: dict[str, Tensor], lr: float) -> None:
-        means = mean_over_ranks(torch.stack([v.detach().float() for v in losses.values()]), self.trainer.info)
+        trainer = self.trainer
+        means = mean_over_ranks(torch.stack([v.detach().float() for v in losses.values()]), trainer.info)
         values = dict(zip(losses, means.tolist()))
         values["total"] = sum(values.values())
-        metrics = getattr(self.trainer, "log_metrics", dict)()  # not losses: beside them, outside the total
+        metrics = getattr(trainer, "log_metrics", dict)()  # not losses: beside them, outside the total
         metrics = dict(zip(metrics, torch.stack(list(metrics.values())).tolist())) if metrics else {}
         losses_only, values = values, values | metrics
-        if self.file is not None:
-            record = {"iter": done, "lr": lr, **values, "time": round(time.time() - self.t0, 3)}
-            try:
-                self.file.write(json.dumps(record) + "\n")
-                self.file.flush()
-            except OSError as exc:  # a full disk, a file-size limit, a directory made read-only
-                raise WriteError(f"{self.path}: could not be written ({exc.strerror or exc})") from None
+        now = time.time()
+        steps = max(done - self.last[0], 1)
+        per_iter, data = (now - self.last[1]) / steps, trainer.data_time / steps
+        self.last, trainer.data_time = (done, now), 0.0
+        if trainer.info.is_main:
+            pace = {"sec_per_iter": round(per_iter, 5), "data_sec": round(data, 5),
+                    "eta_sec": round(per_iter * (trainer.cfg.train.max_iters - done), 1),
+                    "images_per_sec": round(trainer.cfg.data.batch_size * trainer.info.world_size / max(per_iter, 1e-9), 2),
+                    "peak_mem_mb": round(peak_memory_mb(trainer.device), 1)}
+            trainer.logger.log_scalars(done, {"lr": lr, **values, **pace, "time": round(now - self.t0, 3)})
         if self.bar is not None:
-            self.bar.set_postfix({k.split("/")[-1] if "/" in k else k: f"{v:.3f}" for k, v in values.items()}
-                                 | {"lr": f"{lr:.2g}"})
-        elif self.trainer.info.is_main:  # --no-progress: quiet, not silent
-            now = time.time()
-            per_iter = (now - self.last[1]) / max(done - self.last[0], 1)
-            self.last = (done, now)
-            _log.info("%s", progress_line(done, self.trainer.cfg.train.max_iters, losses_only, metrics, lr, per_iter))
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()} | {"lr": f"{lr:.2g}"})
+        elif trainer.info.is_main:  # --no-progress: quiet, not silent
+            _log.info("%s", progress_line(done, trainer.cfg.train.max_iters, losses_only, metrics, lr, per_iter))
 
     def after_train(self) -> None:
-        if self.file is not None:
-            self.file.close()
         if self.bar is not None:
             self.bar.close()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The most memory the run has held: CUDA's peak allocation on ``device``, else the process's peak resident
+    set (the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def progress_line(done: int, max_iters: int, losses: dict[str, float], metrics: dict[str, float], lr: float,

@@ -143,7 +143,7 @@ class Trainer(SGDTrainer):
 
     def step(self) -> dict[str, Tensor]:
         """One SGD step on the next batch; returns its loss dict (``loss_prefixes`` applied)."""
-        images, targets, proposals = self._to_device(next(self._batches))
+        images, targets, proposals = self._to_device(self.next_batch())
         with autocast(self.device, self.cfg.train.amp):
             losses = self.ddp(images, targets, proposals)
         if self.loss_prefixes is not None:

@@ -11,7 +11,6 @@ keeps comparing with it. (Detectron2's ``EvalHook`` and ``BestCheckpointer``, MM
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -106,10 +105,8 @@ class Validator:
             return None
         metrics = score_results(dataset.to_coco(), results, cfg.eval.metric, cfg.eval.backend,
                                 list(dataset.class_names), cfg.eval.max_detections)
-        record = {"iter": done, **{f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))
-                                    and not isinstance(v, bool) and k != "max_detections"}}
-        with open(trainer.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        trainer.logger.log_scalars(done, {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))
+                                          and not isinstance(v, bool) and k != "max_detections"})
         name = cfg.train.best_metric
         log.info("iteration %d: validation %s %.4f (%d images)", done, name, metrics.get(name, float("nan")),
                  len(dataset))

@@ -292,6 +292,40 @@ def detkit_register_classification_datasets(register):
     register("digits", datasets.digits, format="scikit-learn's bundled 8x8 handwritten digits (train/test split)")
 
 
+def _jsonl(settings, context):
+    import os
+
+    from detkit.training.loggers import JsonlLogger
+
+    return JsonlLogger(os.path.join(context.work_dir, "log.jsonl"))
+
+
+def _csv(settings, context):
+    import os
+
+    from detkit.training.loggers import CsvLogger
+
+    return CsvLogger(os.path.join(context.work_dir, settings.file), context.start_iter)
+
+
+def _tensorboard(settings, context):
+    import os
+
+    from detkit.training.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(os.path.join(context.work_dir, settings.log_dir), context.start_iter, settings.flush_secs)
+
+
+@hookimpl
+def detkit_register_loggers(register):
+    from detkit.training.loggers import CsvSettings, TensorBoardSettings
+
+    register("jsonl", _jsonl, always=True, format="log.jsonl: one JSON object per logged iteration (always kept)")
+    register("csv", _csv, settings=CsvSettings, format="log.csv: iter,name,value rows")
+    register("tensorboard", _tensorboard, settings=TensorBoardSettings,
+             format="TensorBoard event files (pip install 'detkit[tensorboard]')")
+
+
 @hookimpl
 def detkit_register_schedules(register):
     from .schedules import FourStepSettings

@@ -13,16 +13,12 @@ import detkit
 from detkit import Detections, Detector
 from detkit.cli import main
 from detkit.config import ConfigError
-from e2e_utils import SIZE, write_config
+from e2e_utils import synth_splits, write_config
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    for split, num, seed in (("train", 8, 0), ("val", 3, 1)):
-        assert main(["data", "synth", "--output", str(root / split), "--num-images", str(num), "--seed", str(seed),
-                     "--size", SIZE]) == 0
-    return root
+    return synth_splits(tmp_path_factory.mktemp("synth"), 8, 3)
 
 
 @pytest.fixture(scope="module")

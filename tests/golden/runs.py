@@ -31,7 +31,8 @@ RECORD_COMMAND = "python tests/golden/record.py"
 NUM_IMAGES = 8
 IMAGE_SIZE = (96, 128)  # (h, w) of the synthetic images
 DATA_SEED = 0
-LOG_SKIP = ("iter", "time")  # log.jsonl fields that are not recorded ("iter" is the index; "time" is wall clock)
+# log.jsonl fields that are not recorded: "iter" is the index; the others are wall clock and memory
+LOG_SKIP = ("iter", "time", "sec_per_iter", "data_sec", "eta_sec", "images_per_sec", "peak_mem_mb")
 
 # Kept in the config layout of the recording (before parts owned their settings): the runs check that such
 # configs still load into the same models.
