@@ -37,9 +37,9 @@ def predict(model: Classifier, dataset, size: int, test_resize: float, device: t
     try:
         batches = test_batches(dataset, batch_size, num_workers)
         if progress:
-            from tqdm import tqdm
+            from detkit.engine.progress import progress_bar
 
-            batches = tqdm(batches, desc="eval", dynamic_ncols=True, mininterval=1.0)
+            batches = progress_bar(batches, desc="eval")
         for images, y, _ in batches:
             images = images.to(device, non_blocking=True)
             if ten_crop:  # (B, 10, 3, S, S): one forward for all crops, the softmax averaged per image

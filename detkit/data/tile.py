@@ -288,9 +288,9 @@ def tile_dataset(dataset, out_dir: str, spec: TileSpec, fmt: str = "coco", split
         used: set[str] = set()
         indices = range(len(dataset))
         if progress:
-            from tqdm import tqdm
+            from detkit.engine.progress import progress_bar
 
-            indices = tqdm(indices, desc="tile", unit="image", dynamic_ncols=True, mininterval=1.0)
+            indices = progress_bar(indices, desc="tile", unit="image")
         for index in indices:
             info = dataset.image_info(index)
             image = read_image(info["file_name"])  # its real size decides the grid; boxes are clipped to it

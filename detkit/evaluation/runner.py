@@ -35,9 +35,9 @@ def predict_dataset(model: nn.Module, dataset, device: torch.device, batch_size:
     outputs: list[dict] = []
     iterator = loader
     if progress:
-        from tqdm import tqdm
+        from detkit.engine.progress import progress_bar
 
-        iterator = tqdm(loader, desc="eval", dynamic_ncols=True, mininterval=1.0)
+        iterator = progress_bar(loader, desc="eval")
     for images, targets, proposals in iterator:
         if proposals is not None:
             proposals = [p.to(device) for p in proposals]

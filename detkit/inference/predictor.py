@@ -115,9 +115,9 @@ def _run_images(input_spec: str, kind: str, output_dir: str, detect_and_draw, pr
     paths = [Path(input_spec)] if kind == "image" else list_images(input_spec)
     iterator = paths
     if progress and len(paths) > 1:
-        from tqdm import tqdm
+        from detkit.engine.progress import progress_bar
 
-        iterator = tqdm(paths, desc="infer", dynamic_ncols=True, mininterval=1.0)
+        iterator = progress_bar(paths, desc="infer")
     done: dict = {"results": [], "images": [], "written": [], "skipped": []}
     reasons = []
     for image_id, path in enumerate(iterator):
@@ -153,9 +153,9 @@ def _run_video(input_spec: str, kind: str, output_dir: str, detect_and_draw, max
     total = source.frame_count if source.frame_count and source.frame_count > 0 else None
     bar = None
     if progress:
-        from tqdm import tqdm
+        from detkit.engine.progress import progress_bar
 
-        bar = tqdm(total=total, desc="infer", dynamic_ncols=True, mininterval=1.0)
+        bar = progress_bar(total=total, desc="infer")
     done: dict = {"results": [], "images": [], "written": [], "skipped": []}
     frames = 0
     try:

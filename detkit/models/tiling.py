@@ -150,9 +150,9 @@ class TiledDetector(nn.Module):
         """Each window's detections, shifted into the image's pixels; ``settings.batch`` windows per call."""
         bar = None
         if self.progress and len(windows) >= PROGRESS_MIN_WINDOWS:
-            from tqdm import tqdm
+            from detkit.engine.progress import progress_bar
 
-            bar = tqdm(total=len(windows), desc="windows", dynamic_ncols=True, mininterval=1.0, leave=False)
+            bar = progress_bar(total=len(windows), desc="windows", leave=False)
         found = []
         try:
             for batch in windows.split(self.settings.batch):

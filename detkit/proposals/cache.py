@@ -347,12 +347,11 @@ def fill_cache(dataset, cache: ProposalCache, fn: Callable, num_workers: int | N
     log.info("%s: computing %s proposals of %d of %d images (%d %s)", cache.directory, cache.method, len(todo),
              len(cache), workers, "process" if workers == 1 else "processes")
 
-    from tqdm import tqdm
+    from detkit.engine.progress import progress_bar
 
     unreadable: list[str] = []
     t0 = time.time()
-    with tqdm(total=len(tasks), desc=f"{cache.method} proposals", unit="img", disable=not progress,
-              dynamic_ncols=True, mininterval=1.0) as bar:
+    with progress_bar(total=len(tasks), desc=f"{cache.method} proposals", unit="img", enabled=progress) as bar:
         def store(result: tuple[int, np.ndarray | None, str | None]) -> None:
             index, boxes, error = result
             if error is not None:

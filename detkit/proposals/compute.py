@@ -29,9 +29,9 @@ def compute_proposals(model: nn.Module, dataset, device: torch.device, phase: st
     out = []
     iterator = indices
     if progress:
-        from tqdm import tqdm
+        from detkit.engine.progress import progress_bar
 
-        iterator = tqdm(indices, desc=f"proposals ({phase})", unit="img", dynamic_ncols=True, mininterval=1.0)
+        iterator = progress_bar(indices, desc=f"proposals ({phase})", unit="img")
     for i in iterator:
         try:
             image, _ = dataset[i]

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from detkit.engine.checkpoint import describe_tensors, nonfinite_tensors
 from detkit.engine.distributed import mean_over_ranks
+from detkit.engine.progress import on_terminal, progress_bar
 from detkit.engine.signals import Stopped
 
 
@@ -141,8 +142,9 @@ class TrainingLog(Hook):
     batch (the mean over the ranks, as one process with that batch would log them), their total, the learning
     rate and how the run goes (seconds per iteration and waiting for data since the last log, the ETA, images
     per second, peak memory) to the trainer's loggers (``log.jsonl`` and ``train.loggers``; rank 0) and the
-    progress bar; without a progress bar (``progress=False``, ``--no-progress``), one INFO line through
-    :mod:`logging` instead: iteration, losses, lr, seconds per iteration and ETA (:func:`progress_line`). (The
+    progress bar; without one (``progress=False``, ``--no-progress``, or stderr not a terminal: a redirected log
+    gets no carriage returns), one INFO line through :mod:`logging` instead: iteration, losses, lr, seconds per
+    iteration and ETA (:func:`progress_line`). (The
     :class:`FiniteGuard` before it has stopped training at a non-finite loss.)
 
     Host reads (which sync the GPU) happen only on logging iterations.
@@ -156,11 +158,8 @@ class TrainingLog(Hook):
 
     def before_train(self) -> None:
         trainer = self.trainer
-        if trainer.progress and trainer.info.is_main:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=trainer.cfg.train.max_iters, initial=trainer.start_iter, desc="train",
-                            dynamic_ncols=True, mininterval=1.0)
+        if trainer.progress and trainer.info.is_main and on_terminal():  # redirected: the plain lines instead
+            self.bar = progress_bar(total=trainer.cfg.train.max_iters, initial=trainer.start_iter, desc="train")
         self.t0 = time.time()
         self.last = (trainer.start_iter, self.t0)
         trainer.data_time = 0.0

@@ -111,3 +111,18 @@ def test_an_unknown_logger_is_refused_before_training(data_dir, tmp_path, capsys
                        loggers=[{"name": "csv", "files": "x.csv"}])
     assert main(["train", str(cfg), "--no-progress"]) == 2
     assert "train.loggers[0].files" in capsys.readouterr().err
+
+
+def test_a_redirected_run_logs_plain_lines_without_carriage_returns(data_dir, tmp_path):
+    """The progress bar filled redirected logs with carriage returns (issue 26, item 3): without a terminal,
+    training logs one line per log period, as --no-progress does, and the evaluation draws no bar."""
+    import subprocess
+
+    cfg = write_config(tmp_path / "cfg.yaml", data_dir, tmp_path / "run", max_iters=4, log_period=2,
+                       checkpoint_period=0)
+    done = subprocess.run([sys.executable, "-m", "detkit", "train", str(cfg)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "\r" not in done.stderr and "\r" not in done.stdout
+    lines = [x for x in done.stderr.splitlines() if "detkit.training.loop: iter " in x]
+    assert [x.split("iter ")[1].split("/")[0] for x in lines] == ["1", "2", "4"] and all("ETA" in x for x in lines)

@@ -190,11 +190,10 @@ def _mine_hard_negatives(svms: _MinedSVMs, cache: FeatureCache, feats: np.ndarra
     feats ``(N, D)`` (a memmap, scaled by ``feature_scale`` here), gt_label ``(N,)``; a region is a negative
     of class k when it is not its ground truth and ``overlaps[:, k-1] < neg_iou``.
     """
-    from tqdm import tqdm
+    from detkit.engine.progress import progress_bar
 
     starts = range(0, cache.num_rows, chunk_rows)
-    bar = tqdm(total=rounds * len(starts), desc="svm hard negatives", disable=not progress, dynamic_ncols=True,
-               mininterval=1.0)
+    bar = progress_bar(total=rounds * len(starts), desc="svm hard negatives", enabled=progress)
     class_labels = np.arange(1, len(svms.classes) + 1)
     for round_index in range(rounds):
         for start in starts:

@@ -48,11 +48,10 @@ def _write_cache(model: nn.Module, dataset, proposals_fn: Callable[[int], np.nda
                  dims: dict[str, int], num_classes: int, device: torch.device, fingerprint: str,
                  regions_per_call: int, dtype: str, progress: bool) -> None:
     """One pass over the dataset: ground truth + proposals of each image -> features -> cache."""
-    from tqdm import tqdm
+    from detkit.engine.progress import progress_bar
 
     with FeatureCache.create(path, dims, dtype, num_classes, fingerprint, overwrite=True) as writer:
-        for i in tqdm(range(len(dataset)), desc="region features", disable=not progress, dynamic_ncols=True,
-                      mininterval=1.0):
+        for i in progress_bar(range(len(dataset)), desc="region features", enabled=progress):
             ann = dataset.annotations(i)
             # R-CNN (VOC) leaves difficult objects out of SVM and regressor training; crowds are no objects.
             keep = ~(np.asarray(ann["iscrowd"], bool) | np.asarray(ann["difficult"], bool))
