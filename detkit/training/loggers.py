@@ -164,6 +164,12 @@ class Loggers(Logger):
     def __init__(self, loggers: list[Logger]):
         self.loggers = list(loggers)
 
+    @property
+    def takes_images(self) -> bool:
+        """Whether a logger does something with pictures (pictures are only drawn for them)."""
+        return any(getattr(type(logger), "log_images", None) not in (None, Logger.log_images)
+                   for logger in self.loggers)
+
     def log_scalars(self, step: int, values: Mapping[str, float]) -> None:
         for logger in self.loggers:
             logger.log_scalars(step, values)

@@ -45,6 +45,20 @@ def check_validation_settings(cfg: Config) -> None:
                           f"{', '.join(names)}")
 
 
+def report_pictures(dataset, results: list[dict], class_names: list[str]) -> dict:
+    """The evaluation report's pictures of ``results`` (drawn into a temporary folder, then read): ``{"val/<name>":
+    (H, W, 3) uint8}``."""
+    import tempfile
+
+    from detkit.data.images import read_image
+    from detkit.evaluation.reports import evaluation_report
+
+    with tempfile.TemporaryDirectory(prefix="detkit-val-") as folder:
+        evaluation_report(dataset, dataset.to_coco(), results, folder, class_names)
+        return {f"val/{os.path.splitext(name)[0]}": read_image(os.path.join(folder, name))
+                for name in sorted(os.listdir(folder)) if name.endswith(".png")}
+
+
 class BestCheckpoint:
     """``best.pth``: the weights of the best validation so far by ``metric`` (higher is better), written by rank 0
     as a resumable checkpoint; :meth:`state` is what every checkpoint keeps of it, :meth:`restore` takes it back
@@ -107,6 +121,8 @@ class Validator:
                                 list(dataset.class_names), cfg.eval.max_detections)
         trainer.logger.log_scalars(done, {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))
                                           and not isinstance(v, bool) and k != "max_detections"})
+        if trainer.logger.takes_images:  # TensorBoard's images: this validation's PR curves, errors, galleries
+            trainer.logger.log_images(done, report_pictures(dataset, results, list(dataset.class_names)))
         name = cfg.train.best_metric
         log.info("iteration %d: validation %s %.4f (%d images)", done, name, metrics.get(name, float("nan")),
                  len(dataset))

@@ -47,6 +47,8 @@ def test_tensorboard_and_csv_get_every_number_once_also_across_a_resume(data_dir
     totals = {r["iter"]: r["total"] for r in log if "total" in r}
     assert [round(e.value, 4) for e in tb.Scalars("total")] == [round(totals[i], 4) for i in (1, 2, 3, 4)]
     assert {"report/pr_curves", "report/gallery_best", "report/training_curves"} <= set(tags["images"])
+    assert {"val/pr_curves", "val/errors", "val/gallery_worst"} <= set(tags["images"])  # at each validation
+    assert [e.step for e in tb.Images("val/pr_curves")] == [2]
     assert "config/text_summary" in tags["tensors"]
     rows = csv_rows(run / "log.csv")
     assert [i for i, name, _ in rows if name == "total"] == [1, 2, 3, 4]
