@@ -115,7 +115,53 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="work_dirs/export_benchmark", help="folder for the exported files")
     e.add_argument("--json", metavar="FILE", help="write the results as JSON to this path")
     e.add_argument("--markdown", action="store_true", help="print a section for docs/benchmarks.md")
+    g = sub.add_parser("loggers", help="what train.loggers cost: the time spent in the loggers' calls during a run, "
+                                       "as a share of the run")
+    g.add_argument("config", help="a detection config (e.g. configs/faster_rcnn_tiny_fpn_synth.yaml)")
+    g.add_argument("--loggers", default="tensorboard,csv", help="comma-separated loggers beside log.jsonl")
+    g.add_argument("--iters", type=int, default=400, help="training iterations (no evaluation, no checkpoints)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    g.add_argument("--work-dir", default="work_dirs/logger_benchmark", help="the run's train.work_dir (replaced)")
     return p
+
+
+def loggers(args) -> int:
+    """Time every call of the run's loggers (``training.loggers.Loggers``) around a ``detkit.train`` call."""
+    import json
+    import time
+
+    import detkit
+    from detkit.training import loggers as logging_module
+
+    spent = {"seconds": 0.0, "calls": 0}
+    originals = {name: getattr(logging_module.Loggers, name) for name in ("log_scalars", "log_images", "log_config")}
+    for name, original in originals.items():
+
+        def timed(self, *a, _original=original, **k):
+            start = time.perf_counter()
+            try:
+                return _original(self, *a, **k)
+            finally:
+                spent["seconds"] += time.perf_counter() - start
+                spent["calls"] += 1
+
+        setattr(logging_module.Loggers, name, timed)
+    chosen = [{"name": n.strip()} for n in args.loggers.split(",") if n.strip()]
+    overrides = [*args.set, f"train.max_iters={args.iters}", f"train.work_dir={args.work_dir}",
+                 "train.eval_at_end=false", "train.checkpoint_period=0", f"train.loggers={json.dumps(chosen)}"]
+    try:
+        cfg = detkit.load_config(args.config, overrides)
+        start = time.perf_counter()
+        detkit.train(cfg, overwrite=True, progress=False)
+        total = time.perf_counter() - start
+    finally:
+        for name, original in originals.items():
+            setattr(logging_module.Loggers, name, original)
+    print(json.dumps({"config": args.config, "loggers": ["jsonl", *(c["name"] for c in chosen)], "iters": args.iters,
+                      "log_period": cfg.train.log_period, "train_seconds": round(total, 2),
+                      "logger_seconds": round(spent["seconds"], 4), "logger_calls": spent["calls"],
+                      "share_percent": round(100 * spent["seconds"] / total, 4)}))
+    return 0
 
 
 def export(args) -> int:
@@ -352,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.argv = argv
     return {"faster_rcnn": faster_rcnn, "pipelines": pipelines, "pretrain": pretrain,
-            "export": export}[args.command](args)
+            "export": export, "loggers": loggers}[args.command](args)
 
 
 if __name__ == "__main__":

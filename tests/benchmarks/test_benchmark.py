@@ -237,3 +237,22 @@ def test_only_tools_and_tests_import_the_benchmarks():
                                                 for m in _imported_modules(path)):
                     offenders.append(os.path.relpath(path, ROOT))
     assert offenders == []
+
+
+def test_loggers_benchmark_reports_the_share_of_the_loggers_calls(tmp_path, capsys):
+    """tools/benchmark.py loggers: a short run with TensorBoard and CSV, the time in the loggers' calls reported
+    (no budget asserted)."""
+    pytest.importorskip("tensorboard")
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from e2e_utils import synth_splits, write_config
+
+    data = synth_splits(tmp_path / "data", 4, 2)
+    config = write_config(tmp_path / "c.yaml", data, tmp_path / "unused", log_period=1)
+    tool = load_tool("benchmark")
+    assert tool.main(["loggers", str(config), "--iters", "3", "--work-dir", str(tmp_path / "run")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["loggers"] == ["jsonl", "tensorboard", "csv"] and report["iters"] == 3
+    assert report["logger_calls"] >= 4 and 0 <= report["share_percent"] < 100 and report["train_seconds"] > 0
+    assert (tmp_path / "run" / "log.csv").is_file() and (tmp_path / "run" / "tensorboard").is_dir()
