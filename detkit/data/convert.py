@@ -17,12 +17,12 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from xml.sax.saxutils import escape
 
 import numpy as np
 
 from detkit.config import ConfigError
 from detkit.data.dataset import sanitize_boxes
+from detkit.data.voc import annotation_xml
 from detkit.data.yolo import data_yaml_text, image_size, label_text, xyxy_to_cxcywh
 from detkit.engine.files import atomic_path, replace_directory, write_json_atomic, write_text_atomic
 
@@ -30,7 +30,6 @@ FORMATS = ("coco", "voc", "yolo")
 #: the split a format's reader reads when none is named (COCO files hold one split and name none)
 DEFAULT_SPLIT = {"coco": None, "voc": "trainval", "yolo": "train"}
 #: a box moved further than this by VOC's whole-pixel rounding is counted
-ROUNDING_TOLERANCE = 1e-3
 
 
 def output_names(dataset) -> list[str]:
@@ -72,25 +71,6 @@ def _write_coco(dataset, root: str, names: list[str], counts: dict) -> None:
     write_json_atomic(os.path.join(root, "annotations.json"), coco)
 
 
-def voc_annotation(name: str, height: int, width: int, class_names: list[str], boxes: np.ndarray,
-                   labels: np.ndarray, difficult: np.ndarray) -> tuple[str, int, int]:
-    """The XML of one image (``boxes (N, 4)`` xyxy pixels, ``labels (N,)`` in 1..K) in VOC's 1-based whole-pixel
-    indices; returns ``(xml, boxes written, boxes moved more than ROUNDING_TOLERANCE by the rounding)``. A box
-    narrower or lower than a pixel once rounded is left out (not counted as written)."""
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    rounded = np.round(boxes)
-    keep = (rounded[:, 2] > rounded[:, 0]) & (rounded[:, 3] > rounded[:, 1])
-    moved = int((np.abs(rounded - boxes).max(axis=1, initial=0) > ROUNDING_TOLERANCE)[keep].sum())
-    objects = "".join(
-        f"  <object>\n    <name>{escape(class_names[int(label) - 1])}</name>\n    <difficult>{int(flag)}</difficult>\n"
-        f"    <bndbox><xmin>{int(b[0]) + 1}</xmin><ymin>{int(b[1]) + 1}</ymin><xmax>{int(b[2])}</xmax>"
-        f"<ymax>{int(b[3])}</ymax></bndbox>\n  </object>\n"
-        for b, label, flag in zip(rounded[keep], np.asarray(labels)[keep], np.asarray(difficult, bool)[keep]))
-    xml = (f"<annotation>\n  <folder>JPEGImages</folder>\n  <filename>{escape(name)}</filename>\n"
-           f"  <size><width>{width}</width><height>{height}</height><depth>3</depth></size>\n{objects}</annotation>\n")
-    return xml, int(keep.sum()), moved
-
-
 def _write_voc(dataset, root: str, names: list[str], split: str, counts: dict) -> None:
     for sub in ("Annotations", os.path.join("ImageSets", "Main")):
         os.makedirs(os.path.join(root, sub))
@@ -98,7 +78,7 @@ def _write_voc(dataset, root: str, names: list[str], split: str, counts: dict) -
     for index, name in enumerate(names):
         info, ann = dataset.image_info(index), dataset.annotations(index)
         flagged = np.asarray(ann["iscrowd"], bool) | np.asarray(ann["difficult"], bool)
-        xml, written, moved = voc_annotation(name, info["height"], info["width"], dataset.class_names, ann["boxes"],
+        xml, written, moved = annotation_xml(name, info["height"], info["width"], dataset.class_names, ann["boxes"],
                                              ann["labels"], flagged)
         stem = os.path.splitext(name)[0]
         write_text_atomic(os.path.join(root, "Annotations", stem + ".xml"), xml)
@@ -159,7 +139,7 @@ def convert_dataset(dataset, out_dir: str, fmt: str, split: str | None = None, o
 
     Returns ``{"format", "split", "out", "images", "boxes", "linked", "copied", "left_out" (crowd and difficult
     boxes YOLO cannot flag), "dropped" (boxes without area once rounded to VOC's whole pixels or clipped to a
-    YOLO image's real size), "rounded" (VOC boxes the rounding moved by more than ROUNDING_TOLERANCE px),
+    YOLO image's real size), "rounded" (VOC boxes the rounding moved by more than voc.ROUNDING_TOLERANCE px),
     "resized" (YOLO images whose header gives another size than the annotations), "classes"}``.
     """
     if fmt not in FORMATS:

@@ -18,7 +18,6 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass
-from xml.sax.saxutils import escape
 
 import cv2
 import numpy as np
@@ -26,7 +25,8 @@ import torch
 from torch import Tensor
 
 from detkit.config import ConfigError
-from detkit.engine.files import replace_directory
+from detkit.data.voc import annotation_xml
+from detkit.engine.files import replace_directory, write_text_atomic
 
 #: Half an object is still recognisable as its class, and its clipped box is the visible part; a smaller
 #: piece (a half circle may be a square's corner) teaches the detector to fire on fragments, which become
@@ -181,21 +181,14 @@ class _VocWriter:
     def add(self, name: str, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, ignored: np.ndarray,
             source: dict) -> None:
         _write_png(os.path.join(self.root, "JPEGImages", name + ".png"), image)
-        objects = "".join(
-            f"<object><name>{escape(self.class_names[int(label) - 1])}</name><difficult>{int(flag)}</difficult>"
-            f"<bndbox><xmin>{int(round(b[0])) + 1}</xmin><ymin>{int(round(b[1])) + 1}</ymin>"
-            f"<xmax>{int(round(b[2]))}</xmax><ymax>{int(round(b[3]))}</ymax></bndbox></object>"
-            for b, label, flag in zip(boxes, labels, ignored)
-            if round(b[2]) > round(b[0]) and round(b[3]) > round(b[1]))  # (a sliver narrower than a pixel: none)
-        with open(os.path.join(self.root, "Annotations", name + ".xml"), "w", encoding="utf-8") as f:
-            f.write(f"<annotation><filename>{escape(name)}.png</filename><source_image>{escape(source['source_file'])}"
-                    f"</source_image><size><width>{image.shape[1]}</width><height>{image.shape[0]}</height>"
-                    f"<depth>3</depth></size>{objects}</annotation>\n")
+        xml, _, _ = annotation_xml(name + ".png", image.shape[0], image.shape[1], self.class_names, boxes, labels,
+                                   ignored, extra={"source_image": source["source_file"]})
+        write_text_atomic(os.path.join(self.root, "Annotations", name + ".xml"), xml)
         self.names.append(name)
 
     def finish(self) -> None:
-        with open(os.path.join(self.root, "ImageSets", "Main", f"{self.split}.txt"), "w", encoding="utf-8") as f:
-            f.write("".join(n + "\n" for n in self.names))
+        write_text_atomic(os.path.join(self.root, "ImageSets", "Main", f"{self.split}.txt"),
+                          "".join(n + "\n" for n in self.names))
 
 
 def _check_out(out_dir: str, overwrite: bool, dataset) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
+from xml.sax.saxutils import escape
 
 import numpy as np
 
@@ -111,3 +112,30 @@ class VOCDataset(DetectionDataset):
                 id=number, file_name=os.path.join(root, "JPEGImages", filename), height=height, width=width,
                 boxes=boxes, labels=labels, difficult=difficult, iscrowd=np.zeros(len(labels), bool)))
         super().__init__(records, names, list(range(1, len(names) + 1)), split_file, transform, skip_empty)
+
+
+#: a box the rounding to whole pixels moves by more than this (pixels) is counted as moved
+ROUNDING_TOLERANCE = 1e-3
+
+
+def annotation_xml(name: str, height: int, width: int, class_names: list[str], boxes: np.ndarray,
+                   labels: np.ndarray, difficult: np.ndarray, extra: dict[str, str] | None = None
+                   ) -> tuple[str, int, int]:
+    """The ``Annotations/<id>.xml`` of one image (``boxes (N, 4)`` xyxy continuous pixels, ``labels (N,)`` in
+    1..K) in VOC's 1-based whole-pixel indices, the inverse of this module's reading (``xmin - 1``); ``extra``:
+    more elements under ``<annotation>`` (a tile's ``source_image``). Returns ``(xml, boxes written, boxes moved
+    more than ROUNDING_TOLERANCE by the rounding)``; a box narrower or lower than a pixel once rounded is left
+    out (not counted as written). The one VOC writer: ``data convert`` and ``data tile`` use it."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    rounded = np.round(boxes)
+    keep = (rounded[:, 2] > rounded[:, 0]) & (rounded[:, 3] > rounded[:, 1])
+    moved = int((np.abs(rounded - boxes).max(axis=1, initial=0) > ROUNDING_TOLERANCE)[keep].sum())
+    objects = "".join(
+        f"  <object>\n    <name>{escape(class_names[int(label) - 1])}</name>\n    <difficult>{int(flag)}</difficult>\n"
+        f"    <bndbox><xmin>{int(b[0]) + 1}</xmin><ymin>{int(b[1]) + 1}</ymin><xmax>{int(b[2])}</xmax>"
+        f"<ymax>{int(b[3])}</ymax></bndbox>\n  </object>\n"
+        for b, label, flag in zip(rounded[keep], np.asarray(labels)[keep], np.asarray(difficult, bool)[keep]))
+    more = "".join(f"  <{key}>{escape(str(value))}</{key}>\n" for key, value in (extra or {}).items())
+    xml = (f"<annotation>\n  <folder>JPEGImages</folder>\n  <filename>{escape(name)}</filename>\n{more}"
+           f"  <size><width>{width}</width><height>{height}</height><depth>3</depth></size>\n{objects}</annotation>\n")
+    return xml, int(keep.sum()), moved

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from detkit.cli import main
-from detkit.data.convert import convert_dataset, output_names, voc_annotation
+from detkit.data.convert import convert_dataset, output_names
+from detkit.data.voc import annotation_xml as voc_annotation
 from detkit.data.loading import build_dataset
 from detkit.data.synth import CLASSES
 
