@@ -273,7 +273,8 @@ class Detector:
         return found
 
     def __repr__(self) -> str:
-        return f"Detector({len(self.class_names)} classes {self.class_names[:5]}{' ...' if len(self.class_names) > 5 else ''}, " \
+        more = " ..." if len(self.class_names) > 5 else ""
+        return f"Detector({len(self.class_names)} classes {self.class_names[:5]}{more}, " \
                f"device {self.device}, score_thresh {self.score_thresh:g})"
 
 

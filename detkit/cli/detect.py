@@ -43,7 +43,8 @@ def _eval_results_file(args, registries) -> int:
 
     spec = _data_spec(args.dataset or args.data, args)
     if spec is None:
-        raise ConfigError("--results needs --data (a COCO json, a VOC directory, a YOLO data.yaml or a dataset mapping)")
+        raise ConfigError("--results needs --data (a COCO json, a VOC directory, a YOLO data.yaml or a dataset "
+                          "mapping)")
     dataset = build_dataset(spec, registries, "--data")
     try:
         with open(args.results, encoding="utf-8") as f:
@@ -275,8 +276,8 @@ def add_detector_parsers(sub) -> None:
                                   "data.test; required with --results)")
     p.add_argument("--images", help="images directory for a COCO json given with --data")
     p.add_argument("--split", default="test", help="split file for a VOC directory given with --data (default: test)")
-    p.add_argument("--classes", help="comma-separated class list for a VOC directory (default: the checkpoint's classes; "
-                                     "with --results, the 20 VOC classes)")
+    p.add_argument("--classes", help="comma-separated class list for a VOC directory (default: the checkpoint's "
+                                     "classes; with --results, the 20 VOC classes)")
     p.add_argument("--output", help="output directory (default: eval/ next to the checkpoint)")
     _add_model_options(p)
     _add_model_run_options(p)

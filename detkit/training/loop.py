@@ -185,7 +185,8 @@ class TrainingLog(Hook):
         if trainer.info.is_main:
             pace = {"sec_per_iter": round(per_iter, 5), "data_sec": round(data, 5),
                     "eta_sec": round(per_iter * (trainer.cfg.train.max_iters - done), 1),
-                    "images_per_sec": round(trainer.cfg.data.batch_size * trainer.info.world_size / max(per_iter, 1e-9), 2),
+                    "images_per_sec": round(trainer.cfg.data.batch_size * trainer.info.world_size
+                                            / max(per_iter, 1e-9), 2),
                     "peak_mem_mb": round(peak_memory_mb(trainer.device), 1)}
             trainer.logger.log_scalars(done, {"lr": lr, **values, **pace, "time": round(now - self.t0, 3)})
         if self.bar is not None:

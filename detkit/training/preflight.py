@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 #: the files a run writes in its work directory (and a staged schedule in each stage's), which
 #: ``--overwrite`` removes so that the old run's checkpoints, log and metrics are not mixed with the new ones
-RUN_FILES = ("final.pth", "best.pth", "iter_*.pth", TEMPORARY_PATTERN, "log.jsonl", "metrics.json", "results.json", "backbone.pth")
+RUN_FILES = ("final.pth", "best.pth", "iter_*.pth", TEMPORARY_PATTERN, "log.jsonl", "metrics.json", "results.json",
+             "backbone.pth")
 
 
 @contextmanager
