@@ -170,10 +170,13 @@ def test_the_whole_image_pass_keeps_an_object_larger_than_a_window():
     assert (pieces["labels"] == 4).sum() > 1  # without the whole-image pass: only pieces, several
 
 
-def test_a_progress_bar_counts_the_windows_of_a_large_image(capsys):
+def test_a_progress_bar_counts_the_windows_of_a_large_image(capsys, monkeypatch):
     image = paint(200, 300, OBJECTS)
     TiledDetector(painted_detector, TileSettings(size=100, overlap=0.4), progress=False).detect(image)
     assert "windows" not in capsys.readouterr().err
+    TiledDetector(painted_detector, TileSettings(size=100, overlap=0.4)).detect(image)
+    assert "windows" not in capsys.readouterr().err  # stderr is no terminal here: no bar, no carriage returns
+    monkeypatch.setattr("detkit.engine.progress.on_terminal", lambda: True)
     TiledDetector(painted_detector, TileSettings(size=100, overlap=0.4)).detect(image)
     assert "windows:   0%|          | 0/15" in capsys.readouterr().err
 
