@@ -32,20 +32,12 @@ def cmd_synth(args) -> int:
 
 
 def cmd_data_tile(args) -> int:
-    from detkit.config import ConfigError
-    from detkit.data.loading import build_dataset, check_image_files, dataset_from_path, path_forms
+    from detkit.data.loading import build_dataset, check_image_files
     from detkit.data.tile import DEFAULT_MIN_VISIBILITY, TileSpec, tile_dataset
 
     visibility = DEFAULT_MIN_VISIBILITY if args.min_visibility is None else args.min_visibility
     tiling = TileSpec(args.size, args.overlap, visibility, args.keep_empty)  # the options first, before any reading
-    registry = _registries().datasets
-    expected = f"{path_forms(registry)} or a mapping '{{name: coco, images: DIR, annotations: FILE}}'"
-    if not args.input.lstrip().startswith("{"):
-        if not os.path.exists(args.input):
-            raise ConfigError(f"--in {args.input}: no such file or folder; expected {expected}")
-        if os.path.isdir(args.input) and dataset_from_path(args.input, registry, {}) is None:
-            raise ConfigError(f"--in {args.input}: a folder no dataset format recognises; expected {expected}")
-    spec = _data_spec(args.input, args)
+    spec = _dataset_argument(args.input, args, "--in")
     dataset = build_dataset(spec, _registries(), "--in")
     check_image_files(dataset, "--in")
     fmt = args.format or ("voc" if spec.get("name") == "voc" else "coco")

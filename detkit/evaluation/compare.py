@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from detkit.config import ConfigError, safe_load_yaml
+from detkit.config import ConfigError, read_yaml_file
 from detkit.evaluation.reports import _plt, save_iteration_plot
 
 #: the final metrics the table shows, in order, where a run has them (detection COCO, VOC, classification)
@@ -55,8 +55,7 @@ def read_run(path: str, name: str | None = None) -> Run:
             run.metrics = json.load(f)
     config_path = os.path.join(path, "config.yaml")
     if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            run.config = safe_load_yaml(f, config_path) or {}
+        run.config = read_yaml_file(config_path, what="a run's config.yaml") or {}
     return run
 
 

@@ -180,11 +180,15 @@ class RoIHeads(nn.Module):
         return results
 
 
+def _roi_heads(model) -> list[RoIHeads]:
+    return [m for m in model.modules() if isinstance(m, RoIHeads)] if isinstance(model, nn.Module) else []
+
+
 def set_roi_heads(model: nn.Module, **changes) -> int:
     """Change settings (``score_thresh``, ``detections_per_img``...) of every :class:`RoIHeads` of ``model``
     (one, or one per stage of a multi-stage head); returns how many it changed: 0 for a model without detkit
     RoI heads (an exported file, a detector of another shape)."""
-    heads = [m for m in model.modules() if isinstance(m, RoIHeads)] if isinstance(model, nn.Module) else []
+    heads = _roi_heads(model)
     if changes:
         for h in heads:
             h.cfg = replace(h.cfg, **changes)
@@ -197,7 +201,7 @@ def detections_capped(model: nn.Module, count: int) -> Iterator[int]:
     (``detections_per_img``, :func:`set_roi_heads`); their settings are restored after. Yields how many heads
     it set: 0 for a model without detkit RoI heads (an exported file, whose cap was fixed when it was written,
     or a detector of another shape)."""
-    heads = [m for m in model.modules() if isinstance(m, RoIHeads)] if isinstance(model, nn.Module) else []
+    heads = _roi_heads(model)
     saved = [h.cfg for h in heads]
     try:
         yield set_roi_heads(model, detections_per_img=int(count))

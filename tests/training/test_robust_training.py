@@ -23,16 +23,12 @@ from detkit.engine.distributed import DistInfo
 from detkit.engine.state_dict import WeightsError, read_state_dict
 from detkit.training.loop import FiniteGuard, TrainingDiverged
 from detkit.training.trainer import Trainer
-from e2e_utils import SIZE, write_config
+from e2e_utils import synth_splits, write_config
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    for split, n, seed in (("train", 12, 0), ("val", 4, 1)):
-        assert main(["data", "synth", "--output", str(root / split), "--format", "coco", "--num-images", str(n),
-                     "--seed", str(seed), "--size", SIZE]) == 0
-    return root
+    return synth_splits(tmp_path_factory.mktemp("synth"), 12, 4)
 
 
 @pytest.fixture(scope="module")
